@@ -1,0 +1,180 @@
+"""models.toml as frozen specs.
+
+Models are registered data: every configuration lives in models.toml and nowhere in
+code, except inside the exporter that builds its family. Unknown names and keys are
+errors that list the valid ones, so a typo never silently changes a measurement.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from runtime.contract import LABEL_SPACES, RESIZE_MODES
+from runtime.errors import RegistryError
+from runtime.paths import models_toml
+
+FRAMEWORKS = ("darknet", "pytorch", "tensorflow")
+_MODEL_KEYS = {
+    "family", "framework", "paper", "description", "input_size", "resize", "label_space",
+    "score_threshold", "iou_threshold", "max_detections", "source", "weights", "published",
+}
+_REQUIRED = _MODEL_KEYS - {"paper", "description", "weights", "published"}
+_WEIGHTS_KEYS = {"file", "url", "sha256", "sha256_prefix", "format"}
+_PUBLISHED_KEYS = {"value", "source", "convention", "unit"}
+PUBLISHED_FIGURES = ("map50", "map", "params", "gflops", "gmacs")
+
+
+@dataclass(frozen=True)
+class Published:
+    """A figure as its source states it (never measured here)."""
+
+    value: float
+    source: str
+    convention: str = ""
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """Where official weights come from. ``sha256`` is the full digest; ``sha256_prefix``
+    is what a publisher embeds in file names when that is all it publishes."""
+
+    format: str
+    file: str | None = None
+    url: str | None = None
+    sha256: str | None = None
+    sha256_prefix: str | None = None
+
+    @property
+    def public(self) -> bool:
+        return self.url is not None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str
+    framework: str
+    input_size: tuple[int, int]  # (H, W)
+    resize: str
+    label_space: str
+    score_threshold: float
+    iou_threshold: float
+    max_detections: int
+    source: Mapping[str, Any]
+    weights: WeightsSpec
+    published: Mapping[str, Published] = field(default_factory=dict)
+    paper: bool = False
+    description: str = ""
+
+    @property
+    def height(self) -> int:
+        return self.input_size[0]
+
+    @property
+    def width(self) -> int:
+        return self.input_size[1]
+
+
+def _fail(path: Path, name: str, msg: str) -> RegistryError:
+    return RegistryError(f"{path}: model {name!r}: {msg}")
+
+
+def _parse(name: str, raw: dict[str, Any], path: Path) -> ModelSpec:
+    unknown = set(raw) - _MODEL_KEYS
+    if unknown:
+        raise _fail(path, name, f"unknown key(s) {sorted(unknown)}; valid keys: {sorted(_MODEL_KEYS)}")
+    missing = _REQUIRED - set(raw)
+    if missing:
+        raise _fail(path, name, f"missing key(s) {sorted(missing)}")
+    if raw["framework"] not in FRAMEWORKS:
+        raise _fail(path, name, f"framework {raw['framework']!r} is not one of {FRAMEWORKS}")
+    if raw["resize"] not in RESIZE_MODES:
+        raise _fail(path, name, f"resize {raw['resize']!r} is not one of {RESIZE_MODES}")
+    if raw["label_space"] not in LABEL_SPACES:
+        raise _fail(path, name, f"label_space {raw['label_space']!r} is not one of {LABEL_SPACES}")
+    size = raw["input_size"]
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        raise _fail(path, name, f"input_size must be [height, width] in pixels, got {size!r}")
+    weights = dict(raw.get("weights", {"format": "none"}))
+    unknown = set(weights) - _WEIGHTS_KEYS
+    if unknown:
+        raise _fail(path, name, f"unknown weights key(s) {sorted(unknown)}; valid: {sorted(_WEIGHTS_KEYS)}")
+    published = {}
+    for figure, entry in raw.get("published", {}).items():
+        if figure not in PUBLISHED_FIGURES:
+            raise _fail(path, name, f"unknown published figure {figure!r}; valid: {list(PUBLISHED_FIGURES)}")
+        unknown = set(entry) - _PUBLISHED_KEYS
+        if unknown or "value" not in entry or "source" not in entry:
+            raise _fail(path, name, f"published.{figure} needs value and source (keys: {sorted(_PUBLISHED_KEYS)})")
+        published[figure] = Published(float(entry["value"]), entry["source"], entry.get("convention", ""))
+    return ModelSpec(
+        name=name,
+        family=raw["family"],
+        framework=raw["framework"],
+        input_size=(size[0], size[1]),
+        resize=raw["resize"],
+        label_space=raw["label_space"],
+        score_threshold=float(raw["score_threshold"]),
+        iou_threshold=float(raw["iou_threshold"]),
+        max_detections=int(raw["max_detections"]),
+        source=MappingProxyType(dict(raw["source"])),
+        weights=WeightsSpec(**weights),
+        published=MappingProxyType(published),
+        paper=bool(raw.get("paper", False)),
+        description=raw.get("description", ""),
+    )
+
+
+class Registry:
+    """All registered models, in file order."""
+
+    def __init__(self, specs: dict[str, ModelSpec], path: Path):
+        self._specs = specs
+        self.path = path
+
+    def __iter__(self):
+        return iter(self._specs.values())
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._specs
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._specs)
+
+    def get(self, name: str) -> ModelSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise RegistryError(f"unknown model {name!r}; registered models: {', '.join(self._specs)}") from None
+
+    def select(self, names: list[str] | None) -> list[ModelSpec]:
+        """The named specs (all when ``names`` is empty), checking every name first."""
+        if not names:
+            return list(self)
+        unknown = [n for n in names if n not in self._specs]
+        if unknown:
+            raise RegistryError(f"unknown model(s) {unknown}; registered models: {', '.join(self._specs)}")
+        return [self._specs[n] for n in names]
+
+
+def load_registry(path: Path | None = None) -> Registry:
+    path = Path(path) if path else models_toml()
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except FileNotFoundError:
+        raise RegistryError(f"model registry not found: {path} (set DETBENCH_MODELS to another file)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RegistryError(f"{path} is not valid TOML: {exc}") from exc
+    extra = set(doc) - {"models"}
+    if extra:
+        raise RegistryError(f"{path}: unknown top-level table(s) {sorted(extra)}; only [models.NAME] tables are allowed")
+    return Registry({name: _parse(name, raw, path) for name, raw in doc.get("models", {}).items()}, path)

@@ -1,0 +1,214 @@
+"""The exported-model contract: what every detbench ONNX file carries.
+
+An exported detector has
+
+- one input ``images``: float32 ``[N, 3, H, W]``, RGB, values 0..255, already resized
+  by the caller as ``resize`` says (normalisation is inside the graph);
+- outputs ``boxes`` float32 ``[K, 4]`` as (x1, y1, x2, y2) in input-tensor pixels,
+  ``scores`` float32 ``[K]``, ``labels`` int64 ``[K]`` in ``label_space``
+  (Mask R-CNN adds ``masks``); NMS is inside the graph;
+- ``metadata_props`` under ``detbench.`` describing how to feed it and where it came from.
+
+Everything needed to run, evaluate or profile the file is read from the file itself
+(:func:`read_contract`); models.toml is not consulted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import ContractError, ExportError
+
+PREFIX = "detbench."
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("boxes", "scores", "labels")
+RESIZE_MODES = ("letterbox", "stretch")
+LABEL_SPACES = ("coco80", "coco91")
+RANDOM_INIT = "random-init"
+
+# onnxruntime(-gpu) 1.31 loads IR <= 13 while onnx 1.23 writes 14 by default. IR 10
+# (onnx 1.16) covers every opset the exporters use and loads in every runtime we pin.
+IR_VERSION = 10
+# Every exporter targets the same default opset so graphs are comparable op for op.
+DEFAULT_OPSET = 17
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    """The ``detbench.*`` metadata of an exported detector.
+
+    ``input_height``/``input_width`` are the tensor size the graph expects;
+    ``resize`` says how an image is brought to it (``letterbox``: aspect kept, centred,
+    padded with ``pad_value``; ``stretch``: both axes scaled independently);
+    ``label_space`` says what ``labels`` means (``coco80``: 0..79 contiguous;
+    ``coco91``: COCO category ids 1..90); ``weights`` is ``sha256:<hex>`` or ``random-init``.
+    """
+
+    name: str
+    family: str
+    framework: str
+    input_height: int
+    input_width: int
+    resize: str
+    label_space: str
+    score_threshold: float
+    iou_threshold: float
+    max_detections: int
+    weights: str
+    source_params: int
+    pad_value: float = 127.5
+    extra: dict[str, str] = field(default_factory=dict)
+
+    REQUIRED = (
+        "name", "family", "framework", "input_height", "input_width", "resize", "label_space",
+        "score_threshold", "iou_threshold", "max_detections", "weights", "source_params",
+    )
+
+    @property
+    def random_init(self) -> bool:
+        return self.weights == RANDOM_INIT
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return (self.input_height, self.input_width)
+
+    def to_props(self) -> dict[str, str]:
+        props = {}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            props[PREFIX + f.name] = str(getattr(self, f.name))
+        for key, value in self.extra.items():
+            props[PREFIX + key] = value if isinstance(value, str) else json.dumps(value)
+        return props
+
+    @classmethod
+    def from_props(cls, props: dict[str, str], source: str = "<model>") -> "ModelContract":
+        ours = {k[len(PREFIX):]: v for k, v in props.items() if k.startswith(PREFIX)}
+        missing = [k for k in cls.REQUIRED if k not in ours]
+        if missing:
+            raise ContractError(
+                f"{source} lacks detbench metadata keys: {', '.join(PREFIX + k for k in missing)}. "
+                "Re-export it with `python cli.py export`, or describe it explicitly "
+                "(e.g. --input-size HxW --resize letterbox|stretch --label-space coco80|coco91)."
+            )
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs: dict[str, Any] = {}
+        try:
+            for f in dataclasses.fields(cls):
+                if f.name == "extra" or f.name not in ours:
+                    continue
+                raw = ours[f.name]
+                kwargs[f.name] = int(raw) if f.type in ("int", int) else float(raw) if f.type in ("float", float) else raw
+        except ValueError as exc:
+            raise ContractError(f"{source}: malformed detbench metadata value ({exc})") from exc
+        kwargs["extra"] = {k: v for k, v in ours.items() if k not in known}
+        contract = cls(**kwargs)
+        contract.check(source)
+        return contract
+
+    def check(self, source: str = "<model>") -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ContractError(f"{source}: resize {self.resize!r} is not one of {RESIZE_MODES}")
+        if self.label_space not in LABEL_SPACES:
+            raise ContractError(f"{source}: label_space {self.label_space!r} is not one of {LABEL_SPACES}")
+        if self.input_height <= 0 or self.input_width <= 0:
+            raise ContractError(f"{source}: input size {self.input_height}x{self.input_width} is not positive")
+        if not (self.weights == RANDOM_INIT or self.weights.startswith("sha256:")):
+            raise ContractError(f"{source}: weights must be 'sha256:<hex>' or {RANDOM_INIT!r}, got {self.weights!r}")
+
+
+def weights_tag(path: Path | None) -> str:
+    """The metadata value for a weights file: ``sha256:<hex>``, or ``random-init`` for none."""
+    return RANDOM_INIT if path is None else "sha256:" + sha256_file(path)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def attach(model, contract: ModelContract) -> None:
+    """Write the contract into ``model.metadata_props`` (replacing older detbench keys)."""
+    keep = [p for p in model.metadata_props if not p.key.startswith(PREFIX)]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in contract.to_props().items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def check_io(model, source: str = "<model>") -> list[str]:
+    """Problems with the graph's inputs/outputs against the contract (empty list = fine)."""
+    problems = []
+    inputs = [i.name for i in model.graph.input if i.name not in {init.name for init in model.graph.initializer}]
+    if inputs != [INPUT_NAME]:
+        problems.append(f"{source}: inputs are {inputs}, the contract wants exactly [{INPUT_NAME!r}]")
+    outputs = [o.name for o in model.graph.output]
+    if tuple(outputs[:3]) != OUTPUT_NAMES:
+        problems.append(f"{source}: outputs are {outputs}, the contract wants {list(OUTPUT_NAMES)} first")
+    return problems
+
+
+def save_model(model, path: Path, contract: ModelContract) -> Path:
+    """Attach the contract, pin the IR version, run the full checker and write atomically.
+
+    Raises :class:`ExportError` listing every contract or checker problem; a file is
+    only ever written under ``path`` once it passed.
+    """
+    import onnx
+
+    path = Path(path)
+    attach(model, contract)
+    model.ir_version = IR_VERSION
+    problems = check_io(model, str(path))
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:  # the checker raises several unrelated types
+        problems.append(f"onnx.checker (full check) failed: {exc}")
+    if problems:
+        raise ExportError(f"export of {contract.name!r} is not a valid detbench model:\n  - " + "\n  - ".join(problems))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save_model(model, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_contract(path_or_model, overrides: dict[str, str] | None = None) -> ModelContract:
+    """The contract of an ONNX file (path or loaded ModelProto).
+
+    ``overrides`` (keys without the prefix) supply or replace metadata, for files
+    exported elsewhere; they are how ``--input-size``/``--resize``/``--label-space`` reach here.
+    """
+    import onnx
+
+    if isinstance(path_or_model, (str, Path)):
+        source = str(path_or_model)
+        if not Path(source).is_file():
+            raise ContractError(f"no ONNX file at {source}")
+        try:
+            model = onnx.load(source, load_external_data=False)
+        except Exception as exc:
+            raise ContractError(f"{source} is not a readable ONNX file: {exc}") from exc
+    else:
+        model, source = path_or_model, "<model>"
+    props = {p.key: p.value for p in model.metadata_props}
+    for key, value in (overrides or {}).items():
+        props[PREFIX + key] = str(value)
+    return ModelContract.from_props(props, source)
