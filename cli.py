@@ -55,24 +55,43 @@ def parse_size(value: Optional[str]) -> Optional[tuple[int, int]]:
 @app.command("list")
 @reports_errors
 def list_models() -> None:
-    """The registered models, and whether their weights are present locally."""
-    from exporters.registry import load_registry
-    from exporters.weights import locate_weights
+    """The registered models, and whether their weights are present locally, fetchable or not published."""
+    from rich import box
 
-    table = Table(title="detbench registry (models.toml)")
-    for col in ("name", "framework", "input HxW", "resize", "labels", "paper", "weights"):
-        table.add_column(col)
-    for spec in load_registry():
-        found = locate_weights(spec)
-        if found is not None:
-            weights = f"[green]present[/] {found}"
-        elif spec.weights.public:
-            weights = "[yellow]not fetched[/] (python cli.py fetch " + spec.name + ")"
+    from exporters.registry import load_registry
+    from exporters.weights import weights_status
+
+    registry = load_registry()
+    # Short cells so that the table fits an 80-column console; paths go below the table.
+    table = Table(title=f"detbench registry ({registry.path.name})", box=box.SIMPLE_HEAD, pad_edge=False,
+                  show_edge=False, padding=(0, 1), collapse_padding=True, title_justify="left")
+    table.add_column("name", no_wrap=True)
+    for col in ("framework", "input", "resize", "labels"):
+        table.add_column(col, no_wrap=True, overflow="ellipsis")
+    table.add_column("weights", no_wrap=True, overflow="ellipsis")
+    present: dict[Path, list[str]] = {}
+    for spec in registry:
+        status = weights_status(spec)
+        if status.state == "present":
+            present.setdefault(status.path, []).append(spec.name)
+            cell = "[green]present[/]"
+        elif status.state == "fetchable":
+            cell = "[yellow]fetchable[/]"
         else:
-            weights = "[dim]none published: random-init[/]"
-        table.add_row(spec.name, spec.framework, f"{spec.height}x{spec.width}", spec.resize, spec.label_space,
-                      "yes" if spec.paper else "", weights)
+            cell = "[dim]random-init[/]"
+        table.add_row(spec.name + (" *" if spec.paper else ""), spec.framework,
+                      f"{spec.height}x{spec.width}", spec.resize, spec.label_space, cell)
     console.print(table)
+    console.print("* one of the paper's eleven configurations (Sheik, Chaurasia, Culurciello 2018).\n"
+                  "weights: [green]present[/] = found locally (below); [yellow]fetchable[/] = official "
+                  "weights not here yet, `python cli.py fetch NAME` (or --all); [dim]random-init[/] = "
+                  "none published, exports use deterministic random weights (counts and latency "
+                  "valid, accuracy not).", highlight=False)
+    if present:
+        console.print("present locally:", highlight=False)
+        for path, names in present.items():
+            console.print(f"  {', '.join(names)}:", highlight=False)
+            console.print(f"    {path}", highlight=False, soft_wrap=True)  # never broken: copy-pastable
 
 
 @app.command()
@@ -108,6 +127,441 @@ def export(
                                   progress=lambda msg: status.update(f"{spec.name}: {msg}"))
         label = "random-init weights" if result.contract.random_init else f"weights {result.contract.weights[:19]}…"
         console.print(f"[green]✓[/] {spec.name} -> {result.path} ({label}; exported and validated in {result.seconds:.1f} s)")
+
+
+@app.command()
+@reports_errors
+def fetch(
+    names: List[str] = typer.Argument(None, help="Registered model names (see `list`)."),
+    all_models: bool = typer.Option(False, "--all", help="Fetch the files of every registered model."),
+    cache: Optional[Path] = typer.Option(None, "--cache-dir", help="Download folder. Default: $DETBENCH_CACHE, "
+                                         "else ~/.cache/detbench (where `export` and `list` look)."),
+    allow_unverified: bool = typer.Option(False, "--allow-unverified", help="Also download files for which "
+                                          "models.toml has no sha256; the computed sha256 is recorded beside them."),
+) -> None:
+    """Download official weights (and Darknet cfgs) into the cache, verified by sha256 before use."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from exporters.registry import load_registry
+    from exporters.weights import UNVERIFIED, VERIFIED_PREFIX
+    from exporters.weights import fetch as fetch_files
+    from runtime.errors import FetchError
+
+    if all_models and names:
+        raise ConfigError("give model names or --all, not both")
+    if not names and not all_models:
+        raise ConfigError("name at least one model (see `python cli.py list`) or pass --all")
+    specs = load_registry().select(None if all_models else names)
+    failed: list[str] = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  console=console, transient=True, disable=not console.is_terminal) as bars:
+        tasks: dict[str, int] = {}
+
+        def progress(file_name: str, done: int, total: Optional[int]) -> None:
+            if file_name not in tasks:
+                tasks[file_name] = bars.add_task(file_name, total=total)
+            bars.update(tasks[file_name], completed=done, total=total)
+
+        for spec in specs:
+            try:
+                outcome = fetch_files(spec, cache=cache, allow_unverified=allow_unverified, progress=progress)
+            except FetchError as exc:
+                if len(specs) == 1:
+                    raise
+                failed.append(spec.name)
+                err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+                continue
+            for item in outcome.files:
+                action = "downloaded to" if item.downloaded else "present at"
+                if item.replaced:
+                    console.print(f"[yellow]![/] {spec.name} {item.kind}: {item.replaced}", highlight=False)
+                if item.verified == UNVERIFIED:
+                    console.print(f"[yellow]![/] {spec.name} {item.kind} {action} {item.path} ({item.size:,} bytes): "
+                                  f"NOT verified (models.toml has no sha256); computed sha256 {item.sha256} "
+                                  f"recorded in {item.sidecar}", highlight=False)
+                elif item.verified == VERIFIED_PREFIX:
+                    console.print(f"[green]✓[/] {spec.name} {item.kind} {action} {item.path} ({item.size:,} bytes): "
+                                  f"only the published sha256 prefix {item.prefix} was verified "
+                                  f"(full sha256 {item.sha256})", highlight=False)
+                else:
+                    console.print(f"[green]✓[/] {spec.name} {item.kind} {action} {item.path} ({item.size:,} bytes): "
+                                  f"sha256 verified ({item.sha256})", highlight=False)
+            if outcome.note:
+                console.print(f"[dim]-[/] {outcome.note}", highlight=False)
+    if failed:
+        raise FetchError(f"{len(failed)} of {len(specs)} model(s) could not be fetched: {', '.join(failed)} "
+                         "(errors above)")
+
+
+@app.command()
+@reports_errors
+def bench(
+    models: List[Path] = typer.Argument(..., help="Exported ONNX files (see `export`)."),
+    providers: List[str] = typer.Option(["cpu"], "--provider", "-p", help="Execution provider (repeatable): cpu, "
+                                        "cuda, tensorrt, openvino, ... or onnxruntime's full name."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed runs before timing."),
+    runs: Optional[int] = typer.Option(None, "--runs", help="Timed runs (default 20 unless --seconds)."),
+    seconds: Optional[float] = typer.Option(None, "--seconds", help="Time as many runs as start within S seconds."),
+    batch: int = typer.Option(1, "--batch", help="Images per run. detbench's graphs are batch-1 (boxes [K, 4] "
+                              "carry no image index): B > 1 is refused unless the graph's batch is symbolic."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads (onnxruntime, the native "
+                                          "framework and the peak measurement alike). Default: onnxruntime's."),
+    inter_threads: Optional[int] = typer.Option(None, "--inter-threads", help="Inter-op threads (parallel mode)."),
+    optimization: str = typer.Option("all", "--optimization", help="Graph optimisation: disable, basic, "
+                                     "extended, layout, all."),
+    execution_mode: str = typer.Option("sequential", "--execution-mode", help="sequential or parallel."),
+    provider_option: List[str] = typer.Option([], "--provider-option", help="KEY=VALUE for the provider "
+                                              "(repeatable), e.g. device_id=0."),
+    allow_fallback: bool = typer.Option(False, "--allow-fallback", help="Measure even if onnxruntime replaces the "
+                                        "provider (the result records what actually ran)."),
+    trt_cache_dir: Optional[Path] = typer.Option(None, "--trt-cache-dir", help="TensorRT engine cache folder."),
+    include_copies: bool = typer.Option(False, "--include-copies", help="CUDA/TensorRT: time host<->device copies "
+                                        "too (default: inputs bound on the device with IO binding)."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Input image. Default: the COCO val2017 image of "
+                                         "the shared subset with the most objects."),
+    native: bool = typer.Option(False, "--native", help="Also time the source framework (PyTorch eager, "
+                                "TensorFlow, OpenCV DNN for Darknet) and show onnxruntime / native."),
+    native_weights: Optional[Path] = typer.Option(None, "--native-weights", help="Weights for --native of a "
+                                                  "trained export when not found locally (one model)."),
+    nodes: bool = typer.Option(False, "--nodes", help="Per-node profile: time, share and achieved GMAC/s."),
+    top: int = typer.Option(15, "--top", help="Kernels listed by --nodes."),
+    peak: bool = typer.Option(True, "--peak/--no-peak", help="Measure the machine's matmul peak and state each "
+                              "result's fraction of it."),
+) -> None:
+    """Latency per execution provider (and vs the native framework), recorded in the results store."""
+    from runtime.bench import bench_models
+
+    options: dict[str, str] = {}
+    for item in provider_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--provider-option {item!r}: expected KEY=VALUE, e.g. device_id=0")
+        options[key.strip()] = value.strip()
+    if native_weights is not None and len(models) != 1:
+        raise ConfigError("--native-weights applies to exactly one model")
+    with console.status("benchmarking (the machine is measured as it is: other load shows in the figures)"):
+        results = bench_models(list(models), list(providers), warmup=warmup, runs=runs, seconds=seconds,
+                               batch=batch, threads=threads, inter_threads=inter_threads,
+                               optimization=optimization, execution_mode=execution_mode,
+                               provider_options=options or None, allow_fallback=allow_fallback,
+                               trt_cache_dir=trt_cache_dir, include_copies=include_copies, image=image,
+                               native=native, native_weights=native_weights, nodes=nodes, peak=peak)
+    _render_bench(results, top)
+
+
+def _render_bench(results, top: int) -> None:
+    from rich import box
+
+    def new_table(title: str, cols: list[str]) -> Table:
+        t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
+                  padding=(0, 1), collapse_padding=True)
+        for i, col in enumerate(cols):
+            t.add_column(col, justify="left" if i < 2 else "right", no_wrap=True)
+        return t
+
+    def label(r) -> str:
+        return r.model + ("*" if r.contract.get("detbench.weights") == "random-init" else "")
+
+    def ran(r) -> str:
+        name = r.providers_ran[0].removesuffix("ExecutionProvider")
+        return f"[red]{name} (asked {r.provider})[/]" if r.fell_back else name
+
+    latency = new_table("latency, ms per run (measured)",
+                        ["model", "ran on", "thr", "p50", "mean±std", "p90", "p99", "min", "img/s"])
+    for r in results:
+        latency.add_row(label(r), ran(r), str(r.settings.get("threads") or "dflt"), f"{r.latency.p50:.1f}",
+                        f"{r.latency.mean:.1f}±{r.latency.std:.1f}", f"{r.latency.p90:.1f}",
+                        f"{r.latency.p99:.1f}", f"{r.latency.min:.1f}", f"{r.throughput_ips:.2f}")
+    console.print(latency)
+    with_native = any(r.native for r in results)
+    cost = new_table("cost and comparison", ["model", "ran on", "sess s", "RSS MB", "GMACs", "GFLOP/s", "%peak"]
+                     + (["native p50", "ORT/nat"] if with_native else []))
+    for r in results:
+        row = [label(r), ran(r), f"{r.session_seconds:.2f}", "n/a" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}",
+               "n/a" if r.macs is None else f"{r.macs / 1e9:.2f}",
+               "n/a" if r.achieved_gflops is None else f"{r.achieved_gflops:.1f}",
+               "n/a" if r.fraction_of_peak is None else f"{100 * r.fraction_of_peak:.1f}"]
+        if with_native:
+            row += [f"{r.native['latency_ms']['p50']:.1f}" if r.native else "",
+                    f"{r.native['ratio']:.2f}" if r.native else ""]
+        cost.add_row(*row)
+    table = cost
+    console.print(table)
+    first = results[0]
+    notes = [f"{first.latency.n} timed runs after {first.warmup} warm-up runs on {Path(first.image).name} "
+             f"(batch {first.batch}, prepared before timing); * = random-init weights (latency valid, accuracy "
+             "not); sess s = InferenceSession creation; RSS MB = growth of the process's peak resident memory "
+             "over session creation and runs."]
+    if first.peak:
+        by = ", ".join(f"{k} {v:.1f}" for k, v in first.peak["by_backend"].items())
+        notes.append(f"GFLOP/s = 2 x MACs (counting/ analyzer) / p50; % peak = that over the machine's measured "
+                     f"float32 matmul rate ({first.machine_peak_gflops:.1f} GFLOP/s, {first.peak['size']}^2 "
+                     f"SGEMM median; {by}).")
+    for r in results:
+        if r.macs is None and r.macs_note:
+            notes.append(f"{r.model}: no MACs ({r.macs_note})")
+    if any(r.native for r in results):
+        notes.append("ORT/native = onnxruntime p50 / native p50 on the same tensor, warm-up, runs and threads "
+                     "(below 1: onnxruntime faster). " + "; ".join(sorted({f"{r.native['framework']}: "
+                                                                           f"{r.native['runtime']}"
+                                                                           for r in results if r.native})))
+    for note in notes:
+        console.print(note, highlight=False, soft_wrap=True)
+    for r in results:
+        if r.nodes:
+            _render_nodes(r, top)
+
+
+def _render_nodes(r, top: int) -> None:
+    nodes = r.nodes
+    title = (f"{r.model} on {r.providers_ran[0]}: top {min(top, nodes['nodes_total'])} of {nodes['nodes_total']} "
+             f"kernels (onnxruntime profiler, mean over {nodes['runs']} runs; kernel total "
+             f"{nodes['total_us'] / 1e3:.1f} ms)")
+    table = Table(title=title, title_justify="left")
+    for col in ("kernel", "ran as", "op", "ONNX nodes", "ms", "share", "GMACs", "GMAC/s"):
+        table.add_column(col, justify="right" if col in ("ms", "share", "GMACs", "GMAC/s") else "left")
+    for g in nodes["nodes"][:top]:
+        table.add_row(g["kernel"], g["kernel_op"], g["op_type"], str(len(g["originals"])),
+                      f"{g['mean_us'] / 1e3:.2f}", f"{100 * g['share']:.1f}%", f"{g['macs'] / 1e9:.3f}",
+                      "" if g["gmacs_per_s"] is None else f"{g['gmacs_per_s']:.1f}")
+    console.print(table)
+    by_op = Table(title=f"{r.model}: by op type", title_justify="left")
+    for col in ("op", "kernels", "ms", "share", "GMACs", "GMAC/s"):
+        by_op.add_column(col, justify="left" if col == "op" else "right")
+    for op, e in sorted(nodes["by_op"].items(), key=lambda kv: -kv[1]["us"]):
+        by_op.add_row(op, str(e["kernels"]), f"{e['us'] / 1e3:.2f}", f"{100 * e['share']:.1f}%",
+                      f"{e['macs'] / 1e9:.3f}", "" if e["gmacs_per_s"] is None else f"{e['gmacs_per_s']:.1f}")
+    console.print(by_op)
+    console.print("GMAC/s = analyzer MACs of the ONNX nodes a kernel runs / its time (1 MAC = 2 FLOPs). Fused "
+                  "nodes (BatchNormalization/activation into Conv; NCHWc chains named after their last output) "
+                  f"are mapped back as runtime/nodes.py describes; {len(nodes['unattributed_nodes'])} ONNX node(s) "
+                  f"ran no kernel ({nodes['unattributed_macs'] / 1e9:.3f} GMACs unattributed).",
+                  highlight=False, soft_wrap=True)
+
+
+@app.command()
+@reports_errors
+def run(
+    models: Optional[str] = typer.Option(None, "--models", help="Comma-separated registered names (default: the whole registry)."),
+    quick: bool = typer.Option(False, "--quick", help="Bounded smoke run: 1 warm-up + 3 timed bench runs, 8 COCO images per eval."),
+    coco: Optional[Path] = typer.Option(None, "--coco", help="COCO folder (annotations/instances_val2017.json, val2017/). "
+                                        "Default: $DETBENCH_DATA/coco-val2017-subset when it exists."),
+    providers: Optional[List[str]] = typer.Option(None, "--provider", help="Execution providers to bench (repeat). "
+                                                  "Default: cpu plus every provider onnxruntime lists, each probed first."),
+    bench_runs: Optional[int] = typer.Option(None, "--bench-runs", min=1, help="Timed bench runs per model x provider."),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", min=1, help="Evaluate at most N COCO images per model."),
+    no_report: bool = typer.Option(False, "--no-report", help="Measure only; do not write the report."),
+) -> None:
+    """The main job: export, validate, profile, bench and evaluate every model, then write the report.
+
+    Re-running skips steps whose inputs did not change; an interrupted run continues.
+    """
+    import dataclasses
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from report.run import RunSettings, run_pipeline
+
+    names = [n.strip() for n in models.split(",") if n.strip()] if models else None
+    settings = RunSettings.quick() if quick else RunSettings()
+    if bench_runs is not None:
+        settings = dataclasses.replace(settings, bench_runs=bench_runs)
+    if eval_limit is not None:
+        settings = dataclasses.replace(settings, eval_limit=eval_limit)
+    colours = {"done": "green", "reused": "cyan", "skipped": "yellow", "failed": "red"}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as bars:
+        overall = bars.add_task("steps", total=None)
+        current = bars.add_task("", total=None, visible=False)
+
+        def on_event(ev):
+            where = " ".join(x for x in (ev.model, ev.step, ev.provider) if x)
+            if ev.kind == "plan":
+                bars.update(overall, total=ev.steps_total, description=f"steps ({ev.message})")
+            elif ev.kind == "start":
+                bars.update(current, description=f"  {where}", completed=0, total=None, visible=True)
+            elif ev.kind == "update":
+                bars.update(current, description=f"  {where}: {ev.message}"[:110],
+                            completed=ev.completed or 0, total=ev.total)
+            elif ev.kind in colours:
+                bars.update(overall, completed=ev.steps_done)
+                bars.update(current, visible=False)
+                if ev.kind != "reused" or ev.step == "report":
+                    reason = f": {ev.message.splitlines()[0][:160]}" if ev.message and ev.kind != "done" else ""
+                    bars.console.print(f"[{colours[ev.kind]}]{ev.kind:>7}[/] {where}{reason}", highlight=False,
+                                       soft_wrap=True)
+
+        summary = run_pipeline(names, settings=settings, coco_dir=coco, providers=providers or None,
+                               report=not no_report, progress=on_event)
+    counts = ", ".join(f"{summary.count(s)} {s}" for s in colours)
+    console.print(f"[bold]run finished in {summary.wall_seconds:.1f} s[/]: {counts} step(s); results in "
+                  f"{summary.results_dir}", highlight=False)
+    for provider, reason in summary.providers.items():
+        if reason:
+            console.print(f"[yellow]provider {provider} skipped[/]: {reason}", highlight=False, soft_wrap=True)
+    if summary.report is not None:
+        console.print(f"report: {summary.report.html} (charts, table.csv, table.md in {summary.report.out_dir})",
+                      highlight=False)
+    if summary.failures:
+        for o in summary.failures:
+            err_console.print(f"[bold red]failed[/] {o.model} {o.step} {o.provider or ''}: {o.reason}",
+                              highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+@reports_errors
+def report(
+    out: Optional[Path] = typer.Option(None, "--out", help="Report folder. Default: <results dir>/report."),
+    all_registered: bool = typer.Option(False, "--all", help="One row per registered model, measured or not "
+                                        "(default: the paper's eleven plus every model with results)."),
+) -> None:
+    """Charts (PNG), table (CSV + Markdown) and one self-contained HTML page from the results store."""
+    from report import build_report
+    from report.collect import MEASURED, provider_skips, providers
+
+    result = build_report(out, all_registered=all_registered)
+    rows = result.rows
+    shown = [p for p in providers(rows) if p not in provider_skips(rows)]
+    table = Table(title="detbench report", box=None, pad_edge=False, title_justify="left")
+    for col in ("network", "HxW", "MParams", "GOps", "mAP@.5", "mAP", *[f"{p} ms" for p in shown]):
+        table.add_column(col, no_wrap=True, justify="left" if col in ("network", "HxW") else "right")
+
+    def num(v, digits):
+        return "—" if v is None else f"{v:.{digits}f}"
+
+    def acc(a):
+        return "—" if a is None else f"{a.value:.1f} {'m' if a.status == MEASURED else 'p'}"
+
+    for r in rows:
+        table.add_row(r.label + (" *" if r.paper else ""), f"{r.input_size[0]}x{r.input_size[1]}", num(r.mparams, 2),
+                      num(r.gops, 2), acc(r.map50), acc(r.map),
+                      *[num(r.latency[p].p50_ms, 1) if p in r.latency else "—" for p in shown])
+    console.print(table)
+    console.print("* paper configuration; GOps = 2 x GMACs (all ops, analyzer); mAP in %: m = measured here, "
+                  "p = published (models.toml); latency = p50 ms, batch 1. Sources and reasons: table.md.",
+                  highlight=False)
+    for p, why in provider_skips(rows).items():
+        console.print(f"[yellow]provider {p} not measured[/]: {why}", highlight=False, soft_wrap=True)
+    console.print(f"wrote {len(result.charts)} charts, {result.csv.name}, {result.markdown.name} and "
+                  f"{result.html} in {result.out_dir}", highlight=False)
+
+
+@app.command("eval")
+@reports_errors
+def eval_command(
+    model: Optional[Path] = typer.Argument(None, help="Exported ONNX detector (omit with --results)."),
+    coco: Optional[Path] = typer.Option(None, "--coco", help="COCO folder: annotations/instances_val2017.json + val2017/."),
+    annotations: Optional[Path] = typer.Option(None, "--annotations", help="COCO instances file (instead of --coco's)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Images folder (instead of --coco's val2017/)."),
+    results: Optional[Path] = typer.Option(None, "--results", help="Score this existing COCO results file; no model is run."),
+    provider: str = typer.Option("cpu", "--provider", help="Execution provider: cpu, cuda, tensorrt, openvino, ..."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate the first N images (by id)."),
+    image_ids: Optional[str] = typer.Option(None, "--image-ids", help="Comma-separated image ids to evaluate."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its detection cache."),
+    backend: str = typer.Option("pycocotools", "--backend", help="Scoring: pycocotools or faster-coco-eval."),
+    per_category: bool = typer.Option(False, "--per-category", help="Also show AP per category."),
+    iou_type: str = typer.Option("bbox", "--iou-type", help="With --results: bbox or segm."),
+    input_size: Optional[str] = typer.Option(None, "--input-size", help="Override/supply the input size: N or HxW."),
+    resize: Optional[str] = typer.Option(None, "--resize", help="Override/supply the resize mode: letterbox or stretch."),
+    label_space: Optional[str] = typer.Option(None, "--label-space", help="Override/supply labels: coco80 or coco91."),
+    out: Optional[Path] = typer.Option(None, "--out", help="COCO results file to write (default under results/eval/)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Per-image detection cache (default under results/eval/)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads."),
+    workers: int = typer.Option(2, "--workers", help="Background image decode/resize threads."),
+    prefetch: int = typer.Option(4, "--prefetch", help="Images prepared ahead of the session at most."),
+    allow_fallback: bool = typer.Option(False, "--allow-fallback", help="Run even if the provider fell back to CPU."),
+) -> None:
+    """COCO accuracy (pycocotools COCOeval) of an exported detector, or of an existing results file."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    ids = None
+    if image_ids is not None:
+        try:
+            ids = [int(part) for part in image_ids.replace(" ", "").split(",") if part]
+        except ValueError:
+            raise ConfigError(f"--image-ids {image_ids!r}: expected comma-separated integers, e.g. 139,285") from None
+    if results is not None:
+        from eval.coco import score_results
+
+        if model is not None:
+            raise ConfigError("give a model or --results FILE, not both")
+        if annotations is None and coco is None:
+            raise ConfigError("--results needs the ground truth: --annotations FILE or --coco DIR")
+        ann = annotations or coco / "annotations" / "instances_val2017.json"
+        scores = score_results(results, ann, backend, iou_type=iou_type, image_ids=ids, per_category=per_category)
+        _render_eval_scores(scores, f"{results} ({scores['detections']} detections, {scores['images']} images)")
+        return
+    if model is None:
+        raise ConfigError("name the ONNX model to evaluate (or pass --results FILE to score a results file)")
+    from eval.coco import evaluate_model
+
+    overrides = {}
+    size = parse_size(input_size)
+    if size is not None:
+        overrides.update(input_height=size[0], input_width=size[1])
+    if resize is not None:
+        overrides["resize"] = resize
+    if label_space is not None:
+        overrides["label_space"] = label_space
+
+    columns = (TextColumn("[bold]eval[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=False) as bar:
+        task = None
+
+        def on_progress(p) -> None:
+            nonlocal task
+            ran = p.done - p.resumed
+            rate = f"{ran / p.wall_seconds:.1f} img/s" if ran and p.wall_seconds > 0 else "-- img/s"
+            if task is None:  # created at the first report so resumed images are not counted as speed
+                task = bar.add_task("eval", total=p.total, completed=p.done, rate=rate)
+            bar.update(task, completed=p.done, rate=rate + (f", {p.skipped} skipped" if p.skipped else ""))
+
+        result = evaluate_model(model, coco_dir=coco, annotations=annotations, images=images, provider=provider,
+                                limit=limit, image_ids=ids, resume=resume, overrides=overrides or None,
+                                backend=backend, per_category=per_category, results_file=out, cache_file=cache,
+                                threads=threads, workers=workers, prefetch=prefetch, progress=on_progress,
+                                allow_fallback=allow_fallback)
+    resumed = f", {result.images_resumed} from the cache of an earlier run" if result.images_resumed else ""
+    _render_eval_scores(result.scores, f"{result.model} on {result.provider} ({result.contract['detbench.resize']}, "
+                                       f"{result.images_evaluated} of {result.images_selected} images evaluated{resumed})")
+    for skip in result.images_skipped:
+        console.print(f"[yellow]skipped[/] {skip['file_name']}: {skip['reason']}", highlight=False, soft_wrap=True)
+    if result.session_seconds > 0:
+        console.print(
+            f"time (measured): whole evaluation {result.wall_seconds:.2f} s vs inside session.run "
+            f"{result.session_seconds:.2f} s = {result.overhead:.3f} x; image loop {result.loop_seconds:.2f} s = "
+            f"{result.loop_overhead:.3f} x; {result.images_per_second:.2f} images/s; scoring "
+            f"{result.score_seconds:.2f} s; session creation {result.session_create_seconds:.2f} s", highlight=False)
+    console.print(f"results: {result.results_file}\ncache:   {result.cache_file}", highlight=False, soft_wrap=True)
+
+
+def _render_eval_scores(scores: dict, title: str) -> None:
+    console.print(f"[bold]COCOeval {scores['iou_type']} ({scores['backend']})[/]: {title}", highlight=False, soft_wrap=True)
+    table = Table()
+    table.add_column("statistic")
+    table.add_column("value", justify="right")
+    labels = {"AP": "AP @[.50:.95] (mAP)", "AP50": "AP @.50 (mAP@0.5)", "AP75": "AP @.75", "APs": "AP small",
+              "APm": "AP medium", "APl": "AP large", "AR1": "AR maxDets 1", "AR10": "AR maxDets 10",
+              "AR100": "AR maxDets 100", "ARs": "AR small", "ARm": "AR medium", "ARl": "AR large"}
+    for key, value in scores["stats"].items():
+        table.add_row(labels.get(key, key), "n/a (no ground truth)" if value < 0 else f"{value:.4f}")
+    console.print(table)
+    console.print(f"[bold]mAP@0.5 = {100 * scores['map50']:.2f}   mAP@[.5:.95] = {100 * scores['map']:.2f}[/] "
+                  "(COCO AP in points, measured)", highlight=False)
+    if scores.get("per_category"):
+        per = Table(title="AP per category", title_justify="left")
+        for col in ("category", "id", "AP", "AP50"):
+            per.add_column(col, justify="left" if col == "category" else "right")
+        absent = [name for name, row in scores["per_category"].items() if row["AP"] is None]
+        for name, row in scores["per_category"].items():
+            if row["AP"] is not None:
+                per.add_row(name, str(row["id"]), f"{row['AP']:.4f}", f"{row['AP50']:.4f}")
+        console.print(per)
+        if absent:
+            console.print(f"({len(absent)} more categories have no ground truth in these images: no AP)",
+                          highlight=False)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,31 @@
-"""Finding official weights and model definition files locally.
+"""Official weights and model definition files: finding them locally, downloading them.
 
 Search order for a registered file name: the download cache (``DETBENCH_CACHE``,
-where ``fetch`` puts files), then the shared data folder (``DETBENCH_DATA``) and its
+where :func:`fetch` puts files), then the shared data folder (``DETBENCH_DATA``) and its
 ``darknet/`` subfolder. An explicit ``--weights PATH`` always wins over all of these.
+
+:func:`fetch` downloads what models.toml registers (weights ``url``; a Darknet entry's
+``source.cfg_url``) and verifies it against the registered sha256 (or the prefix a
+publisher embeds in its file names) before the file appears under its final name.
+:func:`weights_status` says, without downloading, what ``list`` shows.
 """
 
 from __future__ import annotations
 
+import hashlib
+import http.client
+import os
+import socket
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 from exporters.registry import ModelSpec
+from runtime.contract import sha256_file
+from runtime.errors import FetchError
 from runtime.paths import cache_dir, data_dir
 
 
@@ -31,3 +47,308 @@ def locate_weights(spec: ModelSpec) -> Path | None:
     if not spec.weights.file:
         return None
     return locate_file(spec.weights.file)
+
+
+@dataclass(frozen=True)
+class WeightsStatus:
+    """Whether ``spec``'s official weights are usable without a download.
+
+    ``state`` is ``"present"`` (``path`` is the local file :func:`locate_weights` found),
+    ``"fetchable"`` (a public ``url``; ``python cli.py fetch NAME``) or ``"none"`` (nothing
+    is published: exports use deterministic random initialisation).
+    """
+
+    state: str
+    path: Path | None = None
+    url: str | None = None
+
+
+def weights_status(spec: ModelSpec) -> WeightsStatus:
+    found = locate_weights(spec)
+    if found is not None:
+        return WeightsStatus("present", path=found, url=spec.weights.url)
+    if spec.weights.public:
+        return WeightsStatus("fetchable", url=spec.weights.url)
+    return WeightsStatus("none")
+
+
+# ----------------------------------------------------------------------------- fetch
+#
+# Downloads go to a temporary file beside the final one and are renamed only once the
+# sha256 verified, so the cache never holds a partial or unverified file under a name
+# that ``locate_weights`` would hand to an exporter.
+
+#: ``progress(file_name, bytes_done, bytes_total_or_None)``, called as chunks arrive.
+FetchProgress = Callable[[str, int, Optional[int]], None]
+
+CHUNK_BYTES = 1 << 20
+USER_AGENT = "detbench-fetch/0.1 (+python urllib)"
+SIDECAR_SUFFIX = ".sha256"
+REJECTED_SUFFIX = ".rejected"
+
+# How a file was verified (``FetchedFile.verified``).
+VERIFIED_FULL = "sha256"
+VERIFIED_PREFIX = "sha256-prefix"
+UNVERIFIED = "unverified"
+
+
+@dataclass(frozen=True)
+class FetchedFile:
+    """One file of a model, present in a local folder after :func:`fetch`.
+
+    ``verified`` is ``"sha256"`` (the full published digest matched), ``"sha256-prefix"``
+    (only the publisher's ``prefix`` of the digest could be checked) or ``"unverified"``
+    (nothing published; ``sha256`` was computed here and recorded in ``sidecar``).
+    ``downloaded`` is False when a present file verified and was kept; ``replaced`` says
+    why a present file was rejected and downloaded again.
+    """
+
+    kind: str  # "weights" or "cfg"
+    path: Path
+    url: str
+    sha256: str
+    size: int
+    verified: str
+    downloaded: bool
+    prefix: str | None = None
+    sidecar: Path | None = None
+    replaced: str | None = None
+
+
+@dataclass(frozen=True)
+class FetchOutcome:
+    """What :func:`fetch` did for one model. ``note`` explains an empty ``files``."""
+
+    model: str
+    files: tuple[FetchedFile, ...]
+    note: str = ""
+
+    @property
+    def paths(self) -> list[Path]:
+        return [f.path for f in self.files]
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file models.toml says where to download and how to verify (full sha256, or only its prefix)."""
+
+    kind: str
+    url: str
+    file_name: str
+    sha256: str | None
+    prefix: str | None
+
+    def matches(self, digest: str) -> bool:
+        if self.sha256:
+            return digest == self.sha256
+        return bool(self.prefix) and digest.startswith(self.prefix)
+
+    @property
+    def expected(self) -> str:
+        return self.sha256 if self.sha256 else f"{self.prefix}… (prefix published by the source)"
+
+    @property
+    def verification(self) -> str:
+        return VERIFIED_FULL if self.sha256 else VERIFIED_PREFIX if self.prefix else UNVERIFIED
+
+
+def fetch_plan(spec: ModelSpec) -> list[RemoteFile]:
+    """The downloadable files of ``spec``: its weights and, where registered, its model definition."""
+    wanted = []
+    if spec.weights.url:
+        file_name = spec.weights.file or spec.weights.url.rstrip("/").rsplit("/", 1)[-1]
+        wanted.append(RemoteFile("weights", spec.weights.url, file_name,
+                                  _hex(spec.weights.sha256), _hex(spec.weights.sha256_prefix)))
+    cfg_url = spec.source.get("cfg_url")
+    if cfg_url:
+        file_name = spec.source.get("cfg") or cfg_url.rstrip("/").rsplit("/", 1)[-1]
+        wanted.append(RemoteFile("cfg", cfg_url, file_name, _hex(spec.source.get("cfg_sha256")), None))
+    return wanted
+
+
+def _hex(value: str | None) -> str | None:
+    return value.strip().lower() if value else None
+
+
+def fetch(spec: ModelSpec, *, cache: Path | None = None, allow_unverified: bool = False,
+          progress: FetchProgress | None = None, timeout: float = 60.0) -> FetchOutcome:
+    """Make ``spec``'s official files present and verified locally; download what is missing.
+
+    A file already present (in ``cache``, default ``DETBENCH_CACHE``, or the shared data
+    folder) whose sha256 verifies is kept and not downloaded again. Anything downloaded
+    lands in ``cache`` under the registered file name only after its sha256 verified.
+    Without a published sha256 (full or prefix) the download is refused unless
+    ``allow_unverified``; the computed digest is then recorded in ``<file>.sha256``.
+
+    Raises :class:`FetchError` (HTTP or connection failure, truncated transfer,
+    checksum mismatch, nothing to verify against) naming the model, URL and remedy.
+    """
+    cache = Path(cache) if cache is not None else cache_dir()
+    plan = fetch_plan(spec)
+    if not plan:
+        return FetchOutcome(spec.name, (), note=(
+            f"{spec.name} has no published weights (weights format {spec.weights.format!r}, no url in "
+            "models.toml): nothing to download. Exports use deterministic random initialisation "
+            "(parameter counts, operations and latency are valid; accuracy is not). "
+            "Pass --weights PATH to export with weights you trained."))
+    files = tuple(_obtain(spec, item, cache, allow_unverified, progress, timeout) for item in plan)
+    note = ""
+    if not spec.weights.url:
+        note = f"{spec.name} has no published weights: exports use deterministic random initialisation."
+    return FetchOutcome(spec.name, files, note)
+
+
+def _remedy(spec: ModelSpec, item: RemoteFile, dest: Path) -> str:
+    if item.kind == "weights":
+        return (f"download {item.url} by hand and pass --weights PATH, or put the file at {dest} "
+                f"and re-run `python cli.py fetch {spec.name}` to verify it.")
+    return (f"download {item.url} by hand and put it at {dest}, "
+            f"then re-run `python cli.py fetch {spec.name}` to verify it.")
+
+
+def _read_sidecar(path: Path) -> str | None:
+    try:
+        text = path.read_text(encoding="ascii").split()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text[0].lower() if text else None
+
+
+def _obtain(spec: ModelSpec, item: RemoteFile, cache: Path, allow_unverified: bool,
+            progress: FetchProgress | None, timeout: float) -> FetchedFile:
+    dest = cache / item.file_name
+    sidecar = dest.with_name(dest.name + SIDECAR_SUFFIX)
+    verifiable = item.sha256 is not None or item.prefix is not None
+    rejected: list[str] = []
+    dest_failed = False
+
+    # A present copy that verifies is all we need (the shared data folder counts too).
+    others = [d / item.file_name for d in search_dirs() if d.resolve() != cache.resolve()]
+    for candidate in [dest] + [p for p in others if p.is_file()]:
+        if not candidate.is_file():
+            continue
+        digest = sha256_file(candidate)
+        if verifiable:
+            if item.matches(digest):
+                return FetchedFile(item.kind, candidate, item.url, digest, candidate.stat().st_size,
+                                   item.verification, downloaded=False, prefix=item.prefix)
+            rejected.append(f"{candidate} has sha256 {digest}, expected {item.expected}")
+            dest_failed = dest_failed or candidate == dest
+        else:
+            recorded = _read_sidecar(candidate.with_name(candidate.name + SIDECAR_SUFFIX))
+            if recorded == digest:
+                return FetchedFile(item.kind, candidate, item.url, digest, candidate.stat().st_size,
+                                   UNVERIFIED, downloaded=False,
+                                   sidecar=candidate.with_name(candidate.name + SIDECAR_SUFFIX))
+            if recorded:
+                rejected.append(f"{candidate} has sha256 {digest}, but {recorded} was recorded when it was fetched")
+
+    if not verifiable and not allow_unverified:
+        raise FetchError(
+            f"model {spec.name!r}: models.toml has no sha256 for its {item.kind} ({item.url}), so a download "
+            "cannot be verified. Pass --allow-unverified to download it anyway (the computed sha256 is then "
+            f"recorded in {sidecar.name}), or {_remedy(spec, item, dest)}"
+            + (f" (Present but not matching: {'; '.join(rejected)}.)" if rejected else ""))
+
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FetchError(f"model {spec.name!r}: cannot create the cache folder {cache} ({exc}); "
+                         "pass --cache-dir or set DETBENCH_CACHE to a writable folder") from exc
+
+    # A corrupt file must not stay under the final name while we download its replacement.
+    aside = None
+    if dest_failed:
+        aside = dest.with_name(dest.name + REJECTED_SUFFIX)
+        os.replace(dest, aside)
+
+    try:
+        digest, size = _download(spec, item, dest, progress, timeout)
+    except FetchError as exc:
+        if aside is not None:
+            raise FetchError(f"{exc}\n(The file that was present failed verification "
+                             f"and was moved to {aside}.)") from exc
+        raise
+    if aside is not None:
+        aside.unlink(missing_ok=True)
+    recorded_in = None
+    if not verifiable:
+        _write_atomically(sidecar, f"{digest}  {dest.name}\n".encode("ascii"))
+        recorded_in = sidecar
+    return FetchedFile(item.kind, dest, item.url, digest, size, item.verification, downloaded=True,
+                       prefix=item.prefix, sidecar=recorded_in,
+                       replaced="; ".join(rejected) + f"; replaced by a fresh download at {dest}" if rejected else None)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _download(spec: ModelSpec, item: RemoteFile, dest: Path, progress: FetchProgress | None,
+              timeout: float) -> tuple[str, int]:
+    """Stream ``item.url`` into a temporary file beside ``dest``; rename it to ``dest`` only once
+    the transfer is complete and its sha256 verifies. Returns (sha256 hex, bytes)."""
+    what = f"model {spec.name!r}: downloading {item.kind} from {item.url}"
+    remedy = _remedy(spec, item, dest)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    except OSError as exc:
+        raise FetchError(f"{what}: cannot write to {dest.parent} ({exc}); "
+                         "pass --cache-dir or set DETBENCH_CACHE to a writable folder") from exc
+    digest = hashlib.sha256()
+    done = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            request = urllib.request.Request(item.url, headers={"User-Agent": USER_AGENT})
+            try:
+                with urllib.request.urlopen(request, timeout=timeout) as response:
+                    announced = response.headers.get("Content-Length")
+                    total = int(announced) if announced and announced.isdigit() else None
+                    if progress:
+                        progress(dest.name, 0, total)
+                    while True:
+                        chunk = response.read(CHUNK_BYTES)
+                        if not chunk:
+                            break
+                        out.write(chunk)
+                        digest.update(chunk)
+                        done += len(chunk)
+                        if progress:
+                            progress(dest.name, done, total)
+            except urllib.error.HTTPError as exc:
+                raise FetchError(f"{what} failed: HTTP {exc.code} {exc.reason}. To fix: {remedy}") from exc
+            except urllib.error.URLError as exc:
+                raise FetchError(f"{what} failed: cannot connect ({exc.reason}). "
+                                 f"To fix: check the network or proxy settings, or {remedy}") from exc
+            except http.client.IncompleteRead as exc:
+                raise FetchError(f"{what} failed: the transfer was truncated after {done + len(exc.partial)} "
+                                 f"bytes; nothing was kept. To fix: re-run to retry, or {remedy}") from exc
+            except (socket.timeout, TimeoutError) as exc:
+                raise FetchError(f"{what} failed: no data for {timeout:g} s after {done} bytes; "
+                                 f"nothing was kept. To fix: re-run to retry, or {remedy}") from exc
+            except (http.client.HTTPException, ConnectionError) as exc:
+                raise FetchError(f"{what} failed after {done} bytes: {exc!r}; nothing was kept. "
+                                 f"To fix: re-run to retry, or {remedy}") from exc
+        if total is not None and done != total:
+            raise FetchError(f"{what} failed: the transfer was truncated: received {done} of the {total} bytes "
+                             f"the server announced (Content-Length); nothing was kept. "
+                             f"To fix: re-run to retry, or {remedy}")
+        found = digest.hexdigest()
+        if not item.matches(found) and item.verification != UNVERIFIED:
+            raise FetchError(f"{what}: sha256 mismatch: expected {item.expected}, found {found} ({done} bytes); "
+                             f"the file was not kept. The download is corrupt or the publisher changed the file. "
+                             f"To fix: re-run to retry, or {remedy}")
+        os.replace(tmp, dest)
+        return found, done
+    except OSError as exc:  # writing the temporary file or renaming it (disk full, permissions)
+        raise FetchError(f"{what} failed: {exc}. To fix: {remedy}") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

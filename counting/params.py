@@ -1,0 +1,200 @@
+"""Which constant tensors of a graph count as parameters.
+
+Convention (stated in every profile, see :data:`CONVENTION`):
+
+- **Parameters** are the learned tensors a framework itself counts: weights and biases of
+  Conv / ConvTranspose / Gemm / MatMul (+ the Add of a bias right after a constant-weight
+  MatMul), scale and bias of Batch/Instance/Layer/GroupNormalization, PRelu slopes, and, in
+  the network part, stand-alone per-channel scales or biases (a Mul or Add by a
+  per-channel constant that is not half of a folded normalisation, e.g. SSD's L2Norm
+  scale).
+- **BatchNorm running statistics** (BatchNormalization mean and var) do not count: they are
+  buffers, not parameters, in Darknet and PyTorch alike.
+- **Folded-normalisation constants** are reported on their own line and not counted:
+  per-channel ``x * a + b`` pairs (torchvision's FrozenBatchNorm2d exports as Mul/Add
+  with [1, C, 1, 1] constants, which PyTorch keeps as buffers, not parameters) and
+  per-channel Sub/Div (input normalisation ``(x - mean) / std``).
+- Everything else (anchors, shape and index constants, scalars) is *other constants*.
+
+Initializers and Constant nodes are treated alike (torch sometimes emits weights as
+Constant nodes); an Identity of a constant is the same tensor; a tensor used by several
+nodes (weights shared across FPN levels) counts once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+CONVENTION = (
+    "parameters = weights and biases of Conv/ConvTranspose/Gemm/MatMul, scale and bias of "
+    "Batch/Instance/Layer/GroupNormalization, PRelu slopes, stand-alone per-channel Mul/Add "
+    "constants in the network part; NOT counted: BatchNormalization running mean/var, "
+    "folded-normalisation constants (per-channel x*a+b pairs such as FrozenBatchNorm2d, and "
+    "per-channel Sub/Div input normalisation: reported as folded_norm_constants), other "
+    "constants (anchors, shapes, scalars); each tensor once however many nodes use it"
+)
+
+WEIGHT, RUNNING_STATS, FOLDED, OTHER = "param", "bn_running_stats", "folded_norm", "other"
+_PRECEDENCE = {WEIGHT: 3, RUNNING_STATS: 2, FOLDED: 1, OTHER: 0}
+_FLOAT_TYPES = (1, 10, 11, 16)
+
+# op type -> input indices holding learned tensors
+_WEIGHT_INPUTS = {
+    "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1),
+    "BatchNormalization": (1, 2), "InstanceNormalization": (1, 2), "LayerNormalization": (1, 2),
+    "GroupNormalization": (1, 2), "PRelu": (1,),
+}
+
+
+@dataclass
+class ConstInfo:
+    dims: tuple[int, ...]
+    data_type: int
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.dims)) if self.dims else 1
+
+    @property
+    def per_channel(self) -> bool:
+        return (self.data_type in _FLOAT_TYPES and self.numel > 1
+                and sum(1 for d in self.dims if d > 1) == 1)
+
+
+@dataclass
+class ParamReport:
+    params: int = 0
+    folded_norm_constants: int = 0
+    bn_running_stats: int = 0
+    other_constants: int = 0
+    roles: dict[str, str] = field(default_factory=dict)   # constant tensor -> role
+    by_node: dict[str, int] = field(default_factory=dict)  # node key -> parameters first used there
+
+
+def constants_of(graphs) -> tuple[dict[str, ConstInfo], dict[str, str]]:
+    """Constant tensors (initializers, Constant nodes) and Identity aliases (alias -> source)."""
+    consts: dict[str, ConstInfo] = {}
+    alias: dict[str, str] = {}
+    for graph in graphs:
+        for init in graph.initializer:
+            consts[init.name] = ConstInfo(tuple(int(d) for d in init.dims), init.data_type)
+        for node in graph.node:
+            if node.op_type == "Constant":
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        consts[node.output[0]] = ConstInfo(tuple(int(d) for d in attr.t.dims), attr.t.data_type)
+    changed = True
+    while changed:  # Identity chains of constants
+        changed = False
+        for graph in graphs:
+            for node in graph.node:
+                if node.op_type == "Identity" and node.output[0] not in alias:
+                    src = alias.get(node.input[0], node.input[0])
+                    if src in consts:
+                        alias[node.output[0]] = src
+                        changed = True
+    return consts, alias
+
+
+def classify(entries, graphs) -> ParamReport:
+    """Assign every constant a role. ``entries``: (key, NodeProto, part) for every node walked,
+    part being "network" or "postprocess"."""
+    consts, alias = constants_of(graphs)
+
+    def canon(name: str) -> str | None:
+        name = alias.get(name, name)
+        return name if name in consts else None
+
+    consumers: dict[str, list] = {}
+    for key, node, part in entries:
+        for i, name in enumerate(node.input):
+            if name:
+                consumers.setdefault(name, []).append((key, node, i, part))
+
+    role: dict[str, str] = {}
+    first_user: dict[str, str] = {}
+
+    def assign(tensor: str, r: str, key: str) -> None:
+        if _PRECEDENCE[r] >= _PRECEDENCE.get(role.get(tensor, OTHER), 0):
+            role[tensor] = r
+        if r == WEIGHT and tensor not in first_user:
+            first_user[tensor] = key
+
+    def const_inputs(node):
+        return [(i, canon(n)) for i, n in enumerate(node.input) if n and canon(n)]
+
+    weight_matmul_outputs: set[str] = set()
+    for key, node, part in entries:
+        op = node.op_type
+        cins = const_inputs(node)
+        for _i, c in cins:
+            role.setdefault(c, OTHER)
+        if op in _WEIGHT_INPUTS:
+            for i, c in cins:
+                if i in _WEIGHT_INPUTS[op] and consts[c].dims:  # rank >= 1
+                    assign(c, WEIGHT, key)
+            if op == "BatchNormalization":
+                for i, c in cins:
+                    if i in (3, 4):
+                        assign(c, RUNNING_STATS, key)
+            if op == "MatMul" and cins:
+                weight_matmul_outputs.add(node.output[0])
+
+    # Per-channel arithmetic: Mul/Sub/Div first, so that the Add half of an x*a+b pair is
+    # already known to be folded normalisation when Adds are looked at.
+    for wanted in (("Mul", "Sub", "Div"), ("Add",)):
+        for key, node, part in entries:
+            if node.op_type not in wanted or len(node.input) != 2:
+                continue
+            cins = const_inputs(node)
+            if len(cins) != 1:
+                continue
+            i, c = cins[0]
+            other = node.input[1 - i]
+            if node.op_type == "Add" and other in weight_matmul_outputs and consts[c].dims:
+                assign(c, WEIGHT, key)  # the bias of a Linear exported as MatMul + Add
+                continue
+            if part != "network" or not consts[c].per_channel:
+                continue
+            if node.op_type in ("Sub", "Div"):
+                assign(c, FOLDED, key)
+            elif node.op_type == "Mul":
+                partner = _affine_partner(node, consumers, canon, consts)
+                if partner is not None:
+                    assign(c, FOLDED, key)
+                    assign(partner, FOLDED, key)
+                else:
+                    assign(c, WEIGHT, key)
+            elif role.get(c) != FOLDED:
+                assign(c, WEIGHT, key)
+
+    report = ParamReport(roles=role)
+    for tensor, r in role.items():
+        n = consts[tensor].numel
+        if r == WEIGHT:
+            report.params += n
+            report.by_node[first_user[tensor]] = report.by_node.get(first_user[tensor], 0) + n
+        elif r == RUNNING_STATS:
+            report.bn_running_stats += n
+        elif r == FOLDED:
+            report.folded_norm_constants += n
+        else:
+            report.other_constants += n
+    return report
+
+
+def _affine_partner(mul, consumers, canon, consts) -> str | None:
+    """The per-channel constant of the Add/Sub that alone consumes ``mul``'s output, if any."""
+    users = consumers.get(mul.output[0], [])
+    if len(users) != 1:
+        return None
+    _key, nxt, _i, _part = users[0]
+    if nxt.op_type not in ("Add", "Sub") or len(nxt.input) != 2:
+        return None
+    for name in nxt.input:
+        c = canon(name)
+        if c is not None and consts[c].per_channel:
+            return c
+    return None

@@ -1,0 +1,256 @@
+"""Tensor shapes for every value of a graph, static or measured.
+
+*Static*: ``onnx.shape_inference`` with the graph input fixed to the model's input size
+(the contract's ``input_height`` x ``input_width``, batch 1). Dims it cannot resolve
+(data-dependent: proposals kept after NMS, detections) stay marked — a symbol name or
+``"?"`` — never guessed.
+
+*Measured*: the graph is run once in onnxruntime (CPU) on a real image prepared as the
+contract says, with intermediate values added as graph outputs, and the shapes that
+came out are recorded. Values inside If/Loop bodies cannot be graph outputs; they are
+resolved by re-running static inference with every measured outer shape pinned.
+
+Exposing *every* intermediate makes onnxruntime keep all of them alive at once
+(gigabytes for a ResNet-101 at 800 x 1024), so values whose static shape is already
+fully resolved are exposed only while the estimated total stays under
+:data:`EXPOSE_ALL_BUDGET_BYTES`; the data-dependent ones are always measured, and
+each value says where its shape came from (``ShapeTable.source``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import ConfigError, ContractError, DatasetError
+
+# Above this estimated size of all statically known intermediates, only the values static
+# inference cannot resolve are exposed as outputs in measured mode (see module docstring).
+EXPOSE_ALL_BUDGET_BYTES = 1 << 30
+# Initializers larger than this are emptied (dims kept) while shape inference runs:
+# inference needs their dims, not their values, and serialising 250 MB of weights
+# would dominate a static profile.
+_STRIP_ABOVE_BYTES = 1 << 12
+
+_ELEM_SIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2, 14: 8, 15: 16}
+
+
+def elem_size(elem_type: int | None) -> int:
+    """Bytes per element of an ONNX TensorProto data type (float32 when unknown)."""
+    return _ELEM_SIZE.get(elem_type or 1, 4)
+
+
+@dataclass
+class ShapeTable:
+    """name -> shape (tuple of int | str), element type, and where the shape came from."""
+
+    shapes: dict[str, tuple] = field(default_factory=dict)
+    types: dict[str, int] = field(default_factory=dict)
+    source: dict[str, str] = field(default_factory=dict)  # "static" | "measured" | "initializer"
+    mode: str = "static"
+    image: str | None = None
+    static_mismatches: list[str] = field(default_factory=list)
+    exposed_all: bool = True
+
+    def get(self, name: str) -> tuple | None:
+        return self.shapes.get(name) if name else None
+
+
+def resolved(shape: tuple | None) -> bool:
+    return shape is not None and all(isinstance(d, int) for d in shape)
+
+
+def _shape_of(type_proto) -> tuple | None:
+    if not type_proto.HasField("tensor_type") or not type_proto.tensor_type.HasField("shape"):
+        return None
+    dims = []
+    for d in type_proto.tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        else:
+            dims.append(d.dim_param or "?")
+    return tuple(dims)
+
+
+def _iter_graphs(graph):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == attr.GRAPH:
+                yield from _iter_graphs(attr.g)
+            elif attr.type == attr.GRAPHS:
+                for g in attr.graphs:
+                    yield from _iter_graphs(g)
+
+
+def fix_input_size(model, input_hw: tuple[int, int] | None, batch: int = 1) -> None:
+    """Pin the first graph input to [batch, C, H, W] (symbolic dims replaced)."""
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if not inputs:
+        return
+    dims = inputs[0].type.tensor_type.shape.dim
+    if len(dims) == 4:
+        if input_hw is not None:
+            dims[2].dim_value, dims[3].dim_value = input_hw
+        if not dims[0].HasField("dim_value"):
+            dims[0].dim_value = batch
+
+
+def _collect(model, table: ShapeTable, source: str) -> None:
+    for graph in _iter_graphs(model.graph):
+        for init in graph.initializer:
+            table.shapes[init.name] = tuple(int(d) for d in init.dims)
+            table.types[init.name] = init.data_type
+            table.source[init.name] = "initializer"
+        for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+            if vi.name in table.source and table.source[vi.name] in ("initializer", "measured"):
+                continue
+            shape = _shape_of(vi.type)
+            if shape is None and vi.name in table.shapes:
+                continue
+            table.shapes[vi.name] = shape
+            if vi.type.HasField("tensor_type"):
+                table.types[vi.name] = vi.type.tensor_type.elem_type
+            table.source[vi.name] = source
+        for node in graph.node:
+            if node.op_type == "Constant":
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        table.shapes[node.output[0]] = tuple(int(d) for d in attr.t.dims)
+                        table.types[node.output[0]] = attr.t.data_type
+                        table.source[node.output[0]] = "initializer"
+
+
+class _Stripped:
+    """Temporarily empty large initializers (dims kept) so shape inference stays cheap."""
+
+    def __init__(self, model):
+        self.model = model
+        self.saved: list[tuple[object, bytes]] = []
+
+    def __enter__(self):
+        for graph in _iter_graphs(self.model.graph):
+            for init in graph.initializer:
+                if init.data_type in (1, 10, 11, 16) and len(init.raw_data) > _STRIP_ABOVE_BYTES:
+                    self.saved.append((init, init.raw_data))
+                    init.ClearField("raw_data")
+        return self.model
+
+    def __exit__(self, *exc):
+        for init, data in self.saved:
+            init.raw_data = data
+        self.saved.clear()
+        return False
+
+
+def _infer(model):
+    import onnx
+
+    with _Stripped(model) as light:
+        try:
+            return onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
+        except Exception as exc:  # onnx raises InferenceError and a few unrelated C++ errors
+            raise ContractError(f"onnx shape inference failed on this graph: {exc}") from exc
+
+
+def static_shapes(model, input_hw: tuple[int, int] | None) -> ShapeTable:
+    """Static shapes of every value (the input pinned to ``input_hw``, batch 1)."""
+    fix_input_size(model, input_hw)
+    inferred = _infer(model)
+    table = ShapeTable(mode="static")
+    _collect(inferred, table, "static")
+    return table
+
+
+def default_image() -> Path:
+    """The first COCO val2017 image of the shared data folder ($DETBENCH_DATA)."""
+    from runtime.paths import data_dir
+
+    folder = data_dir() / "coco-val2017-subset" / "val2017"
+    images = sorted(folder.glob("*.jpg")) if folder.is_dir() else []
+    if not images:
+        raise DatasetError(f"no COCO image found in {folder} for --shapes measured; pass --image FILE "
+                           "or set DETBENCH_DATA to the folder holding coco-val2017-subset/")
+    return images[0]
+
+
+def measured_shapes(model, path: Path, contract, image: Path | None = None,
+                    budget_bytes: int = EXPOSE_ALL_BUDGET_BYTES) -> ShapeTable:
+    """Shapes measured by one onnxruntime run on a real image (see module docstring)."""
+    import onnx
+    import onnxruntime as ort
+
+    from runtime.images import load_rgb, prepare_for
+
+    if contract is None:
+        raise ConfigError(f"{path}: --shapes measured needs the detbench metadata (input size, resize mode) "
+                          "to prepare the image; re-export the model with `python cli.py export`")
+    image = Path(image) if image else default_image()
+    tensor, _placement = prepare_for(load_rgb(image), contract)
+
+    static = static_shapes(model, contract.input_size)
+    graph = model.graph
+    existing = {o.name for o in graph.output}
+    inits = {i.name for i in graph.initializer}
+    candidates = []
+    for node in graph.node:
+        if node.op_type == "Constant":
+            continue
+        for out in node.output:
+            if out and out not in existing and out not in inits:
+                candidates.append(out)
+    unresolved = [n for n in candidates if not resolved(static.shapes.get(n))]
+    known_bytes = sum(int(np.prod(static.shapes[n])) * elem_size(static.types.get(n))
+                      for n in candidates if resolved(static.shapes.get(n)))
+    expose_all = known_bytes <= budget_bytes
+    exposed = candidates if expose_all else unresolved
+
+    run_model = onnx.ModelProto()
+    run_model.CopyFrom(model)
+    del run_model.graph.value_info[:]
+    for name in exposed:
+        run_model.graph.output.append(onnx.ValueInfoProto(name=name))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(run_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        input_name = session.get_inputs()[0].name
+        names = [o.name for o in session.get_outputs()]
+        values = session.run(names, {input_name: tensor})
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
+        raise ContractError(f"{path}: onnxruntime could not run the graph to measure shapes on {image}: {exc}") from exc
+    del run_model
+
+    measured: dict[str, tuple] = {}
+    for name, value in zip(names, values):
+        if isinstance(value, np.ndarray):
+            measured[name] = tuple(int(d) for d in value.shape)
+    measured[input_name] = tuple(int(d) for d in tensor.shape)
+
+    mismatches = [f"{n}: static {static.shapes[n]} vs measured {measured[n]}" for n in measured
+                  if resolved(static.shapes.get(n)) and tuple(static.shapes[n]) != measured[n]]
+
+    # Pin the measured shapes and let static inference resolve If/Loop bodies from them.
+    # (value_info is edited in place and restored: no second copy of the weights.)
+    saved_vi = list(model.graph.value_info)
+    del model.graph.value_info[:]
+    for name, shape in measured.items():
+        if name in existing or name == input_name:
+            continue
+        elem = static.types.get(name) or onnx.TensorProto.FLOAT
+        model.graph.value_info.append(onnx.helper.make_tensor_value_info(name, elem, list(shape)))
+    try:
+        inferred = _infer(model)
+    finally:
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(saved_vi)
+
+    table = ShapeTable(mode="measured", image=str(image), static_mismatches=mismatches, exposed_all=expose_all)
+    _collect(inferred, table, "static")
+    for name, shape in measured.items():
+        table.shapes[name] = shape
+        table.source[name] = "measured"
+    return table

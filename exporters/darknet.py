@@ -1,0 +1,221 @@
+"""Darknet YOLO (YOLOv2, YOLOv3, tiny, SPP): a registered cfg (+ weights) to a validated ONNX file.
+
+``export`` is dispatched by :func:`exporters.export_model` for every models.toml entry
+with ``framework = "darknet"``. The pieces:
+
+- :mod:`exporters.darknet_cfg` parses the cfg and resolves the layers at the input size,
+- :mod:`exporters.darknet_weights` reads (or randomly initialises, deterministically) the weights,
+- :mod:`exporters.darknet_graph` builds the ONNX graph with decoding and NMS.
+
+Validation (an export is not done until it passed): the full onnx checker, and the raw
+head tensors (the convolution outputs feeding each region/yolo layer) from onnxruntime
+against OpenCV's independent Darknet importer (``cv2.dnn.readNetFromDarknet``) on a real
+image, both fed the identical prepared tensor. Random-init exports hand OpenCV the same
+random weights through a temporary .weights file.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from exporters import ExportResult
+from exporters.darknet_cfg import Plan, parse_cfg, plan_network
+from exporters.darknet_graph import PostProcess, build_model, drop_head_outputs, head_output_name
+from exporters.darknet_weights import DarknetWeights, random_weights, read_weights, write_weights
+from exporters.registry import ModelSpec
+from exporters.validation import Comparison
+from exporters.weights import locate_file, search_dirs
+from runtime.contract import DEFAULT_OPSET, ModelContract, save_model, sha256_file, weights_tag
+from runtime.errors import ExportError, ModelDefinitionError
+from runtime.paths import data_dir
+
+EXPORTER_VERSION = "1"
+VALIDATION_IMAGE = "dog.jpg"  # in $DETBENCH_DATA/darknet: Darknet's own sample image
+ATOL = RTOL = 1e-3
+
+
+def export(spec: ModelSpec, out: Path, *, weights: Path | None, input_size: tuple[int, int] | None,
+           progress: Callable[[str], None]) -> ExportResult:
+    """Export ``spec`` (random-init when ``weights`` is None) to ``out`` and validate it.
+
+    Raises ModelDefinitionError (cfg missing/malformed/unsupported), WeightsError (weights
+    missing or not matching the cfg), ValidationError (ONNX differs from OpenCV's Darknet).
+    """
+    start = time.perf_counter()
+    cfg_path = find_cfg(spec)
+    size = tuple(input_size) if input_size else spec.input_size
+    progress(f"parsing {cfg_path.name} at {size[0]}x{size[1]}")
+    plan = plan_network(parse_cfg(cfg_path), size)
+    _check_labels(spec, plan)
+    if weights is not None:
+        progress(f"reading {weights}")
+        dw = read_weights(Path(weights), plan)
+    else:
+        progress("drawing deterministic random weights")
+        dw = random_weights(plan, spec.name)
+    post = PostProcess(spec.score_threshold, spec.iou_threshold, spec.max_detections)
+    progress("building the ONNX graph")
+    model = build_model(plan, dw, post, expose_heads=True, graph_name=spec.name)
+    progress("validating against OpenCV's Darknet importer")
+    validation = validate(spec, plan, dw, model, cfg_path, weights)
+    contract = ModelContract(
+        name=spec.name, family=spec.family, framework=spec.framework,
+        input_height=plan.height, input_width=plan.width, resize=spec.resize, label_space=spec.label_space,
+        score_threshold=spec.score_threshold, iou_threshold=spec.iou_threshold,
+        max_detections=spec.max_detections, weights=weights_tag(Path(weights) if weights is not None else None),
+        source_params=plan.param_count,
+        extra={
+            "exporter": f"exporters.darknet {EXPORTER_VERSION}",
+            "opset": str(DEFAULT_OPSET),
+            "cfg_file": cfg_path.name,
+            "cfg_sha256": sha256_file(cfg_path),
+            "darknet_weights_version": dw.version,
+            "darknet_seen": str(dw.seen),
+            "validated_against": validation["reference"],
+            "validation_image": validation["image"],
+            "validation_max_abs_diff": f"{validation['max_abs_diff']:.3g}",
+            "params_convention": "conv kernels + conv biases + BatchNorm scale and bias (running mean/var excluded)",
+        },
+    )
+    progress(f"writing {out}")
+    save_model(drop_head_outputs(model), out, contract)
+    return ExportResult(Path(out), contract, time.perf_counter() - start, validation)
+
+
+def find_cfg(spec: ModelSpec) -> Path:
+    """The registry's cfg file, located like weights (cache, then $DETBENCH_DATA/darknet), sha256-checked."""
+    name = spec.source.get("cfg")
+    if not name:
+        raise ModelDefinitionError(f"model {spec.name!r}: models.toml gives no source.cfg for this Darknet model")
+    path = locate_file(name)
+    if path is None:
+        where = ", ".join(str(d) for d in search_dirs())
+        raise ModelDefinitionError(
+            f"model {spec.name!r}: Darknet cfg {name!r} not found (looked in {where}); "
+            f"run `python cli.py fetch {spec.name}` or set DETBENCH_DATA to the folder holding darknet/{name}")
+    expected = spec.source.get("cfg_sha256")
+    if expected:
+        found = sha256_file(path)
+        if found != expected:
+            raise ModelDefinitionError(
+                f"model {spec.name!r}: {path} has sha256 {found}, models.toml pins {expected}; this is a different "
+                f"cfg (re-fetch it with `python cli.py fetch {spec.name}`)")
+    return path
+
+
+def _check_labels(spec: ModelSpec, plan: Plan) -> None:
+    for head in plan.heads:
+        if spec.label_space != "coco80" or head.classes != 80:
+            raise ModelDefinitionError(
+                f"{plan.cfg.path}:{head.line}: [{head.kind}] has classes={head.classes}, but model {spec.name!r} "
+                f"declares label_space {spec.label_space!r}; Darknet COCO models predict the 80 contiguous "
+                "classes (label_space = \"coco80\", classes=80)")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validation_image() -> tuple[np.ndarray, str]:
+    """A real image (Darknet's dog.jpg from the data folder) or, when absent, a labelled synthetic one."""
+    from runtime.images import load_rgb
+
+    path = data_dir() / "darknet" / VALIDATION_IMAGE
+    if path.is_file():
+        return load_rgb(path), str(path)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:480, 0:640]
+    base = np.stack([xx * 255 / 640, yy * 255 / 480, (xx + yy) * 255 / 1120], axis=-1)
+    image = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+    return image, f"synthetic gradient+noise 640x480 (no real image: {path} not found)"
+
+
+def opencv_heads(cfg_path: Path, weights_path: Path, plan: Plan, tensor01: np.ndarray) -> dict[str, np.ndarray]:
+    """Raw head tensors from OpenCV's Darknet importer for an already prepared [1, 3, H, W] 0..1 tensor."""
+    import cv2
+
+    if not hasattr(cv2, "dnn") or not hasattr(cv2.dnn, "readNetFromDarknet"):
+        raise ExportError(f"OpenCV {cv2.__version__} has no Darknet importer (OpenCV 5 dropped it); install "
+                          "opencv-python-headless<5 to validate Darknet exports")
+    try:
+        net = cv2.dnn.readNetFromDarknet(str(cfg_path), str(weights_path))
+    except cv2.error as exc:
+        raise ExportError(f"OpenCV could not load {cfg_path.name} with {weights_path}: {exc}") from exc
+    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+    net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+    names = [f"conv_{head.inputs[0]}" for head in plan.heads]
+    known = set(net.getLayerNames())
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise ExportError(f"OpenCV's network for {cfg_path.name} has no layer(s) {missing}; cannot compare heads")
+    net.setInput(np.ascontiguousarray(tensor01, np.float32))
+    outs = net.forward(names)
+    return {head_output_name(head): np.asarray(o) for head, o in zip(plan.heads, outs)}
+
+
+def onnx_session(model_bytes: bytes):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def validate(spec: ModelSpec, plan: Plan, dw: DarknetWeights, model, cfg_path: Path,
+             weights: Path | None) -> dict[str, Any]:
+    """Compare onnxruntime's raw heads with OpenCV's on the validation image; raise one ValidationError."""
+    from runtime.images import prepare
+
+    import cv2
+
+    image, image_label = validation_image()
+    tensor, _ = prepare(image, plan.height, plan.width, spec.resize)
+    comparison = Comparison(spec.name, atol=ATOL, rtol=RTOL)
+    with tempfile.TemporaryDirectory(prefix="detbench-darknet-") as tmp:
+        weights_path = Path(weights) if weights is not None else write_weights(Path(tmp) / f"{spec.name}-random.weights", dw)
+        reference = opencv_heads(cfg_path, weights_path, plan, tensor / np.float32(255.0))
+    session = onnx_session(model.SerializeToString())
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(None, {"images": tensor})))
+    where = Path(image_label).name if Path(image_label).is_file() else "synthetic"
+    for head_name, ref in reference.items():
+        comparison.arrays(where, head_name, ref, got[head_name])
+    _check_detections(comparison, where, got, plan, spec)
+    figures = dict(comparison.figures)
+    comparison.raise_if_any(
+        f"The ONNX graph of {cfg_path.name} does not reproduce OpenCV's Darknet network on {image_label}.")
+    head_diffs = [v for k, v in figures.items() if k.endswith(":max_abs_diff") and ":head_" in k]
+    return {
+        "reference": f"opencv {cv2.__version__} cv2.dnn.readNetFromDarknet",
+        "image": image_label,
+        "real_image": Path(image_label).is_file(),
+        "compared": "raw head tensors (conv outputs feeding region/yolo layers)",
+        "atol": ATOL, "rtol": RTOL,
+        "max_abs_diff": max(head_diffs) if head_diffs else 0.0,
+        "figures": figures,
+        "detections": int(len(got["scores"])),
+        "random_init": weights is None,
+    }
+
+
+def _check_detections(comparison: Comparison, where: str, got: dict, plan: Plan, spec: ModelSpec) -> None:
+    """The contract outputs are well-formed: shapes, count, thresholds, order, label range."""
+    boxes, scores, labels = got["boxes"], got["scores"], got["labels"]
+    k = len(scores)
+    problems = []
+    if boxes.shape != (k, 4) or labels.shape != (k,) or labels.dtype != np.int64:
+        problems.append(f"output shapes boxes {boxes.shape}, scores {scores.shape}, labels {labels.shape} {labels.dtype}")
+    if k > spec.max_detections:
+        problems.append(f"{k} detections, more than max_detections={spec.max_detections}")
+    if k and (scores.min() < spec.score_threshold or np.any(np.diff(scores) > 0)):
+        problems.append("scores below the threshold or not sorted by descending score")
+    classes = plan.heads[0].classes
+    if k and (labels.min() < 0 or labels.max() >= classes):
+        problems.append(f"labels outside 0..{classes - 1}")
+    if k and not np.all(np.isfinite(boxes)):
+        problems.append("non-finite boxes")
+    comparison.mismatches.extend(f"{where}:detections: {p}" for p in problems)

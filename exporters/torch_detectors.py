@@ -1,0 +1,295 @@
+"""PyTorch (torchvision) detectors to validated, self-describing ONNX files.
+
+``export(spec, out, ...)`` builds the model (``exporters.torch_builders``), wraps it so the
+graph follows the exported-model contract, exports it with the TorchScript-based
+``torch.onnx.export(..., dynamo=False)`` at a fixed input size, checks it (full onnx checker
+via ``runtime.contract.save_model``) and compares onnxruntime with PyTorch on real COCO
+images that were not used for tracing. The file appears at ``out`` only after both passed.
+
+Graph contract (see runtime/contract.py):
+
+- input ``images`` float32 ``[1, 3, H, W]``, RGB 0..255 (letterboxed by the caller); the
+  graph divides by 255 and normalises with the model's mean/std; torchvision's resize is
+  configured (min_size = short side, max_size = long side) so it is an exact identity at
+  the export size, which :func:`check_resize_is_identity` verifies on every export;
+- outputs ``boxes`` [K, 4] (x1, y1, x2, y2, input-tensor pixels), ``scores`` [K],
+  ``labels`` int64 [K] (COCO category ids, torchvision's 91-class numbering); Mask R-CNN
+  adds ``masks`` [K, 1, 28, 28]: the mask head's per-detection probabilities inside each
+  box (torchvision pastes them into a full-size [K, 1, H, W] image only in Python
+  post-processing, which would make the graph output ~3 MB per detection).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from exporters import ExportResult
+from exporters.registry import ModelSpec
+from exporters.torch_builders import DEFAULT_SEED, LOGIT_STD, build_model, count_parameters, load_weights
+from exporters.validation import Comparison
+from runtime.contract import DEFAULT_OPSET, ModelContract, save_model, weights_tag
+from runtime.errors import DatasetError, ExportError
+from runtime.images import load_rgb, prepare_for
+from runtime.paths import data_dir
+
+EXPORTER_VERSION = "1"
+# torchvision registers roi_align / nms symbolics for opsets 11 and 16; 17 is the project default.
+OPSET = DEFAULT_OPSET
+PARAMS_CONVENTION = ("sum(p.numel() for p in model.parameters()), torchvision's num_params: "
+                     "FrozenBatchNorm2d weight/bias/running statistics are buffers and are not counted")
+GREY_LEVEL = 128
+
+
+class ContractWrapper(nn.Module):
+    """A torchvision detector as a contract graph: ``images [1,3,H,W] 0..255 -> boxes, scores, labels[, masks]``.
+
+    Two-stage models (GeneralizedRCNN) run transform, backbone, RPN and RoI heads without
+    torchvision's final ``postprocess``: that step only rescales boxes by 1.0 (the resize is
+    an identity) and pastes masks into full images. Single-stage models run their own forward.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+
+        self.model = model
+        self.two_stage = isinstance(model, GeneralizedRCNN)
+        self.with_masks = self.two_stage and getattr(model.roi_heads, "mask_predictor", None) is not None
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["boxes", "scores", "labels"] + (["masks"] if self.with_masks else [])
+
+    def forward(self, images: torch.Tensor):
+        x = images[0] / 255.0
+        if self.two_stage:
+            m = self.model
+            image_list, _ = m.transform([x])
+            features = m.backbone(image_list.tensors)
+            if isinstance(features, torch.Tensor):
+                features = OrderedDict([("0", features)])
+            proposals, _ = m.rpn(image_list, features)
+            detections, _ = m.roi_heads(features, proposals, image_list.image_sizes)
+        else:
+            detections = self.model([x])
+        d = detections[0]
+        return tuple(d[name] for name in self.output_names)
+
+
+def check_resize_is_identity(model: nn.Module, image: torch.Tensor) -> None:
+    """Raise ExportError unless the model's transform leaves an export-size image unresized.
+
+    ``image`` is ``[3, H, W]`` in 0..1. The transformed tensor (before batch padding) must
+    equal plain normalisation bit for bit, and report the same image size.
+    """
+    t = model.transform
+    with torch.no_grad():
+        image_list, _ = t([image])
+        h, w = image.shape[-2:]
+        expected = t.normalize(image)
+    got_size = tuple(image_list.image_sizes[0])
+    same = got_size == (h, w) and torch.equal(image_list.tensors[0, :, :h, :w], expected)
+    if not same:
+        raise ExportError(f"torchvision's transform resizes a {h}x{w} tensor to {got_size}: the in-graph resize "
+                          f"is not an identity at the export size (min_size={t.min_size}, max_size={t.max_size}, "
+                          f"fixed_size={t.fixed_size})")
+
+
+def coco_images_dir() -> Path:
+    folder = data_dir() / "coco-val2017-subset" / "val2017"
+    if not folder.is_dir() or not any(folder.glob("*.jpg")):
+        raise DatasetError(f"export validation needs real COCO images in {folder}; "
+                           "set DETBENCH_DATA to the folder holding coco-val2017-subset/")
+    return folder
+
+
+def pick_images(folder: Path) -> tuple[Path, list[Path]]:
+    """The tracing image and the validation images (never the tracing one).
+
+    Sorted order, deterministic: the first image traces; validation uses the first image
+    whose true size differs from it, then the first one of the other orientation.
+    """
+    files = sorted(folder.glob("*.jpg"))
+    trace = files[0]
+    sizes = {}
+
+    def size(path):
+        if path not in sizes:
+            sizes[path] = load_rgb(path).shape[:2]
+        return sizes[path]
+
+    first = next((f for f in files[1:] if size(f) != size(trace)), None)
+    if first is None:
+        raise DatasetError(f"{folder}: need an image whose size differs from {trace.name} for export validation")
+    portrait = size(first)[0] > size(first)[1]
+    second = next((f for f in files[1:] if f != first and (size(f)[0] > size(f)[1]) != portrait), None)
+    return trace, [first] + ([second] if second is not None else [])
+
+
+def _contract(spec: ModelSpec, size: tuple[int, int], weights: Path | None, model: nn.Module,
+              wrapper: ContractWrapper) -> ModelContract:
+    import onnx
+    import torchvision
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    frozen = sum(b.numel() for m in model.modules() if isinstance(m, FrozenBatchNorm2d) for b in m.buffers())
+    extra: dict[str, Any] = {
+        "opset": str(OPSET),
+        "exporter": f"detbench.exporters.torch_detectors {EXPORTER_VERSION} (torch.onnx.export, dynamo=False)",
+        "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__,
+        "onnx_version": onnx.__version__,
+        "params_convention": PARAMS_CONVENTION,
+        "frozen_batchnorm_buffer_values": str(frozen),
+        "architecture": json.dumps(dict(spec.source), sort_keys=True),
+        "detector_class": type(model).__name__,
+        "normalisation": json.dumps({"divide": 255.0, "mean": list(model.transform.image_mean),
+                                     "std": list(model.transform.image_std)}),
+        "outputs": json.dumps(wrapper.output_names),
+    }
+    if weights is None:
+        extra["init"] = (f"random-init: torchvision's initialisation under torch.manual_seed({DEFAULT_SEED}), then "
+                         "FrozenBatchNorm2d statistics from one pass over a seeded synthetic image and "
+                         f"classification logits rescaled to std {LOGIT_STD} (exporters/torch_builders.py)")
+    else:
+        extra["init"] = f"state_dict {Path(weights).name}"
+    if wrapper.with_masks:
+        extra["masks"] = ("[K, 1, 28, 28] float32 mask probabilities inside each detection's box "
+                          "(torchvision's mask head output, not pasted into the image)")
+    if wrapper.two_stage:
+        rpn = model.rpn
+        extra["rpn_proposals"] = json.dumps({"pre_nms_top_n": rpn._pre_nms_top_n["testing"],
+                                             "post_nms_top_n": rpn._post_nms_top_n["testing"],
+                                             "nms_thresh": rpn.nms_thresh})
+    return ModelContract(
+        name=spec.name, family=spec.family, framework=spec.framework,
+        input_height=size[0], input_width=size[1], resize=spec.resize, label_space=spec.label_space,
+        score_threshold=spec.score_threshold, iou_threshold=spec.iou_threshold,
+        max_detections=spec.max_detections, weights=weights_tag(weights),
+        source_params=count_parameters(model), extra=extra,
+    )
+
+
+def _to_onnx(wrapper: ContractWrapper, example: torch.Tensor, name: str):
+    import onnx
+
+    buffer = io.BytesIO()
+    dynamic = {out: {0: "detections"} for out in wrapper.output_names}
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            # Tracer warnings about Python values in torchvision's code are expected and
+            # harmless at a fixed input size; the validation below is what proves the graph.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapper, (example,), buffer, dynamo=False, opset_version=OPSET,
+                              input_names=["images"], output_names=wrapper.output_names,
+                              dynamic_axes=dynamic, do_constant_folding=True)
+    except Exception as exc:
+        raise ExportError(f"torch.onnx.export failed for {name!r} (opset {OPSET}, dynamo=False): {exc}") from exc
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def run_reference(wrapper: ContractWrapper, tensor: np.ndarray) -> dict[str, np.ndarray]:
+    """PyTorch's outputs for one contract input ``[1, 3, H, W]`` (0..255)."""
+    with torch.no_grad():
+        outs = wrapper(torch.from_numpy(tensor))
+    return {n: o.numpy() for n, o in zip(wrapper.output_names, outs)}
+
+
+def run_onnx(session, tensor: np.ndarray) -> dict[str, np.ndarray]:
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, {"images": tensor})))
+
+
+def cpu_session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if session.get_providers()[0] != "CPUExecutionProvider":
+        raise ExportError(f"onnxruntime did not run {path} on the CPU provider: {session.get_providers()}")
+    return session
+
+
+def compare(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> None:
+    """Detections must agree in number and order: boxes/scores/masks within tolerance, labels identical."""
+    for name, array in got.items():
+        if name == "labels" and array.dtype != np.int64:
+            comparison.mismatches.append(f"{where}: labels are {array.dtype} in ONNX, the contract wants int64")
+    comparison.detections(where, ref, got)
+
+
+def validate(wrapper: ContractWrapper, path: Path, contract: ModelContract, images: list[Path],
+             progress: Callable[[str], None]) -> dict[str, Any]:
+    """onnxruntime vs PyTorch on ``images`` and on a uniform grey image; raises ValidationError."""
+    session = cpu_session(path)
+    comparison = Comparison(contract.name)
+    real_detections = 0
+    inputs = [(p.name, load_rgb(p)) for p in images]
+    inputs.append((f"uniform grey {GREY_LEVEL}", np.full((480, 640, 3), GREY_LEVEL, np.uint8)))
+    for where, rgb in inputs:
+        progress(f"validating on {where}")
+        tensor, _ = prepare_for(rgb, contract)
+        ref = run_reference(wrapper, tensor)
+        got = run_onnx(session, tensor)
+        compare(comparison, where, ref, got)
+        if not where.startswith("uniform"):
+            real_detections += len(ref["scores"])
+    if real_detections == 0:
+        comparison.mismatches.append(
+            f"PyTorch produced no detections on {[p.name for p in images]} at score threshold "
+            f"{contract.score_threshold}: the comparison would have checked nothing")
+    figures: dict[str, Any] = dict(comparison.figures)
+    figures["images"] = [p.name for p in images]
+    figures["atol"], figures["rtol"] = comparison.atol, comparison.rtol
+    comparison.raise_if_any(fix="The exported graph differs from PyTorch; re-export, or report the torch/"
+                                "torchvision/onnxruntime versions in the file's metadata.")
+    return figures
+
+
+def export(spec: ModelSpec, out: Path, *, weights: Path | None, input_size: tuple[int, int] | None,
+           progress: Callable[[str], None]) -> ExportResult:
+    """Export ``spec`` to ``out`` and validate it (see the module docstring for the graph contract)."""
+    start = time.perf_counter()
+    size = tuple(input_size or spec.input_size)
+    folder = coco_images_dir()
+    trace_image, validation_images = pick_images(folder)
+
+    progress("building the torchvision model" + (" (random init, calibrating)" if weights is None else ""))
+    model = build_model(spec, size, calibrate=weights is None)
+    if weights is not None:
+        load_weights(model, weights, spec.name)
+    wrapper = ContractWrapper(model).eval()
+    contract = _contract(spec, size, weights, model, wrapper)
+
+    trace_tensor, _ = prepare_for(load_rgb(trace_image), contract)
+    check_resize_is_identity(model, torch.from_numpy(trace_tensor[0]) / 255.0)
+
+    progress(f"exporting to ONNX (opset {OPSET}, traced on {trace_image.name})")
+    proto = _to_onnx(wrapper, torch.from_numpy(trace_tensor), spec.name)
+    proto.doc_string = f"detbench {spec.name}: torchvision {type(model).__name__} exported by exporters/torch_detectors.py"
+
+    out = Path(out)
+    pending = out.with_name(out.name + ".validating")
+    try:
+        progress("checking (onnx full check)")
+        save_model(proto, pending, contract)
+        del proto
+        figures = validate(wrapper, pending, contract, validation_images, progress)
+        figures["trace_image"] = trace_image.name
+        os.replace(pending, out)
+    finally:
+        if pending.exists():
+            pending.unlink()
+    return ExportResult(path=out, contract=contract, seconds=time.perf_counter() - start, validation=figures)

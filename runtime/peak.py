@@ -1,0 +1,162 @@
+"""The machine's measured single-precision matrix-multiply rate (its practical peak).
+
+A latency only says how well a detector runs when it is set against what the
+hardware can do. detbench measures that ceiling rather than quoting a datasheet:
+the median rate of a large square float32 matrix product, through onnxruntime's
+``MatMul`` (MLAS, the kernels the detectors' convolutions use on CPU) and through
+numpy's BLAS, with the same thread count as the benchmark. The higher of the two is
+the peak a result's ``fraction_of_peak`` refers to. On a CUDA device the same
+``MatMul`` runs through onnxruntime's CUDA provider with inputs bound on the device.
+
+Rates are GFLOP/s with FLOPs = 2 x MACs (one multiply-accumulate = 2 FLOPs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+DEFAULT_SIZE = 2048
+DEFAULT_REPEATS = 7
+
+
+@dataclass(frozen=True)
+class PeakResult:
+    """Measured matmul rates in GFLOP/s (FLOPs = 2 x MACs), medians over ``repeats``.
+
+    ``by_backend`` maps ``onnxruntime-cpu`` / ``numpy`` (/ ``onnxruntime-cuda``) to the median;
+    ``cpu_gflops`` is the best CPU backend's median and ``gpu_gflops`` the CUDA one (None
+    without a usable CUDA device).
+    """
+
+    cpu_gflops: float
+    gpu_gflops: float | None
+    size: int
+    repeats: int
+    threads: int | None
+    by_backend: dict[str, float] = field(default_factory=dict)
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+    def for_provider(self, provider_ort: str) -> float | None:
+        """The peak matching where a session ran (GPU peak for CUDA/TensorRT, else CPU)."""
+        from runtime.sessions import CUDA_PROVIDERS
+
+        return self.gpu_gflops if provider_ort in CUDA_PROVIDERS else self.cpu_gflops
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _matmul_model(n: int) -> bytes:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"], name="sgemm")], "sgemm",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _rates(fn, flops: float, repeats: int) -> list[float]:
+    fn()  # warm-up: thread pool start, page faults on the output buffer
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(flops / (time.perf_counter() - start) / 1e9)
+    return out
+
+
+@contextlib.contextmanager
+def _numpy_threads(threads: int | None):
+    """Limit numpy's OpenBLAS pool to ``threads`` for the block; yields whether the limit holds.
+
+    numpy's wheels bundle scipy-openblas, whose thread count can be set at run time through
+    its exported ``scipy_openblas_set_num_threads64_``; other BLAS builds are left alone
+    (yield False) and then numpy's rate is not used for a thread-limited peak.
+    """
+    if threads is None:
+        yield True
+        return
+    lib = _openblas()
+    if lib is None:
+        yield False
+        return
+    before = lib.scipy_openblas_get_num_threads64_()
+    lib.scipy_openblas_set_num_threads64_(threads)
+    try:
+        yield True
+    finally:
+        lib.scipy_openblas_set_num_threads64_(before)
+
+
+@functools.lru_cache(maxsize=1)
+def _openblas():
+    import ctypes
+    import glob
+    import os
+
+    folder = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
+    for candidate in sorted(glob.glob(os.path.join(folder, "libscipy_openblas*"))):
+        try:
+            lib = ctypes.CDLL(candidate)
+            lib.scipy_openblas_set_num_threads64_.argtypes = [ctypes.c_int]
+            lib.scipy_openblas_get_num_threads64_.restype = ctypes.c_int
+            return lib
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def measure_peak(threads: int | None = None, size: int = DEFAULT_SIZE, repeats: int = DEFAULT_REPEATS,
+                 gpu: bool = True) -> PeakResult:
+    """Measure the float32 matmul rate (cached per process and settings)."""
+    from runtime.sessions import create_session, provider_usable
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    flops = 2.0 * size ** 3
+    samples: dict[str, list[float]] = {}
+
+    session, _ = create_session(_matmul_model(size), "cpu", threads=threads)
+    feeds = {"a": a, "b": b}
+    samples["onnxruntime-cpu"] = _rates(lambda: session.run(None, feeds), flops, repeats)
+    del session
+    with _numpy_threads(threads) as limited:
+        numpy_key = "numpy" if limited else "numpy-unlimited-threads"
+        samples[numpy_key] = _rates(lambda: a @ b, flops, repeats)
+
+    gpu_rate = None
+    if gpu and provider_usable("cuda")[0]:
+        import onnxruntime as ort
+
+        cuda, _ = create_session(_matmul_model(size), "cuda")
+        binding = cuda.io_binding()
+        for name, arr in feeds.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr, "cuda", 0))
+        binding.bind_output("c", "cuda")
+
+        def run_bound():
+            cuda.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+
+        samples["onnxruntime-cuda"] = _rates(run_bound, flops, repeats)
+        gpu_rate = statistics.median(samples["onnxruntime-cuda"])
+
+    medians = {k: statistics.median(v) for k, v in samples.items()}
+    cpu = max(medians["onnxruntime-cpu"], medians.get("numpy", 0.0))
+    return PeakResult(cpu_gflops=cpu, gpu_gflops=gpu_rate, size=size, repeats=repeats, threads=threads,
+                      by_backend=medians, samples=samples)
