@@ -377,7 +377,8 @@ def run(
         def on_event(ev):
             where = " ".join(x for x in (ev.model, ev.step, ev.provider) if x)
             if ev.kind == "plan":
-                bars.update(overall, total=ev.steps_total, description=f"steps ({ev.message})")
+                bars.update(overall, total=ev.steps_total)
+                bars.console.print(f"[bold]run[/]: {ev.message}", highlight=False, soft_wrap=True)
             elif ev.kind == "start":
                 bars.update(current, description=f"  {where}", completed=0, total=None, visible=True)
             elif ev.kind == "update":
@@ -562,6 +563,133 @@ def _render_eval_scores(scores: dict, title: str) -> None:
         if absent:
             console.print(f"({len(absent)} more categories have no ground truth in these images: no AP)",
                           highlight=False)
+
+
+@app.command()
+@reports_errors
+def profile(
+    model: Path = typer.Argument(..., help="An ONNX file (a detbench export, or any graph with --shapes static)."),
+    shapes: str = typer.Option("static", "--shapes", help="static: ONNX shape inference at the file's input size; "
+                               "measured: run once in onnxruntime on a real image and count with the shapes seen."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Image for --shapes measured (default: a COCO val2017 "
+                                         "image from $DETBENCH_DATA)."),
+    allow_unknown: bool = typer.Option(False, "--allow-unknown", help="Profile even if some ops have no counting "
+                                       "rule (they are listed as uncounted)."),
+    top: int = typer.Option(15, "--top", help="Rows in the table of nodes by MACs."),
+    csv_file: Optional[Path] = typer.Option(None, "--csv", help="Write one CSV row per node here."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Write the full profile (every node) as JSON here."),
+    onnx_tool: bool = typer.Option(True, "--onnx-tool/--no-onnx-tool", help="Cross-check with onnx-tool's figures."),
+    store: bool = typer.Option(True, "--store/--no-store", help="Append a 'profile' record to the results store."),
+) -> None:
+    """Per-node MACs, parameters and memory traffic of an ONNX detector; totals by op type."""
+    from counting import profile_model
+    from counting.render import write_csv, write_json
+
+    if top < 0:
+        raise ConfigError(f"--top {top}: give a number of rows >= 0")
+    result = profile_model(model, shapes=shapes, image=image, allow_unknown=allow_unknown, cross_check=onnx_tool)
+    _render_profile(result, top)
+    if csv_file:
+        console.print(f"per-node CSV -> {write_csv(result, csv_file)}")
+    if json_file:
+        console.print(f"full profile JSON -> {write_json(result, json_file)}")
+    if store:
+        from runtime import store as results_store
+        from runtime.contract import sha256_file
+
+        results_store.append("profile", result.to_dict(), model=result.model, model_sha256=sha256_file(model),
+                             settings={"shapes": shapes, "image": result.image, "allow_unknown": allow_unknown},
+                             contract={k: v for k, v in result.contract.items()})
+
+
+def _giga(value: int) -> str:
+    return f"{value / 1e9:,.3f} G"
+
+
+def _render_profile(p, top: int) -> None:
+    d = p.to_dict()
+    mode = (f"measured shapes (one onnxruntime run on {p.image})" if p.mode == "measured"
+            else "static shapes (onnx shape inference)")
+    weights = p.contract.get("detbench.weights", "")
+    init = " — random-init weights (counts do not depend on weight values)" if weights == "random-init" else ""
+    console.print(f"[bold]{p.model}[/] {p.path}  input {list(p.input_shape)}  — figures from {mode}{init}")
+
+    summary = Table(title=f"totals ({p.mode} shapes)")
+    summary.add_column("figure")
+    summary.add_column("value", justify="right")
+    summary.add_column("what it is")
+    summary.add_row("MACs", _giga(d["macs"]), "every counted node (multiply-accumulates; other ops in MAC-equivalents)")
+    summary.add_row("FLOPs", _giga(d["flops"]), "2 x MACs")
+    summary.add_row("conv-only MACs", _giga(d["conv_macs"]), "Conv + ConvTranspose")
+    summary.add_row("conv-only FLOPs", _giga(d["conv_flops"]), "2 x conv-only MACs = Darknet's BFLOPs convention")
+    summary.add_row("linear MACs", _giga(d["linear_macs"]),
+                    "Conv, ConvTranspose, Gemm, MatMul = torchvision's 'GFLOPS' convention")
+    summary.add_row("network MACs", _giga(d["network_macs"]), "nodes that feed a learned op")
+    summary.add_row("post-processing MACs", _giga(d["postprocess_macs"]), "decode, NMS, TopK, RoI ops, mask handling")
+    summary.add_row("parameters", f"{d['params']:,}", "weights/biases of learned ops, BN scale+bias (see conventions)")
+    summary.add_row("folded_norm_constants", f"{d['folded_norm_constants']:,}",
+                    "per-channel x*a+b / (x-m)/s constants: NOT parameters")
+    summary.add_row("BN running statistics", f"{d['bn_running_stats']:,}", "BatchNormalization mean/var: NOT parameters")
+    summary.add_row("other constants", f"{d['other_constants']:,}", "anchors, shapes, scalars: NOT parameters")
+    summary.add_row("bytes read / written", f"{d['bytes_read'] / 1e6:,.1f} / {d['bytes_written'] / 1e6:,.1f} MB",
+                    "weights + activations, per node, element type as the graph says")
+    check = p.onnx_tool
+    if check is not None:
+        if check.get("status") == "ok":
+            summary.add_row("onnx-tool MACs (cross-check)", _giga(check["macs"]),
+                            f"{check['scope']}; ours on that scope: {_giga(check['ours']['macs'])} "
+                            "(onnx-tool also counts bias adds)")
+            summary.add_row("onnx-tool Conv MACs", _giga(check["conv_macs"]),
+                            f"ours: {_giga(check['ours']['conv_macs'])}")
+        else:
+            summary.add_row("onnx-tool", "[yellow]failed[/]",
+                            f"at {check.get('stage')}: {check.get('error')} — no cross-check figure")
+        full = check.get("full_graph")
+        if full:
+            summary.add_row("onnx-tool on the full graph", "[yellow]failed[/]",
+                            f"at {full.get('stage')}: {full.get('error')}")
+    console.print(summary)
+
+    nodes = Table(title=f"top {top} nodes by MACs ({p.mode} shapes)")
+    for col in ("node", "op", "part", "input", "output", "MACs", "x", "params", "read MB", "written MB",
+                "FLOP/B", "shapes"):
+        nodes.add_column(col, justify="right" if col in ("MACs", "x", "params", "read MB", "written MB", "FLOP/B") else "left")
+    from counting.ops import shape_str
+
+    for n in p.top(top):
+        nodes.add_row(n.name, n.op_type, n.part, shape_str(n.inputs[0][1]) if n.inputs else "",
+                      shape_str(n.outputs[0][1]) if n.outputs else "",
+                      f"{n.macs:,}" if n.macs is not None else "?", str(n.executions), f"{n.params:,}",
+                      f"{n.bytes_read / 1e6:.2f}" if n.bytes_read is not None else "?",
+                      f"{n.bytes_written / 1e6:.2f}" if n.bytes_written is not None else "?",
+                      f"{n.intensity:.1f}" if n.intensity is not None else "?", n.shape_source)
+    console.print(nodes)
+
+    by_op = Table(title=f"by op type ({p.mode} shapes)")
+    for col in ("op", "nodes", "MACs", "share", "params", "MB moved", "unresolved"):
+        by_op.add_column(col, justify="left" if col == "op" else "right")
+    total = max(d["macs"], 1)
+    for op, row in d["by_op"].items():
+        by_op.add_row(op, str(row["nodes"]), f"{row['macs']:,}", f"{100 * row['macs'] / total:.2f} %",
+                      f"{row['params']:,}", f"{row['bytes'] / 1e6:,.1f}", str(row["unresolved"] or ""))
+    console.print(by_op)
+
+    if d["unknown_nodes"]:
+        console.print("[bold red]uncounted ops (no counting rule):[/] " + ", ".join(
+            f"{op} x{len(names)}" for op, names in d["unknown_nodes"].items()))
+    if d["unresolved_nodes"]:
+        names = d["unresolved_nodes"]
+        console.print(f"[yellow]{len(names)} node(s) with unresolved (data-dependent) shapes, not counted:[/] "
+                      + ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+                      + ("  — use --shapes measured" if p.mode == "static" else ""))
+    if d["static_mismatches"]:
+        console.print(f"[yellow]static inference disagreed with the measured shape for {len(d['static_mismatches'])} "
+                      "value(s); measured shapes were used[/]")
+    conv = d["conventions"]
+    console.print("[dim]conventions: " + "; ".join([conv["mac"], conv["linear_ops"], "params: " + conv["params"],
+                                                   "zero-MAC ops: data movement (Reshape, Concat, Gather, ...)",
+                                                   conv["control_flow"], "post-processing: " + conv["postprocess"],
+                                                   conv["shapes"]]) + "[/]")
 
 
 if __name__ == "__main__":

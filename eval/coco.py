@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from eval.dataset import CocoDataset, CocoImage, load_coco, read_annotations
+from eval.dataset import CocoDataset, load_coco, read_annotations
 from eval.pipeline import DetectionCache, Prepared, prefetched, prepare_image
 from runtime.contract import (INPUT_NAME, LABEL_SPACES, OUTPUT_NAMES, PREFIX, RESIZE_MODES, ModelContract, check_io,
                               sha256_file)
@@ -271,7 +271,7 @@ def evaluate_model(path, *, coco_dir: Path | None = None, annotations: Path | No
     usable), :class:`ConfigError` (bad option), :class:`ProviderUnavailableError`.
     """
     from runtime import store as results_store
-    from runtime.sessions import create_session
+    from runtime.sessions import create_session, short_name
 
     started = time.perf_counter()
     path = Path(path)
@@ -283,7 +283,8 @@ def evaluate_model(path, *, coco_dir: Path | None = None, annotations: Path | No
     label_map = dataset.label_map(contract.label_space)
 
     session, info = create_session(path, provider, threads=threads, allow_fallback=allow_fallback)
-    provider_name = info.settings.get("provider", provider)
+    # what actually runs (differs from the request only with allow_fallback)
+    provider_name = short_name(info.provider)
     fingerprint = {
         "model_sha256": model_sha, "annotations_sha256": dataset.sha256, "provider": provider_name,
         "input_size": [contract.input_height, contract.input_width], "resize": contract.resize,
@@ -302,25 +303,31 @@ def evaluate_model(path, *, coco_dir: Path | None = None, annotations: Path | No
         todo = [img for img in selection if img.id not in cache.done]
         loop_start = time.perf_counter()
 
+        finished = resumed  # images done, evaluated or skipped, for the progress report
+
         def report(image: str | None) -> None:
             if progress is not None:
-                progress(EvalProgress(resumed + (len(selection) - resumed - len(todo_left)), len(selection), resumed,
-                                      len(skipped), image, time.perf_counter() - loop_start, session_seconds))
+                progress(EvalProgress(finished, len(selection), resumed, len(skipped), image,
+                                      time.perf_counter() - loop_start, session_seconds))
 
-        todo_left = list(todo)
         report(None)
-        for item in prefetched(todo, lambda img: prepare_image(img, contract), workers=workers, prefetch=prefetch):
-            todo_left.pop(0)
-            if item.error is not None:
-                skipped.append({"image_id": item.image.id, "file_name": item.image.file_name, "reason": item.error})
+        items = prefetched(todo, lambda img: prepare_image(img, contract), workers=workers, prefetch=prefetch)
+        try:
+            for item in items:
+                finished += 1
+                if item.error is not None:
+                    skipped.append({"image_id": item.image.id, "file_name": item.image.file_name,
+                                    "reason": item.error})
+                    report(item.image.file_name)
+                    continue
+                t0 = time.perf_counter()
+                outputs = session.run(list(OUTPUT_NAMES), {INPUT_NAME: item.tensor})
+                spent = time.perf_counter() - t0
+                session_seconds += spent
+                cache.add(item.image.id, to_coco_detections(outputs, item, label_map, contract), spent)
                 report(item.image.file_name)
-                continue
-            t0 = time.perf_counter()
-            outputs = session.run(list(OUTPUT_NAMES), {INPUT_NAME: item.tensor})
-            spent = time.perf_counter() - t0
-            session_seconds += spent
-            cache.add(item.image.id, to_coco_detections(outputs, item, label_map, contract), spent)
-            report(item.image.file_name)
+        finally:
+            items.close()  # an interruption (raising callback, Ctrl-C) stops the decode workers now
         loop_seconds = time.perf_counter() - loop_start
         done_ids = sorted(i for i in cache.done if i in selected_ids)
         results = [det for i in done_ids for det in cache.done[i]]

@@ -7,9 +7,12 @@ JPEG decoding and memory stays bounded.
 
 :class:`DetectionCache` is a JSONL file with one line per finished image
 (``{"image_id": ..., "detections": [...COCO results entries...], "session_seconds": ...}``),
-appended and fsync'd as each image finishes, after a header line naming what produced
-it. A resumed run reads it, skips the images it holds and appends the rest; a line
-cut short by a kill is dropped (that image is simply run again).
+written (``write`` + ``flush``, so it survives the process being killed) as each image
+finishes, after a header line naming what produced it, and fsync'd by a background
+thread so that an fsync (milliseconds on a virtual disk) never holds up the session;
+closing the cache waits for the last fsync. A resumed run reads it, skips the images
+it holds and appends the rest; a line cut short by a kill is dropped (that image is
+simply run again).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +102,10 @@ class DetectionCache:
         self.done: dict[int, list[dict[str, Any]]] = {}
         self.session_seconds: dict[int, float] = {}
         self._fh = None
+        self._dirty = threading.Event()
+        self._stop = False
+        self._syncer: threading.Thread | None = None
+        self._sync_error: OSError | None = None
 
     def open(self, resume: bool) -> "DetectionCache":
         """Start a new cache (``resume=False``: an existing file is replaced) or continue one."""
@@ -111,7 +119,21 @@ class DetectionCache:
         else:
             self._fh = open(self.path, "w", encoding="utf-8")
             self._write({"format": CACHE_FORMAT, **self.fingerprint})
+        self._syncer = threading.Thread(target=self._sync_loop, name="detbench-cache-fsync", daemon=True)
+        self._syncer.start()
         return self
+
+    def _sync_loop(self) -> None:
+        """fsync whenever lines were written since the last fsync, until closed."""
+        while True:
+            self._dirty.wait()
+            self._dirty.clear()
+            try:
+                os.fsync(self._fh.fileno())
+            except OSError as exc:  # reported by close(); the lines are still in the kernel's cache
+                self._sync_error = exc
+            if self._stop:
+                return
 
     def _load(self) -> int:
         """Read header and finished images; return the byte length of the intact prefix."""
@@ -145,20 +167,34 @@ class DetectionCache:
         return valid
 
     def _write(self, obj: dict[str, Any]) -> None:
+        # One write() of a whole line: once it returns, a killed process cannot lose or tear it.
         self._fh.write(json.dumps(obj, separators=(",", ":")) + "\n")
         self._fh.flush()
-        os.fsync(self._fh.fileno())
+        self._dirty.set()
 
     def add(self, image_id: int, detections: list[dict[str, Any]], session_seconds: float) -> None:
-        """Record one finished image durably (the line is on disk when this returns)."""
+        """Record one finished image (in the kernel when this returns; on disk at the next background fsync)."""
         self._write({"image_id": int(image_id), "detections": detections, "session_seconds": session_seconds})
         self.done[int(image_id)] = detections
         self.session_seconds[int(image_id)] = session_seconds
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        """Wait for the final fsync and close the file."""
+        if self._fh is None:
+            return
+        if self._syncer is not None:
+            self._stop = True
+            self._dirty.set()
+            self._syncer.join()
+            self._syncer = None
+        try:
+            os.fsync(self._fh.fileno())  # lines written while the last background fsync ran
+        except OSError as exc:
+            self._sync_error = exc
+        self._fh.close()
+        self._fh = None
+        if self._sync_error is not None:
+            raise DatasetError(f"detection cache {self.path} could not be synced to disk: {self._sync_error}")
 
     def __enter__(self):
         return self

@@ -210,7 +210,9 @@ def reference_results(cfg: Path, weights: Path, images, *, height: int, width: i
 
     Images are prepared with ``runtime.images.prepare`` (``resize`` = letterbox|stretch,
     ``height`` x ``width``), so the reference sees the very tensors an exported model
-    is fed. Labels are COCO's 80 categories in Darknet's ``coco_ids`` order.
+    is fed. Labels are COCO's 80 categories in Darknet's ``coco_ids`` order. Like
+    Darknet, no cap on detections per image (see :func:`top_per_image` for the
+    exported-model contract's cap).
     """
     from eval.dataset import COCO80_CATEGORY_IDS
     from runtime.images import load_rgb, prepare
@@ -230,8 +232,16 @@ def reference_results(cfg: Path, weights: Path, images, *, height: int, width: i
     return results
 
 
+def top_per_image(results: list[dict[str, Any]], max_detections: int) -> list[dict[str, Any]]:
+    """The ``max_detections`` highest-scoring entries of each image (the contract caps exports at 100)."""
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for det in results:
+        by_image.setdefault(det["image_id"], []).append(det)
+    return [d for dets in by_image.values() for d in sorted(dets, key=lambda d: -d["score"])[:max_detections]]
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m eval.reference_darknet CFG WEIGHTS COCO_DIR --resize letterbox [--size 416]``: print the 12 stats."""
+    """``python -m eval.reference_darknet CFG WEIGHTS COCO_DIR --resize letterbox [--size 416]``: print mAP figures."""
     import argparse
     import json
 
@@ -252,9 +262,12 @@ def main(argv: list[str] | None = None) -> None:
     results = reference_results(args.cfg, args.weights, selection, height=args.size, width=args.size, resize=args.resize)
     if args.out:
         args.out.write_text(json.dumps(results))
-    scores = score_results(results, dataset, image_ids=[i.id for i in selection])
-    print(json.dumps({"reference": "opencv-darknet", "resize": args.resize, "size": args.size,
-                      "images": len(selection), **scores}, indent=1))
+    ids = [i.id for i in selection]
+    for label, dets in (("darknet (uncapped)", results), ("top 100 per image", top_per_image(results, 100))):
+        scores = score_results(dets, dataset, image_ids=ids)
+        print(f"OpenCV-Darknet reference, {args.resize} {args.size}, {label}: {len(ids)} images, "
+              f"{scores['detections']} detections, mAP@0.5 {100 * scores['map50']:.3f}, "
+              f"mAP@[.5:.95] {100 * scores['map']:.3f} (measured, pycocotools)")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def export(spec: ModelSpec, out: Path, *, weights: Path | None, input_size: tupl
             "darknet_weights_version": dw.version,
             "darknet_seen": str(dw.seen),
             "validated_against": validation["reference"],
-            "validation_image": validation["image"],
+            "validation_image": Path(validation["image"]).name if validation["real_image"] else validation["image"],
             "validation_max_abs_diff": f"{validation['max_abs_diff']:.3g}",
             "params_convention": "conv kernels + conv biases + BatchNorm scale and bias (running mean/var excluded)",
         },
@@ -136,8 +136,7 @@ def validation_image() -> tuple[np.ndarray, str]:
 
 def opencv_heads(cfg_path: Path, weights_path: Path, plan: Plan, tensor01: np.ndarray) -> dict[str, np.ndarray]:
     """Raw head tensors from OpenCV's Darknet importer for an already prepared [1, 3, H, W] 0..1 tensor."""
-    import cv2
-
+    cv2 = _opencv()
     if not hasattr(cv2, "dnn") or not hasattr(cv2.dnn, "readNetFromDarknet"):
         raise ExportError(f"OpenCV {cv2.__version__} has no Darknet importer (OpenCV 5 dropped it); install "
                           "opencv-python-headless<5 to validate Darknet exports")
@@ -157,6 +156,15 @@ def opencv_heads(cfg_path: Path, weights_path: Path, plan: Plan, tensor01: np.nd
     return {head_output_name(head): np.asarray(o) for head, o in zip(plan.heads, outs)}
 
 
+def _opencv():
+    try:
+        import cv2
+    except ImportError as exc:
+        raise ExportError("validating a Darknet export needs OpenCV 4.x (pip install 'opencv-python-headless<5'): "
+                          f"{exc}") from exc
+    return cv2
+
+
 def onnx_session(model_bytes: bytes):
     import onnxruntime as ort
 
@@ -170,8 +178,7 @@ def validate(spec: ModelSpec, plan: Plan, dw: DarknetWeights, model, cfg_path: P
     """Compare onnxruntime's raw heads with OpenCV's on the validation image; raise one ValidationError."""
     from runtime.images import prepare
 
-    import cv2
-
+    cv2 = _opencv()
     image, image_label = validation_image()
     tensor, _ = prepare(image, plan.height, plan.width, spec.resize)
     comparison = Comparison(spec.name, atol=ATOL, rtol=RTOL)

@@ -86,6 +86,8 @@ def read_weights(path: Path, plan: Plan) -> DarknetWeights:
         found = body // 4
         if found != expected:
             what = "truncated" if found < expected else "too long"
+            if not (0 <= major < 1000 and 0 <= minor < 1000 and 0 <= revision < 1000):
+                what += f"; header version {major}.{minor}.{revision} is implausible: probably not a Darknet .weights file"
             raise WeightsError(
                 f"{path}: expected {expected} floats for {plan.cfg.path.name} ({len(plan.convs)} convolutional layers), "
                 f"found {found} ({what} by {abs(found - expected)} floats) after the {hdr}-byte Darknet "

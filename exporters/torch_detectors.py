@@ -36,7 +36,7 @@ from torch import nn
 
 from exporters import ExportResult
 from exporters.registry import ModelSpec
-from exporters.torch_builders import DEFAULT_SEED, LOGIT_STD, build_model, count_parameters, load_weights
+from exporters.torch_builders import DEFAULT_SEED, LOGIT_MAX, build_model, count_parameters, load_weights
 from exporters.validation import Comparison
 from runtime.contract import DEFAULT_OPSET, ModelContract, save_model, weights_tag
 from runtime.errors import DatasetError, ExportError
@@ -161,7 +161,7 @@ def _contract(spec: ModelSpec, size: tuple[int, int], weights: Path | None, mode
     if weights is None:
         extra["init"] = (f"random-init: torchvision's initialisation under torch.manual_seed({DEFAULT_SEED}), then "
                          "FrozenBatchNorm2d statistics from one pass over a seeded synthetic image and "
-                         f"classification logits rescaled to std {LOGIT_STD} (exporters/torch_builders.py)")
+                         f"classification logits rescaled to |logit - bias| <= {LOGIT_MAX} on it (exporters/torch_builders.py)")
     else:
         extra["init"] = f"state_dict {Path(weights).name}"
     if wrapper.with_masks:

@@ -40,7 +40,7 @@ def _family_colors(rows: list[ModelRow]) -> dict[str, Any]:
 
 
 def _status_legend(color="0.35") -> list[Any]:
-    return [Patch(facecolor=color, edgecolor="black", label="measured here (trained weights)"),
+    return [Patch(facecolor=color, edgecolor="black", label="measured here (trained weights; N COCO images)"),
             Patch(facecolor="white", edgecolor=color, hatch=_HATCH, label="published (models.toml; no trained weights here)")]
 
 
@@ -100,7 +100,8 @@ def _missing(rows: list[ModelRow], need: str, ok) -> list[str]:
 def _bars(rows: list[ModelRow], path: Path, value, ylabel: str, title: str, need: str, fmt: str) -> list[dict]:
     """Bar chart of ``value(row)`` per network, hatched where the accuracy is published."""
     shown = [r for r in rows if value(r) is not None]
-    data = [{"label": r.label, "value": float(value(r)), "status": r.map50.status, "family": r.family} for r in shown]
+    data = [{"label": r.label, "value": float(value(r)), "status": r.map50.status, "family": r.family,
+             "images": r.eval_images if r.map50.status == MEASURED else None} for r in shown]
     colors = _family_colors(rows)
     fig, ax = plt.subplots(figsize=(11, 6.2))
     fig.subplots_adjust(left=0.08, right=0.98, top=0.83, bottom=0.24)
@@ -109,15 +110,16 @@ def _bars(rows: list[ModelRow], path: Path, value, ylabel: str, title: str, need
         published = d["status"] == PUBLISHED
         ax.bar(i, d["value"], color="white" if published else c, edgecolor=c, hatch=_HATCH if published else None,
                linewidth=1.5)
-        ax.annotate(format(d["value"], fmt), (i, d["value"]), ha="center", va="bottom", fontsize=8,
-                    xytext=(0, 2), textcoords="offset points")
+        text = format(d["value"], fmt) + (f"\n{d['images']} img" if d["images"] else "")
+        ax.annotate(text, (i, d["value"]), ha="center", va="bottom", fontsize=8, xytext=(0, 2),
+                    textcoords="offset points")
     ax.set_xticks(range(len(shown)), [d["label"] for d in data], rotation=35, ha="right", fontsize=9)
     ax.set_ylabel(ylabel)
     fig.suptitle(title, fontsize=12)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     if data:
-        ax.set_ylim(0, max(d["value"] for d in data) * 1.15)
+        ax.set_ylim(0, max(d["value"] for d in data) * 1.2)
     else:
         ax.text(0.5, 0.5, "nothing to draw yet", transform=ax.transAxes, ha="center", color="0.4")
     families = [Patch(color=c, label=f) for f, c in colors.items() if any(d["family"] == f for d in data)]
@@ -129,7 +131,8 @@ def _bars(rows: list[ModelRow], path: Path, value, ylabel: str, title: str, need
 
 
 def map50_per_network(rows: list[ModelRow], path: Path) -> list[dict]:
-    """mAP@0.5 (%) per network. Returns ``[{"label", "value", "status", "family"}]`` in drawing order."""
+    """mAP@0.5 (%) per network. Returns ``[{"label", "value", "status", "family", "images"}]`` in
+    drawing order (``images``: COCO images behind a measured figure, None for a published one)."""
     return _bars(rows, path, lambda r: r.map50.value if r.map50 else None, MAP50_AXIS,
                  "mAP@0.5 per network", "no mAP@0.5 measured or published", ".1f")
 
@@ -288,20 +291,22 @@ def input_size_scaling(rows: list[ModelRow], path: Path) -> list[dict]:
                    "map50_status": r.map50.status if r.map50 else None} for r in group]
         name = f"{group[0].family} ({group[0].params / 1e6:.2f} MParams)"
         result.append({"family": group[0].family, "params": group[0].params, "points": points})
-        mk = markers[gi % len(markers)]
+        mk, colour = markers[gi % len(markers)], plt.get_cmap("tab10")(gi % 10)
         xs = [p["megapixels"] for p in points]
-        axes[0].plot(xs, [p["gops"] for p in points], marker=mk, label=name)
-        for prov in sorted({k for p in points for k in p["latency_ms"]}, key=lambda p: (p != "cpu", p)):
+        axes[0].plot(xs, [p["gops"] for p in points], marker=mk, color=colour, label=name)
+        provs = sorted({k for p in points for k in p["latency_ms"]}, key=lambda p: (p != "cpu", p))
+        for prov, style in zip(provs, ("-", "--", ":", "-.") * 4):
             have = [p for p in points if prov in p["latency_ms"]]
             axes[1].plot([p["megapixels"] for p in have], [p["latency_ms"][prov] for p in have], marker=mk,
-                         label=f"{name}, {prov}")
+                         color=colour, ls=style, label=f"{name}, {prov}")
         have = [p for p in points if p["map50"] is not None]
         if have:
-            line, = axes[2].plot([p["megapixels"] for p in have], [p["map50"] for p in have], marker=mk, label=name)
+            axes[2].plot([p["megapixels"] for p in have], [p["map50"] for p in have], marker=mk, color=colour,
+                         label=name)
             for p in have:
                 if p["map50_status"] == PUBLISHED:
                     axes[2].plot(p["megapixels"], p["map50"], marker=mk, ls="", markersize=9,
-                                 markerfacecolor="white", markeredgecolor=line.get_color())
+                                 markerfacecolor="white", markeredgecolor=colour)
         for ax in axes:
             for p in points:
                 ax.axvline(p["megapixels"], color="0.85", lw=0.8, zorder=0)

@@ -200,6 +200,9 @@ def _row(name: str, size: tuple[int, int], spec, records: list[dict[str, Any]],
         row.macs, row.conv_macs = d.get("macs"), d.get("conv_macs")
         row.postprocess_macs, row.profile_mode = d.get("postprocess_macs"), d.get("mode")
         row.unknown_ops = list(d.get("unknown_ops") or [])
+        if row.unknown_ops or d.get("unresolved_nodes"):
+            row.skipped["profile"] = (f"incomplete count (lower bound): uncounted op types {row.unknown_ops}, "
+                                      f"{len(d.get('unresolved_nodes') or [])} node(s) with unresolved shapes")
         if d.get("params") is not None:
             row.params, row.params_source = int(d["params"]), f"analyzer ({d.get('mode', '?')} shapes)"
 
@@ -213,7 +216,10 @@ def _row(name: str, size: tuple[int, int], spec, records: list[dict[str, Any]],
                                         rec["data"].get("nodes"))
         row.host, row.versions = rec.get("host") or row.host, rec.get("versions") or row.versions
 
-    evaluation = _latest([r for r in same_file if r["kind"] == "eval"])
+    # The largest evaluation of this file wins (a later --quick run over a few images does not
+    # replace a full one); among equals, the latest.
+    evals = [r for r in same_file if r["kind"] == "eval"]
+    evaluation = max(reversed(evals), key=lambda r: r["data"].get("images_evaluated") or 0) if evals else None
     if evaluation is not None and row.random_init is False:
         d = evaluation["data"]
         n = d.get("images_evaluated")

@@ -23,7 +23,7 @@ figcaption { font-size: 0.9em; color: #444; }
 table { border-collapse: collapse; font-size: 0.85em; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.5em; text-align: right; vertical-align: top; }
 th { background: #f2f2f2; } td:first-child, th:first-child { text-align: left; white-space: nowrap; }
-.note { color: #555; font-size: 0.9em; } .notes li { font-size: 0.85em; }
+.note { color: #555; font-size: 0.9em; } td.published { color: #666; font-style: italic; } .notes li { font-size: 0.85em; }
 """
 
 _SCRIPT = """
@@ -58,7 +58,11 @@ def render(rows: list[ModelRow], charts: list[tuple[str, Path, str]], *, title: 
     cells, sources = display_rows(rows)
     parts.append("<h2>Table</h2><table><thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr></thead><tbody>")
     for c in cells:
-        parts.append("<tr>" + "".join(f"<td>{e(c[col])}</td>" for col in cols) + "</tr>")
+        tds = []
+        for col in cols:
+            marked = ' class="published"' if " published [" in c[col] else ""
+            tds.append(f"<td{marked}>{e(c[col])}</td>")
+        parts.append("<tr>" + "".join(tds) + "</tr>")
     parts.append("</tbody></table>")
     parts.append('<p class="note">* a configuration of Sheik, Chaurasia &amp; Culurciello (2018). Conv-only GOps: '
                  "Darknet's BFLOPs convention. Latency: p50, batch 1.</p>")

@@ -287,8 +287,8 @@ def bench_model(path, provider: str = "cpu", *, warmup: int = DEFAULT_WARMUP, ru
                 provider_options: dict[str, Any] | None = None, allow_fallback: bool = False,
                 trt_cache_dir: str | Path | None = None, include_copies: bool = False,
                 image: str | Path | None = None, native: bool | dict[str, Any] = False, nodes: bool = False,
-                node_runs: int = 5, peak: bool = True, native_weights: str | Path | None = None, macs: tuple[dict[str, int], int, str] | None = None,
-                ) -> BenchResult:
+                node_runs: int = 5, peak: bool = True, native_weights: str | Path | None = None,
+                macs: tuple[dict[str, int], int, str] | None = None) -> BenchResult:
     """Benchmark one ONNX file on one provider (see the module docstring for every figure).
 
     ``native`` may be True (run the source framework here) or an already measured native
@@ -301,6 +301,8 @@ def bench_model(path, provider: str = "cpu", *, warmup: int = DEFAULT_WARMUP, ru
     path = Path(path)
     contract = read_contract(path)
     image = Path(image) if image is not None else default_image()
+    if native and batch != 1:
+        raise ConfigError(f"--native compares single images: use --batch 1 with --native (got --batch {batch})")
     settings_extra = {"warmup": warmup, "runs": runs, "seconds": seconds, "batch": batch,
                       "include_copies": include_copies, "image": str(image)}
 
@@ -320,7 +322,7 @@ def bench_model(path, provider: str = "cpu", *, warmup: int = DEFAULT_WARMUP, ru
 
     result = BenchResult(
         model=contract.name, path=str(path), model_sha256=sha256_file(path),
-        contract={"detbench." + k: str(v) for k, v in _contract_fields(contract).items()},
+        contract=contract.to_props(),
         provider=info.settings["provider"], providers_ran=info.providers_ran, fell_back=info.fell_back,
         settings={**info.settings, **settings_extra}, latency=latency, samples_ms=samples,
         session_seconds=info.seconds, peak_rss_mb=rss.mb, warmup=warmup, batch=batch, image=str(image),
@@ -362,12 +364,6 @@ def bench_model(path, provider: str = "cpu", *, warmup: int = DEFAULT_WARMUP, ru
                                      execution_mode=execution_mode, provider_options=provider_options,
                                      allow_fallback=allow_fallback, trt_cache_dir=trt_cache_dir).to_dict()
     return result
-
-
-def _contract_fields(contract) -> dict[str, Any]:
-    out = {k: v for k, v in asdict(contract).items() if k != "extra"}
-    out.update(contract.extra)
-    return out
 
 
 def _runner(session, info, tensor: np.ndarray, include_copies: bool, provider_options: dict[str, Any] | None):
@@ -445,10 +441,13 @@ def bench_models(paths: list[Path], providers: list[str], **options) -> list[Ben
         create_session(tiny_model_bytes(), provider, allow_fallback=options.get("allow_fallback", False),
                        provider_options=options.get("provider_options"))
     want_native = options.pop("native", False)
+    given_macs = options.pop("macs", None)  # the analyzer's figures for a single model, when already known
+    if len(paths) != 1:
+        given_macs = None
     results = []
     for path in paths:
         native_done: dict[str, Any] | None = None
-        macs = None
+        macs = given_macs
         for provider in providers:
             result = bench_model(path, provider, native=native_done or want_native, macs=macs, **options)
             if want_native and native_done is None:

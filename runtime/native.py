@@ -11,10 +11,10 @@ same warm-up, the same number of runs and the same thread count:
   ``.weights`` file. The timed call is ``net.forward`` of the YOLO/region outputs plus
   OpenCV's batched per-class NMS (``cv2.dnn.NMSBoxesBatched``) at the contract's score and
   IoU thresholds, so both sides do decode + NMS;
-- ``pytorch``: PyTorch eager (``torch.inference_mode``) on the module the PyTorch exporter
-  builds and exports (normalisation, backbone, heads and NMS included);
-- ``tensorflow``: the Keras model the TensorFlow exporter builds, called eagerly-compiled
-  as a ``tf.function`` (the way TensorFlow serves it), post-processing included.
+- ``pytorch``: PyTorch eager (``torch.inference_mode``) on the exporter's ``ContractWrapper``
+  around the torchvision detector it builds (normalisation, backbone, heads, NMS);
+- ``tensorflow``: the Keras model the TensorFlow exporter builds, with its decoding and
+  NMS, as one ``tf.function`` (graph mode, the way TensorFlow serves a model).
 
 Every builder is the exporter's own, so the native model is the one the ONNX file was
 validated against. A framework whose exporter module is absent raises
@@ -98,7 +98,7 @@ def native_runner(path, tensor: np.ndarray, *, threads: int | None = None, weigh
     elif contract.framework == "pytorch":
         runner = _torch_runner(path, contract, tensor, threads, weights)
     elif contract.framework == "tensorflow":
-        runner = _tf_runner(path, contract, tensor, threads)
+        runner = _tf_runner(path, contract, tensor, threads, weights)
     else:
         _exporter(contract.framework, path)
         raise AssertionError("unreachable")
@@ -237,22 +237,44 @@ def _matching_weights(path: Path, contract, spec, weights: Path | None) -> Path:
 
 # --------------------------------------------------------------------------- TensorFlow
 
-def _tf_runner(path: Path, contract, tensor: np.ndarray, threads: int | None) -> NativeRunner:
+def _tf_runner(path: Path, contract, tensor: np.ndarray, threads: int | None,
+               weights: Path | None = None) -> NativeRunner:
     module = _exporter("tensorflow", path)
-    import tensorflow as tf
+    from exporters.registry import load_registry
+    from exporters.ssd_keras import build_ssd, calibrate_random_heads, decoded_priors, detect
+    from exporters.tf_convert import import_tensorflow
+    from runtime.contract import OUTPUT_NAMES
 
+    tf = import_tensorflow()
     threads_note = ""
     if threads is not None:
         try:
             tf.config.threading.set_intra_op_parallelism_threads(int(threads))
         except RuntimeError:  # TensorFlow fixes its pools at first use: say so in the result
             threads_note = f"; --threads {threads} not applied: TensorFlow was already initialised in this process"
-    fn = module.native_model(path, contract)
+    spec = load_registry().get(contract.name)
+    config = module.config_from_spec(spec, contract.input_size)
+    # the exporter's own steps, in its order, so random-init draws the very same weights
+    tf.keras.utils.set_random_seed(module.RANDOM_SEED)
+    model = build_ssd(config, seed=module.RANDOM_SEED)
+    if contract.random_init:
+        calibrate_random_heads(model, config, seed=module.RANDOM_SEED)
+    else:
+        module.load_keras_weights(model, _matching_weights(path, contract, spec, weights), spec.name)
+    _, priors = decoded_priors(model, config)
+    height, width = config.input_size
+    signature = [tf.TensorSpec([1, 3, height, width], tf.float32, name="images")]
+
+    def contract_outputs(images):
+        out = detect(model, config, priors, images)
+        return {k: out[k] for k in OUTPUT_NAMES}
+
+    fn = tf.function(contract_outputs, input_signature=signature)
     x = tf.constant(tensor)
 
     def run():
-        return [t.numpy() for t in tf.nest.flatten(fn(x))]
+        return {k: v.numpy() for k, v in fn(x).items()}
 
     intra = tf.config.threading.get_intra_op_parallelism_threads() or "default"
     return NativeRunner("tensorflow", f"TensorFlow {tf.__version__} (tf.function, {intra} intra-op threads{threads_note})",
-                        "the exporter's Keras model and post-processing as one tf.function", run)
+                        "the exporter's Keras SSD and in-graph decoding + NMS as one tf.function", run)

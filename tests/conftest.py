@@ -17,6 +17,32 @@ import pytest
 from runtime.paths import data_dir as _data_dir
 
 
+
+def pytest_collection_modifyitems(session, config, items):
+    from exporters.registry import load_registry
+
+    names = set(load_registry().names)
+    covered = set()
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        # Only tests that really export count (registry/parse tests cover every name trivially).
+        if callspec is None or "exported" not in getattr(item, "fixturenames", ()):
+            continue
+        for value in callspec.params.values():
+            if isinstance(value, str) and value in names:
+                covered.add(value)
+            elif getattr(value, "name", None) in names:
+                covered.add(value.name)
+    # Read by test_registry_coverage.py (plain attributes: conftest may be imported twice).
+    config.detbench_covered_models = covered
+    # Coverage is only meaningful when the whole suite was collected (no -k, -m or file selection).
+    config.detbench_whole_suite = not config.option.keyword and not config.option.markexpr and all(
+        os.path.abspath(arg).rstrip("/") == os.path.abspath(os.path.join(str(config.rootpath), "tests"))
+        or os.path.abspath(arg) == str(config.rootpath)
+        for arg in (config.args or ["tests"])
+    )
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_outputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("detbench-home")

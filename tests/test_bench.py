@@ -312,3 +312,20 @@ def test_tensorflow_export_bench_with_native(exported):
     r = bench_model(result.path, "cpu", warmup=1, runs=2, native=True, peak=False)
     assert r.native["framework"] == "tensorflow" and "TensorFlow" in r.native["runtime"]
     assert r.native["ratio"] == pytest.approx(r.latency.p50 / r.native["latency_ms"]["p50"])
+
+
+# --------------------------------------------------------------------------- GPU paths (where a device exists)
+
+from runtime.sessions import provider_usable  # noqa: E402
+
+_CUDA_OK, _CUDA_WHY = provider_usable("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA_OK, reason=f"no usable CUDA device here ({_CUDA_WHY})")
+@pytest.mark.parametrize("include_copies", [False, True])
+def test_cuda_bench_with_and_without_host_copies(tiny, include_copies):
+    r = bench_model(tiny, "cuda", warmup=1, runs=3, include_copies=include_copies, peak=True)
+    assert r.providers_ran[0] == "CUDAExecutionProvider" and not r.fell_back
+    assert r.settings["include_copies"] is include_copies and r.latency.n == 3 and r.detections >= 1
+    assert r.machine_peak_gflops == r.peak["gpu_gflops"] and r.peak["gpu_gflops"] > 0

@@ -81,12 +81,18 @@ def heads_from_cfg(path: Path) -> list[dict]:
 
 
 def onnx_with_heads(path: Path) -> tuple[ort.InferenceSession, list[str]]:
-    """The exported file, with the tensors its decoding starts from added as outputs."""
+    """The exported file, with the tensors its decoding starts from added as outputs, and
+    the candidates entering NMS as outputs ``nms_boxes`` [1, M, 4] and ``nms_scores`` [1, C, M]."""
     model = onnx.load(str(path))
     decode = [n for n in model.graph.node if n.name.startswith("decode_") and n.name.endswith(".split")]
     decode.sort(key=lambda n: int(n.name.split("_")[1].split(".")[0]))
     heads = [n.input[0] for n in decode]
+    nms = [n for n in model.graph.node if n.op_type == "NonMaxSuppression"]
+    assert len(nms) == 1
     for name in heads:
+        model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    for name, tensor in (("nms_boxes", nms[0].input[0]), ("nms_scores", nms[0].input[1])):
+        model.graph.node.append(helper.make_node("Identity", [tensor], [name]))
         model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session, heads
@@ -104,10 +110,9 @@ def sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def darknet_detections(raw_heads, heads, height, width, score_threshold, iou_threshold, max_detections):
-    """Darknet's get_yolo/region_detections + do_nms_sort (per-class), via OpenCV's NMSBoxes."""
-    import cv2
-
+def darknet_candidates(raw_heads, heads, height, width):
+    """Darknet's get_yolo_box / get_region_box and class probabilities (objectness x class), in
+    input pixels: boxes [M, 4] (x1, y1, x2, y2) and probs [M, classes], M ordered (head, anchor, row, col)."""
     boxes, probs = [], []
     for raw, head in zip(raw_heads, heads):
         a, c = len(head["anchors"]), head["classes"]
@@ -129,7 +134,14 @@ def darknet_detections(raw_heads, heads, height, width, score_threshold, iou_thr
             cls = sigmoid(p[:, 5:])
         boxes.append(np.stack([x - w / 2, y - h / 2, x + w / 2, y + h / 2], -1).reshape(-1, 4))
         probs.append((obj[:, None] * cls).transpose(0, 2, 3, 1).reshape(-1, c))
-    boxes, probs = np.concatenate(boxes), np.concatenate(probs)
+    return np.concatenate(boxes), np.concatenate(probs)
+
+
+def darknet_detections(raw_heads, heads, height, width, score_threshold, iou_threshold, max_detections):
+    """Darknet's candidates + do_nms_sort (per-class greedy NMS, here OpenCV's NMSBoxes), best ``max_detections``."""
+    import cv2
+
+    boxes, probs = darknet_candidates(raw_heads, heads, height, width)
     found = []
     for k in range(probs.shape[1]):
         cand = np.flatnonzero(probs[:, k] > score_threshold)
@@ -189,6 +201,9 @@ def test_trained_tiny_heads_and_detections_match_opencv(trained_tiny, darknet_di
         for name, ref in zip(head_names, reference):
             assert outs[name].shape == ref.shape
             np.testing.assert_allclose(outs[name], ref, atol=TOL, rtol=TOL, err_msg=f"{image_path.name} {name}")
+        boxes, probs = darknet_candidates(reference, heads, contract.input_height, contract.input_width)
+        np.testing.assert_allclose(outs["nms_boxes"][0], boxes, atol=1e-2, rtol=TOL)
+        np.testing.assert_allclose(outs["nms_scores"][0], probs.T, atol=1e-4, rtol=TOL)
         expected = darknet_detections(reference, heads, contract.input_height, contract.input_width,
                                       contract.score_threshold, contract.iou_threshold, contract.max_detections)
         assert_same_detections(outs, expected, image_path.name)
@@ -262,6 +277,10 @@ def test_random_init_export_runs_matches_opencv_and_counts_params(name, exported
     for head, ref in zip(head_names, reference):
         assert np.abs(ref).max() < 50, "random weights must keep activations O(1)"
         np.testing.assert_allclose(outs[head], ref, atol=TOL, rtol=TOL, err_msg=f"{name} {head}")
+    # the in-graph decoding (region: softmax, anchors in cells; yolo: sigmoid, anchors in pixels) before NMS
+    boxes, probs = darknet_candidates(reference, heads_from_cfg(cfg), h, w)
+    np.testing.assert_allclose(outs["nms_boxes"][0], boxes, atol=1e-2, rtol=TOL, err_msg=f"{name} boxes")
+    np.testing.assert_allclose(outs["nms_scores"][0], probs.T, atol=1e-4, rtol=TOL, err_msg=f"{name} scores")
 
 
 def test_published_param_counts_are_reproduced(darknet_dir):
@@ -273,3 +292,35 @@ def test_published_param_counts_are_reproduced(darknet_dir):
                       if kind == "convolutional" and o.get("batch_normalize") == "1")
     floats = ((darknet_dir / "yolov3-tiny.weights").stat().st_size - 20) // 4
     assert cfg_param_count(darknet_dir / "yolov3-tiny.cfg") == floats - 2 * bn_channels
+
+
+# ----------------------------------------------------------------------------- validation is not a formality
+
+
+def test_a_wrong_graph_fails_validation_with_every_mismatch(monkeypatch, registry, darknet_dir, tmp_path):
+    import exporters.darknet_graph as graph
+    from runtime.errors import ValidationError
+
+    monkeypatch.setattr(graph, "LEAKY_SLOPE", 0.2)  # Darknet's leaky slope is 0.1
+    out = tmp_path / "wrong.onnx"
+    with pytest.raises(ValidationError) as err:
+        from exporters import export_model
+
+        export_model(registry.get("yolov3-tiny"), out, weights=darknet_dir / "yolov3-tiny.weights")
+    assert len(err.value.mismatches) == 2  # both heads reported, not just the first
+    assert all("dog.jpg:head_" in m for m in err.value.mismatches)
+    assert not out.exists()
+
+
+def test_without_a_real_image_the_export_says_so(monkeypatch, registry, darknet_dir, tmp_path):
+    from exporters import export_model
+
+    cache, empty = tmp_path / "cache", tmp_path / "no-data"
+    cache.mkdir()
+    empty.mkdir()
+    (cache / "yolov3-tiny.cfg").write_bytes((darknet_dir / "yolov3-tiny.cfg").read_bytes())
+    monkeypatch.setenv("DETBENCH_CACHE", str(cache))
+    monkeypatch.setenv("DETBENCH_DATA", str(empty))
+    result = export_model(registry.get("yolov3-tiny"), tmp_path / "tiny.onnx")
+    assert result.validation["real_image"] is False and "no real image" in result.validation["image"]
+    assert "no real image" in read_contract(result.path).extra["validation_image"]

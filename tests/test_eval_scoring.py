@@ -48,8 +48,6 @@ def test_per_category_ap_averages_to_the_overall_ap(oracle):
 
 
 def test_scoring_twice_gives_the_same_numbers_and_leaves_the_annotations_alone(oracle):
-    from eval.dataset import load_coco
-
     ann = json.loads((oracle / "instances_val2014_100.json").read_text())
     before = json.dumps(ann, sort_keys=True)
     results = json.loads((oracle / "instances_val2014_fakesegm100_results.json").read_text())
@@ -60,7 +58,6 @@ def test_scoring_twice_gives_the_same_numbers_and_leaves_the_annotations_alone(o
     assert first["stats"] == third["stats"]
     for name in STAT_NAMES:
         assert second["stats"][name] == pytest.approx(first["stats"][name], abs=1e-12)
-    del load_coco
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

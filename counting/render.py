@@ -1,0 +1,65 @@
+"""A ModelProfile as rows for tools: the CSV (one line per node) and the JSON file.
+
+The JSON is ``ModelProfile.to_dict(nodes=True)``: totals, per-op summary, conventions and
+every node; later commands (report) read it. Both files are written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from counting.analyzer import ModelProfile
+from counting.ops import shape_str
+
+CSV_COLUMNS = ("name", "op_type", "part", "status", "input_shapes", "output_shapes", "macs", "executions",
+               "total_macs", "flops", "params", "bytes_read", "bytes_written", "arithmetic_intensity",
+               "shape_source", "subgraph", "note")
+
+
+def node_rows(profile: ModelProfile) -> list[dict]:
+    """One dict per node; ``macs`` per execution, ``total_macs`` = macs x executions (0 if not counted)."""
+    rows = []
+    for n in profile.nodes:
+        rows.append({
+            "name": n.name, "op_type": n.op_type, "part": n.part, "status": n.status,
+            "input_shapes": " ".join(shape_str(s) for _name, s in n.inputs),
+            "output_shapes": " ".join(shape_str(s) for _name, s in n.outputs),
+            "macs": "" if n.macs is None else n.macs, "executions": n.executions,
+            "total_macs": n.total_macs, "flops": 2 * n.total_macs, "params": n.params,
+            "bytes_read": "" if n.bytes_read is None else n.bytes_read,
+            "bytes_written": "" if n.bytes_written is None else n.bytes_written,
+            "arithmetic_intensity": "" if n.intensity is None else round(n.intensity, 4),
+            "shape_source": n.shape_source, "subgraph": n.subgraph, "note": n.note,
+        })
+    return rows
+
+
+def _atomic_write(path: Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_csv(profile: ModelProfile, path: Path) -> Path:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    writer.writerows(node_rows(profile))
+    return _atomic_write(path, buf.getvalue())
+
+
+def write_json(profile: ModelProfile, path: Path) -> Path:
+    return _atomic_write(path, json.dumps(profile.to_dict(nodes=True), indent=1, default=str) + "\n")

@@ -1,0 +1,172 @@
+"""What the TensorFlow exporters share: importing TF safely, tf2onnx conversion, running
+the result in onnxruntime, and comparing detections between TF and ONNX.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from exporters.validation import Comparison
+from runtime.contract import IR_VERSION
+from runtime.errors import DatasetError, ExportError, ProviderUnavailableError
+from runtime.paths import data_dir
+
+
+def import_tensorflow():
+    """``import tensorflow``, after Triton's native library when Triton is installed.
+
+    Loading ``triton/_C/libtriton.so`` after TensorFlow's libraries crashes the process
+    (SIGSEGV, tensorflow-cpu 2.21 + triton 3.8); torchvision imports it through
+    ``torch._dynamo``. Loading it first makes both orders work in one process.
+    """
+    if "tensorflow" not in __import__("sys").modules and importlib.util.find_spec("triton") is not None:
+        import triton  # noqa: F401  (for its native library only)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    return tf
+
+
+def versions() -> dict[str, str]:
+    import tf2onnx
+
+    tf = import_tensorflow()
+    import keras
+
+    return {"tensorflow": tf.__version__, "keras": keras.__version__, "tf2onnx": tf2onnx.__version__}
+
+
+def convert_function(fn, input_signature, output_names: Sequence[str], *, opset: int, model: str):
+    """tf2onnx conversion of a ``tf.function`` returning a dict; graph outputs renamed to ``output_names``.
+
+    Raises :class:`ExportError` naming the model when tf2onnx fails.
+    """
+    import tf2onnx
+
+    import_tensorflow()
+    try:
+        proto, _ = tf2onnx.convert.from_function(fn, input_signature=input_signature, opset=opset)
+    except Exception as exc:  # tf2onnx raises many unrelated types
+        raise ExportError(f"tf2onnx could not convert {model!r} (opset {opset}): {type(exc).__name__}: {exc}") from exc
+    tf = import_tensorflow()
+    concrete = fn.get_concrete_function(*input_signature)
+    # tf2onnx lists outputs as concrete_function.outputs, i.e. tf.nest's flattening (dict keys sorted)
+    keys = tf.nest.flatten({k: k for k in concrete.structured_outputs})
+    if sorted(keys) != sorted(output_names) or len(proto.graph.output) != len(keys):
+        raise ExportError(f"{model!r}: the TF function returns {keys}, expected {list(output_names)}")
+    rename = {out.name: keys[i] for i, out in enumerate(proto.graph.output)}
+    _rename_tensors(proto, rename)
+    order = {name: i for i, name in enumerate(output_names)}
+    outputs = sorted(proto.graph.output, key=lambda o: order[o.name])
+    del proto.graph.output[:]
+    proto.graph.output.extend(outputs)
+    return proto
+
+
+def _rename_tensors(proto, rename: dict[str, str]) -> None:
+    graph = proto.graph
+    for node in graph.node:
+        node.input[:] = [rename.get(n, n) for n in node.input]
+        node.output[:] = [rename.get(n, n) for n in node.output]
+    for value in list(graph.output) + list(graph.value_info):
+        value.name = rename.get(value.name, value.name)
+
+
+def keep_outputs(proto, names: Sequence[str]):
+    """A copy of ``proto`` with only the outputs ``names`` and without the nodes only they used."""
+    import onnx
+
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    kept = [o for o in model.graph.output if o.name in names]
+    del model.graph.output[:]
+    model.graph.output.extend(kept)
+    needed = set(names)
+    live = []
+    for node in reversed(model.graph.node):
+        if any(o in needed for o in node.output):
+            live.append(node)
+            needed.update(node.input)
+    live.reverse()
+    del model.graph.node[:]
+    model.graph.node.extend(live)
+    initializers = [i for i in model.graph.initializer if i.name in needed]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(initializers)
+    return model
+
+
+def cpu_session(proto):
+    """An onnxruntime CPU session on ``proto`` as it will be saved (IR version pinned)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    model.ir_version = IR_VERSION
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    if session.get_providers()[:1] != ["CPUExecutionProvider"]:
+        raise ProviderUnavailableError(f"onnxruntime did not create a CPU session (got {session.get_providers()})")
+    return session
+
+
+def validation_images(count: int, folder: Path | None = None) -> list[Path]:
+    """``count`` real COCO val2017 images (the lowest file names, so every run uses the same ones)."""
+    folder = Path(folder) if folder else data_dir() / "coco-val2017-subset" / "val2017"
+    images = sorted(folder.glob("*.jpg")) if folder.is_dir() else []
+    if len(images) < count:
+        raise DatasetError(f"export validation needs {count} COCO images in {folder}, found {len(images)}; "
+                           "set DETBENCH_DATA to the folder holding coco-val2017-subset/")
+    return images[:count]
+
+
+def match_detections(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> np.ndarray:
+    """Index into ``candidate`` pairing each reference detection with its closest counterpart.
+
+    NMS outputs are sets: two runtimes may list equal-score detections in different orders.
+    Pairs are formed greedily by ascending cost (label disagreement first, then the largest
+    box-coordinate difference, then the score difference), so the order no longer matters
+    while any real difference still shows in the paired values.
+    """
+    n = len(reference["scores"])
+    if n == 0 or len(candidate["scores"]) != n:
+        return np.arange(len(candidate["scores"]))
+    box = np.abs(reference["boxes"][:, None, :].astype(np.float64) - candidate["boxes"][None, :, :]).max(axis=2)
+    score = np.abs(reference["scores"][:, None].astype(np.float64) - candidate["scores"][None, :])
+    label = (reference["labels"][:, None] != candidate["labels"][None, :]).astype(np.float64)
+    cost = label * 1e9 + box + score
+    order = np.argsort(cost, axis=None, kind="stable")
+    pick = np.full(n, -1)
+    used = np.zeros(n, dtype=bool)
+    for flat in order:
+        r, c = divmod(int(flat), n)
+        if pick[r] < 0 and not used[c]:
+            pick[r], used[c] = c, True
+    return pick
+
+
+def compare_runs(comparison: Comparison, where: str, reference: dict[str, Any], onnx_out: dict[str, Any],
+                 detection_keys: Sequence[str] = ("boxes", "scores", "labels")) -> None:
+    """Record ``reference`` (TF) against ``onnx_out``: detections as matched sets, other arrays as they are."""
+    ref = {k: np.asarray(reference[k]) for k in detection_keys}
+    got = {k: np.asarray(onnx_out[k]) for k in detection_keys}
+    pick = match_detections(ref, got)
+    comparison.detections(where, ref, {k: v[pick] if len(v) == len(pick) else v for k, v in got.items()})
+    for key in reference:
+        if key not in detection_keys:
+            comparison.arrays(where, key, np.asarray(reference[key]), np.asarray(onnx_out[key]))
+
+
+def run_onnx(session, images: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+    return dict(zip(names, session.run(list(names), {"images": images})))
+
+
+def run_tf(fn: Callable, images: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in fn(images).items()}
