@@ -17,8 +17,12 @@ Convention (stated in every profile, see :data:`CONVENTION`):
 - Everything else (anchors, shape and index constants, scalars) is *other constants*.
 
 Initializers and Constant nodes are treated alike (torch sometimes emits weights as
-Constant nodes); an Identity of a constant is the same tensor; a tensor used by several
-nodes (weights shared across FPN levels) counts once.
+Constant nodes); an Identity of a constant is the same tensor; a weight used by several
+nodes (one head applied to every FPN level) counts once. A bias counts once per distinct
+weight it serves: torch.onnx merges initializers of identical value, so the all-zero
+biases of a random-init export collapse into one tensor shared by unrelated layers, and
+counting that tensor once would lose a framework parameter per layer (see
+:func:`_secondary_owner`).
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ CONVENTION = (
     "constants in the network part; NOT counted: BatchNormalization running mean/var, "
     "folded-normalisation constants (per-channel x*a+b pairs such as FrozenBatchNorm2d, and "
     "per-channel Sub/Div input normalisation: reported as folded_norm_constants), other "
-    "constants (anchors, shapes, scalars); each tensor once however many nodes use it"
+    "constants (anchors, shapes, scalars); a weight once however many nodes use it, a bias once per "
+    "distinct weight it serves (torch.onnx merges identical initializers, e.g. zero biases)"
 )
 
 WEIGHT, RUNNING_STATS, FOLDED, OTHER = "param", "bn_running_stats", "folded_norm", "other"
@@ -114,18 +119,20 @@ def classify(entries, graphs) -> ParamReport:
                 consumers.setdefault(name, []).append((key, node, i, part))
 
     role: dict[str, str] = {}
-    first_user: dict[str, str] = {}
+    # tensor -> {owner: first node key}. A bias-like tensor's owner is the weight tensor of the
+    # layer it serves; a primary weight's owner is None (see _secondary_owner).
+    owners: dict[str, dict[str | None, str]] = {}
 
-    def assign(tensor: str, r: str, key: str) -> None:
+    def assign(tensor: str, r: str, key: str, owner: str | None = None) -> None:
         if _PRECEDENCE[r] >= _PRECEDENCE.get(role.get(tensor, OTHER), 0):
             role[tensor] = r
-        if r == WEIGHT and tensor not in first_user:
-            first_user[tensor] = key
+        if r == WEIGHT:
+            owners.setdefault(tensor, {}).setdefault(owner, key)
 
     def const_inputs(node):
         return [(i, canon(n)) for i, n in enumerate(node.input) if n and canon(n)]
 
-    weight_matmul_outputs: set[str] = set()
+    weight_matmul_outputs: dict[str, str] = {}  # MatMul output -> its constant weight
     for key, node, part in entries:
         op = node.op_type
         cins = const_inputs(node)
@@ -134,13 +141,13 @@ def classify(entries, graphs) -> ParamReport:
         if op in _WEIGHT_INPUTS:
             for i, c in cins:
                 if i in _WEIGHT_INPUTS[op] and consts[c].dims:  # rank >= 1
-                    assign(c, WEIGHT, key)
+                    assign(c, WEIGHT, key, _secondary_owner(node, i, canon))
             if op == "BatchNormalization":
                 for i, c in cins:
                     if i in (3, 4):
                         assign(c, RUNNING_STATS, key)
             if op == "MatMul" and cins:
-                weight_matmul_outputs.add(node.output[0])
+                weight_matmul_outputs[node.output[0]] = cins[0][1]
 
     # Per-channel arithmetic: Mul/Sub/Div first, so that the Add half of an x*a+b pair is
     # already known to be folded normalisation when Adds are looked at.
@@ -154,7 +161,8 @@ def classify(entries, graphs) -> ParamReport:
             i, c = cins[0]
             other = node.input[1 - i]
             if node.op_type == "Add" and other in weight_matmul_outputs and consts[c].dims:
-                assign(c, WEIGHT, key)  # the bias of a Linear exported as MatMul + Add
+                # the bias of a Linear exported as MatMul + Add
+                assign(c, WEIGHT, key, weight_matmul_outputs[other])
                 continue
             if part != "network" or not consts[c].per_channel:
                 continue
@@ -174,8 +182,9 @@ def classify(entries, graphs) -> ParamReport:
     for tensor, r in role.items():
         n = consts[tensor].numel
         if r == WEIGHT:
-            report.params += n
-            report.by_node[first_user[tensor]] = report.by_node.get(first_user[tensor], 0) + n
+            for key in owners[tensor].values():
+                report.params += n
+                report.by_node[key] = report.by_node.get(key, 0) + n
         elif r == RUNNING_STATS:
             report.bn_running_stats += n
         elif r == FOLDED:
@@ -183,6 +192,24 @@ def classify(entries, graphs) -> ParamReport:
         else:
             report.other_constants += n
     return report
+
+
+def _secondary_owner(node, index: int, canon) -> str | None:
+    """The weight tensor a bias-like input serves (None for a layer's primary weight).
+
+    torch.onnx merges initializers with identical values into one tensor — in a random-init
+    export, every all-zero bias of the same shape becomes one initializer used by many
+    unrelated layers. A framework layer owns its bias, so a bias is counted once per distinct
+    weight it is applied with; a module applied several times (one RPN head on five FPN levels)
+    uses the same weight every time and so still counts once.
+    """
+    op = node.op_type
+    if op in ("Conv", "ConvTranspose", "Gemm") and index == 2:
+        return canon(node.input[1]) or f"<dynamic weight of {node.name or op}>"
+    if op in ("BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization"):
+        # scale and bias serve the layer defined by all of its constant inputs together
+        return "|".join(canon(n) or "" for n in node.input[1:])
+    return None
 
 
 def _affine_partner(mul, consumers, canon, consts) -> str | None:

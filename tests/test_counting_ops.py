@@ -162,6 +162,19 @@ def test_shared_weights_identity_alias_and_constant_node_weights(tmp_path):
     assert p.conv_macs == 3 * (2 * 16 * 2)
 
 
+def test_merged_bias_counts_once_per_weight_it_serves(tmp_path):
+    # torch.onnx merges identical initializers: two different layers' zero biases become one
+    # tensor "Z". Layers A (W1) and B (W2) each own a bias: 2 x 3. Layer A applied a second time
+    # (same W1, same Z: a shared head) adds nothing.
+    nodes = [h.make_node("Conv", ["x", "W1", "Z"], ["a"]), h.make_node("Conv", ["a", "W2", "Z"], ["b"]),
+             h.make_node("Conv", ["b", "W1", "Z"], ["y"])]
+    path = build(tmp_path, nodes, [vi("x", [1, 3, 4, 4])], [vi("y", None)],
+                 [init("W1", [3, 3, 1, 1]), init("W2", [3, 3, 1, 1], value=np.ones((3, 3, 1, 1))),
+                  init("Z", [3], value=np.zeros(3))])
+    p = profile_model(path)
+    assert p.params == 9 + 9 + 2 * 3
+
+
 # ----------------------------------------------------------------------------- pooling, resize, element-wise
 def test_pools(tmp_path):
     # MaxPool k3 s2 pad1 on 8x8 -> 4x4: 2 ch x 16 x 9 taps; AveragePool k2 s2 -> 4x4: x 4 taps;
