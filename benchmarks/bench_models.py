@@ -64,7 +64,14 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks"))
     parser.add_argument("--models", nargs="*", default=None, help="subset of the models above")
+    parser.add_argument("--model-file", action="append", default=[], metavar="NAME=PATH",
+                        help="use this existing ONNX file for NAME instead of exporting it (its contract must "
+                             "name NAME); it is reported as supplied, with the file's path")
     args = parser.parse_args()
+    supplied = {}
+    for item in args.model_file:
+        name, _, path = item.partition("=")
+        supplied[name] = Path(path)
 
     from runtime.bench import bench_models, model_macs, default_image
     from runtime.peak import measure_peak
@@ -74,7 +81,13 @@ def main() -> int:
     load_before = os.getloadavg()
     print(f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f} "
           f"on {os.cpu_count()} cores; threads {args.threads}", flush=True)
-    paths = {name: export_once(name, args.out / "onnx") for name in wanted}
+    paths = {name: supplied.get(name) or export_once(name, args.out / "onnx") for name in wanted}
+    for name, path in supplied.items():
+        from runtime.contract import read_contract
+
+        if read_contract(path).name != name:
+            raise SystemExit(f"--model-file {name}={path}: the file's contract names {read_contract(path).name!r}")
+        print(f"{name}: using the supplied file {path} (not exported by this script)", flush=True)
     image = default_image()
 
     figures: dict[str, dict] = {}
@@ -102,7 +115,8 @@ def main() -> int:
                   + (f", {r.achieved_gflops:.1f} GFLOP/s of {r.machine_peak_gflops:.1f} peak "
                      f"({100 * r.fraction_of_peak:.1f} %)" if peak else "")
                   + f" [load {os.getloadavg()[0]:.2f}]", flush=True)
-        entry = {"weights": r.contract.get("detbench.weights"), "p50_ms_median": statistics.median(p50s),
+        entry = {"weights": r.contract.get("detbench.weights"), "file": str(paths[name]),
+                 "supplied_file": name in supplied, "p50_ms_median": statistics.median(p50s),
                  "p50_ms_each": p50s, "runs": args.runs, "warmup": args.warmup, "repeats": args.repeats,
                  "threads": args.threads}
         if native:
@@ -129,7 +143,8 @@ def main() -> int:
         print(f"{name:16s} {('random-init' if e['weights'] == 'random-init' else 'trained'):12s} "
               f"{e['p50_ms_median']:11.1f} "
               + (f"{e['native_p50_ms_median']:11.1f} {e['ratio_median']:11.2f}  ({e['native_framework']})"
-                 if 'ratio_median' in e else ""))
+                 if 'ratio_median' in e else "")
+              + (f"  [supplied file {e['file']}]" if e["supplied_file"] else ""))
     if PEAK_MODEL in figures:
         e = figures[PEAK_MODEL]
         print(f"\n{PEAK_MODEL}: {e['macs'] / 1e9:.2f} GMACs ({e['macs_note']}); achieved "
@@ -144,7 +159,7 @@ def main() -> int:
             print(f"    {g['kernel']:32s} {g['op_type']:10s} {g['mean_us'] / 1e3:7.1f} ms {100 * g['share']:5.1f} % "
                   f"{g['macs'] / 1e9:6.3f} GMACs {rate}")
     args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / "bench_models.json"
+    out = args.out / ("bench_models.json" if not args.models else f"bench_models-{'-'.join(wanted)}.json")
     out.write_text(json.dumps({"figures": figures, "load_before": load_before, "load_after": load_after,
                                "cores": os.cpu_count(), "image": str(image)}, indent=2, default=str))
     print(f"\nwritten {out}")

@@ -202,9 +202,12 @@ class ModelProfile:
         if self.mode == "static":
             return ("static: onnx shape inference with the input fixed to " + ops.shape_str(self.input_shape)
                     + "; data-dependent dims are left unresolved and their nodes listed as unresolved")
-        how = ("every intermediate value exposed" if self.shapes_exposed_all else
-               "values static inference could not resolve exposed (the rest were exact statically: fixed input size)")
-        return (f"measured: one onnxruntime run on {self.image} ({how}); If/Loop bodies resolved by static "
+        how = ("every intermediate value exposed as an output" if self.shapes_exposed_all else
+               "exposed as outputs: every value static inference could not resolve and whose shape does not "
+               "follow from its inputs' (Resize/Reshape/Slice with computed arguments, NonZero, NMS, TopK, ...); "
+               "the others are inferred from the measured ones ('inferred from measured') or were exact "
+               "statically at the fixed input size")
+        return (f"measured: onnxruntime (CPU) on {self.image} ({how}); If/Loop bodies resolved by static "
                 "inference from the measured outer shapes")
 
 
@@ -309,14 +312,14 @@ class _Walker:
             except ops.Unresolved as exc:
                 status, note = "unresolved", str(exc)
         srcs = {t.source.get(n, "static") for n in node.output if n}
-        if subgraph:
-            source = "static (subgraph)"
-        elif srcs == {"measured"}:
+        if srcs == {"measured"}:
             source = "measured"
-        elif "measured" in srcs:
-            source = "mixed"
+        elif srcs and srcs <= {"measured", "inferred", "initializer"}:
+            source = "inferred from measured"
         else:
             source = "static"
+        if subgraph:
+            source += " (subgraph)"
         return NodeProfile(
             name=key, op_type=node.op_type, part=part, status=status,
             inputs=list(zip(node.input, in_shapes)), outputs=list(zip(node.output, out_shapes)),
@@ -397,37 +400,48 @@ def graph_parts(graph) -> dict[int, str]:
             for i, n in enumerate(graph.node)}
 
 
+# Ops whose outputs have data-dependent shapes: nothing downstream of them is handed to onnx-tool.
+_DATA_DEPENDENT_OPS = ops.POSTPROCESS_OPS | ops.CONTROL_FLOW_OPS | {"NonZero", "Unique", "Compress"}
+
+
 def network_submodel(model):
-    """The network nodes computable from the graph input alone, as a model of their own
-    (for onnx-tool, which cannot infer shapes through data-dependent post-processing).
-    Returns (ModelProto, the analyzer's names of the top-level nodes kept)."""
+    """The network nodes (and the shape arithmetic they need) that do not depend on any
+    data-dependent op, as a model of their own: what onnx-tool can still infer when
+    post-processing defeats it. Returns (ModelProto, the analyzer's names of the top-level
+    nodes kept)."""
     import onnx
 
     graph = model.graph
     parts = graph_parts(graph)
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output}
+    tainted: set[str] = set()
+    for node in graph.node:
+        if node.op_type in _DATA_DEPENDENT_OPS or any(n in tainted for n in node.input):
+            tainted.update(node.output)
+    needed: set[int] = set()
+    stack = [i for i, part in parts.items() if part == NETWORK]
+    while stack:
+        i = stack.pop()
+        if i in needed:
+            continue
+        needed.add(i)
+        stack.extend(producer[n] for n in graph.node[i].input if n in producer)
     available = {i.name for i in graph.input} | {i.name for i in graph.initializer}
-    kept = []
-    keys = []
+    kept, keys = [], []
     for idx, node in enumerate(graph.node):
-        if (parts[idx] == NETWORK or node.op_type == "Constant") and \
-                all(not n or n in available for n in node.input) and node.op_type not in ops.CONTROL_FLOW_OPS:
+        if idx in needed and not any(o in tainted for o in node.output) \
+                and all(not n or n in available for n in node.input):
             kept.append(node)
             keys.append(node.name or f"{node.op_type}_{idx}")
             available.update(node.output)
     produced = {o for n in kept for o in n.output}
-    used_inside = {}
-    for n in kept:
-        for name in n.input:
-            used_inside[name] = True
     kept_ids = {id(n) for n in kept}
-    needed_outside = set()
+    needed_outside = {o.name for o in graph.output if o.name in produced}
     for node in graph.node:
         if id(node) not in kept_ids:
             needed_outside.update(n for n in node.input if n in produced)
-    needed_outside |= {o.name for o in graph.output if o.name in produced}
     outputs = [onnx.ValueInfoProto(name=n) for n in sorted(needed_outside)]
-    # onnx-tool needs typed outputs
-    for vi in outputs:
+    for vi in outputs:  # onnx-tool wants typed outputs
         vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
     used = {n for node in kept for n in node.input}
     sub = onnx.helper.make_graph(kept, graph.name + "-network", list(graph.input),
@@ -481,7 +495,8 @@ def onnx_tool_cross_check(path: Path, input_name: str, input_shape: tuple,
     del model
     part = _run_onnx_tool(sub, input_name, input_shape)
     wanted = set(keys)
-    part["scope"] = f"network part computable from the input alone ({len(keys)} top-level nodes)"
+    part["scope"] = (f"network nodes independent of data-dependent ops, with the shape arithmetic they need "
+                     f"({len(keys)} top-level nodes)")
     part["ours"] = ours([n for n in nodes if not n.subgraph and n.name in wanted])
     part["full_graph"] = full
     return part

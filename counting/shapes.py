@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from counting import ops
 from runtime.errors import ConfigError, ContractError, DatasetError
 
 # Above this estimated size of all statically known intermediates, only the values static
@@ -48,7 +49,8 @@ class ShapeTable:
 
     shapes: dict[str, tuple] = field(default_factory=dict)
     types: dict[str, int] = field(default_factory=dict)
-    source: dict[str, str] = field(default_factory=dict)  # "static" | "measured" | "initializer"
+    # "static" | "measured" | "inferred" (derived by inference from measured shapes) | "initializer"
+    source: dict[str, str] = field(default_factory=dict)
     mode: str = "static"
     image: str | None = None
     static_mismatches: list[str] = field(default_factory=list)
@@ -177,12 +179,75 @@ def default_image() -> Path:
     return images[0]
 
 
-def measured_shapes(model, path: Path, contract, image: Path | None = None,
-                    budget_bytes: int = EXPOSE_ALL_BUDGET_BYTES) -> ShapeTable:
-    """Shapes measured by one onnxruntime run on a real image (see module docstring)."""
+# Ops whose output shape onnx shape inference derives from their input shapes alone (given
+# constant attributes): once their inputs are pinned to measured shapes, their outputs need not
+# be exposed. Everything else (Resize with computed sizes, Reshape/Slice/Expand with computed
+# arguments, NonZero, NMS, TopK, control flow, ...) is exposed when its static shape is unresolved.
+_DERIVABLE = (ops.ELEMENTWISE_OPS | ops.COMPARE_OPS | ops.ACTIVATION_OPS | ops.TRANSCENDENTAL_OPS
+              | ops.COMPOSITE_ACTIVATION_OPS | ops.POOL_OPS | ops.GLOBAL_POOL_OPS
+              | {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "InstanceNormalization",
+                 "LayerNormalization", "GroupNormalization", "Softmax", "LogSoftmax", "Transpose", "Flatten",
+                 "Cast", "Identity", "Concat", "Shape", "Size", "Dropout", "LRN"})
+# Expose every intermediate only when few values are unresolved statically (their size is unknown,
+# so the memory estimate would not hold otherwise).
+_EXPOSE_ALL_MAX_UNRESOLVED = 0.1
+
+
+def _run_exposing(model, names: list[str], tensor: np.ndarray, path: Path, image: Path) -> dict[str, tuple]:
+    """One onnxruntime (CPU) run with ``names`` added as graph outputs: name -> shape."""
     import onnx
     import onnxruntime as ort
 
+    run_model = onnx.ModelProto()
+    run_model.CopyFrom(model)
+    del run_model.graph.value_info[:]
+    existing = {o.name for o in run_model.graph.output}
+    for name in names:
+        if name not in existing:
+            run_model.graph.output.append(onnx.ValueInfoProto(name=name))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(run_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        del run_model
+        input_name = session.get_inputs()[0].name
+        outs = [o.name for o in session.get_outputs()]
+        values = session.run(outs, {input_name: tensor})
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
+        raise ContractError(f"{path}: onnxruntime could not run the graph to measure shapes on {image}: {exc}") from exc
+    found = {n: tuple(int(d) for d in v.shape) for n, v in zip(outs, values) if isinstance(v, np.ndarray)}
+    found[input_name] = tuple(int(d) for d in tensor.shape)
+    return found
+
+
+def _pinned_inference(model, measured: dict[str, tuple], types: dict[str, int]):
+    """Static inference with every measured shape pinned (value_info edited in place, restored)."""
+    import onnx
+
+    existing = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
+    saved_vi = list(model.graph.value_info)
+    del model.graph.value_info[:]
+    for name, shape in measured.items():
+        if name in existing:
+            continue
+        model.graph.value_info.append(
+            onnx.helper.make_tensor_value_info(name, types.get(name) or onnx.TensorProto.FLOAT, list(shape)))
+    try:
+        return _infer(model)
+    finally:
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(saved_vi)
+
+
+def measured_shapes(model, path: Path, contract, image: Path | None = None,
+                    budget_bytes: int = EXPOSE_ALL_BUDGET_BYTES) -> ShapeTable:
+    """Shapes measured by onnxruntime on a real image (see module docstring).
+
+    Every intermediate is exposed when static inference resolved (nearly) all of them and
+    they fit in ``budget_bytes``; otherwise the values static inference could not resolve
+    and whose shape does not follow from their inputs' are exposed, the measured shapes are
+    pinned, and inference derives the rest (a second run exposes whatever is still unresolved).
+    """
     from runtime.images import load_rgb, prepare_for
 
     if contract is None:
@@ -193,63 +258,32 @@ def measured_shapes(model, path: Path, contract, image: Path | None = None,
 
     static = static_shapes(model, contract.input_size)
     graph = model.graph
-    existing = {o.name for o in graph.output}
     inits = {i.name for i in graph.initializer}
-    candidates = []
+    producer_op = {}
     for node in graph.node:
         if node.op_type == "Constant":
             continue
         for out in node.output:
-            if out and out not in existing and out not in inits:
-                candidates.append(out)
+            if out and out not in inits:
+                producer_op[out] = node.op_type
+    candidates = list(producer_op)
     unresolved = [n for n in candidates if not resolved(static.shapes.get(n))]
     known_bytes = sum(int(np.prod(static.shapes[n])) * elem_size(static.types.get(n))
                       for n in candidates if resolved(static.shapes.get(n)))
-    expose_all = known_bytes <= budget_bytes
-    exposed = candidates if expose_all else unresolved
-
-    run_model = onnx.ModelProto()
-    run_model.CopyFrom(model)
-    del run_model.graph.value_info[:]
-    for name in exposed:
-        run_model.graph.output.append(onnx.ValueInfoProto(name=name))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(run_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        input_name = session.get_inputs()[0].name
-        names = [o.name for o in session.get_outputs()]
-        values = session.run(names, {input_name: tensor})
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
-        raise ContractError(f"{path}: onnxruntime could not run the graph to measure shapes on {image}: {exc}") from exc
-    del run_model
-
-    measured: dict[str, tuple] = {}
-    for name, value in zip(names, values):
-        if isinstance(value, np.ndarray):
-            measured[name] = tuple(int(d) for d in value.shape)
-    measured[input_name] = tuple(int(d) for d in tensor.shape)
-
-    mismatches = [f"{n}: static {static.shapes[n]} vs measured {measured[n]}" for n in measured
-                  if resolved(static.shapes.get(n)) and tuple(static.shapes[n]) != measured[n]]
-
-    # Pin the measured shapes and let static inference resolve If/Loop bodies from them.
-    # (value_info is edited in place and restored: no second copy of the weights.)
-    saved_vi = list(model.graph.value_info)
-    del model.graph.value_info[:]
-    for name, shape in measured.items():
-        if name in existing or name == input_name:
-            continue
-        elem = static.types.get(name) or onnx.TensorProto.FLOAT
-        model.graph.value_info.append(onnx.helper.make_tensor_value_info(name, elem, list(shape)))
-    try:
-        inferred = _infer(model)
-    finally:
-        del model.graph.value_info[:]
-        model.graph.value_info.extend(saved_vi)
-
-    table = ShapeTable(mode="measured", image=str(image), static_mismatches=mismatches, exposed_all=expose_all)
-    _collect(inferred, table, "static")
+    expose_all = known_bytes <= budget_bytes and len(unresolved) <= _EXPOSE_ALL_MAX_UNRESOLVED * max(len(candidates), 1)
+    exposed = candidates if expose_all else [n for n in unresolved if producer_op[n] not in _DERIVABLE]
+    measured = _run_exposing(model, exposed, tensor, path, image)
+    inferred = _pinned_inference(model, measured, static.types)
+    table = ShapeTable(mode="measured", image=str(image), exposed_all=expose_all)
+    _collect(inferred, table, "inferred")
+    still = [n for n in candidates if n not in measured and not resolved(table.shapes.get(n))]
+    if still:
+        measured.update(_run_exposing(model, still, tensor, path, image))
+        inferred = _pinned_inference(model, measured, static.types)
+        table = ShapeTable(mode="measured", image=str(image), exposed_all=expose_all)
+        _collect(inferred, table, "inferred")
+    table.static_mismatches = [f"{n}: static {static.shapes[n]} vs measured {measured[n]}" for n in measured
+                               if resolved(static.shapes.get(n)) and tuple(static.shapes[n]) != measured[n]]
     for name, shape in measured.items():
         table.shapes[name] = shape
         table.source[name] = "measured"

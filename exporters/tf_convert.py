@@ -4,8 +4,11 @@ the result in onnxruntime, and comparing detections between TF and ONNX.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import importlib.util
 import os
+import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -42,7 +45,8 @@ def versions() -> dict[str, str]:
 
 
 def convert_function(fn, input_signature, output_names: Sequence[str], *, opset: int, model: str):
-    """tf2onnx conversion of a ``tf.function`` returning a dict; graph outputs renamed to ``output_names``.
+    """tf2onnx conversion of a ``tf.function`` returning a dict keyed by ``output_names``;
+    the ONNX outputs carry those names, in that order.
 
     Raises :class:`ExportError` naming the model when tf2onnx fails.
     """
@@ -50,17 +54,14 @@ def convert_function(fn, input_signature, output_names: Sequence[str], *, opset:
 
     import_tensorflow()
     try:
-        proto, _ = tf2onnx.convert.from_function(fn, input_signature=input_signature, opset=opset)
+        with _collecting_garbage():
+            proto, _ = tf2onnx.convert.from_function(fn, input_signature=input_signature, opset=opset)
     except Exception as exc:  # tf2onnx raises many unrelated types
         raise ExportError(f"tf2onnx could not convert {model!r} (opset {opset}): {type(exc).__name__}: {exc}") from exc
-    tf = import_tensorflow()
-    concrete = fn.get_concrete_function(*input_signature)
-    # tf2onnx lists outputs as concrete_function.outputs, i.e. tf.nest's flattening (dict keys sorted)
-    keys = tf.nest.flatten({k: k for k in concrete.structured_outputs})
-    if sorted(keys) != sorted(output_names) or len(proto.graph.output) != len(keys):
-        raise ExportError(f"{model!r}: the TF function returns {keys}, expected {list(output_names)}")
-    rename = {out.name: keys[i] for i, out in enumerate(proto.graph.output)}
-    _rename_tensors(proto, rename)
+    # tf2onnx names the outputs of a dict-returning function after its keys
+    found = [o.name for o in proto.graph.output]
+    if sorted(found) != sorted(output_names):
+        raise ExportError(f"{model!r}: tf2onnx produced outputs {found}, expected {list(output_names)}")
     order = {name: i for i, name in enumerate(output_names)}
     outputs = sorted(proto.graph.output, key=lambda o: order[o.name])
     del proto.graph.output[:]
@@ -68,13 +69,29 @@ def convert_function(fn, input_signature, output_names: Sequence[str], *, opset:
     return proto
 
 
-def _rename_tensors(proto, rename: dict[str, str]) -> None:
-    graph = proto.graph
-    for node in graph.node:
-        node.input[:] = [rename.get(n, n) for n in node.input]
-        node.output[:] = [rename.get(n, n) for n in node.output]
-    for value in list(graph.output) + list(graph.value_info):
-        value.name = rename.get(value.name, value.name)
+@contextlib.contextmanager
+def _collecting_garbage(interval: float = 1.0):
+    """Run ``gc.collect()`` every ``interval`` seconds while the block runs.
+
+    tf2onnx deep-copies the whole graph, weights included, before each of its optimizer
+    passes; the discarded copies are reference cycles that Python's generational collector
+    reclaims late (a few huge arrays barely move its allocation counters). For SSD300
+    (137 MB of weights) that is a 15 GB peak instead of about 4.6 GB.
+    """
+    stop = threading.Event()
+
+    def collect():
+        while not stop.wait(interval):
+            gc.collect()
+
+    worker = threading.Thread(target=collect, name="tf2onnx-gc", daemon=True)
+    worker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        worker.join()
+        gc.collect()
 
 
 def keep_outputs(proto, names: Sequence[str]):
@@ -103,15 +120,17 @@ def keep_outputs(proto, names: Sequence[str]):
 
 def cpu_session(proto):
     """An onnxruntime CPU session on ``proto`` as it will be saved (IR version pinned)."""
-    import onnx
     import onnxruntime as ort
 
-    model = onnx.ModelProto()
-    model.CopyFrom(proto)
-    model.ir_version = IR_VERSION
+    saved_ir, proto.ir_version = proto.ir_version, IR_VERSION
+    try:
+        data = proto.SerializeToString()
+    finally:
+        proto.ir_version = saved_ir
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    del data
     if session.get_providers()[:1] != ["CPUExecutionProvider"]:
         raise ProviderUnavailableError(f"onnxruntime did not create a CPU session (got {session.get_providers()})")
     return session

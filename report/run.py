@@ -29,6 +29,7 @@ the image loop through its detection cache).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import time
@@ -448,5 +449,11 @@ def run_pipeline(models: list[str] | None = None, *, quick: bool = False, settin
         pipe.summary.outcomes.append(StepOutcome("*", "report", None, "done", "", time.perf_counter() - t0))
         pipe.emit("done", step="report", message=str(pipe.summary.report.html))
     pipe.summary.wall_seconds = time.perf_counter() - started
+    # The run's own record (wall time, what it did), kept beside the step entries.
+    pipe.manifest.doc.setdefault("runs", []).append({
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_seconds": pipe.summary.wall_seconds,
+        "models": [s.name for s in specs], "settings": dataclasses.asdict(settings), "coco": str(coco),
+        "outcomes": {k: pipe.summary.count(k) for k in ("done", "reused", "skipped", "failed")}})
+    pipe.manifest.save()
     pipe.emit("finished", message=f"{pipe.summary.wall_seconds:.1f} s")
     return pipe.summary

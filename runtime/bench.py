@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import gc
 import os
-import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,7 +46,7 @@ from typing import Any, Callable
 import numpy as np
 
 from runtime.contract import INPUT_NAME, read_contract, sha256_file
-from runtime.errors import ConfigError, DatasetError, DetbenchError
+from runtime.errors import ConfigError, DatasetError
 from runtime.images import load_rgb, prepare_for
 
 DEFAULT_WARMUP = 3
@@ -461,4 +460,5 @@ def bench_models(paths: list[Path], providers: list[str], **options) -> list[Ben
     return results
 
 
-__all__ = ["BenchResult", "Latency", "bench_model", "bench_models", "default_image", "time_runs", "DetbenchError"]
+__all__ = ["BenchResult", "Latency", "bench_model", "bench_models", "default_image", "model_macs", "profile_nodes",
+           "time_runs"]

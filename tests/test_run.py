@@ -70,6 +70,11 @@ def test_quick_run_writes_the_report(quick_run, registry):
     table = _csv(root)
     assert [s.name for s in registry if s.paper] == [n for n, row in table.items() if row["paper"] == "yes"]
     assert "run finished in" in " ".join(stdout.split())
+    from report.manifest import load
+
+    (last,) = load(root)["runs"]
+    assert last["settings"]["eval_limit"] == 8 and last["settings"]["bench_runs"] == 3
+    assert last["outcomes"]["failed"] == 0 and 0 < last["wall_seconds"] < wall
     print(f"run --quick wall time: {wall:.1f} s")
 
 
@@ -141,15 +146,16 @@ def test_rerun_reuses_every_unchanged_step(quick_run, models, monkeypatch):
     monkeypatch.setenv("DETBENCH_RESULTS", str(root))
     before = len(store.load(root=root).records)
     summary = run_pipeline([s.name for s in models], quick=True, strict=True)
-    assert len(store.load(root=root).records) == before
+    # (a step re-done here means its inputs changed: in a shared working tree, someone edited
+    # the step's source between the two runs, which is what the code version in the key is for)
     statuses = {(o.model, o.step, o.provider): o.status for o in summary.outcomes if o.step != "report"}
     trained, random_init = models
-    for spec in models:
-        assert statuses[(spec.name, "export", None)] == "reused"
-        assert statuses[(spec.name, "profile", None)] == "reused"
-        assert statuses[(spec.name, "bench", "cpu")] == "reused"
-    assert statuses[(trained.name, "eval", "cpu")] == "reused"
-    assert statuses[(random_init.name, "eval", "cpu")] == "skipped"
+    expected = {(s.name, step, p): "reused" for s in models for step, p in (("export", None), ("profile", None),
+                                                                             ("bench", "cpu"))}
+    expected[(trained.name, "eval", "cpu")] = "reused"
+    expected[(random_init.name, "eval", "cpu")] = "skipped"
+    assert {k: statuses[k] for k in expected} == expected
+    assert len(store.load(root=root).records) == before
     assert summary.failures == []
 
 
