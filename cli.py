@@ -104,12 +104,29 @@ def export(
     out: Path = typer.Option(Path("results/onnx"), "--out", help="Output folder (or .onnx file for one model)."),
     input_size: Optional[str] = typer.Option(None, "--input-size", help="Override the registry's input size: N or HxW."),
     random_init: bool = typer.Option(False, "--random-init", help="Ignore available weights; deterministic random init."),
+    saved_model: Optional[Path] = typer.Option(None, "--saved-model", help="Convert this TensorFlow SavedModel folder "
+                                               "instead of registered models (needs --describe)."),
+    describe: Optional[Path] = typer.Option(None, "--describe", help="TOML file mapping the SavedModel's inputs and "
+                                            "outputs onto the contract (format: exporters/tf_saved_model.py)."),
 ) -> None:
-    """Export registered models to validated, self-describing ONNX files."""
+    """Export registered models (or a TensorFlow SavedModel) to validated, self-describing ONNX files."""
     from exporters import default_output, export_model
     from exporters.registry import load_registry
     from exporters.weights import locate_weights
 
+    if saved_model is not None or describe is not None:
+        from exporters.tf_saved_model import export_saved_model
+
+        if names or all_models or weights is not None or input_size is not None or random_init:
+            raise ConfigError("--saved-model converts one SavedModel: give it with --describe, not both it and "
+                              "model names/--all/--weights/--input-size/--random-init")
+        if saved_model is None or describe is None:
+            raise ConfigError("--saved-model DIR and --describe FILE go together")
+        with console.status(f"converting {saved_model}") as status:
+            result = export_saved_model(saved_model, describe, out, progress=lambda msg: status.update(msg))
+        console.print(f"[green]✓[/] {result.contract.name} -> {result.path} (SavedModel {saved_model}; "
+                      f"exported and validated in {result.seconds:.1f} s)")
+        return
     registry = load_registry()
     if all_models and names:
         raise ConfigError("give model names or --all, not both")

@@ -55,7 +55,7 @@ def profile_model(path, *, shapes: str = "static", image=None, allow_unknown: bo
         contract = ModelContract.from_props(props, str(path))
     input_hw = contract.input_size if contract else None
     if shapes == "static":
-        table = static_shapes(model, input_hw)
+        table = static_shapes(model, input_hw, keep_weights=False)  # counting needs dims, not values
     else:
         table = measured_shapes(model, path, contract, image)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from counting import ops
+from counting.folding import MAX_ELEMENTS, fold_shape_values
 from runtime.errors import ConfigError, ContractError, DatasetError
 
 # Above this estimated size of all statically known intermediates, only the values static
@@ -127,17 +128,20 @@ def _collect(model, table: ShapeTable, source: str) -> None:
 
 
 class _Stripped:
-    """Temporarily empty large initializers (dims kept) so shape inference stays cheap."""
+    """Empty large initializers (dims kept) so shape inference stays cheap; their data is put
+    back on exit unless ``restore`` is False (the caller no longer needs weight values)."""
 
-    def __init__(self, model):
+    def __init__(self, model, restore: bool = True):
         self.model = model
+        self.restore = restore
         self.saved: list[tuple[object, bytes]] = []
 
     def __enter__(self):
         for graph in _iter_graphs(self.model.graph):
             for init in graph.initializer:
                 if init.data_type in (1, 10, 11, 16) and len(init.raw_data) > _STRIP_ABOVE_BYTES:
-                    self.saved.append((init, init.raw_data))
+                    if self.restore:
+                        self.saved.append((init, init.raw_data))
                     init.ClearField("raw_data")
         return self.model
 
@@ -148,22 +152,79 @@ class _Stripped:
         return False
 
 
-def _infer(model):
+def _infer(model, restore: bool = True):
+    with _Stripped(model, restore) as light:
+        return _infer_light(light)
+
+
+def _infer_light(light):
     import onnx
 
-    with _Stripped(model) as light:
-        try:
-            return onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
-        except Exception as exc:  # onnx raises InferenceError and a few unrelated C++ errors
-            raise ContractError(f"onnx shape inference failed on this graph: {exc}") from exc
+    try:
+        return onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as exc:  # onnx raises InferenceError and a few unrelated C++ errors
+        raise ContractError(f"onnx shape inference failed on this graph: {exc}") from exc
 
 
-def static_shapes(model, input_hw: tuple[int, int] | None) -> ShapeTable:
-    """Static shapes of every value (the input pinned to ``input_hw``, batch 1)."""
+def _unresolved_count(table: ShapeTable) -> int:
+    return sum(1 for name, src in table.source.items() if src != "initializer" and not resolved(table.shapes[name]))
+
+
+def _small_values(graph) -> dict[str, np.ndarray]:
+    import onnx
+
+    values = {}
+    for init in graph.initializer:
+        if (init.raw_data or not init.dims) and int(np.prod(init.dims)) <= MAX_ELEMENTS:
+            values[init.name] = onnx.numpy_helper.to_array(init)
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and int(np.prod(attr.t.dims)) <= MAX_ELEMENTS:
+                    values[node.output[0]] = onnx.numpy_helper.to_array(attr.t)
+    return values
+
+
+def static_shapes(model, input_hw: tuple[int, int] | None, keep_weights: bool = True) -> ShapeTable:
+    """Static shapes of every value (the input pinned to ``input_hw``, batch 1).
+
+    Where ONNX inference leaves shapes unresolved, shape arithmetic that only depends on
+    constants and resolved shapes is evaluated exactly (``counting.folding``) and inference
+    re-run with those values, until nothing more resolves (at most 3 rounds).
+    With ``keep_weights=False`` the large weight tensors of ``model`` are emptied for good
+    (dims kept): faster, for callers that only count."""
+    import onnx
+
     fix_input_size(model, input_hw)
-    inferred = _infer(model)
-    table = ShapeTable(mode="static")
-    _collect(inferred, table, "static")
+    with _Stripped(model, keep_weights) as light:
+        table = ShapeTable(mode="static")
+        _collect(_infer_light(light), table, "static")
+        folded_all: dict[str, np.ndarray] = {}
+        for _round in range(3):
+            before = _unresolved_count(table)
+            if not before:
+                break
+            folded = fold_shape_values(light.graph, table.shapes, {**_small_values(light.graph), **folded_all})
+            folded = {k: v for k, v in folded.items() if k not in folded_all}
+            # only worth another inference if a new value feeds a node whose output is unresolved
+            feeds = {i for n in light.graph.node if any(not resolved(table.shapes.get(o)) for o in n.output if o)
+                     for i in n.input}
+            if not folded or not feeds.intersection(folded):
+                break
+            folded_all.update(folded)
+            work = onnx.ModelProto()
+            work.CopyFrom(light)  # cheap: the weights are stripped
+            kept = [n for n in work.graph.node if not (n.output and all(o in folded_all for o in n.output))]
+            del work.graph.node[:]
+            work.graph.node.extend(kept)
+            work.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in folded_all.items())
+            candidate = ShapeTable(mode="static")
+            _collect(_infer_light(work), candidate, "static")
+            for name, value in folded_all.items():
+                candidate.source[name] = "static"
+            if _unresolved_count(candidate) >= before:
+                break
+            table = candidate
     return table
 
 

@@ -46,19 +46,31 @@ def versions() -> dict[str, str]:
 
 def convert_function(fn, input_signature, output_names: Sequence[str], *, opset: int, model: str):
     """tf2onnx conversion of a ``tf.function`` returning a dict keyed by ``output_names``;
-    the ONNX outputs carry those names, in that order.
+    the ONNX outputs carry those names, in that order, and its only inputs are the signature's.
 
-    Raises :class:`ExportError` naming the model when tf2onnx fails.
+    The function is frozen first (variables *and* captured tensors become constants):
+    tf2onnx's own ``from_function`` turns a captured non-variable tensor, such as a
+    constant restored from a SavedModel, into an extra graph input.
+    Raises :class:`ExportError` naming the model when freezing or tf2onnx fails.
     """
     import tf2onnx
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    import_tensorflow()
+    tf = import_tensorflow()
     try:
         with _collecting_garbage():
-            proto, _ = tf2onnx.convert.from_function(fn, input_signature=input_signature, opset=opset)
-    except Exception as exc:  # tf2onnx raises many unrelated types
+            concrete = fn.get_concrete_function(*input_signature)
+            keys = tf.nest.flatten({k: k for k in concrete.structured_outputs})  # the order of concrete.outputs
+            frozen = convert_variables_to_constants_v2(concrete, lower_control_flow=False, aggressive_inlining=True)
+            graph_def = frozen.graph.as_graph_def(add_shapes=True)
+            inputs = [t.name for t in frozen.inputs]
+            outputs = [t.name for t in frozen.outputs]
+            del concrete, frozen
+            proto, _ = tf2onnx.convert.from_graph_def(graph_def, input_names=inputs, output_names=outputs, opset=opset,
+                                                      tensors_to_rename={**dict(zip(outputs, keys)),
+                                                                         **{n: n.split(":")[0] for n in inputs}})
+    except Exception as exc:  # TF and tf2onnx raise many unrelated types
         raise ExportError(f"tf2onnx could not convert {model!r} (opset {opset}): {type(exc).__name__}: {exc}") from exc
-    # tf2onnx names the outputs of a dict-returning function after its keys
     found = [o.name for o in proto.graph.output]
     if sorted(found) != sorted(output_names):
         raise ExportError(f"{model!r}: tf2onnx produced outputs {found}, expected {list(output_names)}")

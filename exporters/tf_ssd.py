@@ -106,7 +106,6 @@ def export(spec: ModelSpec, out: Path, *, weights: Path | None, input_size: tupl
     tf = import_tensorflow()
     config = config_from_spec(spec, input_size)
     progress("building the Keras network")
-    tf.keras.utils.set_random_seed(RANDOM_SEED)
     model = build_ssd(config, seed=RANDOM_SEED)
     if weights is None:
         calibrate_random_heads(model, config, seed=RANDOM_SEED)
@@ -125,7 +124,7 @@ def export(spec: ModelSpec, out: Path, *, weights: Path | None, input_size: tupl
     converted = time.perf_counter()
 
     progress("validating against TensorFlow on COCO images")
-    figures = validate(function, full, proto, config, spec.name)
+    figures = validate(function, full, proto, config, spec.name, resize=spec.resize)
     validated = time.perf_counter()
 
     contract = ModelContract(
@@ -140,7 +139,8 @@ def export(spec: ModelSpec, out: Path, *, weights: Path | None, input_size: tupl
     return ExportResult(path=path, contract=contract, seconds=time.perf_counter() - started, validation=figures)
 
 
-def validate(function, full, proto, config: SSDConfig, name: str, images: list[Path] | None = None) -> dict:
+def validate(function, full, proto, config: SSDConfig, name: str, *, resize: str,
+             images: list[Path] | None = None) -> dict:
     """TF vs onnxruntime on real COCO images: the saved graph's detections (as matched sets)
     and the debug graph's decoded priors and class scores, all within 1e-3.
 
@@ -152,7 +152,7 @@ def validate(function, full, proto, config: SSDConfig, name: str, images: list[P
     height, width = config.input_size
     detections = []
     for path in images or validation_images(VALIDATION_IMAGES):
-        tensor, _ = prepare(load_rgb(path), height, width, "stretch")
+        tensor, _ = prepare(load_rgb(path), height, width, resize)
         reference = run_tf(function, tensor)
         final = run_onnx(saved, tensor, OUTPUT_NAMES)
         raw = run_onnx(debug, tensor, DEBUG_OUTPUTS)

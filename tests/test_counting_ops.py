@@ -379,6 +379,26 @@ def test_static_marks_unresolved_measured_resolves(tmp_path, coco_dir):
     assert measured.to_dict()["complete"] is True
 
 
+def test_static_sees_through_float_shape_arithmetic(tmp_path):
+    # torchvision-style resize: sizes = floor(shape[2:] * 1.5) computed in the graph, then a
+    # Conv. ONNX inference alone cannot evaluate the float arithmetic; the analyzer evaluates it
+    # exactly: x [1,2,10,12] -> [1,2,15,18] -> Conv 3x3 valid, 4 filters -> [1,4,13,16].
+    nodes = [h.make_node("Shape", ["x"], ["s"]), h.make_node("Slice", ["s", "two", "four"], ["hw"]),
+             h.make_node("Cast", ["hw"], ["hwf"], to=T.FLOAT), h.make_node("Mul", ["hwf", "k"], ["scaled"]),
+             h.make_node("Floor", ["scaled"], ["fl"]), h.make_node("Cast", ["fl"], ["hwi"], to=T.INT64),
+             h.make_node("Slice", ["s", "zero", "two"], ["nc"]), h.make_node("Concat", ["nc", "hwi"], ["sizes"], axis=0),
+             h.make_node("Resize", ["x", "", "", "sizes"], ["r"], mode="nearest"),
+             h.make_node("Conv", ["r", "W"], ["y"])]
+    inits = [init("two", [1], np.int64, [2]), init("four", [1], np.int64, [4]), init("zero", [1], np.int64, [0]),
+             init("k", [1], value=[1.5]), init("W", [4, 2, 3, 3])]
+    path = build(tmp_path, nodes, [vi("x", [1, 2, 10, 12])], [vi("y", None)], inits)
+    p = profile_model(path)
+    conv = only(p, "Conv")
+    assert conv.outputs[0][1] == (1, 4, 13, 16)
+    assert conv.macs == 4 * 13 * 16 * 2 * 9
+    assert p.to_dict()["complete"] is True
+
+
 def test_measured_needs_contract(tmp_path):
     path = _nonzero_model(tmp_path, None)
     with pytest.raises(ConfigError, match="metadata"):

@@ -1,0 +1,254 @@
+"""PyTorch (torchvision) detectors: build, export, validate (issue 3).
+
+Every framework = "pytorch" entry of models.toml is exported once per session (the
+``exported`` fixture) and checked against the contract; the independent references are
+torchvision's published num_params, torchvision's own builders, hand-computed parameter
+counts and PyTorch's eager outputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from exporters.registry import load_registry
+from exporters.torch_builders import build_model, count_parameters, load_weights
+from exporters import torch_detectors as td
+from runtime.contract import DEFAULT_OPSET, RANDOM_INIT, read_contract, sha256_file
+from runtime.errors import WeightsError
+from runtime.images import load_rgb, prepare, prepare_for
+
+TORCH_MODELS = [s.name for s in load_registry() if s.framework == "pytorch"]
+WITH_PUBLISHED_PARAMS = [s.name for s in load_registry() if s.framework == "pytorch" and "params" in s.published]
+WITH_TORCHVISION_FUNCTION = [s.name for s in load_registry()
+                             if s.framework == "pytorch" and s.source.get("builder") == "resnet_fpn"
+                             and "function" in s.source]
+
+
+def _ort_outputs(path, tensor):
+    return td.run_onnx(td.cpu_session(path), tensor)
+
+
+@pytest.fixture(scope="module")
+def fresh_model():
+    """Uncalibrated builds (cheap: no forward pass), one per name, kept for the module."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = build_model(load_registry().get(name), calibrate=False)
+        return cache[name]
+
+    return get
+
+
+def test_every_pytorch_entry_is_covered():
+    # The paper's three configurations and the four torchvision references.
+    assert len(TORCH_MODELS) == 7
+    assert len(WITH_PUBLISHED_PARAMS) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TORCH_MODELS)
+def test_export_follows_contract_and_validates(name, exported, registry, fresh_model):
+    import onnx
+
+    spec = registry.get(name)
+    result = exported(name)
+    contract = read_contract(result.path)
+    assert contract.name == name and contract.framework == "pytorch"
+    assert contract.input_size == spec.input_size
+    assert contract.label_space == "coco91" and contract.resize == spec.resize
+    assert (contract.score_threshold, contract.iou_threshold, contract.max_detections) == (
+        spec.score_threshold, spec.iou_threshold, spec.max_detections)
+    assert contract.weights == RANDOM_INIT
+    assert contract.source_params == count_parameters(fresh_model(name))
+    for key in ("opset", "torch_version", "torchvision_version", "exporter", "params_convention", "init"):
+        assert contract.extra.get(key), key
+    assert contract.extra["opset"] == str(DEFAULT_OPSET)
+    assert contract.extra["torch_version"] == torch.__version__
+
+    model = onnx.load(str(result.path), load_external_data=False)
+    (graph_input,) = model.graph.input
+    dims = [d.dim_value for d in graph_input.type.tensor_type.shape.dim]
+    assert graph_input.name == "images" and dims == [1, 3, *spec.input_size]
+    outputs = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
+    expected = ["boxes", "scores", "labels"] + (["masks"] if spec.source.get("detector") == "MaskRCNN" else [])
+    assert [o.name for o in model.graph.output] == expected
+    assert outputs["labels"] == onnx.TensorProto.INT64 and outputs["boxes"] == onnx.TensorProto.FLOAT
+
+    # The validation compared real detections on real images, the tracing image excluded.
+    v = result.validation
+    assert v["trace_image"] not in v["images"] and len(v["images"]) == 2
+    compared = [v[f"{img}:detections"] for img in v["images"]]
+    assert min(compared) > 0, compared
+    assert max(v[f"{img}:scores:max_abs_diff"] for img in v["images"]) <= 1e-3 + 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TORCH_MODELS)
+def test_export_on_an_unseen_image_of_another_size_and_a_grey_one(name, exported, coco_dir, registry):
+    """Independent of the exporter's own validation: a further COCO image, letterboxed by the
+    runtime, and a uniform grey image (few or no detections) through onnxruntime vs PyTorch."""
+    result = exported(name)
+    contract = read_contract(result.path)
+    model = build_model(registry.get(name), contract.input_size)  # deterministic: the exported model
+    wrapper = td.ContractWrapper(model).eval()
+    used = {result.validation["trace_image"], *result.validation["images"]}
+    image = next(p for p in sorted((coco_dir / "val2017").glob("*.jpg"))[::-1] if p.name not in used)
+    comparison = td.Comparison(name)
+    for where, rgb in ((image.name, load_rgb(image)), ("grey", np.full((333, 500, 3), 128, np.uint8))):
+        tensor, placement = prepare_for(rgb, contract)
+        got = _ort_outputs(result.path, tensor)
+        k = len(got["scores"])
+        assert got["boxes"].shape == (k, 4) and got["labels"].shape == (k,) and got["labels"].dtype == np.int64
+        assert k <= contract.max_detections
+        if k:
+            assert got["scores"].min() > contract.score_threshold
+            assert set(got["labels"].tolist()) <= set(range(1, 91))
+            assert (got["boxes"][:, 2:] >= got["boxes"][:, :2]).all()
+        td.compare(comparison, where, td.run_reference(wrapper, tensor), got)
+    comparison.raise_if_any()
+
+
+@pytest.mark.parametrize("name", WITH_PUBLISHED_PARAMS)
+def test_parameter_count_equals_torchvision_published(name, registry, fresh_model):
+    published = registry.get(name).published["params"]
+    assert "FrozenBatchNorm" in published.convention or "torch module" in published.convention
+    assert count_parameters(fresh_model(name)) == int(published.value)
+
+
+@pytest.mark.parametrize("name", WITH_TORCHVISION_FUNCTION)
+def test_assembly_equals_torchvision_builder(name, registry, fresh_model):
+    """Same state_dict keys and shapes as torchvision's own builder (weights=None: BatchNorm2d,
+    whose extra num_batches_tracked buffers are the only difference) and FrozenBatchNorm2d
+    wherever that builder puts a norm layer."""
+    import torchvision.models.detection as detection
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    spec = registry.get(name)
+    ours = fresh_model(name)
+    theirs = getattr(detection, spec.source["function"])(weights=None, weights_backbone=None)
+    mine = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    ref = {k: tuple(v.shape) for k, v in theirs.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert mine == ref
+    norm_ours = [n for n, m in ours.named_modules() if isinstance(m, FrozenBatchNorm2d)]
+    norm_theirs = [n for n, m in theirs.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norm_ours == norm_theirs and norm_ours
+    assert all(m.eps == 0.0 for m in ours.modules() if isinstance(m, FrozenBatchNorm2d))  # COCO_V1 checkpoints
+
+
+def test_faster_rcnn_vgg16_parameter_count_by_hand(registry, fresh_model):
+    """Worked out from the layer shapes (weights + biases), independent of torchvision."""
+    conv = lambda cin, cout, k: cin * cout * k * k + cout  # noqa: E731
+    fc = lambda cin, cout: cin * cout + cout  # noqa: E731
+    vgg = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
+           (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]
+    backbone = sum(conv(a, b, 3) for a, b in vgg)                  # conv1_1 .. conv5_3: 14,714,688
+    rpn = conv(512, 512, 3) + conv(512, 9, 1) + conv(512, 36, 1)   # 3x3 conv, 9 objectness, 36 deltas
+    fc6, fc7 = fc(512 * 7 * 7, 4096), fc(4096, 4096)               # 102,764,544 and 16,781,312
+    predictor = fc(4096, 91) + fc(4096, 91 * 4)
+    expected = backbone + rpn + fc6 + fc7 + predictor
+    assert backbone == 14_714_688 and fc6 == 102_764_544
+    assert expected == 138_507_572
+    assert count_parameters(fresh_model("faster-rcnn-vgg16")) == expected
+
+
+@pytest.mark.parametrize("name", TORCH_MODELS)
+def test_in_graph_resize_is_an_identity_at_the_export_size(name, registry, fresh_model):
+    spec = registry.get(name)
+    model = fresh_model(name)
+    h, w = spec.input_size
+    image = torch.rand(3, h, w, generator=torch.Generator().manual_seed(1))
+    td.check_resize_is_identity(model, image)  # raises unless bit-identical
+    # The check can fail: a tensor of another size is resized by the same transform.
+    with pytest.raises(Exception, match="not an identity"):
+        td.check_resize_is_identity(model, image[:, : h - 40, :])
+
+
+@pytest.mark.slow
+def test_wrapper_equals_torchvision_forward_and_masks_paste_back(coco_dir, registry):
+    """The contract wrapper skips only torchvision's postprocess: boxes/scores/labels equal the
+    model's own forward exactly, and pasting the 28x28 masks reproduces its full-image masks."""
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    spec = registry.get("maskrcnn_resnet50_fpn")
+    model = build_model(spec)
+    wrapper = td.ContractWrapper(model).eval()
+    image = load_rgb(sorted((coco_dir / "val2017").glob("*.jpg"))[5])
+    tensor, _ = prepare(image, spec.height, spec.width, spec.resize)
+    with torch.no_grad():
+        boxes, scores, labels, masks = wrapper(torch.from_numpy(tensor))
+        full = model([torch.from_numpy(tensor[0]) / 255.0])[0]
+    assert len(scores) > 0
+    assert torch.equal(boxes, full["boxes"]) and torch.equal(scores, full["scores"])
+    assert torch.equal(labels, full["labels"])
+    assert masks.shape == (len(scores), 1, 28, 28)
+    assert torch.equal(paste_masks_in_image(masks, boxes, (spec.height, spec.width)), full["masks"])
+
+
+def test_random_init_is_deterministic(registry):
+    spec = registry.get("ssd300_vgg16")
+    a, b = build_model(spec), build_model(spec)
+    c = build_model(spec, seed=1)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+@pytest.mark.slow
+def test_weights_path_reproduces_the_saved_model(tmp_path, exported, registry, coco_dir):
+    """A state_dict saved from one random model (seed 1) and exported through ``weights``
+    gives ONNX outputs equal to that model's PyTorch outputs, and not the seed-0 export's."""
+    name = "ssd300_vgg16"
+    spec = registry.get(name)
+    source = build_model(spec, seed=1)
+    path = tmp_path / "seed1.pt"
+    torch.save(source.state_dict(), path)
+
+    loaded = exported(name, weights=path)
+    default = exported(name)
+    contract = read_contract(loaded.path)
+    assert contract.weights == "sha256:" + sha256_file(path)
+    image = sorted((coco_dir / "val2017").glob("*.jpg"))[7]
+    tensor, _ = prepare_for(load_rgb(image), contract)
+    got = _ort_outputs(loaded.path, tensor)
+    ref = td.run_reference(td.ContractWrapper(source).eval(), tensor)
+    other = _ort_outputs(default.path, tensor)
+    assert len(ref["scores"]) > 0
+    comparison = td.Comparison(name)
+    td.compare(comparison, image.name, ref, got)
+    comparison.raise_if_any()
+    assert len(other["scores"]) != len(got["scores"]) or not np.allclose(other["boxes"], got["boxes"], atol=1e-2)
+
+
+def test_state_dict_with_missing_and_unexpected_keys_is_a_clear_error(tmp_path, fresh_model):
+    model = fresh_model("fasterrcnn_resnet50_fpn")
+    state = dict(model.state_dict())
+    dropped = "roi_heads.box_predictor.cls_score.weight"
+    del state[dropped]
+    state["roi_heads.extra_head.weight"] = torch.zeros(3)
+    state["rpn.head.conv.0.0.bias"] = torch.zeros(7)  # right name, wrong shape
+    path = tmp_path / "bad.pt"
+    torch.save(state, path)
+    with pytest.raises(WeightsError) as info:
+        load_weights(model, path, "fasterrcnn_resnet50_fpn")
+    message = str(info.value)
+    assert dropped in message and "roi_heads.extra_head.weight" in message
+    assert "rpn.head.conv.0.0.bias (7,)" in message and str(path) in message
+    assert "1 missing" in message and "1 unexpected" in message
+
+
+def test_weights_file_that_is_not_a_state_dict_is_a_clear_error(tmp_path, fresh_model):
+    model = fresh_model("fasterrcnn_resnet50_fpn")
+    listing = tmp_path / "list.pt"
+    torch.save([torch.zeros(1)], listing)
+    with pytest.raises(WeightsError, match="not a state_dict"):
+        load_weights(model, listing, "fasterrcnn_resnet50_fpn")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="not a loadable torch state_dict"):
+        load_weights(model, garbage, "fasterrcnn_resnet50_fpn")
+    with pytest.raises(WeightsError, match="not found"):
+        load_weights(model, tmp_path / "absent.pt", "fasterrcnn_resnet50_fpn")
