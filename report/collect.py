@@ -234,7 +234,9 @@ def _row(name: str, size: tuple[int, int], spec, records: list[dict[str, Any]],
             if pub is not None:
                 setattr(row, attr, Accuracy(float(pub.value), PUBLISHED, pub.source))
 
-    if row.weights is None:
+    attempted = any(e.get("model") == name and tuple(e.get("input_size") or ()) == size
+                    for e in manifest.get("entries", {}).values())
+    if row.weights is None and not attempted:
         row.skipped["run"] = f"not run here yet (python cli.py run --models {name})"
     if row.map50 is None and row.map is None and row.weights is not None:
         row.skipped["accuracy"] = ("random-init weights (no trained weights here) and models.toml publishes no "
@@ -250,16 +252,16 @@ def _row(name: str, size: tuple[int, int], spec, records: list[dict[str, Any]],
 
 
 def provider_skips(rows: list[ModelRow]) -> dict[str, str]:
-    """Providers skipped for the same reason on every row that tried them: provider -> reason.
-
-    These are properties of the machine (e.g. no CUDA), said once instead of per model."""
-    reasons: dict[str, set[str]] = {}
-    for r in rows:
-        for k, v in r.skipped.items():
-            if k.startswith("bench:"):
-                reasons.setdefault(k.split(":", 1)[1], set()).add(v)
+    """Providers measured on no row, with the reason given by the rows that got as far as
+    trying them (exported models): provider -> reason. These are properties of the machine
+    (e.g. no CUDA), said once instead of per model."""
     measured = {p for r in rows for p in r.latency}
-    return {p: next(iter(v)) for p, v in reasons.items() if len(v) == 1 and p not in measured}
+    reasons: dict[str, list[str]] = {}
+    for r in sorted(rows, key=lambda r: r.onnx_sha256 is None):  # exported rows' reasons first
+        for k, v in r.skipped.items():
+            if k.startswith("bench:") and k.split(":", 1)[1] not in measured:
+                reasons.setdefault(k.split(":", 1)[1], []).append(v)
+    return {p: max(set(v), key=v.count) if len(set(v)) > 1 else v[0] for p, v in reasons.items()}
 
 
 def providers(rows: list[ModelRow]) -> list[str]:

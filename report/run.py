@@ -371,7 +371,7 @@ class _Pipeline:
         path = self.export(spec)
         if path is None:
             why = self.manifest.get(spec.name, spec.input_size, "export") or {}
-            reason = f"not exported ({why.get('status', '?')}: {str(why.get('reason', ''))[:200]})"
+            reason = f"not exported (export {why.get('status', '?')}; its reason is on the export step)"
             for step, provider in [("profile", None)] + [("bench", p) for p in providers] + [("eval", self.settings.eval_provider)]:
                 self.outcome(spec, step, provider, "skipped", reason, key="")
             return

@@ -111,7 +111,7 @@ def display_rows(rows: list[ModelRow]) -> tuple[list[dict[str, str]], list[str]]
             if p not in row.latency and why:
                 cells[f"p50 latency {p} (ms)"] = why.split(":", 1)[0]  # "skipped" / "failed"
         machine = provider_skips(rows)
-        cells["_notes"] = "; ".join(f"{k}: {v}" for k, v in sorted(row.skipped.items())
+        cells["_notes"] = "; ".join(f"{k}: {' '.join(v.split())}" for k, v in sorted(row.skipped.items())
                                     if not (k.startswith("bench:") and k.split(":", 1)[1] in machine))
         out.append(cells)
     return out, sources

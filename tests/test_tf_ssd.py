@@ -306,7 +306,7 @@ name = "tiny-od-api"
 input_size = [320, 320]
 resize = "stretch"
 label_space = "coco91"
-score_threshold = 0.35
+score_threshold = 0.7
 iou_threshold = 0.5
 max_detections = 100
 
@@ -336,7 +336,7 @@ def saved_model(tf, tmp_path_factory):
             rng = np.random.default_rng(0)
             self.stem = tf.Variable(rng.normal(0, 0.5, (4, 4, 3, 16)).astype(np.float32))
             self.loc = tf.Variable(rng.normal(0, 0.3, (1, 1, 16, 4)).astype(np.float32))
-            self.cls = tf.Variable(rng.normal(0, 0.5, (1, 1, 16, 90)).astype(np.float32))
+            self.cls = tf.Variable(rng.normal(0, 0.1, (1, 1, 16, 90)).astype(np.float32))
             g = (np.arange(16) + 0.5) / 16
             cy, cx = np.meshgrid(g, g, indexing="ij")
             self.anchors = tf.constant(np.stack([cy.ravel(), cx.ravel()], 1).astype(np.float32))
@@ -374,7 +374,7 @@ def test_saved_model_export_matches_the_saved_model(saved_model, tmp_path, tf):
     assert result.path == tmp_path / "tiny-od-api.onnx"
     contract = read_contract(result.path)
     assert (contract.name, contract.framework, contract.label_space) == ("tiny-od-api", "tensorflow", "coco91")
-    assert (contract.input_height, contract.input_width, contract.score_threshold) == (320, 320, 0.35)
+    assert (contract.input_height, contract.input_width, contract.score_threshold) == (320, 320, 0.7)
     assert contract.source_params == TINY_PARAMS and contract.weights.startswith("sha256:")
 
     # the SavedModel itself, called the way its users call it, mapped to the contract by hand
@@ -386,7 +386,7 @@ def test_saved_model_export_matches_the_saved_model(saved_model, tmp_path, tf):
         raw = serving(input_tensor=tf.constant(tensor[0].transpose(1, 2, 0).astype(np.uint8)[None]))
         n = int(raw["num_detections"].numpy()[0])
         scores = raw["detection_scores"].numpy()[0, :n]
-        keep = scores >= 0.35
+        keep = scores >= 0.7
         y1, x1, y2, x2 = raw["detection_boxes"].numpy()[0, :n][keep].T
         expected_boxes = np.stack([x1 * 320, y1 * 320, x2 * 320, y2 * 320], axis=1)
         expected_labels = raw["detection_classes"].numpy()[0, :n][keep].astype(np.int64)
