@@ -61,7 +61,7 @@ def main() -> None:
             if proc.returncode or not lines:
                 sys.exit(f"{name} run {i + 1} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
             runs.append(json.loads(lines[-1][len("RESULT "):]))
-            print(f"{name} run {i + 1}/{args.repeats}: {runs[-1]['seconds']:.1f} s", flush=True)
+            print(f"{name} run {i + 1}/{args.repeats}: {json.dumps(runs[-1])}", flush=True)
         med = {k: statistics.median(r[k] for r in runs) for k in
                ("seconds", "seconds_build", "seconds_convert", "seconds_validate", "peak_rss_mb")}
         last = runs[-1]

@@ -203,10 +203,9 @@ class ModelProfile:
             return ("static: onnx shape inference with the input fixed to " + ops.shape_str(self.input_shape)
                     + "; data-dependent dims are left unresolved and their nodes listed as unresolved")
         how = ("every intermediate value exposed as an output" if self.shapes_exposed_all else
-               "exposed as outputs: every value static inference could not resolve and whose shape does not "
-               "follow from its inputs' (Resize/Reshape/Slice with computed arguments, NonZero, NMS, TopK, ...); "
-               "the others are inferred from the measured ones ('inferred from measured') or were exact "
-               "statically at the fixed input size")
+               "exposed as outputs: every value static inference could not resolve (data-dependent); the "
+               "others were exact statically at the fixed input size and are re-derived by inference from "
+               "the measured ones ('inferred from measured')")
         return (f"measured: onnxruntime (CPU) on {self.image} ({how}); If/Loop bodies resolved by static "
                 "inference from the measured outer shapes")
 

@@ -12,9 +12,9 @@ resolved by re-running static inference with every measured outer shape pinned.
 
 Exposing *every* intermediate makes onnxruntime keep all of them alive at once
 (gigabytes for a ResNet-101 at 800 x 1024), so values whose static shape is already
-fully resolved are exposed only while the estimated total stays under
-:data:`EXPOSE_ALL_BUDGET_BYTES`; the data-dependent ones are always measured, and
-each value says where its shape came from (``ShapeTable.source``).
+fully resolved (exactly: the input size is fixed) are exposed only while the estimated
+total stays under :data:`EXPOSE_ALL_BUDGET_BYTES`; the data-dependent ones are always
+measured, and each value says where its shape came from (``ShapeTable.source``).
 """
 
 from __future__ import annotations
@@ -240,15 +240,6 @@ def default_image() -> Path:
     return images[0]
 
 
-# Ops whose output shape onnx shape inference derives from their input shapes alone (given
-# constant attributes): once their inputs are pinned to measured shapes, their outputs need not
-# be exposed. Everything else (Resize with computed sizes, Reshape/Slice/Expand with computed
-# arguments, NonZero, NMS, TopK, control flow, ...) is exposed when its static shape is unresolved.
-_DERIVABLE = (ops.ELEMENTWISE_OPS | ops.COMPARE_OPS | ops.ACTIVATION_OPS | ops.TRANSCENDENTAL_OPS
-              | ops.COMPOSITE_ACTIVATION_OPS | ops.POOL_OPS | ops.GLOBAL_POOL_OPS
-              | {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "InstanceNormalization",
-                 "LayerNormalization", "GroupNormalization", "Softmax", "LogSoftmax", "Transpose", "Flatten",
-                 "Cast", "Identity", "Concat", "Shape", "Size", "Dropout", "LRN"})
 # Expose every intermediate only when few values are unresolved statically (their size is unknown,
 # so the memory estimate would not hold otherwise).
 _EXPOSE_ALL_MAX_UNRESOLVED = 0.1
@@ -306,8 +297,8 @@ def measured_shapes(model, path: Path, contract, image: Path | None = None,
 
     Every intermediate is exposed when static inference resolved (nearly) all of them and
     they fit in ``budget_bytes``; otherwise the values static inference could not resolve
-    and whose shape does not follow from their inputs' are exposed, the measured shapes are
-    pinned, and inference derives the rest (a second run exposes whatever is still unresolved).
+    are exposed, the measured shapes are pinned, and inference re-derives the rest (a second
+    run exposes whatever would still be unresolved).
     """
     from runtime.images import load_rgb, prepare_for
 
@@ -332,7 +323,11 @@ def measured_shapes(model, path: Path, contract, image: Path | None = None,
     known_bytes = sum(int(np.prod(static.shapes[n])) * elem_size(static.types.get(n))
                       for n in candidates if resolved(static.shapes.get(n)))
     expose_all = known_bytes <= budget_bytes and len(unresolved) <= _EXPOSE_ALL_MAX_UNRESOLVED * max(len(candidates), 1)
-    exposed = candidates if expose_all else [n for n in unresolved if producer_op[n] not in _DERIVABLE]
+    # Exposing only the non-derivable unresolved values would save memory, but whenever inference
+    # cannot derive the rest from them a second full run is needed; static inference (with exact
+    # shape folding) already resolves the big backbone tensors, so the unresolved ones are the
+    # data-dependent, moderate-size ones: expose them all and run once.
+    exposed = candidates if expose_all else unresolved
     measured = _run_exposing(model, exposed, tensor, path, image)
     inferred = _pinned_inference(model, measured, static.types)
     table = ShapeTable(mode="measured", image=str(image), exposed_all=expose_all)

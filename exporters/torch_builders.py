@@ -204,7 +204,10 @@ def _score_layers(model: nn.Module) -> list[nn.Module]:
     from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
     if isinstance(model, GeneralizedRCNN):
-        return [model.rpn.head.cls_logits, model.roi_heads.box_predictor.cls_score]
+        layers = [model.rpn.head.cls_logits, model.roi_heads.box_predictor.cls_score]
+        if getattr(model.roi_heads, "mask_predictor", None) is not None:
+            layers.append(model.roi_heads.mask_predictor.mask_fcn_logits)  # per-pixel mask logits
+        return layers
     if isinstance(model, RetinaNet):
         return [model.head.classification_head.cls_logits]
     if isinstance(model, SSD):

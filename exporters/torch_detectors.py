@@ -279,7 +279,35 @@ def compare(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got:
         ref, got, stats = align_near_ties(ref, got, comparison.atol, comparison.rtol)
         for key, value in stats.items():
             comparison.figures[f"{where}:{key}"] = value
+    ref, got = dict(ref), dict(got)
+    ref_masks, got_masks = ref.pop("masks", None), got.pop("masks", None)
     comparison.detections(where, ref, got)
+    if ref_masks is not None and len(ref["scores"]) == len(got["scores"]):
+        compare_masks(comparison, where, ref_masks, got_masks)
+
+
+# Masks are compared as COCO uses them, binarised at 0.5: a mask probability is a sigmoid of
+# a logit sampled (RoIAlign) at box-dependent points, so box differences of ~1e-5 relative
+# move steep edges by a fraction of a pixel and single probabilities by far more than 1e-3.
+MASK_THRESHOLD = 0.5
+MASK_MAX_FLIPPED = 0.005
+
+
+def compare_masks(comparison: Comparison, where: str, ref: np.ndarray, got: np.ndarray) -> None:
+    """At most 0.5% of mask pixels may fall on the other side of 0.5; max/mean |diff| are recorded."""
+    if ref.shape != got.shape:
+        comparison.mismatches.append(f"{where}:masks: shape {got.shape} in ONNX, {ref.shape} in the source model")
+        return
+    if ref.size == 0:
+        return
+    diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
+    flipped = float(np.mean((ref > MASK_THRESHOLD) != (got > MASK_THRESHOLD)))
+    comparison.figures[f"{where}:masks:max_abs_diff"] = float(diff.max())
+    comparison.figures[f"{where}:masks:mean_abs_diff"] = float(diff.mean())
+    comparison.figures[f"{where}:masks:flipped_fraction"] = flipped
+    if flipped > MASK_MAX_FLIPPED:
+        comparison.mismatches.append(f"{where}:masks: {flipped:.2%} of mask pixels change sides of {MASK_THRESHOLD} "
+                                     f"(allowed {MASK_MAX_FLIPPED:.1%}); max |diff| {diff.max():.3g}")
 
 
 def check_degenerate(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
