@@ -291,6 +291,16 @@ def _pinned_inference(model, measured: dict[str, tuple], types: dict[str, int]):
         model.graph.value_info.extend(saved_vi)
 
 
+def _keep_static(table: ShapeTable, static: ShapeTable) -> None:
+    """Values static mode resolved (exactly, with shape folding) keep that shape where the
+    pinned re-inference, which does not fold, leaves them open."""
+    for name, shape in static.shapes.items():
+        if resolved(shape) and not resolved(table.shapes.get(name)):
+            table.shapes[name] = shape
+            table.types.setdefault(name, static.types.get(name, 1))
+            table.source[name] = static.source.get(name, "static")
+
+
 def measured_shapes(model, path: Path, contract, image: Path | None = None,
                     budget_bytes: int = EXPOSE_ALL_BUDGET_BYTES) -> ShapeTable:
     """Shapes measured by onnxruntime on a real image (see module docstring).
@@ -332,12 +342,14 @@ def measured_shapes(model, path: Path, contract, image: Path | None = None,
     inferred = _pinned_inference(model, measured, static.types)
     table = ShapeTable(mode="measured", image=str(image), exposed_all=expose_all)
     _collect(inferred, table, "inferred")
+    _keep_static(table, static)
     still = [n for n in candidates if n not in measured and not resolved(table.shapes.get(n))]
     if still:
         measured.update(_run_exposing(model, still, tensor, path, image))
         inferred = _pinned_inference(model, measured, static.types)
         table = ShapeTable(mode="measured", image=str(image), exposed_all=expose_all)
         _collect(inferred, table, "inferred")
+        _keep_static(table, static)
     table.static_mismatches = [f"{n}: static {static.shapes[n]} vs measured {measured[n]}" for n in measured
                                if resolved(static.shapes.get(n)) and tuple(static.shapes[n]) != measured[n]]
     for name, shape in measured.items():

@@ -226,8 +226,8 @@ def _calibrate(model: nn.Module, image: torch.Tensor) -> None:
 
     def spread_logits(module, args, output):
         # A head applied to several pyramid levels is rescaled once, on its first call.
-        if getattr(module, "_detbench_calibrated", False):
-            return None
+        if getattr(module, "_detbench_calibrated", False) or output.numel() == 0:
+            return None  # e.g. a mask head without detections on the calibration image
         module._detbench_calibrated = True
         bias = module.bias.view(-1, *([1] * (output.dim() - 2))) if module.bias is not None else 0.0
         centred = output - bias

@@ -254,8 +254,10 @@ def accuracy_vs_latency(rows: list[ModelRow], path: Path) -> dict[str, dict]:
     if not provs:
         axes[0][0].text(0.5, 0.5, "no latency measured yet", transform=axes[0][0].transAxes, ha="center", color="0.4")
     fig.suptitle("mAP@0.5 vs measured latency, per execution provider", fontsize=12)
-    notes = [f"{k.split(':', 1)[1]}: {v}" for r in rows for k, v in r.skipped.items() if k.startswith("bench:")]
-    _footnote(fig, sorted(set(n[:160] for n in notes))[:4])
+    from report.collect import provider_skips
+
+    notes = [f"{p} not measured: {' '.join(why.split())}"[:170] for p, why in provider_skips(rows).items()]
+    _footnote(fig, notes[:4])
     _save(fig, path)
     return result
 
