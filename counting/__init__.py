@@ -6,8 +6,11 @@ returns a :class:`ModelProfile` (``.to_dict()`` is the results-store record and,
 
 - ``counting.ops``: op type -> counting function, the cost constants in one place;
 - ``counting.shapes``: static shape inference and measured shapes (one onnxruntime run);
+- ``counting.folding``: exact evaluation of shape arithmetic that ONNX inference skips;
 - ``counting.params``: which constant tensors count as parameters;
-- ``counting.analyzer``: the walk over the graph and its If/Loop bodies, totals.
+- ``counting.analyzer``: the walk over the graph and its If/Loop bodies, totals, the
+  network / post-processing split, the onnx-tool cross-check;
+- ``counting.render``: per-node CSV rows and the JSON file.
 """
 
 from __future__ import annotations

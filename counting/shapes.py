@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-from counting import ops
 from counting.folding import MAX_ELEMENTS, fold_shape_values
 from runtime.errors import ConfigError, ContractError, DatasetError
 

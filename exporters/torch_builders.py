@@ -215,7 +215,7 @@ def _score_layers(model: nn.Module) -> list[nn.Module]:
     raise ConfigError(f"no random-init calibration rule for {type(model).__name__}")
 
 
-def _calibrate(model: nn.Module, image: torch.Tensor) -> None:
+def _calibrate(model: nn.Module, image: torch.Tensor, logit_max: float = LOGIT_MAX) -> None:
     """One forward pass that conditions a random-init model (see the module docstring)."""
     from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -231,7 +231,7 @@ def _calibrate(model: nn.Module, image: torch.Tensor) -> None:
         module._detbench_calibrated = True
         bias = module.bias.view(-1, *([1] * (output.dim() - 2))) if module.bias is not None else 0.0
         centred = output - bias
-        factor = LOGIT_MAX / centred.abs().max().clamp_min(1e-12)
+        factor = logit_max / centred.abs().max().clamp_min(1e-12)
         module.weight.mul_(factor)
         return centred * factor + bias
 
@@ -264,7 +264,9 @@ def build_model(spec: ModelSpec, input_size: tuple[int, int] | None = None, *, s
     for p in model.parameters():
         p.requires_grad_(False)
     if calibrate:
-        _calibrate(model, synthetic_image(size, seed))
+        # A backbone without BatchNorm (VGG) is not driven harder by real images than by the
+        # synthetic one, so its entry may ask for a wider logit range (source.calibration_logit_max).
+        _calibrate(model, synthetic_image(size, seed), float(spec.source.get("calibration_logit_max", LOGIT_MAX)))
     return model
 
 

@@ -13,7 +13,6 @@ Counts do not depend on weight values, so random-init exports are used throughou
 
 from __future__ import annotations
 
-import configparser
 import re
 from pathlib import Path
 
