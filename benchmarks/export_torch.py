@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from exporters import default_output, export_model  # noqa: E402
 from exporters.registry import load_registry  # noqa: E402
+from runtime.errors import DetbenchError  # noqa: E402
 
 
 def main() -> None:
@@ -37,9 +38,13 @@ def main() -> None:
     rows = []
     for spec in specs:
         seconds = []
-        for _ in range(args.runs):
-            result = export_model(spec, default_output(spec, out_dir))
-            seconds.append(result.seconds)
+        try:
+            for _ in range(args.runs):
+                result = export_model(spec, default_output(spec, out_dir))
+                seconds.append(result.seconds)
+        except DetbenchError as exc:  # report it and measure the other models
+            print(json.dumps({"name": spec.name, "error": type(exc).__name__, "message": str(exc)[:2000]}), flush=True)
+            continue
         size = result.path.stat().st_size
         v = result.validation
         row = {
