@@ -29,7 +29,7 @@ import numpy as np
 from counting import ops
 from counting.params import CONVENTION as PARAM_CONVENTION
 from counting.params import classify
-from counting.shapes import ShapeTable, elem_size, resolved
+from counting.shapes import ShapeTable, elem_size, iter_graphs, resolved
 
 NETWORK, POSTPROCESS = "network", "postprocess"
 LEARNED_OPS = ops.LINEAR_OPS | {"BatchNormalization", "InstanceNormalization", "LayerNormalization",
@@ -216,7 +216,7 @@ class _Walker:
 
         self.table = table
         self.small: dict[str, np.ndarray] = {}
-        for g in _graphs(model.graph):
+        for g in iter_graphs(model.graph):
             for init in g.initializer:
                 if int(np.prod(init.dims)) <= _SMALL_CONST:
                     self.small[init.name] = onnx.numpy_helper.to_array(init)
@@ -340,15 +340,6 @@ def _bytes(names, table: ShapeTable) -> int | None:
     return total
 
 
-def _graphs(graph):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == attr.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == attr.GRAPHS:
-                for g in attr.graphs:
-                    yield from _graphs(g)
 
 
 def graph_parts(graph) -> dict[int, str]:
@@ -453,7 +444,7 @@ def network_submodel(model):
 def _contains_learned(node) -> bool:
     for attr in node.attribute:
         if attr.type == attr.GRAPH:
-            for g in _graphs(attr.g):
+            for g in iter_graphs(attr.g):
                 if any(n.op_type in LEARNED_OPS for n in g.node):
                     return True
     return False
@@ -463,7 +454,7 @@ def analyze(model, table: ShapeTable) -> tuple[list[NodeProfile], Any, dict[str,
     """Profile every node (subgraphs included) and classify the constants."""
     walker = _Walker(model, table)
     walker.walk(model.graph, "", 1, graph_parts(model.graph), NETWORK)
-    report = classify(walker.entries, list(_graphs(model.graph)))
+    report = classify(walker.entries, list(iter_graphs(model.graph)))
     for p in walker.profiles:
         p.params = report.by_node.get(p.name, 0)
     return walker.profiles, report, walker.unknown

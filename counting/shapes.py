@@ -76,15 +76,16 @@ def _shape_of(type_proto) -> tuple | None:
     return tuple(dims)
 
 
-def _iter_graphs(graph):
+def iter_graphs(graph):
+    """``graph`` and every subgraph (If/Loop/Scan bodies), depth first."""
     yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == attr.GRAPH:
-                yield from _iter_graphs(attr.g)
+                yield from iter_graphs(attr.g)
             elif attr.type == attr.GRAPHS:
                 for g in attr.graphs:
-                    yield from _iter_graphs(g)
+                    yield from iter_graphs(g)
 
 
 def fix_input_size(model, input_hw: tuple[int, int] | None, batch: int = 1) -> None:
@@ -102,7 +103,7 @@ def fix_input_size(model, input_hw: tuple[int, int] | None, batch: int = 1) -> N
 
 
 def _collect(model, table: ShapeTable, source: str) -> None:
-    for graph in _iter_graphs(model.graph):
+    for graph in iter_graphs(model.graph):
         for init in graph.initializer:
             table.shapes[init.name] = tuple(int(d) for d in init.dims)
             table.types[init.name] = init.data_type
@@ -136,7 +137,7 @@ class _Stripped:
         self.saved: list[tuple[object, bytes]] = []
 
     def __enter__(self):
-        for graph in _iter_graphs(self.model.graph):
+        for graph in iter_graphs(self.model.graph):
             for init in graph.initializer:
                 if init.data_type in (1, 10, 11, 16) and len(init.raw_data) > _STRIP_ABOVE_BYTES:
                     if self.restore:

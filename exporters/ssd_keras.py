@@ -117,8 +117,12 @@ def _layers():
     return keras, ContractPreprocess, L2Normalization
 
 
+# Standard deviation of random-init biases (see build_ssd).
+BIAS_STD = 0.01
+
+
 def build_ssd(config: SSDConfig, seed: int = 0):
-    """The Keras SSD (random, seeded He-normal kernels, zero biases): inputs ``images``, outputs
+    """The Keras SSD (random, seeded He-normal kernels, small random biases): inputs ``images``, outputs
     ``[mbox_loc [1, P, 4], mbox_conf [1, P, C]]``.
 
     Raises :class:`ConfigError` when the input is too small for the extra layers.
@@ -127,11 +131,13 @@ def build_ssd(config: SSDConfig, seed: int = 0):
     L = keras.layers
     counter = iter(range(seed * 1000, seed * 1000 + 1000))
 
+    # Biases are small but never zero: tf2onnx drops an all-zero bias from the Conv it
+    # converts, and the exported graph would then hold fewer parameters than the network.
     def conv(filters, kernel, name, stride=1, dilation=1, padding="same", relu=True):
         return L.Conv2D(filters, kernel, strides=stride, dilation_rate=dilation, padding=padding,
                         activation="relu" if relu else None, name=name,
                         kernel_initializer=keras.initializers.HeNormal(seed=next(counter)),
-                        bias_initializer="zeros")
+                        bias_initializer=keras.initializers.RandomNormal(0.0, BIAS_STD, seed=next(counter)))
 
     height, width = config.input_size
     images = keras.Input(shape=(3, height, width), batch_size=1, name="images")
@@ -224,7 +230,8 @@ def calibrate_random_heads(model, config: SSDConfig, seed: int = 0, loc_std: flo
             kernel, bias = layer.get_weights()
             fan_in = kernel.shape[0] * kernel.shape[1] * kernel.shape[2]
             std = target / (rms * math.sqrt(fan_in))
-            layer.set_weights([rng.normal(0.0, std, size=kernel.shape).astype(np.float32), np.zeros_like(bias)])
+            layer.set_weights([rng.normal(0.0, std, size=kernel.shape).astype(np.float32),
+                               rng.normal(0.0, BIAS_STD, size=bias.shape).astype(np.float32)])
 
 
 def detect(model, config: SSDConfig, priors: np.ndarray, images):

@@ -193,6 +193,6 @@ def _metadata(config: SSDConfig, priors, random_init: bool) -> dict[str, str]:
         **{f"{k}_version": v for k, v in versions().items()},
     }
     if random_init:
-        extra["random_init_scheme"] = (f"seed {RANDOM_SEED}: He-normal kernels, zero biases, L2Norm scales 20; heads "
+        extra["random_init_scheme"] = (f"seed {RANDOM_SEED}: He-normal kernels, N(0, 0.01) biases, L2Norm scales 20; heads "
                                        "redrawn so offsets have std 1 and logits std 2.5 on a seeded synthetic image")
     return extra
