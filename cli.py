@@ -7,7 +7,6 @@ below this file prints or exits.
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 from typing import List, Optional
 

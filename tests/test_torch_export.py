@@ -23,6 +23,7 @@ from known_issues import export_param
 
 TORCH_MODELS = [s.name for s in load_registry() if s.framework == "pytorch"]
 EXPORTED_TORCH_MODELS = [export_param(name) for name in TORCH_MODELS]
+UNSEEN_TRIES = 4
 WITH_PUBLISHED_PARAMS = [s.name for s in load_registry() if s.framework == "pytorch" and "params" in s.published]
 WITH_TORCHVISION_FUNCTION = [s.name for s in load_registry()
                              if s.framework == "pytorch" and s.source.get("builder") == "resnet_fpn"
@@ -101,9 +102,15 @@ def test_export_on_an_unseen_image_of_another_size_and_a_grey_one(name, exported
     model = build_model(registry.get(name), contract.input_size)  # deterministic: the exported model
     wrapper = td.ContractWrapper(model).eval()
     used = {result.validation["trace_image"], *result.validation["images"]}
-    image = next(p for p in sorted((coco_dir / "val2017").glob("*.jpg"))[::-1] if p.name not in used)
+    # Random weights find nothing on some photos: compare on unseen images until one has
+    # detections (images without any are compared too: both runtimes must return none).
+    unseen = [p for p in sorted((coco_dir / "val2017").glob("*.jpg"))[::-1] if p.name not in used][:UNSEEN_TRIES]
     comparison = td.Comparison(name)
-    for where, rgb in ((image.name, load_rgb(image)), ("grey", np.full((333, 500, 3), 128, np.uint8))):
+    with_detections = 0
+    cases = [(p.name, load_rgb(p)) for p in unseen] + [("grey", np.full((333, 500, 3), 128, np.uint8))]
+    for where, rgb in cases:
+        if where != "grey" and with_detections:
+            continue
         tensor, placement = prepare_for(rgb, contract)
         got = _ort_outputs(result.path, tensor)
         k = len(got["scores"])
@@ -117,8 +124,9 @@ def test_export_on_an_unseen_image_of_another_size_and_a_grey_one(name, exported
         if where == "grey":
             td.check_degenerate(comparison, where, ref, got, contract)
         else:
-            assert len(ref["scores"]) > 0
+            with_detections += len(ref["scores"]) > 0
             td.compare(comparison, where, ref, got)
+    assert with_detections, f"PyTorch found nothing on {[p.name for p in unseen]}: nothing was compared"
     comparison.raise_if_any()
 
 
