@@ -100,7 +100,8 @@ def export(
     all_models: bool = typer.Option(False, "--all", help="Export every registered model."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Weights file (only with one model). "
                                            "Default: the fetched/located official weights, else random init."),
-    out: Path = typer.Option(Path("results/onnx"), "--out", help="Output folder (or .onnx file for one model)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (or .onnx file for one model). "
+                                       "Default: <results dir>/onnx ($DETBENCH_RESULTS, else results/)."),
     input_size: Optional[str] = typer.Option(None, "--input-size", help="Override the registry's input size: N or HxW."),
     random_init: bool = typer.Option(False, "--random-init", help="Ignore available weights; deterministic random init."),
     saved_model: Optional[Path] = typer.Option(None, "--saved-model", help="Convert this TensorFlow SavedModel folder "
@@ -112,7 +113,9 @@ def export(
     from exporters import default_output, export_model
     from exporters.registry import load_registry
     from exporters.weights import locate_weights
+    from runtime.paths import results_dir
 
+    out = out if out is not None else results_dir() / "onnx"
     if saved_model is not None or describe is not None:
         from exporters.tf_saved_model import export_saved_model
 
