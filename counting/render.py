@@ -9,12 +9,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from counting.analyzer import ModelProfile
 from counting.ops import shape_str
+from runtime.files import write_text_atomic
 
 CSV_COLUMNS = ("name", "op_type", "part", "status", "input_shapes", "output_shapes", "macs", "executions",
                "total_macs", "flops", "params", "bytes_read", "bytes_written", "arithmetic_intensity",
@@ -39,18 +38,6 @@ def node_rows(profile: ModelProfile) -> list[dict]:
     return rows
 
 
-def _atomic_write(path: Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def write_csv(profile: ModelProfile, path: Path) -> Path:
@@ -58,8 +45,8 @@ def write_csv(profile: ModelProfile, path: Path) -> Path:
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
     writer.writeheader()
     writer.writerows(node_rows(profile))
-    return _atomic_write(path, buf.getvalue())
+    return write_text_atomic(path, buf.getvalue(), newline="")
 
 
 def write_json(profile: ModelProfile, path: Path) -> Path:
-    return _atomic_write(path, json.dumps(profile.to_dict(nodes=True), indent=1, default=str) + "\n")
+    return write_text_atomic(path, json.dumps(profile.to_dict(nodes=True), indent=1, default=str) + "\n")

@@ -15,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from eval.dataset import CocoDataset, load_coco, read_annotations
 from eval.pipeline import DetectionCache, Prepared, prefetched, prepare_image
 from runtime.contract import (INPUT_NAME, LABEL_SPACES, OUTPUT_NAMES, PREFIX, RESIZE_MODES, ModelContract, check_io,
                               sha256_file)
+from runtime.files import write_text_atomic
 from runtime.errors import ConfigError, ContractError, DatasetError
 from runtime.paths import results_dir
 
@@ -470,16 +469,4 @@ def model_contract(path: Path, overrides: dict[str, Any] | None = None) -> Model
 
 def write_json_atomic(path: Path, obj: Any) -> Path:
     """Write JSON next to ``path`` and rename it into place (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, separators=(",", ":"))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_text_atomic(path, json.dumps(obj, separators=(",", ":")))

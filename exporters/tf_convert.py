@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import importlib.util
 import os
 import threading
 from pathlib import Path
@@ -21,14 +20,11 @@ from runtime.paths import data_dir
 
 
 def import_tensorflow():
-    """``import tensorflow``, after Triton's native library when Triton is installed.
+    """``import tensorflow`` with its C++ logging quietened.
 
-    Loading ``triton/_C/libtriton.so`` after TensorFlow's libraries crashes the process
-    (SIGSEGV, tensorflow-cpu 2.21 + triton 3.8); torchvision imports it through
-    ``torch._dynamo``. Loading it first makes both orders work in one process.
+    The TensorFlow/torchvision load order (triton first) is already settled by importing
+    ``runtime`` (see ``runtime._load_order``), which this module does above.
     """
-    if "tensorflow" not in __import__("sys").modules and importlib.util.find_spec("triton") is not None:
-        import triton  # noqa: F401  (for its native library only)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
