@@ -9,9 +9,11 @@ images that were not used for tracing. The file appears at ``out`` only after bo
 Graph contract (see runtime/contract.py):
 
 - input ``images`` float32 ``[1, 3, H, W]``, RGB 0..255 (letterboxed by the caller); the
-  graph divides by 255 and normalises with the model's mean/std; torchvision's resize is
-  configured (min_size = short side, max_size = long side) so it is an exact identity at
-  the export size, which :func:`check_resize_is_identity` verifies on every export;
+  graph divides by 255 and normalises with the model's mean/std and never resizes: the
+  wrapper leaves torchvision's resize out (see :class:`ContractWrapper` for why), which is
+  faithful because that resize is configured (min_size = short side, max_size = long side)
+  to be an exact identity at the export size (:func:`check_resize_is_identity`, every
+  export); a Resize node in the transform's scope of the exported graph is an error;
 - outputs ``boxes`` [K, 4] (x1, y1, x2, y2, input-tensor pixels), ``scores`` [K],
   ``labels`` int64 [K] (COCO category ids, torchvision's 91-class numbering); Mask R-CNN
   adds ``masks`` [K, 1, 28, 28]: the mask head's per-detection probabilities inside each
@@ -36,12 +38,13 @@ from torch import nn
 
 from exporters import ExportResult
 from exporters.registry import ModelSpec
-from exporters.torch_builders import DEFAULT_SEED, LOGIT_MAX, build_model, count_parameters, load_weights
+from exporters.torch_builders import (DEFAULT_SEED, LOGIT_MAX, RESIDUAL_BRANCH_GAIN, build_model, calibration_image,
+                                      coco_images_dir, count_parameters, load_weights)
+from exporters.detection_ties import align_near_ties, drop_nms_boundary
 from exporters.validation import Comparison
 from runtime.contract import DEFAULT_OPSET, ModelContract, save_model, weights_tag
 from runtime.errors import DatasetError, ExportError
 from runtime.images import load_rgb, prepare_for
-from runtime.paths import data_dir
 
 EXPORTER_VERSION = "1"
 # torchvision registers roi_align / nms symbolics for opsets 11 and 16; 17 is the project default.
@@ -54,17 +57,28 @@ GREY_LEVEL = 128
 class ContractWrapper(nn.Module):
     """A torchvision detector as a contract graph: ``images [1,3,H,W] 0..255 -> boxes, scores, labels[, masks]``.
 
-    Two-stage models (GeneralizedRCNN) run transform, backbone, RPN and RoI heads without
-    torchvision's final ``postprocess``: that step only rescales boxes by 1.0 (the resize is
-    an identity) and pastes masks into full images. Single-stage models run their own forward.
+    The forward is torchvision's eval path without the transform's resize and final
+    ``postprocess``: normalise, pad to the size divisor, backbone, then RPN + RoI heads
+    (GeneralizedRCNN) or head + anchors + ``postprocess_detections`` (RetinaNet, SSD). At the
+    export size torchvision's resize is an identity in eager mode (:func:`check_resize_is_identity`),
+    but traced it computes its scale as ``min_size * (1 / short side)``, which float32 rounds
+    to 0.99999994 for 600 or 850: the graph then resized a 600 x 850 input to 599 x 849 and
+    no longer matched PyTorch. ``postprocess`` only rescales boxes by 1.0 and pastes masks into
+    full images (which the contract does not want, see the module docstring).
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+        from torchvision.models.detection.retinanet import RetinaNet
+        from torchvision.models.detection.ssd import SSD
 
+        if not isinstance(model, (GeneralizedRCNN, RetinaNet, SSD)):
+            raise ExportError(f"no contract wrapper for {type(model).__name__}: expected a torchvision "
+                              "GeneralizedRCNN (Faster/Mask R-CNN), RetinaNet or SSD")
         self.model = model
         self.two_stage = isinstance(model, GeneralizedRCNN)
+        self.retinanet = isinstance(model, RetinaNet)
         self.with_masks = self.two_stage and getattr(model.roi_heads, "mask_predictor", None) is not None
 
     @property
@@ -72,19 +86,38 @@ class ContractWrapper(nn.Module):
         return ["boxes", "scores", "labels"] + (["masks"] if self.with_masks else [])
 
     def forward(self, images: torch.Tensor):
-        x = images[0] / 255.0
+        from torchvision.models.detection.image_list import ImageList
+
+        m = self.model
+        x = m.transform.normalize(images[0] / 255.0)
+        image_list = ImageList(m.transform.batch_images([x], size_divisible=m.transform.size_divisible),
+                               [(x.shape[-2], x.shape[-1])])
+        features = m.backbone(image_list.tensors)
+        if isinstance(features, torch.Tensor):
+            features = OrderedDict([("0", features)])
         if self.two_stage:
-            m = self.model
-            image_list, _ = m.transform([x])
-            features = m.backbone(image_list.tensors)
-            if isinstance(features, torch.Tensor):
-                features = OrderedDict([("0", features)])
             proposals, _ = m.rpn(image_list, features)
             detections, _ = m.roi_heads(features, proposals, image_list.image_sizes)
-        else:
-            detections = self.model([x])
+        elif self.retinanet:
+            detections = self._retinanet_detections(image_list, list(features.values()))
+        else:  # SSD.forward's eval branch
+            features = list(features.values())
+            anchors = m.anchor_generator(image_list, features)
+            detections = m.postprocess_detections(m.head(features), anchors, image_list.image_sizes)
         d = detections[0]
         return tuple(d[name] for name in self.output_names)
+
+    def _retinanet_detections(self, image_list, features: list[torch.Tensor]):
+        # RetinaNet.forward's eval branch, step for step (torchvision 0.29).
+        m = self.model
+        head_outputs = m.head(features)
+        anchors = m.anchor_generator(image_list, features)
+        per_level = [f.size(2) * f.size(3) for f in features]
+        anchors_per_location = head_outputs["cls_logits"].size(1) // sum(per_level)
+        per_level = [n * anchors_per_location for n in per_level]
+        split_outputs = {k: list(v.split(per_level, dim=1)) for k, v in head_outputs.items()}
+        split_anchors = [list(a.split(per_level)) for a in anchors]
+        return m.postprocess_detections(split_outputs, split_anchors, image_list.image_sizes)
 
 
 def check_resize_is_identity(model: nn.Module, image: torch.Tensor) -> None:
@@ -104,14 +137,6 @@ def check_resize_is_identity(model: nn.Module, image: torch.Tensor) -> None:
         raise ExportError(f"torchvision's transform resizes a {h}x{w} tensor to {got_size}: the in-graph resize "
                           f"is not an identity at the export size (min_size={t.min_size}, max_size={t.max_size}, "
                           f"fixed_size={t.fixed_size})")
-
-
-def coco_images_dir() -> Path:
-    folder = data_dir() / "coco-val2017-subset" / "val2017"
-    if not folder.is_dir() or not any(folder.glob("*.jpg")):
-        raise DatasetError(f"export validation needs real COCO images in {folder}; "
-                           "set DETBENCH_DATA to the folder holding coco-val2017-subset/")
-    return folder
 
 
 def pick_images(folder: Path) -> tuple[Path, list[Path]]:
@@ -159,8 +184,10 @@ def _contract(spec: ModelSpec, size: tuple[int, int], weights: Path | None, mode
         "outputs": json.dumps(wrapper.output_names),
     }
     if weights is None:
+        photo = calibration_image(spec, size)[0]
         extra["init"] = (f"random-init: torchvision's initialisation under torch.manual_seed({DEFAULT_SEED}), then "
-                         "FrozenBatchNorm2d statistics from one pass over a seeded synthetic image and "
+                         f"FrozenBatchNorm2d statistics from one pass over the COCO photo {photo}, ResNet "
+                         f"bottleneck branches damped (last BatchNorm gain {RESIDUAL_BRANCH_GAIN}) and "
                          f"classification logits rescaled to |logit - bias| <= {LOGIT_MAX} on it (exporters/torch_builders.py)")
     else:
         extra["init"] = f"state_dict {Path(weights).name}"
@@ -196,7 +223,13 @@ def _to_onnx(wrapper: ContractWrapper, example: torch.Tensor, name: str):
                               dynamic_axes=dynamic, do_constant_folding=True)
     except Exception as exc:
         raise ExportError(f"torch.onnx.export failed for {name!r} (opset {OPSET}, dynamo=False): {exc}") from exc
-    return onnx.load_from_string(buffer.getvalue())
+    proto = onnx.load_from_string(buffer.getvalue())
+    # FPN upsampling is a Resize too; only one in torchvision's transform scope resamples the input.
+    resizes = [node.name for node in proto.graph.node if node.op_type == "Resize" and "/transform/" in node.name]
+    if resizes:
+        raise ExportError(f"the ONNX graph of {name!r} resizes its input (Resize nodes {resizes}); the contract "
+                          "graph takes images at the export size and must not resample them")
+    return proto
 
 
 def run_reference(wrapper: ContractWrapper, tensor: np.ndarray) -> dict[str, np.ndarray]:
@@ -222,61 +255,20 @@ def cpu_session(path: Path):
     return session
 
 
-def _close(a: float, b: float, atol: float, rtol: float) -> bool:
-    return abs(a - b) <= atol + rtol * abs(a)
-
-
-def align_near_ties(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], atol: float, rtol: float
-                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, int]]:
-    """Reorder ONNX detections so that detections whose scores tie within tolerance line up.
-
-    Both outputs are sorted by score; two detections whose scores differ by less than the
-    numerical noise between onnxruntime and PyTorch (~1e-6) may legitimately come out in
-    either order. Each reference detection is paired with the unused ONNX detection of equal
-    label, score within tolerance and nearest box; anything unpaired keeps its position (and
-    fails the comparison). One exception, also a tie: the last detection of each output may
-    differ when both lie at the ``max_detections`` cut with scores within tolerance.
-    Returns the (possibly trimmed) reference, the reordered ONNX outputs and counts.
-    """
-    n = len(ref["scores"])
-    stats = {"near_tie_reorders": 0, "cut_ties": 0}
-    if n == 0 or n != len(got["scores"]):
-        return ref, got, stats
-    order, used = [], np.zeros(n, bool)
-    for i in range(n):
-        best, best_dist = None, None
-        for j in range(n):
-            if used[j] or got["labels"][j] != ref["labels"][i] or not _close(ref["scores"][i], got["scores"][j], atol, rtol):
-                continue
-            dist = float(np.abs(ref["boxes"][i] - got["boxes"][j]).max())
-            if best is None or dist < best_dist:
-                best, best_dist = j, dist
-        if best is not None and not np.allclose(ref["boxes"][i], got["boxes"][best], atol=atol, rtol=rtol):
-            best = None
-        order.append(best)
-        if best is not None:
-            used[best] = True
-    free = iter(j for j in range(n) if not used[j])
-    order = [j if j is not None else next(free) for j in order]
-    stats["near_tie_reorders"] = sum(1 for i, j in enumerate(order) if i != j)
-    aligned = {k: v[order] for k, v in got.items()}
-    unmatched = [i for i in range(n) if not np.allclose(ref["boxes"][i], aligned["boxes"][i], atol=atol, rtol=rtol)
-                 or ref["labels"][i] != aligned["labels"][i]]
-    if unmatched == [n - 1] and _close(ref["scores"][-1], aligned["scores"][-1], atol, rtol):
-        stats["cut_ties"] = 1
-        ref = {k: v[:-1] for k, v in ref.items()}
-        aligned = {k: v[:-1] for k, v in aligned.items()}
-    return ref, aligned, stats
-
-
-def compare(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> None:
+def compare(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
+            contract: ModelContract) -> None:
     """Same number of detections; boxes/scores/masks within tolerance, labels identical,
-    in the same order up to near-ties of the score (:func:`align_near_ties`)."""
+    in the same order up to near-ties of the score (:func:`align_near_ties`) and up to
+    detections on the final NMS's decision boundary (:func:`drop_nms_boundary`)."""
     for name, array in got.items():
         if name == "labels" and array.dtype != np.int64:
             comparison.mismatches.append(f"{where}: labels are {array.dtype} in ONNX, the contract wants int64")
+    ref, got, boundary = drop_nms_boundary(ref, got, contract.iou_threshold, contract.max_detections,
+                                           comparison.atol, comparison.rtol)
+    for key, value in boundary.items():
+        comparison.figures[f"{where}:{key}"] = value
     if len(ref["scores"]) == len(got["scores"]):
-        ref, got, stats = align_near_ties(ref, got, comparison.atol, comparison.rtol)
+        ref, got, stats = align_near_ties(ref, got, contract.max_detections, comparison.atol, comparison.rtol)
         for key, value in stats.items():
             comparison.figures[f"{where}:{key}"] = value
     ref, got = dict(ref), dict(got)
@@ -344,7 +336,7 @@ def validate(wrapper: ContractWrapper, path: Path, contract: ModelContract, imag
         if where.startswith("uniform"):
             check_degenerate(comparison, where, ref, got, contract)
         else:
-            compare(comparison, where, ref, got)
+            compare(comparison, where, ref, got, contract)
             real_detections += len(ref["scores"])
     if real_detections == 0:
         comparison.mismatches.append(

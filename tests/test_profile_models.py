@@ -20,7 +20,6 @@ import pytest
 
 from counting import profile_model
 
-from known_issues import export_param
 
 # What Darknet prints as the BFLOPs total for a cfg at an input size (the issue's acceptance
 # figures: pjreddie/darknet's layer tables; yolov3 at 416 is in the shared data folder).
@@ -258,7 +257,7 @@ def _spatial(node):
 
 # ----------------------------------------------------------------------------- every registered model
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [export_param(s) for s in _registry_names("pytorch", need=None)]
+@pytest.mark.parametrize("name", _registry_names("pytorch", need=None)
                          + _registry_names("tensorflow"))
 def test_every_registered_model_profiles_completely(name, registry, exported):
     """Each registered model's export has a counting rule for every op, and its parameter
