@@ -158,8 +158,9 @@ def map50_per_mparam_vs_gops(rows: list[ModelRow], path: Path) -> list[dict]:
     data = [{"label": r.label, "gops": r.gops, "map50_per_mparam": r.map50_per_mparam, "mparams": r.mparams,
              "status": r.map50.status, "family": r.family} for r in shown]
     colors = _family_colors(rows)
-    fig, ax = plt.subplots(figsize=(11, 7))
-    fig.subplots_adjust(left=0.08, right=0.98, top=0.92, bottom=0.16)
+    fig, ax = plt.subplots(figsize=(12, 7))
+    # The marker-size key sits right of the axes: inside, it hid the largest network (faster-rcnn-vgg16).
+    fig.subplots_adjust(left=0.07, right=0.86, top=0.92, bottom=0.16)
     scale = 14.0  # points^2 per MParam
     for r, d in zip(shown, data):
         c = colors[r.family or "?"]
@@ -190,8 +191,8 @@ def map50_per_mparam_vs_gops(rows: list[ModelRow], path: Path) -> list[dict]:
     ax.add_artist(first)
     sizes = [Line2D([], [], marker="o", ls="", markerfacecolor="0.85", markeredgecolor="0.5",
                     markersize=(m * scale) ** 0.5, label=f"{m} MParams") for m in (10, 50)]
-    ax.legend(handles=sizes, loc="lower right", fontsize=8, labelspacing=2.2, borderpad=1.4, handletextpad=1.6,
-              title="marker area", title_fontsize=8)
+    ax.legend(handles=sizes, loc="lower left", bbox_to_anchor=(1.01, 0.0), fontsize=8, labelspacing=2.2,
+              borderpad=1.4, handletextpad=1.6, title="marker area", title_fontsize=8)
     _footnote(fig, _missing(rows, "no mAP@0.5, or not profiled", lambda r: r.map50_per_mparam is not None
                             and r.gops is not None))
     _save(fig, path)
