@@ -368,8 +368,9 @@ def time_per_op_type(rows: list[ModelRow], path: Path, top: int = 8) -> dict[str
         if per_model:
             result[prov] = per_model
     n_bars = sum(len(v) for v in result.values()) or 3
-    fig, axes = plt.subplots(max(len(result), 1), 1, squeeze=False, figsize=(12, 1.4 + 0.42 * n_bars + 0.9 * len(result)))
-    fig.subplots_adjust(left=0.18, right=0.8, top=1 - 0.5 / fig.get_figheight(), bottom=0.7 / fig.get_figheight(),
+    # Wide enough on the right for legend entries like "NonMaxSuppression (added by onnxruntime)".
+    fig, axes = plt.subplots(max(len(result), 1), 1, squeeze=False, figsize=(14, 1.4 + 0.42 * n_bars + 0.9 * len(result)))
+    fig.subplots_adjust(left=0.15, right=0.7, top=1 - 0.5 / fig.get_figheight(), bottom=0.7 / fig.get_figheight(),
                         hspace=0.6)
     cmap = plt.get_cmap("tab10")
     for ax, (prov, per_model) in zip(axes[:, 0], result.items()):

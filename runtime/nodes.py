@@ -43,8 +43,11 @@ from typing import Any, Iterable
 
 KERNEL_SUFFIX = "_kernel_time"
 # ops onnxruntime fuses into the Conv/MatMul kernel *before* them (and NCHWc into the chain's last kernel)
+# Mul: onnxruntime folds a constant per-channel Mul after a Conv into its weights; torchvision's
+# FrozenBatchNorm2d exports as exactly that Mul + Add. Without it, ResNet convolutions fused into a
+# BatchNorm Add's kernel were left out of the kernel's group and their time was booked as "Add".
 FUSABLE = {"BatchNormalization", "Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "Tanh", "Add", "Sum",
-           "Elu", "Selu", "HardSwish", "Mish", "Softplus", "Gelu"}
+           "Mul", "Elu", "Selu", "HardSwish", "Mish", "Softplus", "Gelu"}
 ANCHORS = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
 NCHWC_SUFFIX = "_nchwc"
 

@@ -211,6 +211,48 @@ def test_fused_kernels_map_back_to_their_onnx_nodes(tmp_path, optimization):
     assert first.gmacs_per_s == pytest.approx(first.macs / (first.mean_us * 1e3))
 
 
+def _frozen_bn_residual_graph(path: Path) -> Path:
+    """torchvision's ResNet block tail as exported: Conv -> Mul(scale) -> Add(bias) -> Add(residual) -> Relu."""
+    rng = np.random.default_rng(0)
+    inits = [nh.from_array(rng.standard_normal((16, 16, 3, 3)).astype(np.float32), "w"),
+             nh.from_array(rng.uniform(0.5, 1.5, (1, 16, 1, 1)).astype(np.float32), "scale"),
+             nh.from_array(rng.standard_normal((1, 16, 1, 1)).astype(np.float32), "bias")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["c", "scale"], ["m"], name="bn/Mul"),
+             helper.make_node("Add", ["m", "bias"], ["b"], name="bn/Add"),
+             helper.make_node("Add", ["b", "x"], ["r"], name="residual/Add"),
+             helper.make_node("Relu", ["r"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 64, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 64, 64])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.save(model, path)
+    return path
+
+
+def test_frozen_batchnorm_residual_tail_is_booked_as_its_convolution(tmp_path):
+    """onnxruntime runs Conv + FrozenBatchNorm (Mul, Add) as one NCHWc Conv kernel named after
+    the bias Add's output; its time and MACs belong to the Conv (hand MACs: 64*64*16*16*9 for
+    the conv, one per output element for each elementwise node)."""
+    from runtime.nodes import load_trace
+    from runtime.sessions import create_session
+
+    path = _frozen_bn_residual_graph(tmp_path / "g.onnx")
+    element = 64 * 64 * 16
+    macs = {"conv": element * 16 * 9, "bn/Mul": element, "bn/Add": element, "residual/Add": element, "relu": element}
+    session, _ = create_session(path, "cpu", optimization="all", profile_prefix=str(tmp_path / "p"))
+    x = np.random.default_rng(1).standard_normal((1, 16, 64, 64)).astype(np.float32)
+    for _ in range(3):
+        session.run(None, {"x": x})
+    kernels, runs = kernel_times(load_trace(session.end_profiling()), skip_runs=1)
+    times = attribute(onnx.load(path).graph, kernels, macs, runs)
+    conv = next(g for g in times.groups if "conv" in g.originals)
+    # The residual input here is the graph input (not NCHWc), so onnxruntime stops the fusion at the bias Add.
+    assert conv.originals == ["conv", "bn/Mul", "bn/Add"], [(g.kernel, g.originals) for g in times.groups]
+    assert conv.kernel_op == conv.op_type == "Conv" and conv.macs == element * (16 * 9 + 2)
+    assert "Mul" not in times.by_op and times.by_op["Conv"]["macs"] >= conv.macs
+
+
 def test_kernel_times_average_over_kept_runs_only():
     trace = [{"cat": "Session", "name": "model_run", "ts": t0, "dur": 100} for t0 in (0, 1000, 2000)]
     trace += [{"cat": "Node", "name": "a_kernel_time", "ts": t0 + 10, "dur": d, "args": {"op_name": "Conv",
