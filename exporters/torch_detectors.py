@@ -46,7 +46,9 @@ from runtime.contract import DEFAULT_OPSET, ModelContract, save_model, weights_t
 from runtime.errors import DatasetError, ExportError
 from runtime.images import load_rgb, prepare_for
 
-EXPORTER_VERSION = "1"
+# Bumped whenever the exported graph or the random init changes, so `run` re-exports instead of
+# reusing: 2 = no in-graph resize, random init calibrated on a COCO photo (this stop).
+EXPORTER_VERSION = "2"
 # torchvision registers roi_align / nms symbolics for opsets 11 and 16; 17 is the project default.
 OPSET = DEFAULT_OPSET
 PARAMS_CONVENTION = ("sum(p.numel() for p in model.parameters()), torchvision's num_params: "
