@@ -40,10 +40,14 @@ def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
-def boundary_iou(dets: dict[str, np.ndarray], i: int, iou_threshold: float) -> float | None:
+def boundary_iou(dets: dict[str, np.ndarray], i: int, iou_threshold: float,
+                 partners: np.ndarray | None = None) -> float | None:
     """The IoU, within ``BOUNDARY_IOU_TOL`` of ``iou_threshold``, between detection ``i`` and a
-    higher-scored detection of the same label in ``dets``; None when there is none."""
+    higher-scored detection of the same label in ``dets`` (among ``partners``, a boolean mask,
+    when given); None when there is none."""
     others = (dets["labels"] == dets["labels"][i]) & (dets["scores"] >= dets["scores"][i])
+    if partners is not None:
+        others &= partners
     others[i] = False
     if not others.any():
         return None
@@ -80,7 +84,8 @@ def drop_nms_boundary(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], io
     """Remove the detections that one runtime kept and the other suppressed at the NMS boundary.
 
     A reference detection without an ONNX partner is removed only if :func:`boundary_iou`
-    finds it on the boundary among the *reference* detections (and vice versa). Then, if an
+    finds it on the boundary against a higher-scored *reference* detection that both
+    runtimes kept (and vice versa). Then, if an
     output is capped at ``max_detections`` and now holds more detections than the other, its
     unpaired lowest-scored detections at the cut (scores not above the other's lowest) are
     removed too: they are the ones the other runtime's cap left out. Returns both lists and
@@ -89,8 +94,12 @@ def drop_nms_boundary(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], io
     figures: dict[str, float] = {"nms_boundary_removed": 0, "cap_fill_removed": 0}
     pairs = _pairs(ref, got, atol, rtol)
     paired_got = set(pairs.values())
-    lost = {i: boundary_iou(ref, i, iou_threshold) for i in range(len(ref["scores"])) if i not in pairs}
-    gained = {j: boundary_iou(got, j, iou_threshold) for j in range(len(got["scores"])) if j not in paired_got}
+    # The suppressing detection must be one both runtimes kept (paired).
+    ref_paired = np.isin(np.arange(len(ref["scores"])), list(pairs))
+    got_paired = np.isin(np.arange(len(got["scores"])), list(paired_got))
+    lost = {i: boundary_iou(ref, i, iou_threshold, ref_paired) for i in range(len(ref["scores"])) if i not in pairs}
+    gained = {j: boundary_iou(got, j, iou_threshold, got_paired) for j in range(len(got["scores"]))
+              if j not in paired_got}
     lost = {i: v for i, v in lost.items() if v is not None}
     gained = {j: v for j, v in gained.items() if v is not None}
     if not lost and not gained:
