@@ -248,7 +248,6 @@ class _Walker:
     def _control_flow(self, node, key, part, executions, profile) -> int:
         bodies = {a.name: a.g for a in node.attribute if a.type == a.GRAPH}
         if node.op_type == "If":
-            start = len(self.profiles)
             costs = {}
             spans = {}
             for branch in ("then_branch", "else_branch"):
@@ -262,7 +261,6 @@ class _Walker:
                         p.executions = 0
                         p.note = (p.note + "; " if p.note else "") + "branch not counted (the other is costlier)"
             profile.note = f"{chosen} counted (costlier branch: an upper bound)"
-            del start
             return costs[chosen]
         trips, how = self._trip_count(node)
         profile.note = how
@@ -338,8 +336,6 @@ def _bytes(names, table: ShapeTable) -> int | None:
             return None
         total += int(np.prod(shape, dtype=np.int64)) * elem_size(table.types.get(name))
     return total
-
-
 
 
 def graph_parts(graph) -> dict[int, str]:

@@ -38,8 +38,6 @@ def node_rows(profile: ModelProfile) -> list[dict]:
     return rows
 
 
-
-
 def write_csv(profile: ModelProfile, path: Path) -> Path:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)

@@ -143,21 +143,10 @@ def align_near_ties(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], max_
     stats = {"near_tie_reorders": 0, "cut_ties": 0}
     if n == 0 or n != len(got["scores"]):
         return ref, got, stats
-    order, used = [], np.zeros(n, bool)
-    for i in range(n):
-        best, best_dist = None, None
-        for j in range(n):
-            if used[j] or got["labels"][j] != ref["labels"][i] or not _close(ref["scores"][i], got["scores"][j], atol, rtol):
-                continue
-            dist = float(np.abs(ref["boxes"][i] - got["boxes"][j]).max())
-            if best is None or dist < best_dist:
-                best, best_dist = j, dist
-        if best is not None and not np.allclose(ref["boxes"][i], got["boxes"][best], atol=atol, rtol=rtol):
-            best = None
-        order.append(best)
-        if best is not None:
-            used[best] = True
-    free = iter(j for j in range(n) if not used[j])
+    pairs = _pairs(ref, got, atol, rtol)
+    order = [pairs.get(i) for i in range(n)]
+    paired = set(pairs.values())
+    free = iter(j for j in range(n) if j not in paired)
     order = [j if j is not None else next(free) for j in order]
     stats["near_tie_reorders"] = sum(1 for i, j in enumerate(order) if i != j)
     aligned = {k: v[order] for k, v in got.items()}

@@ -208,12 +208,16 @@ def coco_images_dir() -> Path:
     return folder
 
 
-def calibration_image(spec: ModelSpec, input_size: tuple[int, int]) -> tuple[str, torch.Tensor]:
-    """The calibration photo's file name and the photo as ``[3, H, W]`` in 0..1, resized
-    (``spec.resize``) to ``input_size`` exactly as the contract input would be."""
-    path = sorted(coco_images_dir().glob("*.jpg"))[0]
-    tensor, _ = prepare(load_rgb(path), input_size[0], input_size[1], spec.resize)
-    return path.name, torch.from_numpy(tensor[0]) / 255.0
+def calibration_photo() -> Path:
+    """The photo random-init calibration runs on: the first COCO image of the data folder."""
+    return sorted(coco_images_dir().glob("*.jpg"))[0]
+
+
+def calibration_image(spec: ModelSpec, input_size: tuple[int, int]) -> torch.Tensor:
+    """:func:`calibration_photo` as ``[3, H, W]`` in 0..1, resized (``spec.resize``) to
+    ``input_size`` exactly as the contract input would be."""
+    tensor, _ = prepare(load_rgb(calibration_photo()), input_size[0], input_size[1], spec.resize)
+    return torch.from_numpy(tensor[0]) / 255.0
 
 
 def _score_layers(model: nn.Module) -> list[nn.Module]:
@@ -234,7 +238,7 @@ def _score_layers(model: nn.Module) -> list[nn.Module]:
     raise ConfigError(f"no random-init calibration rule for {type(model).__name__}")
 
 
-def _calibrate(model: nn.Module, image: torch.Tensor, logit_max: float = LOGIT_MAX) -> None:
+def _calibrate(model: nn.Module, image: torch.Tensor) -> None:
     """One forward pass that conditions a random-init model (see the module docstring)."""
     from torchvision.models.detection.retinanet import RetinaNet
     from torchvision.models.resnet import Bottleneck
@@ -252,7 +256,7 @@ def _calibrate(model: nn.Module, image: torch.Tensor, logit_max: float = LOGIT_M
         module._detbench_calibrated = True
         bias = module.bias.view(-1, *([1] * (output.dim() - 2))) if module.bias is not None else 0.0
         centred = output - bias
-        factor = logit_max / centred.abs().max().clamp_min(1e-12)
+        factor = LOGIT_MAX / centred.abs().max().clamp_min(1e-12)
         module.weight.mul_(factor)
         return centred * factor + bias
 
@@ -296,7 +300,7 @@ def build_model(spec: ModelSpec, input_size: tuple[int, int] | None = None, *, s
     for p in model.parameters():
         p.requires_grad_(False)
     if calibrate:
-        _calibrate(model, calibration_image(spec, size)[1])
+        _calibrate(model, calibration_image(spec, size))
     return model
 
 

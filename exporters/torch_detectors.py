@@ -38,7 +38,7 @@ from torch import nn
 
 from exporters import ExportResult
 from exporters.registry import ModelSpec
-from exporters.torch_builders import (DEFAULT_SEED, LOGIT_MAX, RESIDUAL_BRANCH_GAIN, build_model, calibration_image,
+from exporters.torch_builders import (DEFAULT_SEED, LOGIT_MAX, RESIDUAL_BRANCH_GAIN, build_model, calibration_photo,
                                       coco_images_dir, count_parameters, load_weights)
 from exporters.detection_ties import align_near_ties, drop_nms_boundary
 from exporters.validation import Comparison
@@ -186,9 +186,8 @@ def _contract(spec: ModelSpec, size: tuple[int, int], weights: Path | None, mode
         "outputs": json.dumps(wrapper.output_names),
     }
     if weights is None:
-        photo = calibration_image(spec, size)[0]
         extra["init"] = (f"random-init: torchvision's initialisation under torch.manual_seed({DEFAULT_SEED}), then "
-                         f"FrozenBatchNorm2d statistics from one pass over the COCO photo {photo}, ResNet "
+                         f"FrozenBatchNorm2d statistics from one pass over the COCO photo {calibration_photo().name}, ResNet "
                          f"bottleneck branches damped (last BatchNorm gain {RESIDUAL_BRANCH_GAIN}) and "
                          f"classification logits rescaled to |logit - bias| <= {LOGIT_MAX} on it (exporters/torch_builders.py)")
     else:

@@ -163,6 +163,30 @@ def test_native_for_unknown_framework_is_a_clear_error(tiny):
 
 # --------------------------------------------------------------------------- per-node profile join
 
+def _save_graph(path: Path, nodes, inits, x_channels: int) -> Path:
+    """A float graph ``x [1, x_channels, 64, 64] -> y [1, 16, 64, 64]`` saved at IR 10."""
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, x_channels, 64, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 64, 64])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.save(model, path)
+    return path
+
+
+def _profiled(path: Path, tmp_path: Path, optimization: str, macs: dict[str, int]):
+    """Three profiled runs on the CPU provider, the first dropped; per-kernel times joined to ``macs``."""
+    from runtime.nodes import load_trace
+    from runtime.sessions import create_session
+
+    session, _ = create_session(path, "cpu", optimization=optimization, profile_prefix=str(tmp_path / "p"))
+    shape = [d.dim_value for d in onnx.load(path).graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    for _ in range(3):
+        session.run(None, {"x": x})
+    kernels, runs = kernel_times(load_trace(session.end_profiling()), skip_runs=1)
+    return attribute(onnx.load(path).graph, kernels, macs, runs), runs
+
+
 def _conv_bn_act_graph(path: Path) -> Path:
     rng = np.random.default_rng(0)
     inits = [nh.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "w1"),
@@ -174,12 +198,7 @@ def _conv_bn_act_graph(path: Path) -> Path:
              helper.make_node("LeakyRelu", ["bn1"], ["a1"], name="leaky_0", alpha=0.1),
              helper.make_node("Conv", ["a1", "w2"], ["c2"], name="conv_1", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c2"], ["y"], name="relu_1")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 64, 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 64, 64])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 10
-    onnx.save(model, path)
-    return path
+    return _save_graph(path, nodes, inits, x_channels=3)
 
 
 # MACs worked out by hand: conv = H*W*Cout*Cin*k*k; BN and activations one per output element
@@ -190,17 +209,8 @@ HAND_MACS = {"conv_0": 64 * 64 * 16 * 3 * 9, "bn_0": 64 * 64 * 16, "leaky_0": 64
 @pytest.mark.parametrize("optimization", ["extended", "all"])
 def test_fused_kernels_map_back_to_their_onnx_nodes(tmp_path, optimization):
     """extended: FusedConv keeps the Conv's name (BN+act after it); all: NCHWc kernels take the last output's name."""
-    from runtime.nodes import load_trace
-    from runtime.sessions import create_session
-
-    path = _conv_bn_act_graph(tmp_path / "g.onnx")
-    session, _ = create_session(path, "cpu", optimization=optimization, profile_prefix=str(tmp_path / "p"))
-    x = np.random.default_rng(1).standard_normal((1, 3, 64, 64)).astype(np.float32)
-    for _ in range(3):
-        session.run(None, {"x": x})
-    kernels, runs = kernel_times(load_trace(session.end_profiling()), skip_runs=1)
+    times, runs = _profiled(_conv_bn_act_graph(tmp_path / "g.onnx"), tmp_path, optimization, HAND_MACS)
     assert runs == 2
-    times = attribute(onnx.load(path).graph, kernels, HAND_MACS, runs)
     groups = {tuple(g.originals): g for g in times.groups if g.originals}
     assert set(groups) == {("conv_0", "bn_0", "leaky_0"), ("conv_1", "relu_1")}, [g.kernel for g in times.groups]
     first, second = groups[("conv_0", "bn_0", "leaky_0")], groups[("conv_1", "relu_1")]
@@ -222,30 +232,16 @@ def _frozen_bn_residual_graph(path: Path) -> Path:
              helper.make_node("Add", ["m", "bias"], ["b"], name="bn/Add"),
              helper.make_node("Add", ["b", "x"], ["r"], name="residual/Add"),
              helper.make_node("Relu", ["r"], ["y"], name="relu")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 64, 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 64, 64])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 10
-    onnx.save(model, path)
-    return path
+    return _save_graph(path, nodes, inits, x_channels=16)
 
 
 def test_frozen_batchnorm_residual_tail_is_booked_as_its_convolution(tmp_path):
     """onnxruntime runs Conv + FrozenBatchNorm (Mul, Add) as one NCHWc Conv kernel named after
     the bias Add's output; its time and MACs belong to the Conv (hand MACs: 64*64*16*16*9 for
     the conv, one per output element for each elementwise node)."""
-    from runtime.nodes import load_trace
-    from runtime.sessions import create_session
-
-    path = _frozen_bn_residual_graph(tmp_path / "g.onnx")
     element = 64 * 64 * 16
     macs = {"conv": element * 16 * 9, "bn/Mul": element, "bn/Add": element, "residual/Add": element, "relu": element}
-    session, _ = create_session(path, "cpu", optimization="all", profile_prefix=str(tmp_path / "p"))
-    x = np.random.default_rng(1).standard_normal((1, 16, 64, 64)).astype(np.float32)
-    for _ in range(3):
-        session.run(None, {"x": x})
-    kernels, runs = kernel_times(load_trace(session.end_profiling()), skip_runs=1)
-    times = attribute(onnx.load(path).graph, kernels, macs, runs)
+    times, _ = _profiled(_frozen_bn_residual_graph(tmp_path / "g.onnx"), tmp_path, "all", macs)
     conv = next(g for g in times.groups if "conv" in g.originals)
     # The residual input here is the graph input (not NCHWc), so onnxruntime stops the fusion at the bias Add.
     assert conv.originals == ["conv", "bn/Mul", "bn/Add"], [(g.kernel, g.originals) for g in times.groups]
