@@ -1,6 +1,6 @@
 """detbench command line: parse options, call one library function, render the result.
 
-Every command maps detbench's typed errors to exit codes (runtime.errors); nothing
+Every command maps detbench's typed errors to exit codes (core.errors); nothing
 below this file prints or exits.
 """
 
@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from runtime.errors import ConfigError, DetbenchError
+from core.errors import ConfigError, DetbenchError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Accuracy, parameters, operations and latency of object detectors, measured through ONNX.")
@@ -113,7 +113,7 @@ def export(
     from exporters import default_output, export_model
     from exporters.registry import load_registry
     from exporters.weights import locate_weights
-    from runtime.paths import results_dir
+    from core.paths import results_dir
 
     out = out if out is not None else results_dir() / "onnx"
     if saved_model is not None or describe is not None:
@@ -164,7 +164,7 @@ def fetch(
     from exporters.registry import load_registry
     from exporters.weights import UNVERIFIED, VERIFIED_PREFIX
     from exporters.weights import fetch as fetch_files
-    from runtime.errors import FetchError
+    from core.errors import FetchError
 
     if all_models and names:
         raise ConfigError("give model names or --all, not both")
@@ -379,7 +379,7 @@ def run(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from report.run import RunSettings, run_pipeline
+    from pipeline.run import RunSettings, run_pipeline
 
     names = [n.strip() for n in models.split(",") if n.strip()] if models else None
     settings = RunSettings.quick() if quick else RunSettings()
@@ -613,8 +613,8 @@ def profile(
     if json_file:
         console.print(f"full profile JSON -> {write_json(result, json_file)}")
     if store:
-        from runtime import store as results_store
-        from runtime.contract import sha256_file
+        from core import store as results_store
+        from core.contract import sha256_file
 
         results_store.append("profile", result.to_dict(), model=result.model, model_sha256=sha256_file(model),
                              settings={"shapes": shapes, "image": result.image, "allow_unknown": allow_unknown},

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from runtime import _load_order  # noqa: E402,F401  (triton before tensorflow)
+from core import _load_order  # noqa: E402,F401  (triton before tensorflow)
 
 LATENCY_MODELS = ("yolov3-tiny", "yolov3-416", "retinanet-800")
 NATIVE_MODELS = ("yolov3-416", "retinanet-800", "ssd300")
@@ -41,7 +41,7 @@ def export_once(name: str, out_dir: Path) -> Path:
     from exporters import default_output, export_model
     from exporters.registry import load_registry
     from exporters.weights import locate_weights
-    from runtime.contract import read_contract
+    from core.contract import read_contract
 
     spec = load_registry().get(name)
     weights = locate_weights(spec)
@@ -83,7 +83,7 @@ def main() -> int:
           f"on {os.cpu_count()} cores; threads {args.threads}", flush=True)
     paths = {name: supplied.get(name) or export_once(name, args.out / "onnx") for name in wanted}
     for name, path in supplied.items():
-        from runtime.contract import read_contract
+        from core.contract import read_contract
 
         if read_contract(path).name != name:
             raise SystemExit(f"--model-file {name}={path}: the file's contract names {read_contract(path).name!r}")

@@ -41,7 +41,7 @@ def _model_path(model: str, workdir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     from eval.coco import evaluate_model
-    from runtime.paths import data_dir
+    from core.paths import data_dir
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from exporters import default_output, export_model  # noqa: E402
 from exporters.registry import load_registry  # noqa: E402
-from runtime.errors import DetbenchError  # noqa: E402
+from core.errors import DetbenchError  # noqa: E402
 
 
 def main() -> None:

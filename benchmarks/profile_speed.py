@@ -35,7 +35,7 @@ def resolve(target: str) -> Path:
         return path
     from exporters import default_output, export_model
     from exporters.registry import load_registry
-    from runtime.paths import results_dir
+    from core.paths import results_dir
 
     spec = load_registry().get(target)
     out = default_output(spec, results_dir() / "onnx")

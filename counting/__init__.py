@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from counting.analyzer import ModelProfile, NodeProfile, analyze, onnx_tool_cross_check
-from runtime.errors import ConfigError, ContractError, UnsupportedOperatorError
+from core.errors import ConfigError, ContractError, UnsupportedOperatorError
 
 __all__ = ["ModelProfile", "NodeProfile", "profile_model", "SHAPE_MODES"]
 
@@ -40,7 +40,7 @@ def profile_model(path, *, shapes: str = "static", image=None, allow_unknown: bo
     import onnx
 
     from counting.shapes import measured_shapes, static_shapes
-    from runtime.contract import PREFIX, ModelContract
+    from core.contract import PREFIX, ModelContract
 
     if shapes not in SHAPE_MODES:
         raise ConfigError(f"--shapes {shapes!r}: use one of {', '.join(SHAPE_MODES)}")

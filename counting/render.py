@@ -13,7 +13,7 @@ from pathlib import Path
 
 from counting.analyzer import ModelProfile
 from counting.ops import shape_str
-from runtime.files import write_text_atomic
+from core.files import write_text_atomic
 
 CSV_COLUMNS = ("name", "op_type", "part", "status", "input_shapes", "output_shapes", "macs", "executions",
                "total_macs", "flops", "params", "bytes_read", "bytes_written", "arithmetic_intensity",

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from counting.folding import MAX_ELEMENTS, fold_shape_values
-from runtime.errors import ConfigError, ContractError, DatasetError
+from core.errors import ConfigError, ContractError, DatasetError
 
 # Above this estimated size of all statically known intermediates, only the values static
 # inference cannot resolve are exposed as outputs in measured mode (see module docstring).
@@ -230,7 +230,7 @@ def static_shapes(model, input_hw: tuple[int, int] | None, keep_weights: bool = 
 
 def default_image() -> Path:
     """The first COCO val2017 image of the shared data folder ($DETBENCH_DATA)."""
-    from runtime.paths import data_dir
+    from core.paths import data_dir
 
     folder = data_dir() / "coco-val2017-subset" / "val2017"
     images = sorted(folder.glob("*.jpg")) if folder.is_dir() else []
@@ -310,7 +310,7 @@ def measured_shapes(model, path: Path, contract, image: Path | None = None,
     are exposed, the measured shapes are pinned, and inference re-derives the rest (a second
     run exposes whatever would still be unresolved).
     """
-    from runtime.images import load_rgb, prepare_for
+    from core.images import load_rgb, prepare_for
 
     if contract is None:
         raise ConfigError(f"{path}: --shapes measured needs the detbench metadata (input size, resize mode) "

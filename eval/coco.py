@@ -1,6 +1,6 @@
 """COCO accuracy of an exported detector: images -> onnxruntime -> COCO results -> COCOeval.
 
-:func:`evaluate_model` runs any contract-following ONNX file (``runtime.contract``)
+:func:`evaluate_model` runs any contract-following ONNX file (``core.contract``)
 over a COCO dataset and scores it; :func:`score_results` scores an existing COCO
 results file. Both return COCOeval's 12 statistics under the names the results
 store uses (:data:`STAT_NAMES`), with ``map50`` (AP at IoU 0.5) and ``map``
@@ -24,11 +24,11 @@ import numpy as np
 
 from eval.dataset import CocoDataset, load_coco, read_annotations
 from eval.pipeline import DetectionCache, Prepared, prefetched, prepare_image
-from runtime.contract import (INPUT_NAME, LABEL_SPACES, OUTPUT_NAMES, PREFIX, RESIZE_MODES, ModelContract, check_io,
+from core.contract import (INPUT_NAME, LABEL_SPACES, OUTPUT_NAMES, PREFIX, RESIZE_MODES, ModelContract, check_io,
                               sha256_file)
-from runtime.files import write_text_atomic
-from runtime.errors import ConfigError, ContractError, DatasetError
-from runtime.paths import results_dir
+from core.files import write_text_atomic
+from core.errors import ConfigError, ContractError, DatasetError
+from core.paths import results_dir
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 BACKENDS = ("pycocotools", "faster-coco-eval")
@@ -269,7 +269,7 @@ def evaluate_model(path, *, coco_dir: Path | None = None, annotations: Path | No
     labels outside its label space), :class:`DatasetError` (annotations or images not
     usable), :class:`ConfigError` (bad option), :class:`ProviderUnavailableError`.
     """
-    from runtime import store as results_store
+    from core import store as results_store
     from runtime.sessions import create_session, short_name
 
     started = time.perf_counter()

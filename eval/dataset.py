@@ -5,7 +5,7 @@ an annotation file and an images folder can also be given separately. Loading ch
 that the JSON is a COCO instances file (``images``, ``annotations``, ``categories`` with
 the fields COCOeval uses) and raises :class:`DatasetError` naming the file otherwise.
 
-Label spaces (see ``runtime.contract``): ``coco80`` labels are indices 0..79 into COCO's
+Label spaces (see ``core.contract``): ``coco80`` labels are indices 0..79 into COCO's
 80 categories sorted by id (Darknet's ``coco.names`` order), mapped here to COCO's
 91-id scheme; ``coco91`` labels already are COCO category ids.
 """
@@ -19,8 +19,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from runtime.contract import LABEL_SPACES, sha256_file
-from runtime.errors import ConfigError, DatasetError
+from core.contract import LABEL_SPACES, sha256_file
+from core.errors import ConfigError, DatasetError
 
 DEFAULT_SPLIT = "val2017"
 

@@ -28,8 +28,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from runtime.errors import ConfigError, DatasetError
-from runtime.images import Placement, load_rgb, prepare_for
+from core.errors import ConfigError, DatasetError
+from core.images import Placement, load_rgb, prepare_for
 
 CACHE_FORMAT = "detbench-eval-cache/1"
 

@@ -9,7 +9,7 @@ turns those raw values into detections is written here from Darknet's C code
 layer is not used for detections because it zeroes class probabilities below a fixed
 0.2, while evaluation needs Darknet's 0.005.
 
-The input tensor is the one ``runtime.images.prepare`` makes (the same letterboxed or
+The input tensor is the one ``core.images.prepare`` makes (the same letterboxed or
 stretched image every detbench consumer gets), divided by 255 as Darknet does.
 It lives in ``eval/`` rather than in a test so that tests, benchmarks and a user
 checking an export (``python -m eval.reference_darknet``) all run the same reference.
@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from runtime.errors import ModelDefinitionError
+from core.errors import ModelDefinitionError
 
 # Darknet's evaluation settings (detector.c validate_detector / print_cocos).
 DARKNET_EVAL_THRESHOLD = 0.005
@@ -208,14 +208,14 @@ def reference_results(cfg: Path, weights: Path, images, *, height: int, width: i
                       progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """COCO results of the Darknet model over ``images`` (``eval.dataset.CocoImage``s), as Darknet's validator makes them.
 
-    Images are prepared with ``runtime.images.prepare`` (``resize`` = letterbox|stretch,
+    Images are prepared with ``core.images.prepare`` (``resize`` = letterbox|stretch,
     ``height`` x ``width``), so the reference sees the very tensors an exported model
     is fed. Labels are COCO's 80 categories in Darknet's ``coco_ids`` order. Like
     Darknet, no cap on detections per image (see :func:`top_per_image` for the
     exported-model contract's cap).
     """
     from eval.dataset import COCO80_CATEGORY_IDS
-    from runtime.images import load_rgb, prepare
+    from core.images import load_rgb, prepare
 
     ref = DarknetReference(cfg, weights)
     results = []

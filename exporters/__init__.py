@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from exporters.registry import ModelSpec
-from runtime.contract import ModelContract
-from runtime.errors import ConfigError
+from core.contract import ModelContract
+from core.errors import ConfigError
 
 # framework -> module whose ``export(spec, out, *, weights, input_size, progress)`` builds it
 _FRAMEWORK_MODULES = {

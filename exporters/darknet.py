@@ -30,9 +30,9 @@ from exporters.darknet_weights import DarknetWeights, random_weights, read_weigh
 from exporters.registry import ModelSpec
 from exporters.validation import Comparison
 from exporters.weights import locate_file, search_dirs
-from runtime.contract import DEFAULT_OPSET, ModelContract, save_model, sha256_file, weights_tag
-from runtime.errors import ExportError, ModelDefinitionError
-from runtime.paths import data_dir
+from core.contract import DEFAULT_OPSET, ModelContract, save_model, sha256_file, weights_tag
+from core.errors import ExportError, ModelDefinitionError
+from core.paths import data_dir
 
 EXPORTER_VERSION = "1"
 VALIDATION_IMAGE = "dog.jpg"  # in $DETBENCH_DATA/darknet: Darknet's own sample image
@@ -122,7 +122,7 @@ def _check_labels(spec: ModelSpec, plan: Plan) -> None:
 
 def validation_image() -> tuple[np.ndarray, str]:
     """A real image (Darknet's dog.jpg from the data folder) or, when absent, a labelled synthetic one."""
-    from runtime.images import load_rgb
+    from core.images import load_rgb
 
     path = data_dir() / "darknet" / VALIDATION_IMAGE
     if path.is_file():
@@ -176,7 +176,7 @@ def onnx_session(model_bytes: bytes):
 def validate(spec: ModelSpec, plan: Plan, dw: DarknetWeights, model, cfg_path: Path,
              weights: Path | None) -> dict[str, Any]:
     """Compare onnxruntime's raw heads with OpenCV's on the validation image; raise one ValidationError."""
-    from runtime.images import prepare
+    from core.images import prepare
 
     cv2 = _opencv()
     image, image_label = validation_image()

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.errors import ModelDefinitionError
+from core.errors import ModelDefinitionError
 
 # Keys Darknet reads only while training (loss weights, augmentation, solver): they do
 # not change the inference graph, so they are accepted and ignored.

@@ -37,7 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from exporters.darknet_cfg import Conv, Detection, MaxPool, Plan, Reorg, Route, Shortcut, Upsample
 from exporters.darknet_weights import DarknetWeights
-from runtime.contract import DEFAULT_OPSET, INPUT_NAME, IR_VERSION
+from core.contract import DEFAULT_OPSET, INPUT_NAME, IR_VERSION
 
 # Darknet's normalize_cpu adds this to sqrt(variance).
 DARKNET_BN_EPSILON = 1e-6

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from exporters.darknet_cfg import Plan, Shortcut
-from runtime.errors import WeightsError
+from core.errors import WeightsError
 
 HEADER_DTYPE = np.dtype("<i4")
 FLOAT = np.dtype("<f4")

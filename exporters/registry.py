@@ -13,9 +13,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from runtime.contract import LABEL_SPACES, RESIZE_MODES
-from runtime.errors import RegistryError
-from runtime.paths import models_toml
+from core.contract import LABEL_SPACES, RESIZE_MODES
+from core.errors import RegistryError
+from core.paths import models_toml
 
 FRAMEWORKS = ("darknet", "pytorch", "tensorflow")
 _MODEL_KEYS = {

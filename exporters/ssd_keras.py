@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from exporters.ssd_priors import PriorSpec, default_boxes
-from runtime.errors import ConfigError
+from core.errors import ConfigError
 
 # (mid channels, out channels, kernel, stride, padding) of each extra block, per variant.
 # SSD300: 19 -> 10 -> 5 -> 3 -> 1; SSD512: 32 -> 16 -> 8 -> 4 -> 2 -> 1 (conv10_2 is 4 x 4, pad 1).

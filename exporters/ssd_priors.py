@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.errors import ConfigError
+from core.errors import ConfigError
 
 
 @dataclass(frozen=True)

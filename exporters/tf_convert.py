@@ -14,16 +14,16 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from exporters.validation import Comparison
-from runtime.contract import IR_VERSION
-from runtime.errors import DatasetError, ExportError, ProviderUnavailableError
-from runtime.paths import data_dir
+from core.contract import IR_VERSION
+from core.errors import DatasetError, ExportError, ProviderUnavailableError
+from core.paths import data_dir
 
 
 def import_tensorflow():
     """``import tensorflow`` with its C++ logging quietened.
 
     The TensorFlow/torchvision load order (triton first) is already settled by importing
-    ``runtime`` (see ``runtime._load_order``), which this module does above.
+    ``runtime`` (see ``core._load_order``), which this module does above.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf

@@ -45,9 +45,9 @@ from exporters import ExportResult
 from exporters.tf_convert import (compare_runs, convert_function, cpu_session, import_tensorflow, run_onnx, run_tf,
                                   validation_images, versions)
 from exporters.validation import Comparison
-from runtime.contract import DEFAULT_OPSET, LABEL_SPACES, OUTPUT_NAMES, RESIZE_MODES, ModelContract, save_model
-from runtime.errors import ConfigError, ExportError
-from runtime.images import load_rgb, prepare
+from core.contract import DEFAULT_OPSET, LABEL_SPACES, OUTPUT_NAMES, RESIZE_MODES, ModelContract, save_model
+from core.errors import ConfigError, ExportError
+from core.images import load_rgb, prepare
 
 VALIDATION_IMAGES = 3
 _TOP_KEYS = {"name", "family", "signature", "input_size", "resize", "label_space", "score_threshold",

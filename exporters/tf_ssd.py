@@ -13,7 +13,7 @@ coco91 -> 91 classes (class c -> COCO category id c, torchvision's numbering).
 The export is a ``tf.function`` at a fixed input size (network + decoding + per-class NMS)
 converted by tf2onnx, validated against TensorFlow on real COCO images (final detections
 and, before NMS, every decoded prior box and class score), then written by
-``runtime.contract.save_model``.
+``core.contract.save_model``.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from exporters.ssd_keras import SSDConfig, build_ssd, calibrate_random_heads, de
 from exporters.tf_convert import (compare_runs, convert_function, cpu_session, import_tensorflow, keep_outputs,
                                   run_onnx, run_tf, validation_images, versions)
 from exporters.validation import Comparison
-from runtime.contract import DEFAULT_OPSET, OUTPUT_NAMES, ModelContract, save_model, weights_tag
-from runtime.errors import ConfigError, RegistryError, WeightsError
-from runtime.images import load_rgb, prepare
+from core.contract import DEFAULT_OPSET, OUTPUT_NAMES, ModelContract, save_model, weights_tag
+from core.errors import ConfigError, RegistryError, WeightsError
+from core.images import load_rgb, prepare
 
 _SOURCE_KEYS = {"builder", "variant", "channel_order", "mean", "scales", "aspect_ratios", "steps", "clip_priors",
                 "variances"}

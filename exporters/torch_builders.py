@@ -41,9 +41,9 @@ import torch
 from torch import nn
 
 from exporters.registry import ModelSpec
-from runtime.errors import ConfigError, DatasetError, WeightsError
-from runtime.images import load_rgb, prepare
-from runtime.paths import data_dir
+from core.errors import ConfigError, DatasetError, WeightsError
+from core.images import load_rgb, prepare
+from core.paths import data_dir
 
 # torchvision's detection classes count the background as class 0; COCO ids run 1..90.
 NUM_CLASSES = 91

@@ -3,7 +3,7 @@
 ``export(spec, out, ...)`` builds the model (``exporters.torch_builders``), wraps it so the
 graph follows the exported-model contract, exports it with the TorchScript-based
 ``torch.onnx.export(..., dynamo=False)`` at a fixed input size, checks it (full onnx checker
-via ``runtime.contract.save_model``) and compares onnxruntime with PyTorch on real COCO
+via ``core.contract.save_model``) and compares onnxruntime with PyTorch on real COCO
 images that were not used for tracing. The file appears at ``out`` only after both passed.
 
 Graph contract (see runtime/contract.py):
@@ -42,9 +42,9 @@ from exporters.torch_builders import (DEFAULT_SEED, LOGIT_MAX, RESIDUAL_BRANCH_G
                                       coco_images_dir, count_parameters, load_weights)
 from exporters.detection_ties import align_near_ties, drop_nms_boundary
 from exporters.validation import Comparison
-from runtime.contract import DEFAULT_OPSET, ModelContract, save_model, weights_tag
-from runtime.errors import DatasetError, ExportError
-from runtime.images import load_rgb, prepare_for
+from core.contract import DEFAULT_OPSET, ModelContract, save_model, weights_tag
+from core.errors import DatasetError, ExportError
+from core.images import load_rgb, prepare_for
 
 # Bumped whenever the exported graph or the random init changes, so `run` re-exports instead of
 # reusing: 2 = no in-graph resize, random init calibrated on a COCO photo (this stop).

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from runtime.errors import ValidationError
+from core.errors import ValidationError
 
 
 @dataclass

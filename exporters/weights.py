@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from exporters.registry import ModelSpec
-from runtime.contract import sha256_file
-from runtime.errors import FetchError
-from runtime.paths import cache_dir, data_dir
+from core.contract import sha256_file
+from core.errors import FetchError
+from core.paths import cache_dir, data_dir
 
 
 def search_dirs() -> list[Path]:

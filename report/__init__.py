@@ -14,7 +14,7 @@ from typing import Any
 
 from report import charts as _charts
 from report.collect import ModelRow, collect
-from runtime.paths import results_dir
+from core.paths import results_dir
 
 # (file stem, heading, caption, chart function): the paper's four charts first.
 CHARTS = (

@@ -10,7 +10,7 @@ Accuracy is *measured* when an ``eval`` record of that file exists and the file 
 trained weights; a random-init export never gets a measured accuracy. Otherwise the
 published figure of models.toml is used (only for the registered input size) and marked
 ``published`` with its source. What could not be measured says why, from the run
-manifest (``report.manifest``) when the pipeline recorded a reason.
+manifest (``core.manifest``) when the pipeline recorded a reason.
 
 Units in a row: ``map50``/``map`` in percent; ``params`` in parameters; ``gops`` and
 ``conv_gops`` in GFLOPs (= 2 x GMACs, the analyzer's ``flops`` / ``conv_macs``);
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime import store
-from runtime.contract import PREFIX, RANDOM_INIT
+from core import store
+from core.contract import PREFIX, RANDOM_INIT
 
 MEASURED = "measured"
 PUBLISHED = "published"
@@ -143,11 +143,11 @@ def collect(*, root: Path | None = None, registry=None, manifest: dict[str, Any]
     (always, measured or not), every other registered model that has records (or all with
     ``all_registered``), and any (model, input size) found in the store, in registry order.
 
-    ``manifest`` is the run manifest (``report.manifest.load``); when None it is read from
+    ``manifest`` is the run manifest (``core.manifest.load``); when None it is read from
     the results folder ``root``.
     """
     from exporters.registry import load_registry
-    from report import manifest as run_manifest
+    from core import manifest as run_manifest
 
     registry = registry if registry is not None else load_registry()
     if manifest is None:

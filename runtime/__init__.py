@@ -1,7 +1,5 @@
-"""Runtime foundations: the exported-model contract, errors, images, sessions, results store.
-
-Importing this package first also fixes the native-library load order that TensorFlow and
-PyTorch need to coexist in one process (see ``runtime._load_order``).
+"""What executes an exported detector: backends (onnxruntime providers, OpenVINO, the native
+frameworks) behind one interface, and the timing and profiling built on top of them.
 """
 
-from runtime import _load_order  # noqa: F401
+import core  # noqa: F401  (fixes the TensorFlow/PyTorch native-library load order first)

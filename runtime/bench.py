@@ -7,7 +7,7 @@ one ``bench`` record per model x provider x settings to the results store.
 What is measured (all figures in a :class:`BenchResult`):
 
 - the input is a real COCO image brought to the contract's size and resize mode with
-  :func:`runtime.images.prepare_for` (NMS cost depends on the content, so never zeros),
+  :func:`core.images.prepare_for` (NMS cost depends on the content, so never zeros),
   prepared before any clock starts;
 - ``session_seconds``: wall time of ``InferenceSession`` creation;
 - ``warmup`` untimed runs, then ``runs`` timed runs (or as many as fit in ``seconds``);
@@ -45,9 +45,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from runtime.contract import INPUT_NAME, read_contract, sha256_file
-from runtime.errors import ConfigError, DatasetError
-from runtime.images import load_rgb, prepare_for
+from core.contract import INPUT_NAME, read_contract, sha256_file
+from core.errors import ConfigError, DatasetError
+from core.images import load_rgb, prepare_for
 
 DEFAULT_WARMUP = 3
 DEFAULT_RUNS = 20
@@ -141,7 +141,7 @@ def default_image() -> Path:
     """
     import json
 
-    from runtime.paths import data_dir
+    from core.paths import data_dir
 
     root = data_dir() / "coco-val2017-subset"
     images = root / "val2017"
@@ -424,7 +424,7 @@ def bench_models(paths: list[Path], providers: list[str], **options) -> list[Ben
     ``options`` are :func:`bench_model`'s keywords (``native`` runs the source framework once
     per model and shares it between providers); ``record=False`` skips the store.
     """
-    from runtime import store
+    from core import store
     from runtime.sessions import create_session, tiny_model_bytes
 
     record = options.pop("record", True)

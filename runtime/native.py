@@ -30,8 +30,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from runtime.contract import read_contract
-from runtime.errors import ConfigError
+from core.contract import read_contract
+from core.errors import ConfigError
 
 # framework -> the exporter module whose builders rebuild the source model
 _EXPORTER_MODULES = {
@@ -170,8 +170,8 @@ def darknet_files(path: Path, contract, tmp: Path, weights: Path | None = None) 
     """
     from exporters.darknet import find_cfg
     from exporters.registry import load_registry
-    from runtime.contract import sha256_file
-    from runtime.errors import ModelDefinitionError
+    from core.contract import sha256_file
+    from core.errors import ModelDefinitionError
 
     spec = load_registry().get(contract.name)
     cfg = find_cfg(spec)
@@ -222,8 +222,8 @@ def _torch_runner(path: Path, contract, tensor: np.ndarray, threads: int | None,
 def _matching_weights(path: Path, contract, spec, weights: Path | None) -> Path:
     """The weights file whose sha256 the contract records (``weights`` or the located official file)."""
     from exporters.weights import locate_weights
-    from runtime.contract import sha256_file
-    from runtime.errors import WeightsError
+    from core.contract import sha256_file
+    from core.errors import WeightsError
 
     candidate = Path(weights) if weights is not None else locate_weights(spec)
     if candidate is None or not candidate.is_file():
@@ -243,7 +243,7 @@ def _tf_runner(path: Path, contract, tensor: np.ndarray, threads: int | None,
     from exporters.registry import load_registry
     from exporters.ssd_keras import build_ssd, calibrate_random_heads, decoded_priors, detect
     from exporters.tf_convert import import_tensorflow
-    from runtime.contract import OUTPUT_NAMES
+    from core.contract import OUTPUT_NAMES
 
     tf = import_tensorflow()
     threads_note = ""

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import ConfigError, ContractError, ProviderUnavailableError
+from core.errors import ConfigError, ContractError, ProviderUnavailableError
 
 # short name -> onnxruntime provider name. Any other provider onnxruntime knows is
 # accepted under its full name or its full name lower-cased without "ExecutionProvider".

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.errors import DetbenchError
-from runtime.paths import data_dir as _data_dir
+from core.errors import DetbenchError
+from core.paths import data_dir as _data_dir
 
 
 

@@ -26,7 +26,7 @@ def bright_box_detector(path: Path, *, height: int = 96, width: int = 128, resiz
     import onnx
     from onnx import TensorProto, helper
 
-    from runtime.contract import DEFAULT_OPSET, IR_VERSION, ModelContract, attach
+    from core.contract import DEFAULT_OPSET, IR_VERSION, ModelContract, attach
 
     table = CHANNEL_TO_COCO80 if label_space == "coco80" else CHANNEL_TO_COCO91
     nodes = [

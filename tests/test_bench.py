@@ -18,10 +18,10 @@ import pytest
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
-from runtime import store
+from core import store
 from runtime.bench import Latency, bench_model, bench_models, default_image, time_runs
-from runtime.contract import ModelContract, save_model
-from runtime.errors import ConfigError
+from core.contract import ModelContract, save_model
+from core.errors import ConfigError
 from runtime.nodes import attribute, kernel_times
 
 
@@ -286,8 +286,8 @@ def test_darknet_random_init_native_uses_the_same_random_weights(exported):
     import cv2
     import onnxruntime as ort
 
-    from runtime.contract import read_contract
-    from runtime.images import load_rgb, prepare_for
+    from core.contract import read_contract
+    from core.images import load_rgb, prepare_for
     from runtime.native import darknet_files
 
     result = exported("yolov3-tiny")

@@ -15,9 +15,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from runtime.contract import (DEFAULT_OPSET, IR_VERSION, PREFIX, RANDOM_INIT, ModelContract, read_contract,
+from core.contract import (DEFAULT_OPSET, IR_VERSION, PREFIX, RANDOM_INIT, ModelContract, read_contract,
                               save_model, weights_tag)
-from runtime.errors import ContractError, ExportError
+from core.errors import ContractError, ExportError
 
 # Every key the contract requires, listed by hand from DESIGN.md's contract section.
 REQUIRED_KEYS = ("name", "family", "framework", "input_height", "input_width", "resize", "label_space",

@@ -14,7 +14,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from counting import profile_model
-from runtime.errors import ConfigError, UnsupportedOperatorError
+from core.errors import ConfigError, UnsupportedOperatorError
 
 
 def vi(name, shape, elem=T.FLOAT):
@@ -31,7 +31,7 @@ def build(tmp_path, nodes, inputs, outputs, inits=(), name="m", contract=None):
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
     model.ir_version = 10
     if contract is not None:
-        from runtime.contract import attach
+        from core.contract import attach
 
         attach(model, contract)
     path = tmp_path / f"{name}.onnx"
@@ -355,8 +355,8 @@ def _nonzero_model(tmp_path, contract):
 
 
 def test_static_marks_unresolved_measured_resolves(tmp_path, coco_dir):
-    from runtime.contract import ModelContract
-    from runtime.images import load_rgb, prepare_for
+    from core.contract import ModelContract
+    from core.images import load_rgb, prepare_for
 
     contract = ModelContract(name="nz-test", family="test", framework="onnx", input_height=8, input_width=8,
                              resize="stretch", label_space="coco80", score_threshold=0.1, iou_threshold=0.5,

@@ -9,7 +9,7 @@ import pytest
 
 from exporters import export_model
 from exporters.darknet_cfg import parse_cfg, plan_network
-from runtime.errors import ModelDefinitionError
+from core.errors import ModelDefinitionError
 
 
 def _variant(tmp_path: Path, darknet_dir: Path, old: str, new: str, count: int = 1) -> tuple[Path, int]:

@@ -19,8 +19,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from exporters.registry import load_registry
-from runtime.contract import read_contract
-from runtime.images import load_rgb, prepare_for
+from core.contract import read_contract
+from core.images import load_rgb, prepare_for
 
 DARKNET = [spec.name for spec in load_registry() if spec.framework == "darknet"]
 TOL = 1e-3
@@ -299,7 +299,7 @@ def test_published_param_counts_are_reproduced(darknet_dir):
 
 def test_a_wrong_graph_fails_validation_with_every_mismatch(monkeypatch, registry, darknet_dir, tmp_path):
     import exporters.darknet_graph as graph
-    from runtime.errors import ValidationError
+    from core.errors import ValidationError
 
     monkeypatch.setattr(graph, "LEAKY_SLOPE", 0.2)  # Darknet's leaky slope is 0.1
     out = tmp_path / "wrong.onnx"

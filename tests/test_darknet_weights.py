@@ -11,7 +11,7 @@ import pytest
 from exporters import export_model
 from exporters.darknet_cfg import parse_cfg, plan_network
 from exporters.darknet_weights import random_weights, read_weights, write_weights
-from runtime.errors import WeightsError
+from core.errors import WeightsError
 
 TINY_WEIGHTS_BYTES = 35_434_956  # data/README.md
 

@@ -20,7 +20,7 @@ from eval.dataset import load_coco
 from eval.reference_darknet import DarknetReference, reference_results, top_per_image, yolo_heads
 from exporters.registry import load_registry
 from exporters.weights import locate_file, locate_weights
-from runtime.errors import ModelDefinitionError
+from core.errors import ModelDefinitionError
 
 DARKNET_MODELS = [spec.name for spec in load_registry() if spec.framework == "darknet"]
 MAP50_TOLERANCE = 0.005  # 0.5 points of mAP@0.5
@@ -73,7 +73,7 @@ def test_map50_matches_the_opencv_darknet_reference(name, resize, registry, expo
 @pytest.mark.parametrize("name", DARKNET_MODELS)
 def test_reference_decoding_agrees_with_opencvs_own_yolo_layer(name, registry, darknet_dir):
     """Above OpenCV's fixed 0.2 cut its [yolo] layer decodes too: both decodings must agree there."""
-    from runtime.images import load_rgb, prepare
+    from core.images import load_rgb, prepare
 
     spec, cfg, weights = _trained(registry, name)
     ref = DarknetReference(cfg, weights)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from eval.dataset import COCO80_CATEGORY_IDS, load_coco, resolve_paths
-from runtime.errors import ConfigError, DatasetError
+from core.errors import ConfigError, DatasetError
 
 # Darknet's coco.names spells these COCO categories differently (written out by hand).
 DARKNET_SPELLINGS = {"motorbike": "motorcycle", "aeroplane": "airplane", "sofa": "couch",

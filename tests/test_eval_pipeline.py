@@ -19,7 +19,7 @@ import pytest
 from eval.coco import STAT_NAMES, evaluate_model
 from eval.pipeline import prefetched
 from eval_fixtures import CHANNEL_TO_COCO91, SYNTHETIC_IMAGES, bright_box_detector, synthetic_coco
-from runtime.errors import ConfigError, ContractError, DatasetError
+from core.errors import ConfigError, ContractError, DatasetError
 
 H, W = 96, 128  # the detector's input tensor (non-square, to catch swapped axes)
 
@@ -226,7 +226,7 @@ def test_a_graph_that_is_not_a_detector_is_refused(tmp_path, synth):
 
 
 def test_the_store_gets_an_eval_record(synth, tmp_path, models):
-    from runtime import store
+    from core import store
 
     path = models[("letterbox", "coco91")]
     result = evaluate_model(path, coco_dir=synth, limit=5, results_file=tmp_path / "r.json",
@@ -299,7 +299,7 @@ def test_cli_describes_a_bare_model_and_selects_images(synth, tmp_path):
 
 
 def test_a_provider_that_cannot_run_is_refused(synth, models):
-    from runtime.errors import ProviderUnavailableError
+    from core.errors import ProviderUnavailableError
     from runtime.sessions import provider_usable
 
     usable, _ = provider_usable("cuda")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from eval.coco import BACKENDS, STAT_NAMES, score_results
-from runtime.errors import ConfigError, DatasetError
+from core.errors import ConfigError, DatasetError
 
 # expected_stats.json's key for each of our STAT_NAMES
 ORACLE_KEYS = dict(zip(STAT_NAMES, ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "AR1", "AR10",

@@ -13,9 +13,9 @@ import zlib
 import numpy as np
 import pytest
 
-from runtime.contract import ModelContract
-from runtime.errors import ConfigError, DatasetError
-from runtime.images import Placement, letterbox_geometry, load_rgb, prepare, prepare_for
+from core.contract import ModelContract
+from core.errors import ConfigError, DatasetError
+from core.images import Placement, letterbox_geometry, load_rgb, prepare, prepare_for
 
 
 @pytest.mark.parametrize("image_wh, net_wh, expected", [

@@ -14,8 +14,8 @@ import tomllib
 import pytest
 
 from exporters.registry import load_registry
-from runtime.errors import RegistryError
-from runtime.paths import models_toml
+from core.errors import RegistryError
+from core.paths import models_toml
 
 # DESIGN.md, "The configurations to cover (from the paper)": name -> (framework, (H, W)).
 PAPER_TABLE = {

@@ -1,7 +1,7 @@
 """The report against the results store it is drawn from.
 
 The store's content is the report's input, so these tests write store records
-themselves (through ``runtime.store.append``, the same call the pipeline uses) for the
+themselves (through ``core.store.append``, the same call the pipeline uses) for the
 registry's paper configurations, then check that every chart returns, and every table
 cell holds, what the records and models.toml say — recomputed here from the records,
 by the formulas the paper uses (e.g. mAP@0.5 per MParam = map50 * 100 / (params / 1e6)).
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import store
+from core import store
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -87,7 +87,7 @@ def results(tmp_path_factory, paper):
     """A store with every paper configuration except the last one measured: the first trained
     (eval record), the rest random-init; one random-init model also has a (meaningless) eval
     record that the report must ignore; one bench skipped provider in the manifest."""
-    from report.manifest import Manifest
+    from core.manifest import Manifest
 
     root = tmp_path_factory.mktemp("report-store")
     measured = paper[:-1]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import store
+from core import store
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -70,7 +70,7 @@ def test_quick_run_writes_the_report(quick_run, registry):
     table = _csv(root)
     assert [s.name for s in registry if s.paper] == [n for n, row in table.items() if row["paper"] == "yes"]
     assert "run finished in" in " ".join(stdout.split())
-    from report.manifest import load
+    from core.manifest import load
 
     (last,) = load(root)["runs"]
     assert last["settings"]["eval_limit"] == 8 and last["settings"]["bench_runs"] == 3
@@ -122,7 +122,7 @@ def test_random_init_model_has_cost_and_latency_but_published_accuracy(quick_run
 def test_unavailable_providers_are_skipped_never_faked(quick_run, models):
     import onnxruntime as ort
 
-    from report.manifest import load
+    from core.manifest import load
     from runtime.sessions import provider_usable, short_name
 
     root, _, _ = quick_run
@@ -140,7 +140,7 @@ def test_unavailable_providers_are_skipped_never_faked(quick_run, models):
 
 
 def test_rerun_reuses_every_unchanged_step(quick_run, models, monkeypatch):
-    from report.run import run_pipeline
+    from pipeline.run import run_pipeline
 
     root, _, _ = quick_run
     monkeypatch.setenv("DETBENCH_RESULTS", str(root))
@@ -162,7 +162,7 @@ def test_rerun_reuses_every_unchanged_step(quick_run, models, monkeypatch):
 def test_interrupted_run_continues(tmp_path, models, monkeypatch, quick_run):
     """Interrupt inside the evaluation; the next run reuses export, profile and bench and
     resumes the evaluation where it stopped, with the uninterrupted run's numbers."""
-    from report.run import run_pipeline
+    from pipeline.run import run_pipeline
 
     trained, _ = models
     monkeypatch.setenv("DETBENCH_RESULTS", str(tmp_path))
@@ -186,7 +186,7 @@ def test_interrupted_run_continues(tmp_path, models, monkeypatch, quick_run):
 
 
 def test_missing_module_is_skipped_with_its_reason(quick_run, models, tmp_path, monkeypatch):
-    from report.run import run_pipeline
+    from pipeline.run import run_pipeline
 
     root = tmp_path / "results"
     shutil.copytree(quick_run[0], root)
@@ -205,8 +205,8 @@ def test_missing_module_is_skipped_with_its_reason(quick_run, models, tmp_path, 
 
 
 def test_bad_options_are_typed_errors(tmp_path, monkeypatch):
-    from report.run import run_pipeline
-    from runtime.errors import ConfigError, RegistryError
+    from pipeline.run import run_pipeline
+    from core.errors import ConfigError, RegistryError
 
     monkeypatch.setenv("DETBENCH_RESULTS", str(tmp_path))
     with pytest.raises(RegistryError, match="no-such-model"):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.errors import ConfigError, ContractError, ProviderUnavailableError
+from core.errors import ConfigError, ContractError, ProviderUnavailableError
 from runtime.sessions import create_session, provider_usable, resolve_provider, short_name, tiny_model_bytes
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -83,8 +83,8 @@ def test_export_follows_contract_and_validates(name, exported, registry, coco_di
     import onnx
     import onnxruntime as ort
 
-    from runtime.contract import IR_VERSION, read_contract
-    from runtime.images import load_rgb, prepare_for
+    from core.contract import IR_VERSION, read_contract
+    from core.images import load_rgb, prepare_for
 
     spec = registry.get(name)
     result = exported(name)
@@ -126,7 +126,7 @@ def test_export_follows_contract_and_validates(name, exported, registry, coco_di
 
 def test_bad_weights_are_typed_errors(registry, tmp_path, tf):
     from exporters import export_model
-    from runtime.errors import WeightsError
+    from core.errors import WeightsError
 
     spec = registry.get(TF_MODELS[0])
     with pytest.raises(WeightsError, match="not found"):
@@ -224,7 +224,7 @@ def test_parameter_counts_agree_with_torchvision(torchvision_pair, registry, tf)
 def test_same_priors_and_raw_outputs_as_torchvision(torchvision_pair, tf):
     from exporters.ssd_keras import decoded_priors
     from exporters.tf_convert import validation_images
-    from runtime.images import load_rgb, prepare
+    from core.images import load_rgb, prepare
 
     tv, model, config, _, _ = torchvision_pair
     _, priors = decoded_priors(model, config)
@@ -262,8 +262,8 @@ def test_onnx_export_of_torchvision_weights_matches_torchvision(torchvision_pair
     from exporters import export_model
     from exporters.tf_convert import compare_runs, validation_images
     from exporters.validation import Comparison
-    from runtime.contract import read_contract
-    from runtime.images import load_rgb, prepare
+    from core.contract import read_contract
+    from core.images import load_rgb, prepare
 
     tv, _, _, spec, weights = torchvision_pair
     result = export_model(spec, tmp_path_factory.mktemp("tv-onnx") / "ssd300_tv.onnx", weights=weights)
@@ -290,7 +290,7 @@ def test_onnx_export_of_torchvision_weights_matches_torchvision(torchvision_pair
 def test_weights_of_another_network_are_rejected(torchvision_pair, registry, tmp_path):
     from exporters.ssd_keras import build_ssd
     from exporters.tf_ssd import config_from_spec, load_keras_weights
-    from runtime.errors import WeightsError
+    from core.errors import WeightsError
 
     _, _, _, _, weights = torchvision_pair  # 91 classes
     model = build_ssd(config_from_spec(registry.get("ssd300")))  # 81 classes
@@ -366,8 +366,8 @@ def test_saved_model_export_matches_the_saved_model(saved_model, tmp_path, tf):
 
     from exporters.tf_convert import validation_images
     from exporters.tf_saved_model import export_saved_model
-    from runtime.contract import read_contract
-    from runtime.images import load_rgb, prepare
+    from core.contract import read_contract
+    from core.images import load_rgb, prepare
 
     folder, description = saved_model
     result = export_saved_model(folder, description, tmp_path)
@@ -401,7 +401,7 @@ def test_saved_model_export_matches_the_saved_model(saved_model, tmp_path, tf):
 
 def test_saved_model_description_errors_name_the_key(saved_model, tmp_path, tf):
     from exporters.tf_saved_model import export_saved_model
-    from runtime.errors import ConfigError
+    from core.errors import ConfigError
 
     folder, _ = saved_model
     typo = tmp_path / "typo.toml"

@@ -15,9 +15,9 @@ import torch
 from exporters.registry import load_registry
 from exporters.torch_builders import build_model, count_parameters, load_weights
 from exporters import torch_detectors as td
-from runtime.contract import DEFAULT_OPSET, RANDOM_INIT, read_contract, sha256_file
-from runtime.errors import WeightsError
-from runtime.images import load_rgb, prepare, prepare_for
+from core.contract import DEFAULT_OPSET, RANDOM_INIT, read_contract, sha256_file
+from core.errors import WeightsError
+from core.images import load_rgb, prepare, prepare_for
 
 TORCH_MODELS = [s.name for s in load_registry() if s.framework == "pytorch"]
 UNSEEN_TRIES = 4

@@ -20,7 +20,7 @@ import pytest
 from exporters.registry import load_registry
 from exporters.weights import (REJECTED_SUFFIX, SIDECAR_SUFFIX, UNVERIFIED, VERIFIED_FULL, VERIFIED_PREFIX, fetch,
                                locate_weights)
-from runtime.errors import FetchError
+from core.errors import FetchError
 
 # Three chunks and a bit (fetch streams 1 MiB chunks), so progress is reported several times.
 GOOD = bytes(range(256)) * (4096 * 3 + 17)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import ContractError, ExportError
+from core.errors import ContractError, ExportError
 
 PREFIX = "detbench."
 INPUT_NAME = "images"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import ConfigError, DatasetError
+from core.errors import ConfigError, DatasetError
 
 
 def load_rgb(path: str | Path) -> np.ndarray:

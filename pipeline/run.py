@@ -18,7 +18,7 @@ then the report (:func:`report.build_report`). Nothing is faked: a step that can
 here (missing module, no weights, no data, provider unavailable) is skipped with its
 reason, a step that fails records the error; both reach the report.
 
-Re-running skips a step whose inputs did not change (``report.manifest``): the model
+Re-running skips a step whose inputs did not change (``core.manifest``): the model
 name, the weights' sha256 or ``random-init``, the exporter version, the input size and
 the step's own settings and code version; the ONNX file's sha256 chains the later steps
 to the export. An interrupted run continues where it stopped (evaluation resumes inside
@@ -37,11 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from report import manifest as run_manifest
-from runtime import store
-from runtime.contract import RANDOM_INIT, read_contract, sha256_file
-from runtime.errors import ConfigError, DetbenchError
-from runtime.paths import PROJECT_ROOT, data_dir, results_dir
+from core import manifest as run_manifest
+from core import store
+from core.contract import RANDOM_INIT, read_contract, sha256_file
+from core.errors import ConfigError, DetbenchError
+from core.paths import PROJECT_ROOT, data_dir, results_dir
 
 STEPS = ("export", "profile", "bench", "eval")
 # Ops whose output shapes depend on the image (proposals): profile them with measured shapes.

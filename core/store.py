@@ -24,7 +24,7 @@ from importlib import metadata as _md
 from pathlib import Path
 from typing import Any
 
-from runtime.paths import results_dir
+from core.paths import results_dir
 
 STORE_NAME = "results.jsonl"
 KINDS = ("export", "profile", "bench", "eval")

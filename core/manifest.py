@@ -24,8 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import ConfigError
-from runtime.paths import results_dir
+from core.errors import ConfigError
+from core.paths import results_dir
 
 MANIFEST_NAME = "run-manifest.json"
 VERSION = 1
