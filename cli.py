@@ -6,15 +6,18 @@ below this file prints or exits.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from core.errors import ConfigError, DetbenchError
+from core.contract import check_file
+from core.errors import ConfigError, DetbenchError, WeightsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Accuracy, parameters, operations and latency of object detectors, measured through ONNX.")
@@ -30,10 +33,26 @@ def reports_errors(fn):
         try:
             return fn(*args, **kwargs)
         except DetbenchError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            print_error(exc)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:
+            # Almost always a path given on the command line (--out, --csv, --json) that cannot be
+            # written or read as asked; the library names its own files in DetbenchErrors.
+            where = f" {exc.filename}" if exc.filename else ""
+            print_error(f"cannot use{where}: {exc.strerror or exc} (check the path given on the command line)")
+            raise typer.Exit(ConfigError.exit_code) from None
 
     return wrapper
+
+
+def print_error(exc, label: str = "error:") -> None:
+    # Messages carry paths, cfg lines and names the user chose: never rich markup.
+    err_console.print(f"[bold red]{label}[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+
+
+def t(value) -> str:
+    """``value`` as text for a rich markup string or table cell (brackets shown as typed)."""
+    return escape(str(value))
 
 
 def parse_size(value: Optional[str]) -> Optional[tuple[int, int]]:
@@ -62,35 +81,44 @@ def list_models() -> None:
 
     registry = load_registry()
     # Short cells so that the table fits an 80-column console; paths go below the table.
-    table = Table(title=f"detbench registry ({registry.path.name})", box=box.SIMPLE_HEAD, pad_edge=False,
+    table = Table(title=f"detbench registry ({t(registry.path.name)})", box=box.SIMPLE_HEAD, pad_edge=False,
                   show_edge=False, padding=(0, 1), collapse_padding=True, title_justify="left")
     table.add_column("name", no_wrap=True)
     for col in ("framework", "input", "resize", "labels"):
         table.add_column(col, no_wrap=True, overflow="ellipsis")
     table.add_column("weights", no_wrap=True, overflow="ellipsis")
     present: dict[Path, list[str]] = {}
+    damaged = []  # statuses with copies that failed their sha256 (whether or not another copy is used)
     for spec in registry:
         status = weights_status(spec)
+        if status.rejected:
+            damaged.append(status)
         if status.state == "present":
             present.setdefault(status.path, []).append(spec.name)
             cell = "[green]present[/]"
         elif status.state == "fetchable":
             cell = "[yellow]fetchable[/]"
-        else:
+        elif status.state == "none":
             cell = "[dim]random-init[/]"
-        table.add_row(spec.name + (" *" if spec.paper else ""), spec.framework,
-                      f"{spec.height}x{spec.width}", spec.resize, spec.label_space, cell)
+        elif status.state == "corrupt":
+            cell = "[red]corrupt[/]"
+        table.add_row(t(spec.name) + (" *" if spec.paper else ""), t(spec.framework),
+                      f"{spec.height}x{spec.width}", t(spec.resize), t(spec.label_space), cell)
     console.print(table)
     console.print("* one of the paper's eleven configurations (Sheik, Chaurasia, Culurciello 2018).\n"
                   "weights: [green]present[/] = found locally (below); [yellow]fetchable[/] = official "
                   "weights not here yet, `python cli.py fetch NAME` (or --all); [dim]random-init[/] = "
                   "none published, exports use deterministic random weights (counts and latency "
-                  "valid, accuracy not).", highlight=False)
+                  "valid, accuracy not); [red]corrupt[/] = the only local copy fails its sha256 "
+                  "(below).", highlight=False)
     if present:
         console.print("present locally:", highlight=False)
         for path, names in present.items():
-            console.print(f"  {', '.join(names)}:", highlight=False)
-            console.print(f"    {path}", highlight=False, soft_wrap=True)  # never broken: copy-pastable
+            console.print(f"  {', '.join(names)}:", highlight=False, markup=False)
+            console.print(f"    {path}", highlight=False, soft_wrap=True, markup=False)  # never broken: copy-pastable
+    for status in damaged:
+        label = "[red]corrupt[/]" if status.state == "corrupt" else "[yellow]ignored[/]"
+        console.print(f"{label} {t(status.problem)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -106,16 +134,38 @@ def export(
     random_init: bool = typer.Option(False, "--random-init", help="Ignore available weights; deterministic random init."),
     saved_model: Optional[Path] = typer.Option(None, "--saved-model", help="Convert this TensorFlow SavedModel folder "
                                                "instead of registered models (needs --describe)."),
-    describe: Optional[Path] = typer.Option(None, "--describe", help="TOML file mapping the SavedModel's inputs and "
-                                            "outputs onto the contract (format: exporters/tf_saved_model.py)."),
+    onnx_file: Optional[Path] = typer.Option(None, "--onnx", help="Wrap this foreign ONNX detector into a contract "
+                                             "file instead of exporting registered models (needs --describe)."),
+    describe: Optional[Path] = typer.Option(None, "--describe", help="TOML file mapping the SavedModel's or ONNX file's "
+                                            "inputs and outputs onto the contract (formats: exporters/tf_saved_model.py, "
+                                            "exporters/onnx_describe.py)."),
+    accept_mismatch: bool = typer.Option(False, "--accept-mismatch", help="PyTorch models: write the file even "
+                                         "if onnxruntime's detections differ from PyTorch's beyond every "
+                                         "explained boundary; it is marked detbench.validation = failed-accepted "
+                                         "with the mismatches in its metadata (never for NaN/Inf outputs)."),
 ) -> None:
-    """Export registered models (or a TensorFlow SavedModel) to validated, self-describing ONNX files."""
+    """Export registered models (or a TensorFlow SavedModel, or wrap a foreign ONNX detector) to validated,
+    self-describing ONNX files."""
     from exporters import default_output, export_model
     from exporters.registry import load_registry
     from exporters.weights import locate_weights
     from core.paths import results_dir
 
     out = out if out is not None else results_dir() / "onnx"
+    if onnx_file is not None:
+        from exporters.onnx_wrap import wrap_onnx
+
+        if names or all_models or weights is not None or input_size is not None or random_init or saved_model:
+            raise ConfigError("--onnx wraps one ONNX file: give it with --describe, not with model names/--all/"
+                              "--weights/--input-size/--random-init/--saved-model (the size is the describe file's)")
+        if describe is None:
+            raise ConfigError("--onnx FILE needs --describe FILE.toml (format: exporters/onnx_describe.py)")
+        with console.status(f"wrapping {t(onnx_file)}") as status:
+            result = wrap_onnx(onnx_file, describe, out, progress=lambda msg: status.update(t(msg)))
+        console.print(f"[green]✓[/] {t(result.contract.name)} -> {t(result.path)} (ONNX {t(onnx_file)}; "
+                      f"wrapped and validated in {result.seconds:.1f} s)", highlight=False, soft_wrap=True)
+        _render_warnings(result)
+        return
     if saved_model is not None or describe is not None:
         from exporters.tf_saved_model import export_saved_model
 
@@ -124,10 +174,11 @@ def export(
                               "model names/--all/--weights/--input-size/--random-init")
         if saved_model is None or describe is None:
             raise ConfigError("--saved-model DIR and --describe FILE go together")
-        with console.status(f"converting {saved_model}") as status:
-            result = export_saved_model(saved_model, describe, out, progress=lambda msg: status.update(msg))
-        console.print(f"[green]✓[/] {result.contract.name} -> {result.path} (SavedModel {saved_model}; "
-                      f"exported and validated in {result.seconds:.1f} s)")
+        with console.status(f"converting {t(saved_model)}") as status:
+            result = export_saved_model(saved_model, describe, out, progress=lambda msg: status.update(t(msg)))
+        console.print(f"[green]✓[/] {t(result.contract.name)} -> {t(result.path)} (SavedModel {t(saved_model)}; "
+                      f"exported and validated in {result.seconds:.1f} s)", highlight=False, soft_wrap=True)
+        _render_warnings(result)
         return
     registry = load_registry()
     if all_models and names:
@@ -137,15 +188,64 @@ def export(
         raise ConfigError("name at least one model (see `python cli.py list`) or pass --all")
     if weights is not None and len(specs) != 1:
         raise ConfigError("--weights applies to exactly one model")
+    if weights is not None and weights.is_dir():
+        raise WeightsError(f"--weights {weights} is a directory, not a weights file: pass the file itself")
+    if weights is not None and not weights.is_file():
+        raise WeightsError(f"--weights {weights}: no such file (check the path; `python cli.py list` shows "
+                           "the weights found locally)")
     size = parse_size(input_size)
     for spec in specs:
         target = out if (out.suffix == ".onnx" and len(specs) == 1) else default_output(spec, out, size)
         chosen = None if random_init else (weights or locate_weights(spec))
-        with console.status(f"exporting {spec.name} ({'random-init' if chosen is None else chosen})") as status:
-            result = export_model(spec, target, weights=chosen, input_size=size,
-                                  progress=lambda msg: status.update(f"{spec.name}: {msg}"))
+        with console.status(f"exporting {t(spec.name)} ({'random-init' if chosen is None else t(chosen)})") as status:
+            result = export_model(spec, target, weights=chosen, input_size=size, accept_mismatch=accept_mismatch,
+                                  progress=lambda msg: status.update(t(f"{spec.name}: {msg}")))
         label = "random-init weights" if result.contract.random_init else f"weights {result.contract.weights[:19]}…"
-        console.print(f"[green]✓[/] {spec.name} -> {result.path} ({label}; exported and validated in {result.seconds:.1f} s)")
+        if result.validation.get("status") == "failed-accepted":
+            console.print(f"[yellow]![/] {t(spec.name)} -> {t(result.path)} ({label}; validation FAILED and was "
+                          f"accepted (--accept-mismatch), recorded in the file's metadata):", highlight=False,
+                          soft_wrap=True)
+            for mismatch in result.validation["mismatches"]:
+                console.print(f"  - {t(mismatch)}", highlight=False, soft_wrap=True)
+        else:
+            console.print(f"[green]✓[/] {t(spec.name)} -> {t(result.path)} ({label}; exported and validated in "
+                          f"{result.seconds:.1f} s)", highlight=False, soft_wrap=True)
+        _render_warnings(result)
+
+
+def _render_warnings(result) -> None:
+    for warning in getattr(result, "warnings", ()):
+        console.print(f"[yellow]warning:[/] {t(warning)}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@reports_errors
+def quantize(
+    model: Path = typer.Argument(..., help="Exported float32 ONNX detector."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="COCO folder (or folder of images) to "
+                                               "calibrate on. Default: the shared COCO val2017 subset."),
+    images: int = typer.Option(16, "--images", help="Calibration images: the first N by COCO image id."),
+    method: str = typer.Option("minmax", "--method", help="Calibration: minmax, entropy or percentile."),
+    per_channel: bool = typer.Option(True, "--per-channel/--no-per-channel", help="One weight scale per output channel."),
+    quant_format: str = typer.Option("qdq", "--format", help="qdq (Quantize/DequantizeLinear pairs) or qoperator."),
+    out: Optional[Path] = typer.Option(None, "--out", help="INT8 file to write. Default: <model folder>/<stem>@int8.onnx."),
+) -> None:
+    """Static INT8 quantization (onnxruntime) calibrated on COCO images; NMS and box decoding stay float.
+
+    The calibration image ids are recorded in the file: `eval` refuses to score the model on them.
+    """
+    from exporters.quantize import QuantizeSettings, quantize_model
+
+    settings = QuantizeSettings(calibration=calibration, images=images, method=method, per_channel=per_channel,
+                                format=quant_format, out=out)
+    with console.status(f"quantizing {t(model)}") as status:
+        result = quantize_model(model, settings, progress=lambda msg: status.update(t(msg)))
+    ids = result.calibration_ids
+    shown = ", ".join(map(str, ids[:8])) + (" ..." if len(ids) > 8 else "")
+    console.print(f"[green]✓[/] {t(result.contract.name)} -> {t(result.path)} in {result.seconds:.1f} s: "
+                  f"{len(result.quantized_nodes)} node(s) int8 ({result.activation_type} activations, "
+                  f"{result.weight_type} weights), {len(result.float_nodes)} kept float; calibrated ({t(method)}) on "
+                  f"{len(result.calibration_files)} image(s), ids {t(shown)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -188,37 +288,53 @@ def fetch(
                 if len(specs) == 1:
                     raise
                 failed.append(spec.name)
-                err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+                print_error(exc)
                 continue
             for item in outcome.files:
                 action = "downloaded to" if item.downloaded else "present at"
                 if item.replaced:
-                    console.print(f"[yellow]![/] {spec.name} {item.kind}: {item.replaced}", highlight=False)
+                    console.print(f"[yellow]![/] {t(spec.name)} {item.kind}: {t(item.replaced)}", highlight=False,
+                                  soft_wrap=True)
                 if item.verified == UNVERIFIED:
-                    console.print(f"[yellow]![/] {spec.name} {item.kind} {action} {item.path} ({item.size:,} bytes): "
+                    console.print(f"[yellow]![/] {t(spec.name)} {item.kind} {action} {t(item.path)} ({item.size:,} bytes): "
                                   f"NOT verified (models.toml has no sha256); computed sha256 {item.sha256} "
-                                  f"recorded in {item.sidecar}", highlight=False)
+                                  f"recorded in {t(item.sidecar)}", highlight=False, soft_wrap=True)
                 elif item.verified == VERIFIED_PREFIX:
-                    console.print(f"[green]✓[/] {spec.name} {item.kind} {action} {item.path} ({item.size:,} bytes): "
+                    console.print(f"[green]✓[/] {t(spec.name)} {item.kind} {action} {t(item.path)} ({item.size:,} bytes): "
                                   f"only the published sha256 prefix {item.prefix} was verified "
-                                  f"(full sha256 {item.sha256})", highlight=False)
+                                  f"(full sha256 {item.sha256})", highlight=False, soft_wrap=True)
                 else:
-                    console.print(f"[green]✓[/] {spec.name} {item.kind} {action} {item.path} ({item.size:,} bytes): "
-                                  f"sha256 verified ({item.sha256})", highlight=False)
+                    console.print(f"[green]✓[/] {t(spec.name)} {item.kind} {action} {t(item.path)} ({item.size:,} bytes): "
+                                  f"sha256 verified ({item.sha256})", highlight=False, soft_wrap=True)
             if outcome.note:
-                console.print(f"[dim]-[/] {outcome.note}", highlight=False)
+                console.print(f"[dim]-[/] {t(outcome.note)}", highlight=False, soft_wrap=True)
     if failed:
         raise FetchError(f"{len(failed)} of {len(specs)} model(s) could not be fetched: {', '.join(failed)} "
                          "(errors above)")
+
+
+@app.command("backends")
+@reports_errors
+def backends_command() -> None:
+    """Every backend name --provider accepts, whether it runs here, and why not."""
+    from report.console import render_backends
+    from runtime.backends import list_backends
+
+    render_backends(console, [(b.name, b.description, *b.probe()) for b in list_backends()])
 
 
 @app.command()
 @reports_errors
 def bench(
     models: List[Path] = typer.Argument(..., help="Exported ONNX files (see `export`)."),
-    providers: List[str] = typer.Option(["cpu"], "--provider", "-p", help="Execution provider (repeatable): cpu, "
-                                        "cuda, tensorrt, openvino, ... or onnxruntime's full name."),
+    providers: List[str] = typer.Option(["cpu"], "--provider", "-p", help="Backend (repeatable; see `backends`): "
+                                        "cpu, openvino, openvino-bf16, native, cuda, tensorrt, ort-openvino, ... "
+                                        "Several are measured side by side, alternating."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed runs before timing."),
+    rounds: int = typer.Option(5, "--rounds", help="Timed runs are split into this many rounds; each round runs "
+                               "every backend, their order rotating."),
+    parity: bool = typer.Option(True, "--parity/--no-parity", help="Compare each backend's detections with "
+                                "onnxruntime CPU's on 3 COCO images before timing it."),
     runs: Optional[int] = typer.Option(None, "--runs", help="Timed runs (default 20 unless --seconds)."),
     seconds: Optional[float] = typer.Option(None, "--seconds", help="Time as many runs as start within S seconds."),
     batch: int = typer.Option(1, "--batch", help="Images per run. detbench's graphs are batch-1 (boxes [K, 4] "
@@ -238,8 +354,8 @@ def bench(
                                         "too (default: inputs bound on the device with IO binding)."),
     image: Optional[Path] = typer.Option(None, "--image", help="Input image. Default: the COCO val2017 image of "
                                          "the shared subset with the most objects."),
-    native: bool = typer.Option(False, "--native", help="Also time the source framework (PyTorch eager, "
-                                "TensorFlow, OpenCV DNN for Darknet) and show onnxruntime / native."),
+    native: bool = typer.Option(False, "--native", help="Shortcut for -p native: also time the source framework "
+                                "(PyTorch eager, TensorFlow, OpenCV DNN for Darknet) side by side."),
     native_weights: Optional[Path] = typer.Option(None, "--native-weights", help="Weights for --native of a "
                                                   "trained export when not found locally (one model)."),
     nodes: bool = typer.Option(False, "--nodes", help="Per-node profile: time, share and achieved GMAC/s."),
@@ -247,8 +363,13 @@ def bench(
     peak: bool = typer.Option(True, "--peak/--no-peak", help="Measure the machine's matmul peak and state each "
                               "result's fraction of it."),
 ) -> None:
-    """Latency per execution provider (and vs the native framework), recorded in the results store."""
-    from runtime.bench import bench_models
+    """Latency per backend, side by side, with parity against onnxruntime CPU; recorded in the results store."""
+    from report.console import render_bench
+    from runtime.backends import BackendSettings
+    from runtime.bench import BenchSettings, bench_models
+
+    for path in models:
+        check_file(path)  # the contract itself is checked by bench before any session is made
 
     options: dict[str, str] = {}
     for item in provider_option:
@@ -259,116 +380,46 @@ def bench(
     if native_weights is not None and len(models) != 1:
         raise ConfigError("--native-weights applies to exactly one model")
     with console.status("benchmarking (the machine is measured as it is: other load shows in the figures)"):
-        results = bench_models(list(models), list(providers), warmup=warmup, runs=runs, seconds=seconds,
-                               batch=batch, threads=threads, inter_threads=inter_threads,
-                               optimization=optimization, execution_mode=execution_mode,
-                               provider_options=options or None, allow_fallback=allow_fallback,
-                               trt_cache_dir=trt_cache_dir, include_copies=include_copies, image=image,
-                               native=native, native_weights=native_weights, nodes=nodes, peak=peak)
-    _render_bench(results, top)
-
-
-def _render_bench(results, top: int) -> None:
-    from rich import box
-
-    def new_table(title: str, cols: list[str]) -> Table:
-        t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
-                  padding=(0, 1), collapse_padding=True)
-        for i, col in enumerate(cols):
-            t.add_column(col, justify="left" if i < 2 else "right", no_wrap=True)
-        return t
-
-    def label(r) -> str:
-        return r.model + ("*" if r.contract.get("detbench.weights") == "random-init" else "")
-
-    def ran(r) -> str:
-        name = r.providers_ran[0].removesuffix("ExecutionProvider")
-        return f"[red]{name} (asked {r.provider})[/]" if r.fell_back else name
-
-    latency = new_table("latency, ms per run (measured)",
-                        ["model", "ran on", "thr", "p50", "mean±std", "p90", "p99", "min", "img/s"])
-    for r in results:
-        latency.add_row(label(r), ran(r), str(r.settings.get("threads") or "dflt"), f"{r.latency.p50:.1f}",
-                        f"{r.latency.mean:.1f}±{r.latency.std:.1f}", f"{r.latency.p90:.1f}",
-                        f"{r.latency.p99:.1f}", f"{r.latency.min:.1f}", f"{r.throughput_ips:.2f}")
-    console.print(latency)
-    with_native = any(r.native for r in results)
-    cost = new_table("cost and comparison", ["model", "ran on", "sess s", "RSS MB", "GMACs", "GFLOP/s", "%peak"]
-                     + (["native p50", "ORT/nat"] if with_native else []))
-    for r in results:
-        row = [label(r), ran(r), f"{r.session_seconds:.2f}", "n/a" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}",
-               "n/a" if r.macs is None else f"{r.macs / 1e9:.2f}",
-               "n/a" if r.achieved_gflops is None else f"{r.achieved_gflops:.1f}",
-               "n/a" if r.fraction_of_peak is None else f"{100 * r.fraction_of_peak:.1f}"]
-        if with_native:
-            row += [f"{r.native['latency_ms']['p50']:.1f}" if r.native else "",
-                    f"{r.native['ratio']:.2f}" if r.native else ""]
-        cost.add_row(*row)
-    table = cost
-    console.print(table)
-    first = results[0]
-    notes = [f"{first.latency.n} timed runs after {first.warmup} warm-up runs on {Path(first.image).name} "
-             f"(batch {first.batch}, prepared before timing); * = random-init weights (latency valid, accuracy "
-             "not); sess s = InferenceSession creation; RSS MB = growth of the process's peak resident memory "
-             "over session creation and runs."]
-    if first.peak:
-        by = ", ".join(f"{k} {v:.1f}" for k, v in first.peak["by_backend"].items())
-        notes.append(f"GFLOP/s = 2 x MACs (counting/ analyzer) / p50; % peak = that over the machine's measured "
-                     f"float32 matmul rate ({first.machine_peak_gflops:.1f} GFLOP/s, {first.peak['size']}^2 "
-                     f"SGEMM median; {by}).")
-    for r in results:
-        if r.macs is None and r.macs_note:
-            notes.append(f"{r.model}: no MACs ({r.macs_note})")
-    if any(r.native for r in results):
-        notes.append("ORT/native = onnxruntime p50 / native p50 on the same tensor, warm-up, runs and threads "
-                     "(below 1: onnxruntime faster). " + "; ".join(sorted({f"{r.native['framework']}: "
-                                                                           f"{r.native['runtime']}"
-                                                                           for r in results if r.native})))
-    for note in notes:
-        console.print(note, highlight=False, soft_wrap=True)
-    for r in results:
-        if r.nodes:
-            _render_nodes(r, top)
-
-
-def _render_nodes(r, top: int) -> None:
-    nodes = r.nodes
-    title = (f"{r.model} on {r.providers_ran[0]}: top {min(top, nodes['nodes_total'])} of {nodes['nodes_total']} "
-             f"kernels (onnxruntime profiler, mean over {nodes['runs']} runs; kernel total "
-             f"{nodes['total_us'] / 1e3:.1f} ms)")
-    table = Table(title=title, title_justify="left")
-    for col in ("kernel", "ran as", "op", "ONNX nodes", "ms", "share", "GMACs", "GMAC/s"):
-        table.add_column(col, justify="right" if col in ("ms", "share", "GMACs", "GMAC/s") else "left")
-    for g in nodes["nodes"][:top]:
-        table.add_row(g["kernel"], g["kernel_op"], g["op_type"], str(len(g["originals"])),
-                      f"{g['mean_us'] / 1e3:.2f}", f"{100 * g['share']:.1f}%", f"{g['macs'] / 1e9:.3f}",
-                      "" if g["gmacs_per_s"] is None else f"{g['gmacs_per_s']:.1f}")
-    console.print(table)
-    by_op = Table(title=f"{r.model}: by op type", title_justify="left")
-    for col in ("op", "kernels", "ms", "share", "GMACs", "GMAC/s"):
-        by_op.add_column(col, justify="left" if col == "op" else "right")
-    for op, e in sorted(nodes["by_op"].items(), key=lambda kv: -kv[1]["us"]):
-        by_op.add_row(op, str(e["kernels"]), f"{e['us'] / 1e3:.2f}", f"{100 * e['share']:.1f}%",
-                      f"{e['macs'] / 1e9:.3f}", "" if e["gmacs_per_s"] is None else f"{e['gmacs_per_s']:.1f}")
-    console.print(by_op)
-    console.print("GMAC/s = analyzer MACs of the ONNX nodes a kernel runs / its time (1 MAC = 2 FLOPs). Fused "
-                  "nodes (BatchNormalization/activation into Conv; NCHWc chains named after their last output) "
-                  f"are mapped back as runtime/nodes.py describes; {len(nodes['unattributed_nodes'])} ONNX node(s) "
-                  f"ran no kernel ({nodes['unattributed_macs'] / 1e9:.3f} GMACs unattributed).",
-                  highlight=False, soft_wrap=True)
+        timing = BenchSettings(warmup=warmup, runs=runs, seconds=seconds, rounds=rounds, batch=batch, image=image,
+                               nodes=nodes, peak=peak, parity=parity)
+        opening = BackendSettings(threads=threads, inter_threads=inter_threads, optimization=optimization,
+                                  execution_mode=execution_mode, provider_options=options,
+                                  allow_fallback=allow_fallback, trt_cache_dir=trt_cache_dir,
+                                  include_copies=include_copies, native_weights=native_weights)
+        backends = list(providers) + (["native"] if native and "native" not in providers else [])
+        results = bench_models(list(models), backends, timing, opening)
+    render_bench(console, results, top)
 
 
 @app.command()
 @reports_errors
 def run(
     models: Optional[str] = typer.Option(None, "--models", help="Comma-separated registered names (default: the whole registry)."),
-    quick: bool = typer.Option(False, "--quick", help="Bounded smoke run: 1 warm-up + 3 timed bench runs, 8 COCO images per eval."),
+    quick: bool = typer.Option(False, "--quick", help="Bounded smoke run: 1 warm-up + 3 timed bench runs per "
+                               "backend, 2 images per model for the per-image step, 8 COCO images per eval, "
+                               "4 calibration images (results are marked smoke, not valid)."),
     coco: Optional[Path] = typer.Option(None, "--coco", help="COCO folder (annotations/instances_val2017.json, val2017/). "
                                         "Default: $DETBENCH_DATA/coco-val2017-subset when it exists."),
-    providers: Optional[List[str]] = typer.Option(None, "--provider", help="Execution providers to bench (repeat). "
-                                                  "Default: cpu plus every provider onnxruntime lists, each probed first."),
-    bench_runs: Optional[int] = typer.Option(None, "--bench-runs", min=1, help="Timed bench runs per model x provider."),
+    providers: Optional[List[str]] = typer.Option(None, "--provider", "-p", help="Backends to bench (repeat; see "
+                                                  "`python cli.py backends`). Default: cpu, every other provider "
+                                                  "onnxruntime lists, openvino and openvino-bf16, each probed first."),
+    bench_runs: Optional[int] = typer.Option(None, "--bench-runs", min=1, help="Timed bench runs per model x backend "
+                                             "(default: as many as fit in --bench-seconds)."),
+    bench_seconds: Optional[float] = typer.Option(None, "--bench-seconds", min=0.1, help="Timed seconds per model x "
+                                                  "backend (default 3; short runs are recorded INVALID for the "
+                                                  "percentiles they cannot support)."),
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", min=1, help="Evaluate at most N COCO images per model."),
+    int8: Optional[str] = typer.Option(None, "--int8", help="Models that get an INT8 row (NAME@int8): "
+                                       "comma-separated names, `all` or `none`. Default: yolov3-tiny, yolov3-416, "
+                                       "ssd300 (the others quantize too, behind --int8 all: longer)."),
+    sizes: bool = typer.Option(True, "--sizes/--no-sizes", help="Also the further input sizes models.toml lists "
+                               "under run_sizes (yolov3-tiny at 320, 512, 608)."),
+    per_image: Optional[int] = typer.Option(None, "--per-image", min=0, help="COCO images per model for the "
+                                            "per-image operations/latency step (default 4, at most 20 s a model; "
+                                            "0 turns it off)."),
+    onnx_files: List[Path] = typer.Option([], "--onnx", help="A foreign ONNX detector to add to the run (repeatable; "
+                                           "each with a --describe file, in the same order; see `export --onnx`)."),
+    describe: List[Path] = typer.Option([], "--describe", help="The describe TOML of each --onnx file."),
     no_report: bool = typer.Option(False, "--no-report", help="Measure only; do not write the report."),
 ) -> None:
     """The main job: export, validate, profile, bench and evaluate every model, then write the report.
@@ -382,11 +433,23 @@ def run(
     from pipeline.run import RunSettings, run_pipeline
 
     names = [n.strip() for n in models.split(",") if n.strip()] if models else None
+    if len(onnx_files) != len(describe):
+        raise ConfigError(f"give one --describe per --onnx file ({len(onnx_files)} --onnx, {len(describe)} --describe)")
     settings = RunSettings.quick() if quick else RunSettings()
+    if bench_seconds is not None:
+        settings = dataclasses.replace(settings, bench_seconds=bench_seconds, bench_runs=None)
     if bench_runs is not None:
-        settings = dataclasses.replace(settings, bench_runs=bench_runs)
+        settings = dataclasses.replace(settings, bench_runs=bench_runs, bench_seconds=None)
     if eval_limit is not None:
         settings = dataclasses.replace(settings, eval_limit=eval_limit)
+    if per_image is not None:
+        settings = dataclasses.replace(settings, per_image=per_image, per_image_seconds=max(
+            settings.per_image_seconds, 5.0 * per_image))
+    if int8 is not None:
+        choice = int8.strip().lower()
+        settings = dataclasses.replace(settings, int8_models=None if choice == "all" else () if choice in (
+            "none", "") else tuple(n.strip() for n in int8.split(",") if n.strip()))
+    settings = dataclasses.replace(settings, sizes=sizes)
     colours = {"done": "green", "reused": "cyan", "skipped": "yellow", "failed": "red"}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as bars:
@@ -397,34 +460,35 @@ def run(
             where = " ".join(x for x in (ev.model, ev.step, ev.provider) if x)
             if ev.kind == "plan":
                 bars.update(overall, total=ev.steps_total)
-                bars.console.print(f"[bold]run[/]: {ev.message}", highlight=False, soft_wrap=True)
+                bars.console.print(f"[bold]run[/]: {t(ev.message)}", highlight=False, soft_wrap=True)
             elif ev.kind == "start":
-                bars.update(current, description=f"  {where}", completed=0, total=None, visible=True)
+                bars.update(current, description=t(f"  {where}"), completed=0, total=None, visible=True)
             elif ev.kind == "update":
-                bars.update(current, description=f"  {where}: {ev.message}"[:110],
+                bars.update(current, description=t(f"  {where}: {ev.message}"[:110]),
                             completed=ev.completed or 0, total=ev.total)
             elif ev.kind in colours:
                 bars.update(overall, completed=ev.steps_done)
                 bars.update(current, visible=False)
                 if ev.kind != "reused" or ev.step == "report":
                     reason = f": {ev.message.splitlines()[0][:160]}" if ev.message and ev.kind != "done" else ""
-                    bars.console.print(f"[{colours[ev.kind]}]{ev.kind:>7}[/] {where}{reason}", highlight=False,
+                    bars.console.print(f"[{colours[ev.kind]}]{ev.kind:>7}[/] {t(where + reason)}", highlight=False,
                                        soft_wrap=True)
 
         summary = run_pipeline(names, settings=settings, coco_dir=coco, providers=providers or None,
-                               report=not no_report, progress=on_event)
+                               report=not no_report, progress=on_event,
+                               foreign=list(zip(onnx_files, describe)) or None)
     counts = ", ".join(f"{summary.count(s)} {s}" for s in colours)
     console.print(f"[bold]run finished in {summary.wall_seconds:.1f} s[/]: {counts} step(s); results in "
-                  f"{summary.results_dir}", highlight=False)
+                  f"{t(summary.results_dir)}", highlight=False)
     for provider, reason in summary.providers.items():
         if reason:
-            console.print(f"[yellow]provider {provider} skipped[/]: {reason}", highlight=False, soft_wrap=True)
+            console.print(f"[yellow]provider {t(provider)} skipped[/]: {t(reason)}", highlight=False, soft_wrap=True)
     if summary.report is not None:
         console.print(f"report: {summary.report.html} (charts, table.csv, table.md in {summary.report.out_dir})",
-                      highlight=False)
+                      highlight=False, markup=False)
     if summary.failures:
         for o in summary.failures:
-            err_console.print(f"[bold red]failed[/] {o.model} {o.step} {o.provider or ''}: {o.reason}",
+            err_console.print(f"[bold red]failed[/] {t(o.model)} {o.step} {t(o.provider or '')}: {t(o.reason)}",
                               highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
@@ -454,7 +518,7 @@ def report(
         return "—" if a is None else f"{a.value:.1f} {'m' if a.status == MEASURED else 'p'}"
 
     for r in rows:
-        table.add_row(r.label + (" *" if r.paper else ""), f"{r.input_size[0]}x{r.input_size[1]}", num(r.mparams, 2),
+        table.add_row(t(r.label) + (" *" if r.paper else ""), f"{r.input_size[0]}x{r.input_size[1]}", num(r.mparams, 2),
                       num(r.gops, 2), acc(r.map50), acc(r.map),
                       *[num(r.latency[p].p50_ms, 1) if p in r.latency else "—" for p in shown])
     console.print(table)
@@ -462,20 +526,52 @@ def report(
                   "p = published (models.toml); latency = p50 ms, batch 1. Sources and reasons: table.md.",
                   highlight=False)
     for p, why in provider_skips(rows).items():
-        console.print(f"[yellow]provider {p} not measured[/]: {why}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]provider {t(p)} not measured[/]: {t(why)}", highlight=False, soft_wrap=True)
     console.print(f"wrote {len(result.charts)} charts, {result.csv.name}, {result.markdown.name} and "
-                  f"{result.html} in {result.out_dir}", highlight=False)
+                  f"{result.html} in {result.out_dir}", highlight=False, markup=False)
+
+
+@app.command()
+@reports_errors
+def compare(
+    a: Path = typer.Argument(..., metavar="A", help="Reference results folder (as DETBENCH_RESULTS names it) or its results.jsonl."),
+    b: Path = typer.Argument(..., metavar="B", help="Results folder or results.jsonl compared against A."),
+    max_slowdown: str = typer.Option("5%", "--max-slowdown", help="Latency growth (median B / A) tolerated; beyond "
+                                     "it, and significant by the rank test, B is a regression. 5% or 0.05."),
+    max_map_drop: float = typer.Option(0.1, "--max-map-drop", help="mAP@0.5 or mAP@[.5:.95] drop tolerated, in "
+                                       "COCO points (0.1 = 0.1 AP point)."),
+    alpha: float = typer.Option(0.01, "--alpha", help="Significance level of the one-sided Mann-Whitney U test."),
+    as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON instead of tables."),
+) -> None:
+    """Latency (rank test on raw samples), mAP and size of B against A; exits 1 when something regressed."""
+    import json
+
+    from report.compare import compare_stores, parse_fraction
+
+    result = compare_stores(a, b, max_slowdown=parse_fraction(max_slowdown, "--max-slowdown"),
+                            max_map_drop=max_map_drop, alpha=alpha)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        from report.compare_render import render
+
+        render(result, console)
+    if result.regressions:
+        raise typer.Exit(1)
 
 
 @app.command("eval")
 @reports_errors
 def eval_command(
+    ctx: typer.Context,
     model: Optional[Path] = typer.Argument(None, help="Exported ONNX detector (omit with --results)."),
     coco: Optional[Path] = typer.Option(None, "--coco", help="COCO folder: annotations/instances_val2017.json + val2017/."),
     annotations: Optional[Path] = typer.Option(None, "--annotations", help="COCO instances file (instead of --coco's)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Images folder (instead of --coco's val2017/)."),
     results: Optional[Path] = typer.Option(None, "--results", help="Score this existing COCO results file; no model is run."),
-    provider: str = typer.Option("cpu", "--provider", help="Execution provider: cpu, cuda, tensorrt, openvino, ..."),
+    provider: str = typer.Option("cpu", "--provider", "-p", help="Backend (see `backends`): cpu, openvino, "
+                                 "openvino-bf16, native, cuda, tensorrt, ... A non-cpu backend is first compared "
+                                 "with onnxruntime CPU on 3 COCO images (recorded)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate the first N images (by id)."),
     image_ids: Optional[str] = typer.Option(None, "--image-ids", help="Comma-separated image ids to evaluate."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its detection cache."),
@@ -491,6 +587,17 @@ def eval_command(
     workers: int = typer.Option(2, "--workers", help="Background image decode/resize threads."),
     prefetch: int = typer.Option(4, "--prefetch", help="Images prepared ahead of the session at most."),
     allow_fallback: bool = typer.Option(False, "--allow-fallback", help="Run even if the provider fell back to CPU."),
+    allow_calibration_overlap: bool = typer.Option(False, "--allow-calibration-overlap", help="Score an INT8 model "
+                                                   "even on images it was calibrated on (biased)."),
+    ray: bool = typer.Option(False, "--ray", help="Run the images on Ray: a local instance started for the run "
+                             "(all CPUs, no dashboard), or the cluster of --ray-address. --threads is per actor "
+                             "(default 1). See docs/scale.md."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join a running Ray cluster: auto or "
+                                              "HOST:PORT (implies --ray)."),
+    ray_actors: Optional[int] = typer.Option(None, "--ray-actors", help="Inference actors (default: the cluster's "
+                                             "CPUs / --threads, or one per GPU)."),
+    ray_batch: int = typer.Option(4, "--ray-batch", help="Images per Ray block (prepared, inferred, retried and "
+                                  "cached together)."),
 ) -> None:
     """COCO accuracy (pycocotools COCOeval) of an exported detector, or of an existing results file."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -514,7 +621,7 @@ def eval_command(
         return
     if model is None:
         raise ConfigError("name the ONNX model to evaluate (or pass --results FILE to score a results file)")
-    from eval.coco import evaluate_model
+    from eval.coco import EvalSettings, evaluate_model
 
     overrides = {}
     size = parse_size(input_size)
@@ -527,38 +634,91 @@ def eval_command(
 
     columns = (TextColumn("[bold]eval[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=False) as bar:
+    finished = 0
+    with _resume_hint_on_interrupt(ctx, lambda: finished), Progress(*columns, console=err_console, transient=False) as bar:
         task = None
 
         def on_progress(p) -> None:
-            nonlocal task
+            nonlocal task, finished
+            finished = p.done
             ran = p.done - p.resumed
             rate = f"{ran / p.wall_seconds:.1f} img/s" if ran and p.wall_seconds > 0 else "-- img/s"
             if task is None:  # created at the first report so resumed images are not counted as speed
                 task = bar.add_task("eval", total=p.total, completed=p.done, rate=rate)
             bar.update(task, completed=p.done, rate=rate + (f", {p.skipped} skipped" if p.skipped else ""))
 
-        result = evaluate_model(model, coco_dir=coco, annotations=annotations, images=images, provider=provider,
+        settings = EvalSettings(coco_dir=coco, annotations=annotations, images=images, provider=provider,
                                 limit=limit, image_ids=ids, resume=resume, overrides=overrides or None,
                                 backend=backend, per_category=per_category, results_file=out, cache_file=cache,
-                                threads=threads, workers=workers, prefetch=prefetch, progress=on_progress,
-                                allow_fallback=allow_fallback)
+                                threads=threads, workers=workers, prefetch=prefetch, allow_fallback=allow_fallback,
+                                allow_calibration_overlap=allow_calibration_overlap)
+        if ray or ray_address is not None:
+            from eval.ray_eval import RaySettings, evaluate_model_ray
+
+            cluster = RaySettings(address=ray_address, actors=ray_actors, batch_size=ray_batch)
+            result = evaluate_model_ray(model, settings, ray_settings=cluster, progress=on_progress)
+        else:
+            result = evaluate_model(model, settings, progress=on_progress)
     resumed = f", {result.images_resumed} from the cache of an earlier run" if result.images_resumed else ""
     _render_eval_scores(result.scores, f"{result.model} on {result.provider} ({result.contract['detbench.resize']}, "
                                        f"{result.images_evaluated} of {result.images_selected} images evaluated{resumed})")
+    parity = result.settings.get("parity")
+    console.print(f"backend {result.provider}: {result.settings.get('precision', 'f32')} inference"
+                  + (f"; parity with onnxruntime CPU: {parity['verdict']} ({parity['matched']}/{parity['total']} "
+                     f"matched, max |box| {parity['max_box_px']} px, max |score| {parity['max_score']}; "
+                     f"{parity['tolerance_text']})" if parity else ""), highlight=False, soft_wrap=True)
     for skip in result.images_skipped:
-        console.print(f"[yellow]skipped[/] {skip['file_name']}: {skip['reason']}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]skipped[/] {t(skip['file_name'])}: {t(skip['reason'])}", highlight=False, soft_wrap=True)
     if result.session_seconds > 0:
         console.print(
             f"time (measured): whole evaluation {result.wall_seconds:.2f} s vs inside session.run "
             f"{result.session_seconds:.2f} s = {result.overhead:.3f} x; image loop {result.loop_seconds:.2f} s = "
             f"{result.loop_overhead:.3f} x; {result.images_per_second:.2f} images/s; scoring "
             f"{result.score_seconds:.2f} s; session creation {result.session_create_seconds:.2f} s", highlight=False)
-    console.print(f"results: {result.results_file}\ncache:   {result.cache_file}", highlight=False, soft_wrap=True)
+    if "ray" in result.settings:
+        pool = result.settings["ray"]
+        console.print(f"ray: {pool['actors']} actor(s) x {pool['threads_per_actor']} thread(s), batches of "
+                      f"{pool['batch_size']}, on {', '.join(pool['hosts']) or 'no host (all from the cache)'} "
+                      f"({pool['address']}); session.run time summed over actors", highlight=False, markup=False)
+    console.print(f"results: {result.results_file}\ncache:   {result.cache_file}", highlight=False, soft_wrap=True,
+                  markup=False)
+
+
+@contextlib.contextmanager
+def _resume_hint_on_interrupt(ctx, images_done):
+    """Ctrl-C during `eval`: say how to continue (the detection cache keeps every finished image), exit 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        err_console.print(
+            f"[bold yellow]interrupted[/] after {images_done()} image(s); the detection cache keeps every finished "
+            f"image. Continue with:\n  {t(_same_command_with(ctx, '--resume'))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+
+
+def _same_command_with(ctx: typer.Context, flag: str) -> str:
+    """The command being run, rebuilt from its parsed options (not sys.argv: exact under any launcher), plus ``flag``."""
+    import shlex
+
+    words = ["python", "cli.py", ctx.info_name or "eval"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value == param.default or value == [] or value == ():
+            continue
+        if param.param_type_name == "argument":
+            words.append(str(value))
+        elif getattr(param, "is_flag", False):
+            if value:
+                words.append(param.opts[0])
+        else:
+            words += [param.opts[0], str(value)]
+    if flag not in words:
+        words.append(flag)
+    return shlex.join(words)
 
 
 def _render_eval_scores(scores: dict, title: str) -> None:
-    console.print(f"[bold]COCOeval {scores['iou_type']} ({scores['backend']})[/]: {title}", highlight=False, soft_wrap=True)
+    console.print(f"[bold]COCOeval {scores['iou_type']} ({scores['backend']})[/]: {t(title)}", highlight=False, soft_wrap=True)
     table = Table()
     table.add_column("statistic")
     table.add_column("value", justify="right")
@@ -577,7 +737,7 @@ def _render_eval_scores(scores: dict, title: str) -> None:
         absent = [name for name, row in scores["per_category"].items() if row["AP"] is None]
         for name, row in scores["per_category"].items():
             if row["AP"] is not None:
-                per.add_row(name, str(row["id"]), f"{row['AP']:.4f}", f"{row['AP50']:.4f}")
+                per.add_row(t(name), str(row["id"]), f"{row['AP']:.4f}", f"{row['AP50']:.4f}")
         console.print(per)
         if absent:
             console.print(f"({len(absent)} more categories have no ground truth in these images: no AP)",
@@ -606,12 +766,16 @@ def profile(
 
     if top < 0:
         raise ConfigError(f"--top {top}: give a number of rows >= 0")
+    check_file(model)
+    for option, target in (("--csv", csv_file), ("--json", json_file)):
+        if target is not None and target.is_dir():
+            raise ConfigError(f"{option} {target} is a directory: give a file name, e.g. {target / ('profile' + option.replace('--', '.'))}")
     result = profile_model(model, shapes=shapes, image=image, allow_unknown=allow_unknown, cross_check=onnx_tool)
     _render_profile(result, top)
     if csv_file:
-        console.print(f"per-node CSV -> {write_csv(result, csv_file)}")
+        console.print(f"per-node CSV -> {write_csv(result, csv_file)}", markup=False, highlight=False)
     if json_file:
-        console.print(f"full profile JSON -> {write_json(result, json_file)}")
+        console.print(f"full profile JSON -> {write_json(result, json_file)}", markup=False, highlight=False)
     if store:
         from core import store as results_store
         from core.contract import sha256_file
@@ -631,7 +795,8 @@ def _render_profile(p, top: int) -> None:
             else "static shapes (onnx shape inference)")
     weights = p.contract.get("detbench.weights", "")
     init = " — random-init weights (counts do not depend on weight values)" if weights == "random-init" else ""
-    console.print(f"[bold]{p.model}[/] {p.path}  input {list(p.input_shape)}  — figures from {mode}{init}")
+    console.print(f"[bold]{t(p.model)}[/] {t(p.path)}  input {t(list(p.input_shape))}  — figures from {t(mode)}{init}",
+                  highlight=False, soft_wrap=True)
 
     summary = Table(title=f"totals ({p.mode} shapes)")
     summary.add_column("figure")
@@ -660,13 +825,15 @@ def _render_profile(p, top: int) -> None:
                             "(onnx-tool also counts bias adds)")
             summary.add_row("onnx-tool Conv MACs", _giga(check["conv_macs"]),
                             f"ours: {_giga(check['ours']['conv_macs'])}")
+        elif check.get("status") == "skipped":
+            summary.add_row("onnx-tool cross-check", "[yellow]skipped[/]",
+                            escape(f"{check.get('reason')} (scope: {check.get('scope')})"))
         else:
-            summary.add_row("onnx-tool", "[yellow]failed[/]",
-                            f"at {check.get('stage')}: {check.get('error')} — no cross-check figure")
-        full = check.get("full_graph")
-        if full:
-            summary.add_row("onnx-tool on the full graph", "[yellow]failed[/]",
-                            f"at {full.get('stage')}: {full.get('error')}")
+            summary.add_row("onnx-tool cross-check", "[yellow]failed[/]",
+                            escape(f"at {check.get('stage')}: {check.get('error')} — no cross-check figure "
+                                   f"(scope: {check.get('scope')})"))
+    else:
+        summary.add_row("onnx-tool cross-check", "not run", "--no-onnx-tool")
     console.print(summary)
 
     nodes = Table(title=f"top {top} nodes by MACs ({p.mode} shapes)")
@@ -676,12 +843,12 @@ def _render_profile(p, top: int) -> None:
     from counting.ops import shape_str
 
     for n in p.top(top):
-        nodes.add_row(n.name, n.op_type, n.part, shape_str(n.inputs[0][1]) if n.inputs else "",
-                      shape_str(n.outputs[0][1]) if n.outputs else "",
+        nodes.add_row(t(n.name), t(n.op_type), t(n.part), t(shape_str(n.inputs[0][1])) if n.inputs else "",
+                      t(shape_str(n.outputs[0][1])) if n.outputs else "",
                       f"{n.macs:,}" if n.macs is not None else "?", str(n.executions), f"{n.params:,}",
                       f"{n.bytes_read / 1e6:.2f}" if n.bytes_read is not None else "?",
                       f"{n.bytes_written / 1e6:.2f}" if n.bytes_written is not None else "?",
-                      f"{n.intensity:.1f}" if n.intensity is not None else "?", n.shape_source)
+                      f"{n.intensity:.1f}" if n.intensity is not None else "?", t(n.shape_source))
     console.print(nodes)
 
     by_op = Table(title=f"by op type ({p.mode} shapes)")
@@ -689,26 +856,26 @@ def _render_profile(p, top: int) -> None:
         by_op.add_column(col, justify="left" if col == "op" else "right")
     total = max(d["macs"], 1)
     for op, row in d["by_op"].items():
-        by_op.add_row(op, str(row["nodes"]), f"{row['macs']:,}", f"{100 * row['macs'] / total:.2f} %",
+        by_op.add_row(t(op), str(row["nodes"]), f"{row['macs']:,}", f"{100 * row['macs'] / total:.2f} %",
                       f"{row['params']:,}", f"{row['bytes'] / 1e6:,.1f}", str(row["unresolved"] or ""))
     console.print(by_op)
 
     if d["unknown_nodes"]:
-        console.print("[bold red]uncounted ops (no counting rule):[/] " + ", ".join(
-            f"{op} x{len(names)}" for op, names in d["unknown_nodes"].items()))
+        console.print("[bold red]uncounted ops (no counting rule):[/] " + t(", ".join(
+            f"{op} x{len(names)}" for op, names in d["unknown_nodes"].items())), highlight=False)
     if d["unresolved_nodes"]:
         names = d["unresolved_nodes"]
         console.print(f"[yellow]{len(names)} node(s) with unresolved (data-dependent) shapes, not counted:[/] "
-                      + ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+                      + t(", ".join(names[:8])) + (" ..." if len(names) > 8 else "")
                       + ("  — use --shapes measured" if p.mode == "static" else ""))
     if d["static_mismatches"]:
         console.print(f"[yellow]static inference disagreed with the measured shape for {len(d['static_mismatches'])} "
                       "value(s); measured shapes were used[/]")
     conv = d["conventions"]
-    console.print("[dim]conventions: " + "; ".join([conv["mac"], conv["linear_ops"], "params: " + conv["params"],
+    console.print("[dim]conventions: " + t("; ".join([conv["mac"], conv["linear_ops"], "params: " + conv["params"],
                                                    "zero-MAC ops: data movement (Reshape, Concat, Gather, ...)",
                                                    conv["control_flow"], "post-processing: " + conv["postprocess"],
-                                                   conv["shapes"]]) + "[/]")
+                                                   conv["shapes"]])) + "[/]")
 
 
 if __name__ == "__main__":

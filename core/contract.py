@@ -40,6 +40,15 @@ IR_VERSION = 10
 DEFAULT_OPSET = 17
 
 
+# What to do about a file without (complete) detbench metadata. Each remedy is named with
+# the command that has it, so no command suggests an option it does not take.
+MISSING_METADATA_HINT = (
+    "Re-export it with `python cli.py export NAME`; a detector exported elsewhere can be wrapped into a "
+    "contract file with `python cli.py export --onnx FILE --describe FILE.toml`, or evaluated as it is by "
+    "describing it: `python cli.py eval FILE --input-size HxW --resize letterbox|stretch "
+    "--label-space coco80|coco91`.")
+
+
 @dataclass(frozen=True)
 class ModelContract:
     """The ``detbench.*`` metadata of an exported detector.
@@ -90,15 +99,15 @@ class ModelContract:
         return props
 
     @classmethod
-    def from_props(cls, props: dict[str, str], source: str = "<model>") -> "ModelContract":
+    def from_props(cls, props: dict[str, str], source: str = "<model>", hint: str | None = None) -> "ModelContract":
+        """The contract in ``props``; ``hint`` replaces :data:`MISSING_METADATA_HINT` when keys are missing
+        (a command names the options it really has)."""
         ours = {k[len(PREFIX):]: v for k, v in props.items() if k.startswith(PREFIX)}
         missing = [k for k in cls.REQUIRED if k not in ours]
         if missing:
             raise ContractError(
                 f"{source} lacks detbench metadata keys: {', '.join(PREFIX + k for k in missing)}. "
-                "Re-export it with `python cli.py export`, or describe it explicitly "
-                "(e.g. --input-size HxW --resize letterbox|stretch --label-space coco80|coco91)."
-            )
+                + (hint or MISSING_METADATA_HINT))
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs: dict[str, Any] = {}
         try:
@@ -190,25 +199,60 @@ def save_model(model, path: Path, contract: ModelContract) -> Path:
     return path
 
 
-def read_contract(path_or_model, overrides: dict[str, str] | None = None) -> ModelContract:
-    """The contract of an ONNX file (path or loaded ModelProto).
+def read_contract(path_or_model, overrides: dict[str, str] | None = None, *,
+                  hint: str | None = None) -> ModelContract:
+    """The contract of an ONNX file (path or loaded ModelProto), checked before anything uses the file.
 
-    ``overrides`` (keys without the prefix) supply or replace metadata, for files
-    exported elsewhere; they are how ``--input-size``/``--resize``/``--label-space`` reach here.
+    The one check every command shares: the file must load, its graph inputs/outputs must
+    be the contract's (:func:`check_io`) and its metadata complete and valid. Raises
+    :class:`ContractError` naming the file and what is wrong. ``overrides`` (keys without
+    the prefix) supply or replace metadata for files exported elsewhere; ``hint`` is what
+    the message advises when metadata is missing (default :data:`MISSING_METADATA_HINT`),
+    so that a command only ever suggests options it has.
+    """
+    model, source = load_checked(path_or_model)
+    props = {p.key: p.value for p in model.metadata_props}
+    for key, value in (overrides or {}).items():
+        props[PREFIX + key] = str(value)
+    return ModelContract.from_props(props, source, hint=hint)
+
+
+def check_file(path) -> Path:
+    """``path`` as a Path if it is a non-empty file; :class:`ContractError` saying what it is instead.
+
+    Cheap (no parsing): for commands that read the graph themselves, such as ``profile``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ContractError(f"{path} is a directory, not an ONNX file: pass the .onnx file itself")
+    if not path.is_file():
+        raise ContractError(f"no ONNX file at {path}: check the path (exports are written to "
+                            "results/onnx/NAME.onnx by `python cli.py export NAME`)")
+    if path.stat().st_size == 0:
+        raise ContractError(f"{path} is empty (0 bytes), not an ONNX file: re-export or re-copy it")
+    return path
+
+
+def load_checked(path_or_model, *, load_weights: bool = False):
+    """``(model, source)``: the ONNX file loaded and its inputs/outputs checked against the contract.
+
+    Raises :class:`ContractError` for a missing path, a directory, a file that is not
+    ONNX, or a graph whose inputs/outputs are not the contract's.
     """
     import onnx
 
     if isinstance(path_or_model, (str, Path)):
         source = str(path_or_model)
-        if not Path(source).is_file():
-            raise ContractError(f"no ONNX file at {source}")
+        check_file(source)
         try:
-            model = onnx.load(source, load_external_data=False)
-        except Exception as exc:
+            model = onnx.load(source, load_external_data=load_weights)
+        except Exception as exc:  # protobuf DecodeError, OSError, onnx's own errors
             raise ContractError(f"{source} is not a readable ONNX file: {exc}") from exc
     else:
         model, source = path_or_model, "<model>"
-    props = {p.key: p.value for p in model.metadata_props}
-    for key, value in (overrides or {}).items():
-        props[PREFIX + key] = str(value)
-    return ModelContract.from_props(props, source)
+    problems = check_io(model, source)
+    if problems:
+        raise ContractError("; ".join(problems) + ". detbench runs files that follow its contract "
+                            "(written by `python cli.py export`); rename the graph's input/outputs "
+                            "or re-export the model.")
+    return model, source

@@ -27,9 +27,9 @@ from typing import Any
 from core.paths import results_dir
 
 STORE_NAME = "results.jsonl"
-KINDS = ("export", "profile", "bench", "eval")
+KINDS = ("export", "quantize", "profile", "bench", "eval", "images")
 _VERSIONED = ("onnx", "onnxruntime-gpu", "onnxruntime", "torch", "torchvision", "tensorflow-cpu", "tf2onnx",
-              "opencv-python-headless", "pycocotools", "faster-coco-eval", "numpy")
+              "opencv-python-headless", "pycocotools", "faster-coco-eval", "numpy", "openvino", "ray")
 
 
 def store_path(root: Path | None = None) -> Path:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from counting.analyzer import ModelProfile, NodeProfile, analyze, onnx_tool_cross_check
+from counting.analyzer import CROSS_CHECK_SECONDS, ModelProfile, NodeProfile, analyze, onnx_tool_cross_check
 from core.errors import ConfigError, ContractError, UnsupportedOperatorError
 
 __all__ = ["ModelProfile", "NodeProfile", "profile_model", "SHAPE_MODES"]
@@ -27,7 +27,7 @@ SHAPE_MODES = ("static", "measured")
 
 
 def profile_model(path, *, shapes: str = "static", image=None, allow_unknown: bool = False,
-                  cross_check: bool = False) -> ModelProfile:
+                  cross_check: bool = False, cross_check_seconds: float = CROSS_CHECK_SECONDS) -> ModelProfile:
     """Count every node of the ONNX file at ``path``.
 
     ``shapes="static"`` resolves shapes by ONNX shape inference at the input size the
@@ -35,7 +35,8 @@ def profile_model(path, *, shapes: str = "static", image=None, allow_unknown: bo
     ``"measured"`` runs the graph once in onnxruntime on ``image`` (default: a COCO
     val2017 image of the shared data folder) and counts with the shapes that occurred.
     Raises :class:`UnsupportedOperatorError` listing every op without a counting rule
-    unless ``allow_unknown``. ``cross_check`` adds onnx-tool's figures (``.onnx_tool``).
+    unless ``allow_unknown``. ``cross_check`` adds onnx-tool's figures (``.onnx_tool``) for the
+    network part, or the reason there are none (it is stopped after ``cross_check_seconds``).
     """
     import onnx
 
@@ -75,9 +76,9 @@ def profile_model(path, *, shapes: str = "static", image=None, allow_unknown: bo
         other_constants=report.other_constants, unknown_ops=unknown, static_mismatches=table.static_mismatches,
         shapes_exposed_all=table.exposed_all, contract={k: v for k, v in props.items() if k.startswith(PREFIX)},
     )
-    del model
     profile.seconds = time.perf_counter() - start
     if cross_check:
         shape = tuple(d if isinstance(d, int) else 1 for d in input_shape)
-        profile.onnx_tool = onnx_tool_cross_check(path, graph_input.name, shape, nodes)
+        del model  # its weights were emptied for counting; onnx-tool reads the file again
+        profile.onnx_tool = onnx_tool_cross_check(path, graph_input.name, shape, nodes, cross_check_seconds)
     return profile

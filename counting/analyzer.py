@@ -20,8 +20,8 @@ network.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -456,36 +456,86 @@ def analyze(model, table: ShapeTable) -> tuple[list[NodeProfile], Any, dict[str,
     return walker.profiles, report, walker.unknown
 
 
-def onnx_tool_cross_check(path: Path, input_name: str, input_shape: tuple,
-                          nodes: list[NodeProfile]) -> dict[str, Any]:
-    """onnx-tool 1.0.1's own figures for the whole graph or, when it cannot profile that
-    (its shape inference fails on data-dependent post-processing: a TopK whose K is computed,
-    torchvision's detection exports), for the network nodes computable from the input alone.
+# onnx-tool infers shapes by *evaluating* in numpy every node that feeds a shape computation.
+# When post-processing sizes depend on scores (a TopK whose K is computed, NMS), that is the
+# whole network: ssd300's full graph ran for more than 10 minutes in ConvNode.value_infer. So
+# it only ever sees the network part, whose shapes follow from the input shape alone, and it
+# runs in a child process that is stopped after CROSS_CHECK_SECONDS: a cross-check must never
+# cost more than the profile it checks.
+CROSS_CHECK_SECONDS = 8.0
+NETWORK_SCOPE = "network part: {count} top-level nodes computable from the input alone"
+SCOPE_NOTE = ("the full graph is not handed to onnx-tool: its shape inference evaluates the whole network "
+              "in numpy when post-processing shapes depend on scores (more than 10 min on ssd300)")
 
-    The result always says which scope it covers and, for a failure, at which stage and
-    why. onnx-tool's MACs also count bias additions and element-wise work, so compare its
-    Conv figure with ours (``conv_macs``) and its total with ours on the same scope.
+
+def onnx_tool_cross_check(model, input_name: str, input_shape: tuple, nodes: list[NodeProfile],
+                          time_limit: float = CROSS_CHECK_SECONDS) -> dict[str, Any]:
+    """onnx-tool 1.0.1's own figures for the network part of ``model`` (a ModelProto or a path):
+    the nodes computable from the input alone (:func:`network_submodel`).
+
+    ``status`` is "ok" (figures, and ``ours`` on the same scope), "failed" (onnx-tool raised
+    or its process died: ``stage`` and ``error`` say where) or "skipped" (``reason`` says
+    why: nothing to check, or ``time_limit`` seconds passed). onnx-tool's MACs also count
+    bias additions and element-wise work, so compare its Conv figure with ours
+    (``conv_macs``) and its total with ours on the same scope.
     """
     import onnx
 
-    def ours(selected) -> dict[str, int]:
-        return {"macs": sum(n.total_macs for n in selected),
-                "conv_macs": sum(n.total_macs for n in selected if n.op_type in ops.CONV_OPS),
-                "params": sum(n.params for n in selected)}
-
-    full = _run_onnx_tool(str(path), input_name, input_shape)
-    if full["status"] == "ok":
-        return {**full, "scope": "full graph", "ours": ours(nodes)}
-    model = onnx.load(str(path))
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model))
     sub, keys = network_submodel(model)
-    del model
-    part = _run_onnx_tool(sub, input_name, input_shape)
     wanted = set(keys)
-    part["scope"] = (f"network nodes independent of data-dependent ops, with the shape arithmetic they need "
-                     f"({len(keys)} top-level nodes)")
-    part["ours"] = ours([n for n in nodes if not n.subgraph and n.name in wanted])
-    part["full_graph"] = full
-    return part
+    selected = [n for n in nodes if not n.subgraph and n.name in wanted]
+    base = {"scope": NETWORK_SCOPE.format(count=len(keys)), "note": SCOPE_NOTE, "time_limit_s": time_limit,
+            "ours": {"macs": sum(n.total_macs for n in selected),
+                     "conv_macs": sum(n.total_macs for n in selected if n.op_type in ops.CONV_OPS),
+                     "params": sum(n.params for n in selected)}}
+    if not keys:
+        return {**base, "status": "skipped", "reason": "the graph has no network node computable from its input alone"}
+    return {**base, **_bounded(_run_onnx_tool, (sub, input_name, input_shape), time_limit)}
+
+
+def _bounded(function, args: tuple, time_limit: float) -> dict[str, Any]:
+    """``function(*args)`` (which returns a small dict) in a child process stopped after
+    ``time_limit`` seconds. Forked where possible, so the model is not serialised again."""
+    import multiprocessing
+
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_child, args=(send, function, args), daemon=True)
+    start = time.perf_counter()
+    child.start()
+    send.close()
+    try:
+        if receive.poll(time_limit):
+            try:
+                result = receive.recv()
+            except EOFError:  # the child died before answering
+                result = None
+        else:
+            return {"status": "skipped", "stage": "time limit",
+                    "reason": f"onnx-tool did not finish within {time_limit:g} s (stopped; its shape "
+                              "inference evaluates nodes in numpy); no cross-check figure"}
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join(5)
+        receive.close()
+    if result is None:
+        return {"status": "failed", "stage": "crashed",
+                "error": f"onnx-tool's process ended with exit code {child.exitcode} without a result"}
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    return result
+
+
+def _child(send, function, args) -> None:
+    try:
+        result = function(*args)
+    except BaseException as exc:  # reported to the parent, which decides; never re-raised here
+        result = {"status": "failed", "stage": "crashed", "error": f"{type(exc).__name__}: {exc}"[:300]}
+    send.send(result)
+    send.close()
 
 
 def _run_onnx_tool(source, input_name: str, input_shape: tuple) -> dict[str, Any]:

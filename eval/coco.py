@@ -13,6 +13,7 @@ Scoring backends: ``pycocotools`` (the reference implementation) and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import time
@@ -24,7 +25,7 @@ import numpy as np
 
 from eval.dataset import CocoDataset, load_coco, read_annotations
 from eval.pipeline import DetectionCache, Prepared, prefetched, prepare_image
-from core.contract import (INPUT_NAME, LABEL_SPACES, OUTPUT_NAMES, PREFIX, RESIZE_MODES, ModelContract, check_io,
+from core.contract import (INPUT_NAME, LABEL_SPACES, OUTPUT_NAMES, PREFIX, RESIZE_MODES, ModelContract, load_checked,
                               sha256_file)
 from core.files import write_text_atomic
 from core.errors import ConfigError, ContractError, DatasetError
@@ -134,6 +135,8 @@ def _results_list(results_file) -> list[dict[str, Any]]:
     if isinstance(results_file, list):
         return results_file
     path = Path(results_file)
+    if path.is_dir():
+        raise DatasetError(f"--results {path} is a directory: pass the COCO results JSON file inside it")
     if not path.is_file():
         raise DatasetError(f"results file not found: {path}")
     try:
@@ -148,25 +151,76 @@ def _results_list(results_file) -> list[dict[str, Any]]:
 
 
 def _check_results(results: list, gt_data: dict[str, Any], iou_type: str, source: str) -> None:
+    """Every entry must be scorable as it is, or nothing is scored: COCOeval would otherwise
+    silently ignore a foreign category and count a negative box as a miss. All problems are
+    collected; the message lists the first few with their entry index, and the count."""
     geometry = "bbox" if iou_type == "bbox" else "segmentation"
     image_ids = {img["id"] for img in gt_data["images"]}
-    problems = []
+    category_ids = {cat["id"] for cat in gt_data["categories"]}
+    problems: list[str] = []
     foreign = set()
     for i, det in enumerate(results):
-        if not isinstance(det, dict) or any(k not in det for k in ("image_id", "category_id", "score", geometry)):
-            problems.append(f"entry {i} lacks one of image_id, category_id, score, {geometry}")
-        elif det["image_id"] not in image_ids:
-            foreign.add(det["image_id"])
-        elif iou_type == "bbox" and not (isinstance(det["bbox"], list) and len(det["bbox"]) == 4):
-            problems.append(f"entry {i}: bbox is not [x, y, w, h]")
-        if len(problems) >= 5:
-            break
+        if not isinstance(det, dict):
+            problems.append(f"entry {i} is a {type(det).__name__}, not an object {{image_id, category_id, score, "
+                            f"{geometry}}}")
+            continue
+        missing = [k for k in ("image_id", "category_id", "score", geometry) if k not in det]
+        if missing:
+            problems.append(f"entry {i} lacks one of image_id, category_id, score, {geometry} "
+                            f"(missing: {', '.join(missing)})")
+            continue
+        if det["image_id"] not in image_ids:
+            foreign.add(det["image_id"] if isinstance(det["image_id"], (int, str, float)) else repr(det["image_id"]))
+        if not _hashable(det["category_id"]) or det["category_id"] not in category_ids:
+            problems.append(f"entry {i}: category_id {det['category_id']!r} is not a category of the annotations "
+                            f"(they have {len(category_ids)}: {_ids(category_ids)})")
+        if not _finite_number(det["score"]):
+            problems.append(f"entry {i}: score {det['score']!r} is not a finite number")
+        if iou_type == "bbox":
+            problem = _bbox_problem(det["bbox"])
+            if problem:
+                problems.append(f"entry {i}: bbox {_short(det['bbox'])} {problem}")
+        elif not isinstance(det["segmentation"], (dict, list)):
+            problems.append(f"entry {i}: segmentation is a {type(det['segmentation']).__name__}, not an RLE object "
+                            "or a list of polygons")
     if foreign:
-        problems.append(f"{len(foreign)} image id(s) are not in the annotation file, e.g. {sorted(foreign)[:5]} "
+        ordered = sorted(foreign, key=str)
+        problems.append(f"{len(foreign)} image id(s) are not in the annotation file, e.g. {ordered[:5]} "
                         "(results and annotations must describe the same images)")
     if problems:
-        raise DatasetError(f"{source} is not a COCO {iou_type} results file for these annotations:\n  - "
-                           + "\n  - ".join(problems))
+        shown = problems[:8] + ([f"... and {len(problems) - 8} more problem(s)"] if len(problems) > 8 else [])
+        raise DatasetError(f"{source} is not a COCO {iou_type} results file for these annotations "
+                           f"({len(problems)} problem(s); nothing was scored):\n  - " + "\n  - ".join(shown)
+                           + "\nFix or drop these entries and score again.")
+
+
+def _hashable(value) -> bool:
+    return isinstance(value, (int, float, str, bool)) or value is None
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+def _bbox_problem(bbox) -> str | None:
+    if not isinstance(bbox, list) or len(bbox) != 4:
+        count = f"{len(bbox)} values" if isinstance(bbox, list) else f"a {type(bbox).__name__}"
+        return f"is {count}, not a list of 4 numbers x, y, width, height"
+    if not all(_finite_number(v) for v in bbox):
+        return "holds a value that is not a finite number"
+    if bbox[2] < 0 or bbox[3] < 0:
+        return f"has a negative {'width' if bbox[2] < 0 else 'height'} (COCO boxes are x, y, width, height)"
+    return None
+
+
+def _ids(ids: set) -> str:
+    ordered = sorted(ids, key=str)
+    return ", ".join(map(str, ordered[:10])) + (", ..." if len(ordered) > 10 else "")
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict, str, int, float)) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # --------------------------------------------------------------------------- running a model
@@ -244,13 +298,45 @@ class EvalResult:
         return out
 
 
-def evaluate_model(path, *, coco_dir: Path | None = None, annotations: Path | None = None, images: Path | None = None,
-                   provider: str = "cpu", limit: int | None = None, image_ids: Iterable[int] | None = None,
-                   resume: bool = False, overrides: dict[str, str] | None = None, backend: str = "pycocotools",
-                   per_category: bool = False, results_file: Path | None = None, cache_file: Path | None = None,
-                   threads: int | None = None, workers: int = 2, prefetch: int = 4,
-                   progress: ProgressCallback | None = None, store: bool = True,
-                   allow_fallback: bool = False) -> EvalResult:
+@dataclass(frozen=True)
+class EvalSettings:
+    """What :func:`evaluate_model` evaluates and how; stored with the ``eval`` record.
+
+    Data: ``coco_dir`` (or ``annotations`` + ``images``), ``limit``/``image_ids``; the model:
+    ``provider`` (a backend name, see ``runtime.backends``), ``threads``, ``allow_fallback``,
+    ``parity`` (compare a non-cpu backend with onnxruntime CPU on 3 COCO images first),
+    ``overrides`` (metadata for files exported elsewhere); scoring: ``backend``
+    (pycocotools or faster-coco-eval), ``per_category``; files: ``results_file``,
+    ``cache_file``, ``resume``; the image loop: ``workers``, ``prefetch``;
+    ``allow_calibration_overlap`` (INT8 models scored on their calibration images).
+    """
+
+    coco_dir: Path | None = None
+    annotations: Path | None = None
+    images: Path | None = None
+    provider: str = "cpu"
+    limit: int | None = None
+    image_ids: tuple[int, ...] | None = None
+    resume: bool = False
+    overrides: dict[str, Any] | None = None
+    backend: str = "pycocotools"
+    per_category: bool = False
+    results_file: Path | None = None
+    cache_file: Path | None = None
+    threads: int | None = None
+    workers: int = 2
+    prefetch: int = 4
+    allow_fallback: bool = False
+    allow_calibration_overlap: bool = False
+    parity: bool = True
+
+    def __post_init__(self):
+        if self.image_ids is not None and not isinstance(self.image_ids, tuple):
+            object.__setattr__(self, "image_ids", tuple(self.image_ids))
+
+
+def evaluate_model(path, settings: EvalSettings | None = None, *, progress: ProgressCallback | None = None,
+                   store: bool = True, **options) -> EvalResult:
     """Run the ONNX detector at ``path`` over a COCO dataset and score it with COCOeval.
 
     Preprocessing (input size, letterbox/stretch, padding) and the label space come
@@ -269,30 +355,48 @@ def evaluate_model(path, *, coco_dir: Path | None = None, annotations: Path | No
     labels outside its label space), :class:`DatasetError` (annotations or images not
     usable), :class:`ConfigError` (bad option), :class:`ProviderUnavailableError`.
     """
-    from core import store as results_store
-    from runtime.sessions import create_session, short_name
+    from exporters.quantize import check_calibration_overlap
+    from runtime.backends import REFERENCE, BackendSettings, get_backend
 
+    unknown = set(options) - {f.name for f in dataclasses.fields(EvalSettings)}
+    if unknown:
+        raise ConfigError(f"unknown evaluation option(s): {', '.join(sorted(unknown))}")
+    settings = dataclasses.replace(settings or EvalSettings(), **options)
+    coco_dir, annotations, images = settings.coco_dir, settings.annotations, settings.images
+    provider, threads, allow_fallback = settings.provider, settings.threads, settings.allow_fallback
+    limit, image_ids, resume, overrides = settings.limit, settings.image_ids, settings.resume, settings.overrides
+    backend, per_category = settings.backend, settings.per_category
+    results_file, cache_file, workers, prefetch = (settings.results_file, settings.cache_file, settings.workers,
+                                                   settings.prefetch)
+    allow_calibration_overlap = settings.allow_calibration_overlap
     started = time.perf_counter()
     path = Path(path)
     contract = model_contract(path, overrides)
     model_sha = sha256_file(path)
     dataset = load_coco(coco_dir, annotations, images)
     selection = dataset.select(limit, image_ids)
+    # an INT8 model scored on its own calibration images would look better than it is
+    check_calibration_overlap(contract, [img.id for img in selection], allow=allow_calibration_overlap)
     dataset.check_images_present(selection)
     label_map = dataset.label_map(contract.label_space)
 
-    session, info = create_session(path, provider, threads=threads, allow_fallback=allow_fallback)
+    chosen = get_backend(provider)
+    runtime_settings = BackendSettings(threads=threads, allow_fallback=allow_fallback)
+    chosen.require(runtime_settings)
+    runner = chosen.open(path, runtime_settings)
+    info = runner.info
+    providers_ran = list(info.detail.get("providers_ran") or [f"{info.library} {info.device} ({info.precision})"])
     # what actually runs (differs from the request only with allow_fallback)
-    provider_name = short_name(info.provider)
-    fingerprint = {
-        "model_sha256": model_sha, "annotations_sha256": dataset.sha256, "provider": provider_name,
-        "input_size": [contract.input_height, contract.input_width], "resize": contract.resize,
-        "label_space": contract.label_space, "pad_value": contract.pad_value,
-    }
-    stem = f"{path.stem}-{model_sha[:10]}-{provider_name}-{contract.resize}-{dataset.sha256[:10]}"
-    out_dir = results_dir() / "eval"
-    cache_path = Path(cache_file) if cache_file is not None else out_dir / f"{stem}.cache.jsonl"
-    results_path = Path(results_file) if results_file is not None else out_dir / f"{stem}.results.json"
+    provider_name = info.backend
+    if info.fell_back and info.library == "onnxruntime":
+        provider_name = get_backend(providers_ran[0]).name
+    parity = None
+    if settings.parity and provider_name != REFERENCE:
+        parity = _parity_first(path, runner, runtime_settings)
+    fingerprint, cache_path, results_path = eval_files(path, model_sha, provider_name, contract, dataset,
+                                                       results_file, cache_file)
+    if provider_name != REFERENCE:  # onnxruntime CPU's header stays as it was, so its caches still resume
+        fingerprint["precision"] = info.precision
 
     skipped: list[dict[str, str]] = []
     session_seconds = 0.0
@@ -320,7 +424,8 @@ def evaluate_model(path, *, coco_dir: Path | None = None, annotations: Path | No
                     report(item.image.file_name)
                     continue
                 t0 = time.perf_counter()
-                outputs = session.run(list(OUTPUT_NAMES), {INPUT_NAME: item.tensor})
+                out = runner.run(item.tensor)
+                outputs = [out[name] for name in OUTPUT_NAMES]
                 spent = time.perf_counter() - t0
                 session_seconds += spent
                 cache.add(item.image.id, to_coco_detections(outputs, item, label_map, contract), spent)
@@ -328,9 +433,63 @@ def evaluate_model(path, *, coco_dir: Path | None = None, annotations: Path | No
         finally:
             items.close()  # an interruption (raising callback, Ctrl-C) stops the decode workers now
         loop_seconds = time.perf_counter() - loop_start
-        done_ids = sorted(i for i in cache.done if i in selected_ids)
-        results = [det for i in done_ids for det in cache.done[i]]
 
+    settings = {"limit": limit, "image_ids": sorted(int(i) for i in image_ids) if image_ids is not None else None,
+                "resume": resume, "workers": workers, "prefetch": prefetch, "threads": threads,
+                "overrides": dict(overrides or {}), "backend": backend, "session": info.detail.get("session"),
+                "runtime": info.to_dict(), "precision": info.precision, "parity": parity}
+    runner.close()
+    return finish_evaluation(
+        path=path, contract=contract, model_sha=model_sha, provider_name=provider_name,
+        providers_ran=providers_ran, dataset=dataset, selection=selection, done=cache.done,
+        skipped=skipped, resumed=resumed, started=started, loop_seconds=loop_seconds,
+        session_seconds=session_seconds, session_create_seconds=info.load_seconds, results_path=results_path,
+        cache_path=cache_path, backend=backend, per_category=per_category, settings=settings, store=store)
+
+
+def _parity_first(path: Path, runner, runtime_settings) -> dict[str, Any]:
+    """Parity of ``runner`` with onnxruntime CPU on the busiest COCO images, before evaluating through it."""
+    from runtime.backends import REFERENCE, get_backend
+    from runtime.inputs import busiest_images
+    from runtime.parity import check_parity
+
+    with get_backend(REFERENCE).open(path, dataclasses.replace(runtime_settings, allow_fallback=False)) as reference:
+        return check_parity(runner, reference, busiest_images(3)).to_dict()
+
+
+def eval_files(path: Path, model_sha: str, provider_name: str, contract: ModelContract, dataset: CocoDataset,
+               results_file: Path | None = None, cache_file: Path | None = None) -> tuple[dict[str, Any], Path, Path]:
+    """What identifies an evaluation's detections (the cache header), and its default cache and results files.
+
+    Shared by the local loop and the Ray pipeline (``eval.ray_eval``), so either can resume the other's cache.
+    """
+    fingerprint = {
+        "model_sha256": model_sha, "annotations_sha256": dataset.sha256, "provider": provider_name,
+        "input_size": [contract.input_height, contract.input_width], "resize": contract.resize,
+        "label_space": contract.label_space, "pad_value": contract.pad_value,
+    }
+    stem = f"{path.stem}-{model_sha[:10]}-{provider_name}-{contract.resize}-{dataset.sha256[:10]}"
+    out_dir = results_dir() / "eval"
+    cache_path = Path(cache_file) if cache_file is not None else out_dir / f"{stem}.cache.jsonl"
+    results_path = Path(results_file) if results_file is not None else out_dir / f"{stem}.results.json"
+    return fingerprint, cache_path, results_path
+
+
+def finish_evaluation(*, path: Path, contract: ModelContract, model_sha: str, provider_name: str,
+                      providers_ran: list[str], dataset: CocoDataset, selection: list, done: dict[int, list],
+                      skipped: list[dict[str, str]], resumed: int, started: float, loop_seconds: float,
+                      session_seconds: float, session_create_seconds: float, results_path: Path, cache_path: Path,
+                      backend: str, per_category: bool, settings: dict[str, Any], store: bool) -> EvalResult:
+    """Write and score the detections ``done`` holds for ``selection`` (image id -> COCO results entries),
+    and build the :class:`EvalResult` and, unless ``store=False``, its ``eval`` record.
+
+    Shared by the local loop and the Ray pipeline (``eval.ray_eval``): one scorer, one record format.
+    """
+    from core import store as results_store
+
+    selected_ids = {img.id for img in selection}
+    done_ids = sorted(i for i in done if i in selected_ids)
+    results = [det for i in done_ids for det in done[i]]
     if not done_ids:
         raise DatasetError(f"none of the {len(selection)} selected images could be evaluated; first problem: "
                            f"{skipped[0]['reason'] if skipped else 'unknown'}")
@@ -340,15 +499,12 @@ def evaluate_model(path, *, coco_dir: Path | None = None, annotations: Path | No
     score_seconds = time.perf_counter() - score_start
     wall = time.perf_counter() - started
 
-    settings = {"limit": limit, "image_ids": sorted(int(i) for i in image_ids) if image_ids is not None else None,
-                "resume": resume, "workers": workers, "prefetch": prefetch, "threads": threads,
-                "overrides": dict(overrides or {}), "backend": backend, "session": info.settings}
     result = EvalResult(
         model=contract.name, model_path=str(path), model_sha256=model_sha, provider=provider_name,
-        providers_ran=list(info.providers_ran), contract=contract.to_props(), scores=scores,
+        providers_ran=list(providers_ran), contract=contract.to_props(), scores=scores,
         images_selected=len(selection), images_evaluated=len(done_ids), images_resumed=resumed,
         images_skipped=skipped, detections=len(results), wall_seconds=wall, loop_seconds=loop_seconds,
-        session_seconds=session_seconds, session_create_seconds=info.seconds, score_seconds=score_seconds,
+        session_seconds=session_seconds, session_create_seconds=session_create_seconds, score_seconds=score_seconds,
         results_file=str(results_path), cache_file=str(cache_path), annotations_file=str(dataset.annotations_path),
         annotations_sha256=dataset.sha256, settings=settings)
     if store:
@@ -361,7 +517,7 @@ def evaluate_model(path, *, coco_dir: Path | None = None, annotations: Path | No
             "input_size": [contract.input_height, contract.input_width], "detections": len(results),
             "dataset": {"annotations_file": str(dataset.annotations_path), "images_dir": str(dataset.images_dir),
                         "image_count": len(selection), "annotations_sha256": dataset.sha256},
-            "results_file": str(results_path), "providers_ran": list(info.providers_ran),
+            "results_file": str(results_path), "providers_ran": list(providers_ran),
         }
         if per_category:
             data["per_category"] = scores["per_category"]
@@ -420,18 +576,8 @@ def model_contract(path: Path, overrides: dict[str, Any] | None = None) -> Model
     provenance keys as ``unknown``. Raises :class:`ContractError` naming the missing
     keys and the options that supply them, or what is wrong with the graph's inputs/outputs.
     """
-    import onnx
-
     path = Path(path)
-    if not path.is_file():
-        raise ContractError(f"no ONNX file at {path}")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError, OSError, ... for a file that is not ONNX
-        raise ContractError(f"{path} is not a readable ONNX file: {exc}") from exc
-    problems = check_io(model, str(path))
-    if problems:
-        raise ContractError("; ".join(problems) + ". detbench evaluates exported detectors (python cli.py export).")
+    model, _ = load_checked(path)  # the check every command shares (file, inputs/outputs)
     props = {p.key: p.value for p in model.metadata_props}
     for key, value in (overrides or {}).items():
         if value is not None:

@@ -12,12 +12,15 @@ finishes, after a header line naming what produced it, and fsync'd by a backgrou
 thread so that an fsync (milliseconds on a virtual disk) never holds up the session;
 closing the cache waits for the last fsync. A resumed run reads it, skips the images
 it holds and appends the rest; a line cut short by a kill is dropped (that image is
-simply run again).
+simply run again). The file is locked (``flock``, exclusive) while open: a second
+evaluation given the same cache is refused instead of interleaving its lines.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
+import fcntl
 import json
 import os
 import threading
@@ -110,15 +113,35 @@ class DetectionCache:
     def open(self, resume: bool) -> "DetectionCache":
         """Start a new cache (``resume=False``: an existing file is replaced) or continue one."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume and self.path.exists():
-            valid_bytes = self._load()
-            # Cut a torn last line so the next append starts on a line of its own.
-            with open(self.path, "r+b") as fh:
-                fh.truncate(valid_bytes)
-            self._fh = open(self.path, "a", encoding="utf-8")
-        else:
-            self._fh = open(self.path, "w", encoding="utf-8")
-            self._write({"format": CACHE_FORMAT, **self.fingerprint})
+        existed = self.path.exists()
+        # Opened without truncating, and locked before anything is read or cut: a run that is
+        # still writing this file keeps it intact.
+        fh = open(self.path, "a", encoding="utf-8")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise ConfigError(
+                f"detection cache {self.path} is in use by another evaluation that is still running; wait for it "
+                "to finish (then --resume reuses its images), or pass --cache FILE to give this run its own cache"
+            ) from None
+        except OSError as exc:  # a file system without flock: run unlocked rather than not at all
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+                fh.close()
+                raise
+        try:
+            if resume and existed:
+                # Cut a torn last line so the next append starts on a line of its own.
+                fh.truncate(self._load())
+            else:
+                fh.truncate(0)
+                self._fh = fh
+                self._write({"format": CACHE_FORMAT, **self.fingerprint})
+        except BaseException:
+            self._fh = None
+            fh.close()
+            raise
+        self._fh = fh
         self._syncer = threading.Thread(target=self._sync_loop, name="detbench-cache-fsync", daemon=True)
         self._syncer.start()
         return self

@@ -8,6 +8,7 @@ export was validated against its source model (see ``exporters.validation``).
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -16,24 +17,44 @@ from exporters.registry import ModelSpec
 from core.contract import ModelContract
 from core.errors import ConfigError
 
-# framework -> module whose ``export(spec, out, *, weights, input_size, progress)`` builds it
-_FRAMEWORK_MODULES = {
-    "darknet": "exporters.darknet",
-    "pytorch": "exporters.torch_detectors",
-    "tensorflow": "exporters.tf_ssd",
+
+
+@dataclass(frozen=True)
+class Framework:
+    """One source framework: ``export`` names the module whose ``export(spec, out, *, weights,
+    input_size, progress)`` builds its models, ``native`` the module whose ``open_native(path,
+    contract, *, threads, weights)`` rebuilds the same model in the framework itself (the native
+    backend); ``runtime`` says what that native runtime is."""
+
+    export: str
+    native: str
+    runtime: str
+
+
+# The one framework table: the module that builds a model also names its native runner.
+FRAMEWORKS = {
+    "darknet": Framework("exporters.darknet", "exporters.darknet_native", "OpenCV DNN (Darknet importer)"),
+    "pytorch": Framework("exporters.torch_detectors", "exporters.torch_native", "PyTorch eager"),
+    "tensorflow": Framework("exporters.tf_ssd", "exporters.tf_native", "TensorFlow tf.function"),
 }
+_FRAMEWORK_MODULES = {name: f.export for name, f in FRAMEWORKS.items()}  # framework -> export module
 
 Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
 class ExportResult:
-    """What an export produced: the file, its contract, and the validation figures."""
+    """What an export produced: the file, its contract, and the validation figures.
+
+    ``warnings`` are things about the source model that did not stop the export but that
+    the user must hear about (e.g. a Darknet layer whose output feeds nothing).
+    """
 
     path: Path
     contract: ModelContract
     seconds: float
     validation: dict[str, Any] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
 
 
 def default_output(spec: ModelSpec, out_dir: Path, input_size: tuple[int, int] | None = None) -> Path:
@@ -43,11 +64,41 @@ def default_output(spec: ModelSpec, out_dir: Path, input_size: tuple[int, int] |
 
 
 def export_model(spec: ModelSpec, out: Path, *, weights: Path | None = None,
-                 input_size: tuple[int, int] | None = None, progress: Progress | None = None) -> ExportResult:
-    """Export ``spec`` to ``out`` (random-init weights when ``weights`` is None) and validate it."""
+                 input_size: tuple[int, int] | None = None, progress: Progress | None = None,
+                 accept_mismatch: bool = False) -> ExportResult:
+    """Export ``spec`` to ``out`` (random-init weights when ``weights`` is None) and validate it.
+
+    ``accept_mismatch`` (exporters that support it) writes a file whose validation failed,
+    marked ``detbench.validation = failed-accepted`` with the mismatches in its metadata."""
     try:
-        module_name = _FRAMEWORK_MODULES[spec.framework]
+        module_name = FRAMEWORKS[spec.framework].export
     except KeyError:
         raise ConfigError(f"model {spec.name!r}: no exporter for framework {spec.framework!r}") from None
     module = importlib.import_module(module_name)
-    return module.export(spec, Path(out), weights=weights, input_size=input_size, progress=progress or (lambda _m: None))
+    extra = {}
+    if accept_mismatch:
+        if "accept_mismatch" not in inspect.signature(module.export).parameters:
+            raise ConfigError(f"--accept-mismatch: the {spec.framework} exporter ({module_name}) has no accepted "
+                              f"failure mode; export {spec.name!r} without --accept-mismatch")
+        extra["accept_mismatch"] = True
+    return module.export(spec, Path(out), weights=weights, input_size=input_size,
+                         progress=progress or (lambda _m: None), **extra)
+
+
+def native_module(framework: str, source: str = ""):
+    """The module whose ``open_native`` runs models of ``framework`` in that framework.
+
+    Raises :class:`ConfigError` naming the known frameworks, or the module when it is absent.
+    """
+    entry = FRAMEWORKS.get(framework)
+    where = f"{source}: " if source else ""
+    if entry is None:
+        raise ConfigError(f"{where}no native runtime for source framework {framework!r} "
+                          f"(known: {', '.join(FRAMEWORKS)})")
+    try:
+        return importlib.import_module(entry.native)
+    except ModuleNotFoundError as exc:
+        if exc.name and entry.native.startswith(exc.name):
+            raise ConfigError(f"{where}the native backend needs {entry.native} (the {framework} native runner), "
+                              "and it is not in this tree") from exc
+        raise

@@ -24,12 +24,12 @@ from typing import Any, Callable
 import numpy as np
 
 from exporters import ExportResult
-from exporters.darknet_cfg import Plan, parse_cfg, plan_network
+from exporters.darknet_cfg import Plan, parse_cfg, plan_network, structure_warnings
 from exporters.darknet_graph import PostProcess, build_model, drop_head_outputs, head_output_name
 from exporters.darknet_weights import DarknetWeights, random_weights, read_weights, write_weights
 from exporters.registry import ModelSpec
 from exporters.validation import Comparison
-from exporters.weights import locate_file, search_dirs
+from exporters.weights import RemoteFile, resolve_file, search_dirs
 from core.contract import DEFAULT_OPSET, ModelContract, save_model, sha256_file, weights_tag
 from core.errors import ExportError, ModelDefinitionError
 from core.paths import data_dir
@@ -52,6 +52,7 @@ def export(spec: ModelSpec, out: Path, *, weights: Path | None, input_size: tupl
     progress(f"parsing {cfg_path.name} at {size[0]}x{size[1]}")
     plan = plan_network(parse_cfg(cfg_path), size)
     _check_labels(spec, plan)
+    warnings = tuple(structure_warnings(plan))
     if weights is not None:
         progress(f"reading {weights}")
         dw = read_weights(Path(weights), plan)
@@ -80,11 +81,12 @@ def export(spec: ModelSpec, out: Path, *, weights: Path | None, input_size: tupl
             "validation_image": Path(validation["image"]).name if validation["real_image"] else validation["image"],
             "validation_max_abs_diff": f"{validation['max_abs_diff']:.3g}",
             "params_convention": "conv kernels + conv biases + BatchNorm scale and bias (running mean/var excluded)",
+            **({"structure_warnings": list(warnings)} if warnings else {}),
         },
     )
     progress(f"writing {out}")
     save_model(drop_head_outputs(model), out, contract)
-    return ExportResult(Path(out), contract, time.perf_counter() - start, validation)
+    return ExportResult(Path(out), contract, time.perf_counter() - start, validation, warnings)
 
 
 def find_cfg(spec: ModelSpec) -> Path:
@@ -92,20 +94,21 @@ def find_cfg(spec: ModelSpec) -> Path:
     name = spec.source.get("cfg")
     if not name:
         raise ModelDefinitionError(f"model {spec.name!r}: models.toml gives no source.cfg for this Darknet model")
-    path = locate_file(name)
-    if path is None:
+    expected = spec.source.get("cfg_sha256")
+    # The same choice `fetch` makes: a damaged copy early in the search order never hides a good one.
+    found = resolve_file(RemoteFile("cfg", spec.source.get("cfg_url", ""), name,
+                                    expected.strip().lower() if expected else None, None))
+    if found.path is None and found.rejected:
+        copies = "; ".join(f"{path} {why}" for path, why in found.rejected)
+        raise ModelDefinitionError(
+            f"model {spec.name!r}: no copy of the Darknet cfg {name!r} matches the sha256 models.toml pins: {copies}; "
+            f"this is a different cfg (re-fetch it with `python cli.py fetch {spec.name}`)")
+    if found.path is None:
         where = ", ".join(str(d) for d in search_dirs())
         raise ModelDefinitionError(
             f"model {spec.name!r}: Darknet cfg {name!r} not found (looked in {where}); "
             f"run `python cli.py fetch {spec.name}` or set DETBENCH_DATA to the folder holding darknet/{name}")
-    expected = spec.source.get("cfg_sha256")
-    if expected:
-        found = sha256_file(path)
-        if found != expected:
-            raise ModelDefinitionError(
-                f"model {spec.name!r}: {path} has sha256 {found}, models.toml pins {expected}; this is a different "
-                f"cfg (re-fetch it with `python cli.py fetch {spec.name}`)")
-    return path
+    return found.path
 
 
 def _check_labels(spec: ModelSpec, plan: Plan) -> None:

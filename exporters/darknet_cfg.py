@@ -391,6 +391,50 @@ def plan_network(cfg: Cfg, input_size: tuple[int, int] | None = None) -> Plan:
     return plan
 
 
+def structure_warnings(plan: Plan) -> list[str]:
+    """What is odd about a plan that still builds: computed outputs nothing uses, anchors no head uses.
+
+    Darknet runs such a cfg without a word (a YOLOv3 cfg that lost a ``[yolo]`` section
+    becomes a detector with fewer heads); the exporter says so instead.
+    """
+    cfg = plan.cfg
+    consumed = {i for layer in plan.layers for i in layer.inputs}
+    warnings = []
+    for layer in plan.layers:
+        if layer.index not in consumed and not isinstance(layer, Detection):
+            after = plan.layers[layer.index + 1] if layer.index + 1 < len(plan.layers) else None
+            where = ("it is the last layer of the cfg" if after is None
+                     else f"the next layer, [{after.kind}] at line {after.line}, does not read it")
+            warnings.append(
+                f"{cfg.path}:{layer.line}: layer {layer.index} [{layer.kind}] ({layer.out.c}x{layer.out.h}x{layer.out.w}) "
+                f"feeds no other layer and no detection head ({where}): it is computed and thrown away. A missing "
+                "[yolo]/[region] section after it would explain this; the export has "
+                f"{len(plan.heads)} detection head(s)")
+    yolo = [(layer, cfg.layers[layer.index]) for layer in plan.heads if layer.kind == "yolo"]
+    if yolo:
+        nums = {_int(cfg, s, "num", 1) for _, s in yolo}
+        uses: dict[int, list[int]] = {}
+        for layer, s in yolo:
+            mask = _ints(cfg, s, "mask") if "mask" in s.options else list(range(_int(cfg, s, "num", 1)))
+            for m in mask:
+                uses.setdefault(m, []).append(layer.line)
+        if len(nums) == 1:
+            num = nums.pop()
+            unused = [m for m in range(num) if m not in uses]
+            if unused:
+                warnings.append(
+                    f"{cfg.path}: anchors {unused} of the {num} the [yolo] sections declare (num={num}) are used by "
+                    f"no [yolo] layer's mask: {len(yolo)} head(s) use {len(uses)} anchor(s); a [yolo] section is "
+                    "probably missing")
+        else:
+            warnings.append(f"{cfg.path}: the [yolo] sections declare different anchor counts (num={sorted(nums)})")
+        twice = {m: lines for m, lines in uses.items() if len(lines) > 1}
+        if twice:
+            warnings.append(f"{cfg.path}: anchor(s) used by more than one [yolo] mask: "
+                            + ", ".join(f"{m} (lines {', '.join(map(str, lines))})" for m, lines in sorted(twice.items())))
+    return warnings
+
+
 def _detection(cfg: Cfg, s: Section, base: dict, prev: int, cur: Shape) -> Detection:
     classes = _positive(cfg, s, "classes", _int(cfg, s, "classes", 20))
     num = _positive(cfg, s, "num", _int(cfg, s, "num", 1))

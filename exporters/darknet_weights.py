@@ -63,8 +63,11 @@ def header_bytes(major: int, minor: int) -> int:
 
 
 def read_weights(path: Path, plan: Plan) -> DarknetWeights:
-    """Load ``path`` for ``plan``; the float count must match the cfg exactly."""
+    """Load ``path`` for ``plan``; the float count must match the cfg exactly and every value be finite."""
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{path} is a directory, not a weights file: pass the .weights file inside it with "
+                           "--weights PATH")
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path} (pass --weights PATH, or fetch the official file)")
     size = path.stat().st_size
@@ -73,27 +76,50 @@ def read_weights(path: Path, plan: Plan) -> DarknetWeights:
     with open(path, "rb") as fh:
         major, minor, revision = (int(v) for v in np.frombuffer(fh.read(12), HEADER_DTYPE))
         hdr = header_bytes(major, minor)
-        if size < hdr:
-            raise WeightsError(f"{path}: {size} bytes is shorter than its Darknet {major}.{minor}.{revision} header ({hdr} bytes)")
+        version = f"{major}.{minor}.{revision}"
+        # Darknet has only ever written versions 0.x.y and 1.x.y; anything else is not its header.
+        implausible = (f" Its header version {version} is implausible: this is probably not a Darknet .weights file."
+                       if not (0 <= major < 1000 and 0 <= minor < 1000 and 0 <= revision < 1000) else "")
         seen = int(np.frombuffer(fh.read(hdr - 12), "<i8" if hdr == 20 else "<i4")[0])
         body = size - hdr
         expected = plan.float_count
         if body % 4:
             raise WeightsError(
-                f"{path}: {body} bytes after the {hdr}-byte header (Darknet {major}.{minor}.{revision}) is not a whole "
+                f"{path}: {body} bytes after the {hdr}-byte header (Darknet {version}) is not a whole "
                 f"number of float32 values; {plan.cfg.path.name} at this size expects {expected} floats "
-                f"({expected * 4 + hdr} bytes). The file is truncated or corrupt.")
+                f"({expected * 4 + hdr} bytes). The file is truncated or corrupt.{implausible}")
         found = body // 4
         if found != expected:
             what = "truncated" if found < expected else "too long"
-            if not (0 <= major < 1000 and 0 <= minor < 1000 and 0 <= revision < 1000):
-                what += f"; header version {major}.{minor}.{revision} is implausible: probably not a Darknet .weights file"
             raise WeightsError(
                 f"{path}: expected {expected} floats for {plan.cfg.path.name} ({len(plan.convs)} convolutional layers), "
-                f"found {found} ({what} by {abs(found - expected)} floats) after the {hdr}-byte Darknet "
-                f"{major}.{minor}.{revision} header. These weights do not belong to this cfg (or the file is damaged).")
+                f"found {found} after the {hdr}-byte Darknet {version} header ({what} by "
+                f"{abs(found - expected)} floats). These weights do not belong to this cfg (or the file is "
+                f"damaged).{implausible}")
         data = np.frombuffer(fh.read(), FLOAT)
-    return DarknetWeights(major, minor, revision, seen, tuple(_split(data, plan)), str(path))
+    convs = _split(data, plan)
+    _check_finite(path, plan, convs)
+    return DarknetWeights(major, minor, revision, seen, tuple(convs), str(path))
+
+
+def _check_finite(path: Path, plan: Plan, convs: list[ConvWeights]) -> None:
+    """NaN or Inf in a weights body poisons every output downstream: name each layer and array holding one."""
+    problems = []
+    for conv, arrays in zip(plan.convs, convs):
+        for label in ("biases", "scales", "rolling_mean", "rolling_variance", "weights"):
+            array = getattr(arrays, label)
+            if array is None:
+                continue
+            bad = ~np.isfinite(array)
+            if bad.any():
+                problems.append(f"layer {conv.index} [convolutional] (line {conv.line}) {label}: "
+                                f"{int(np.isnan(array).sum())} NaN, {int(np.isinf(array).sum())} Inf "
+                                f"of {array.size} values")
+    if problems:
+        shown = problems[:5] + ([f"... and {len(problems) - 5} more array(s)"] if len(problems) > 5 else [])
+        raise WeightsError(f"{path}: non-finite values in the weights for {plan.cfg.path.name}:\n  - "
+                           + "\n  - ".join(shown) + "\nThe file is damaged or was written from a diverged "
+                           "training run; use the official weights (python cli.py fetch NAME) or --random-init.")
 
 
 def _split(data: np.ndarray, plan: Plan) -> list[ConvWeights]:

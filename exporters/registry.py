@@ -20,9 +20,9 @@ from core.paths import models_toml
 FRAMEWORKS = ("darknet", "pytorch", "tensorflow")
 _MODEL_KEYS = {
     "family", "framework", "paper", "description", "input_size", "resize", "label_space",
-    "score_threshold", "iou_threshold", "max_detections", "source", "weights", "published",
+    "score_threshold", "iou_threshold", "max_detections", "source", "weights", "published", "run_sizes",
 }
-_REQUIRED = _MODEL_KEYS - {"paper", "description", "weights", "published"}
+_REQUIRED = _MODEL_KEYS - {"paper", "description", "weights", "published", "run_sizes"}
 _WEIGHTS_KEYS = {"file", "url", "sha256", "sha256_prefix", "format"}
 _PUBLISHED_KEYS = {"value", "source", "convention", "unit"}
 PUBLISHED_FIGURES = ("map50", "map", "params", "gflops", "gmacs")
@@ -69,6 +69,9 @@ class ModelSpec:
     published: Mapping[str, Published] = field(default_factory=dict)
     paper: bool = False
     description: str = ""
+    # Further input sizes `run` measures by default (a fully convolutional network runs at any
+    # size its strides divide): the registered size stays the row published figures apply to.
+    run_sizes: tuple[tuple[int, int], ...] = ()
 
     @property
     def height(self) -> int:
@@ -111,6 +114,13 @@ def _parse(name: str, raw: dict[str, Any], path: Path) -> ModelSpec:
         if unknown or "value" not in entry or "source" not in entry:
             raise _fail(path, name, f"published.{figure} needs value and source (keys: {sorted(_PUBLISHED_KEYS)})")
         published[figure] = Published(float(entry["value"]), entry["source"], entry.get("convention", ""))
+    run_sizes = []
+    for item in raw.get("run_sizes", []):
+        pair = [item, item] if isinstance(item, int) else item
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, int) and v > 0 for v in pair)):
+            raise _fail(path, name, f"run_sizes entries are N or [height, width] in pixels, got {item!r}")
+        if tuple(pair) != (size[0], size[1]) and tuple(pair) not in run_sizes:
+            run_sizes.append(tuple(pair))
     return ModelSpec(
         name=name,
         family=raw["family"],
@@ -126,6 +136,7 @@ def _parse(name: str, raw: dict[str, Any], path: Path) -> ModelSpec:
         published=MappingProxyType(published),
         paper=bool(raw.get("paper", False)),
         description=raw.get("description", ""),
+        run_sizes=tuple(run_sizes),
     )
 
 

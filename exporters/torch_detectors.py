@@ -23,6 +23,7 @@ Graph contract (see runtime/contract.py):
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -40,15 +41,16 @@ from exporters import ExportResult
 from exporters.registry import ModelSpec
 from exporters.torch_builders import (DEFAULT_SEED, LOGIT_MAX, RESIDUAL_BRANCH_GAIN, build_model, calibration_photo,
                                       coco_images_dir, count_parameters, load_weights)
-from exporters.detection_ties import align_near_ties, drop_nms_boundary
+from exporters.detection_ties import Matching, match_detections
 from exporters.validation import Comparison
 from core.contract import DEFAULT_OPSET, ModelContract, save_model, weights_tag
 from core.errors import DatasetError, ExportError
 from core.images import load_rgb, prepare_for
 
 # Bumped whenever the exported graph or the random init changes, so `run` re-exports instead of
-# reusing: 2 = no in-graph resize, random init calibrated on a COCO photo (this stop).
-EXPORTER_VERSION = "2"
+# reusing: 2 = no in-graph resize, random init calibrated on a COCO photo; 3 = validation as
+# set matching, its outcome and figures in the metadata (detbench.validation*).
+EXPORTER_VERSION = "3"
 # torchvision registers roi_align / nms symbolics for opsets 11 and 16; 17 is the project default.
 OPSET = DEFAULT_OPSET
 PARAMS_CONVENTION = ("sum(p.numel() for p in model.parameters()), torchvision's num_params: "
@@ -257,26 +259,29 @@ def cpu_session(path: Path):
 
 
 def compare(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
-            contract: ModelContract) -> None:
-    """Same number of detections; boxes/scores/masks within tolerance, labels identical,
-    in the same order up to near-ties of the score (:func:`align_near_ties`) and up to
-    detections on the final NMS's decision boundary (:func:`drop_nms_boundary`)."""
+            contract: ModelContract) -> Matching | None:
+    """Detections compared as sets (:func:`exporters.detection_ties.match_detections`): every
+    detection paired with one of the other runtime (same label, score and box within
+    tolerance) or explained by a boundary visible in the outputs; masks of paired detections
+    compared as COCO uses them. NaN/Inf anywhere is a mismatch. Returns the matching (None
+    when the outputs could not be compared at all)."""
     for name, array in got.items():
         if name == "labels" and array.dtype != np.int64:
             comparison.mismatches.append(f"{where}: labels are {array.dtype} in ONNX, the contract wants int64")
-    ref, got, boundary = drop_nms_boundary(ref, got, contract.iou_threshold, contract.max_detections,
-                                           comparison.atol, comparison.rtol)
-    for key, value in boundary.items():
+    finite = all([comparison.finite(where, name, array, "the source model") for name, array in ref.items()]
+                 + [comparison.finite(where, name, array, "ONNX") for name, array in got.items()])
+    if not finite:
+        return None
+    matching = match_detections(ref, got, iou_threshold=contract.iou_threshold,
+                                score_threshold=contract.score_threshold, max_detections=contract.max_detections,
+                                atol=comparison.atol, rtol=comparison.rtol)
+    for key, value in matching.figures().items():
         comparison.figures[f"{where}:{key}"] = value
-    if len(ref["scores"]) == len(got["scores"]):
-        ref, got, stats = align_near_ties(ref, got, contract.max_detections, comparison.atol, comparison.rtol)
-        for key, value in stats.items():
-            comparison.figures[f"{where}:{key}"] = value
-    ref, got = dict(ref), dict(got)
-    ref_masks, got_masks = ref.pop("masks", None), got.pop("masks", None)
-    comparison.detections(where, ref, got)
-    if ref_masks is not None and len(ref["scores"]) == len(got["scores"]):
-        compare_masks(comparison, where, ref_masks, got_masks)
+    comparison.mismatches.extend(matching.mismatches(where))
+    if "masks" in ref and matching.pairs:
+        rows, cols = (list(x) for x in zip(*matching.pairs))
+        compare_masks(comparison, where, ref["masks"][rows], got["masks"][cols])
+    return matching
 
 
 # Masks are compared as COCO uses them, binarised at 0.5: a mask probability is a sigmoid of
@@ -321,9 +326,26 @@ def check_degenerate(comparison: Comparison, where: str, ref: dict[str, np.ndarr
         comparison.mismatches.append(f"{where}: labels are {got['labels'].dtype} in ONNX, the contract wants int64")
 
 
+def matching_summary(figures: dict[str, Any], images: list[str]) -> dict[str, Any]:
+    """Per image: detections of each runtime, how many were paired, the largest IoU deficit
+    and score difference of a pair, and the unpaired ones by the rule that explains them."""
+    keys = ("detections", "onnx_detections", "matched", "max_iou_deficit", "max_score_diff", "unexplained")
+    summary = {}
+    for image in images:
+        row = {k: figures[f"{image}:{k}"] for k in keys if f"{image}:{k}" in figures}
+        explained = {k.split(":explained_", 1)[1]: v for k, v in figures.items()
+                     if k.startswith(f"{image}:explained_")}
+        if explained:
+            row["explained"] = explained
+        summary[image] = row
+    return summary
+
+
 def validate(wrapper: ContractWrapper, path: Path, contract: ModelContract, images: list[Path],
-             progress: Callable[[str], None]) -> dict[str, Any]:
-    """onnxruntime vs PyTorch on ``images`` and on a uniform grey image; raises ValidationError."""
+             progress: Callable[[str], None], *, accept_mismatch: bool = False) -> dict[str, Any]:
+    """onnxruntime vs PyTorch on ``images`` and on a uniform grey image; raises ValidationError
+    unless ``accept_mismatch`` (then ``status`` is "failed-accepted" and ``mismatches`` lists
+    them). Non-finite outputs are never accepted: such a file computes nothing."""
     session = cpu_session(path)
     comparison = Comparison(contract.name)
     real_detections = 0
@@ -346,14 +368,38 @@ def validate(wrapper: ContractWrapper, path: Path, contract: ModelContract, imag
     figures: dict[str, Any] = dict(comparison.figures)
     figures["images"] = [p.name for p in images]
     figures["atol"], figures["rtol"] = comparison.atol, comparison.rtol
-    comparison.raise_if_any(fix="The exported graph differs from PyTorch; re-export, or report the torch/"
-                                "torchvision/onnxruntime versions in the file's metadata.")
+    figures["matching"] = matching_summary(figures, figures["images"])
+    non_finite = any(":non_finite_" in key for key in comparison.figures)
+    if comparison.mismatches and accept_mismatch and not non_finite and real_detections:
+        figures["status"] = "failed-accepted"
+        figures["mismatches"] = list(comparison.mismatches)
+        return figures
+    comparison.raise_if_any(fix=(
+        "Detections of PyTorch that onnxruntime lacks (or the reverse) away from any cap, threshold or NMS "
+        "boundary mean the graph computes something else. If you have checked the listed detections and "
+        "accept them, `python cli.py export NAME --weights FILE --accept-mismatch` writes the file marked "
+        "detbench.validation = failed-accepted with these mismatches in its metadata."
+        if not non_finite else
+        "Non-finite outputs: the weights overflow float32 (or are damaged); no option accepts this."))
+    figures["status"] = "passed"
     return figures
 
 
+def _validation_metadata(figures: dict[str, Any]) -> dict[str, str]:
+    extra = {"validation": figures["status"], "validated_against": "PyTorch eager (torch.no_grad)",
+             "validation_images": json.dumps(figures["images"]),
+             "validation_matching": json.dumps(figures["matching"], sort_keys=True)}
+    if figures["status"] == "failed-accepted":
+        extra["validation_mismatches"] = json.dumps(figures["mismatches"][:50])
+    return extra
+
+
 def export(spec: ModelSpec, out: Path, *, weights: Path | None, input_size: tuple[int, int] | None,
-           progress: Callable[[str], None]) -> ExportResult:
-    """Export ``spec`` to ``out`` and validate it (see the module docstring for the graph contract)."""
+           progress: Callable[[str], None], accept_mismatch: bool = False) -> ExportResult:
+    """Export ``spec`` to ``out`` and validate it (see the module docstring for the graph contract).
+
+    ``accept_mismatch`` writes the file even if validation found mismatches (never non-finite
+    outputs), marked ``detbench.validation = failed-accepted`` with the mismatches listed."""
     start = time.perf_counter()
     size = tuple(input_size or spec.input_size)
     folder = coco_images_dir()
@@ -374,15 +420,18 @@ def export(spec: ModelSpec, out: Path, *, weights: Path | None, input_size: tupl
     proto.doc_string = f"detbench {spec.name}: torchvision {type(model).__name__} exported by exporters/torch_detectors.py"
 
     out = Path(out)
-    pending = out.with_name(out.name + ".validating")
+    # Validated from a file beside the target; the target itself is only ever replaced by the
+    # atomic writer once validation has passed (or its failure was accepted).
+    pending = out.with_name(out.name + f".{os.getpid()}.validating")
     try:
         progress("checking (onnx full check)")
         save_model(proto, pending, contract)
-        del proto
-        figures = validate(wrapper, pending, contract, validation_images, progress)
+        figures = validate(wrapper, pending, contract, validation_images, progress, accept_mismatch=accept_mismatch)
         figures["trace_image"] = trace_image.name
-        os.replace(pending, out)
     finally:
         if pending.exists():
             pending.unlink()
+    contract = dataclasses.replace(contract, extra={**contract.extra, **_validation_metadata(figures)})
+    progress(f"writing {out}")
+    save_model(proto, out, contract)
     return ExportResult(path=out, contract=contract, seconds=time.perf_counter() - start, validation=figures)

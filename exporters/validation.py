@@ -1,4 +1,10 @@
-"""Comparing an ONNX export with its source model: collect every mismatch, raise once."""
+"""Comparing an ONNX export with its source model: collect every mismatch, raise once.
+
+A comparison never passes what it cannot compare: a NaN or an infinity in either output
+(or in a difference) is a mismatch naming the output, the image and the first index where
+it appeared. ``diff > tolerance`` is False for NaN, so every test here is written as
+"not within tolerance" rather than "beyond tolerance".
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,21 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from core.errors import ValidationError
+
+
+def non_finite_summary(values: np.ndarray) -> str | None:
+    """"3 NaN, 1 +Inf (first at (0, 2))" for an array holding non-finite values, else None."""
+    values = np.asarray(values)
+    if values.dtype.kind not in "fc" or values.size == 0:
+        return None
+    bad = ~np.isfinite(values)
+    if not bad.any():
+        return None
+    counts = [(int(np.count_nonzero(np.isnan(values))), "NaN"),
+              (int(np.count_nonzero(np.isposinf(values))), "+Inf"),
+              (int(np.count_nonzero(np.isneginf(values))), "-Inf")]
+    first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), values.shape))
+    return ", ".join(f"{n} {what}" for n, what in counts if n) + f" of {values.size} values (first at {first})"
 
 
 @dataclass
@@ -19,13 +40,30 @@ class Comparison:
     mismatches: list[str] = field(default_factory=list)
     figures: dict[str, float] = field(default_factory=dict)
 
+    def finite(self, where: str, name: str, values, side: str) -> bool:
+        """Record a mismatch (and return False) when ``values`` hold NaN or Inf; ``side`` names
+        the runtime that produced them ("ONNX", "the source model")."""
+        summary = non_finite_summary(values)
+        if summary is None:
+            return True
+        self.mismatches.append(f"{where}:{name}: {summary} in {side}; a non-finite output cannot be compared "
+                               "(weights that overflow float32, or a broken graph)")
+        self.figures[f"{where}:{name}:non_finite_{'onnx' if side == 'ONNX' else 'source'}"] = \
+            int(np.count_nonzero(~np.isfinite(np.asarray(values))))
+        return False
+
     def arrays(self, where: str, name: str, reference, onnx_out) -> None:
-        """Record a mismatch unless shapes agree and ``|a - b| <= atol + rtol * |a|`` everywhere."""
+        """Record a mismatch unless shapes agree, every value is finite and
+        ``|a - b| <= atol + rtol * |a|`` everywhere."""
         ref = np.asarray(reference)
         got = np.asarray(onnx_out)
         key = f"{where}:{name}"
         if ref.shape != got.shape:
             self.mismatches.append(f"{key}: shape {tuple(got.shape)} in ONNX, {tuple(ref.shape)} in the source model")
+            return
+        finite = self.finite(where, name, ref, "the source model")
+        finite = self.finite(where, name, got, "ONNX") and finite
+        if not finite:
             return
         if ref.size == 0:
             self.figures[key + ":max_abs_diff"] = 0.0
@@ -37,8 +75,10 @@ class Comparison:
                 self.mismatches.append(f"{key}: {differ} of {ref.size} values differ")
             return
         diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
+        if not self.finite(where, name + " difference", diff, "the difference"):
+            return
         self.figures[key + ":max_abs_diff"] = float(diff.max())
-        bad = diff > self.atol + self.rtol * np.abs(ref.astype(np.float64))
+        bad = ~(diff <= self.atol + self.rtol * np.abs(ref.astype(np.float64)))
         if bad.any():
             idx = np.unravel_index(int(np.argmax(diff)), diff.shape)
             self.mismatches.append(
@@ -51,6 +91,10 @@ class Comparison:
         n_ref, n_got = len(reference["scores"]), len(onnx_out["scores"])
         self.figures[f"{where}:detections"] = n_ref
         if n_ref != n_got:
+            for name in reference:
+                self.finite(where, name, reference[name], "the source model")
+            for name in onnx_out:
+                self.finite(where, name, onnx_out[name], "ONNX")
             self.mismatches.append(f"{where}: {n_got} detections in ONNX, {n_ref} in the source model")
             return
         for name in reference:

@@ -4,6 +4,12 @@ Search order for a registered file name: the download cache (``DETBENCH_CACHE``,
 where :func:`fetch` puts files), then the shared data folder (``DETBENCH_DATA``) and its
 ``darknet/`` subfolder. An explicit ``--weights PATH`` always wins over all of these.
 
+One function decides which local copy is used, :func:`resolve_file`: the first copy in
+search order that verifies against models.toml's sha256 (or the publisher's prefix, or
+the digest recorded when it was fetched unverified). A copy that fails is skipped and
+reported, never used: ``list`` (:func:`weights_status`), ``export``
+(:func:`locate_weights`) and ``fetch`` all go through it, so they agree on the file.
+
 :func:`fetch` downloads what models.toml registers (weights ``url``; a Darknet entry's
 ``source.cfg_url``) and verifies it against the registered sha256 (or the prefix a
 publisher embeds in its file names) before the file appears under its final name.
@@ -25,7 +31,7 @@ from typing import Callable, Optional
 
 from exporters.registry import ModelSpec
 from core.contract import sha256_file
-from core.errors import FetchError
+from core.errors import FetchError, WeightsError
 from core.paths import cache_dir, data_dir
 
 
@@ -34,7 +40,8 @@ def search_dirs() -> list[Path]:
 
 
 def locate_file(file_name: str) -> Path | None:
-    """The first existing ``file_name`` in :func:`search_dirs`, or None."""
+    """The first existing ``file_name`` in :func:`search_dirs`, or None (no verification:
+    for files models.toml pins no digest for; registered files go through :func:`resolve_file`)."""
     for folder in search_dirs():
         candidate = folder / file_name
         if candidate.is_file():
@@ -42,34 +49,134 @@ def locate_file(file_name: str) -> Path | None:
     return None
 
 
-def locate_weights(spec: ModelSpec) -> Path | None:
-    """Official weights for ``spec`` if present locally (never downloads)."""
-    if not spec.weights.file:
+@dataclass(frozen=True)
+class Resolution:
+    """Which local copy of a registered file is used (:func:`resolve_file`).
+
+    ``path`` is the chosen copy (None: no usable copy); ``verification`` how it was
+    checked (``"sha256"``, ``"sha256-prefix"``, ``"unverified"`` = matches the digest
+    recorded in ``sidecar`` when fetched, or ``None`` = models.toml pins nothing and
+    nothing was recorded). ``rejected`` lists every copy that failed, with why.
+    """
+
+    path: Path | None
+    sha256: str | None = None
+    verification: str | None = None
+    sidecar: Path | None = None
+    rejected: tuple[tuple[Path, str], ...] = ()
+
+
+def resolve_file(item: "RemoteFile", folders: list[Path] | None = None) -> Resolution:
+    """The copy of ``item`` to use: the first in ``folders`` (default :func:`search_dirs`) that verifies.
+
+    A copy whose sha256 differs from the registered one (or from the digest recorded
+    beside it when it was fetched) is rejected, whatever its place in the search order.
+    A copy with nothing to check against is used only when no copy verifies.
+    """
+    rejected: list[tuple[Path, str]] = []
+    unchecked: Path | None = None
+    seen: set[Path] = set()
+    for folder in folders if folders is not None else search_dirs():
+        candidate = folder / item.file_name
+        key = candidate.resolve()
+        if key in seen or not candidate.is_file():
+            continue
+        seen.add(key)
+        digest = _digest(candidate)
+        if item.sha256 or item.prefix:
+            if item.matches(digest):
+                return Resolution(candidate, digest, item.verification, None, tuple(rejected))
+            rejected.append((candidate, f"has sha256 {digest}, expected {item.expected}"))
+            continue
+        sidecar = candidate.with_name(candidate.name + SIDECAR_SUFFIX)
+        recorded = _read_sidecar(sidecar)
+        if recorded == digest:
+            return Resolution(candidate, digest, UNVERIFIED, sidecar, tuple(rejected))
+        if recorded:
+            rejected.append((candidate, f"has sha256 {digest}, but {recorded} was recorded in {sidecar.name} "
+                                        "when it was fetched"))
+        elif unchecked is None:
+            unchecked = candidate
+    if unchecked is not None:
+        return Resolution(unchecked, _digest(unchecked), None, None, tuple(rejected))
+    return Resolution(None, rejected=tuple(rejected))
+
+
+_DIGESTS: dict[tuple[Path, int, int], str] = {}
+
+
+def _digest(path: Path) -> str:
+    # list, export and fetch may each ask about the same large file in one process.
+    stat = path.stat()
+    key = (path.resolve(), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = sha256_file(path)
+    return _DIGESTS[key]
+
+
+def weights_file(spec: ModelSpec) -> "RemoteFile | None":
+    """``spec``'s registered weights file with what verifies it (None: no file is registered)."""
+    if not spec.weights.file and not spec.weights.url:
         return None
-    return locate_file(spec.weights.file)
+    file_name = spec.weights.file or spec.weights.url.rstrip("/").rsplit("/", 1)[-1]
+    return RemoteFile("weights", spec.weights.url or "", file_name, _hex(spec.weights.sha256),
+                      _hex(spec.weights.sha256_prefix))
+
+
+def locate_weights(spec: ModelSpec) -> Path | None:
+    """Official weights for ``spec`` if a copy that verifies is present locally (never downloads).
+
+    None when there is no local copy; :class:`WeightsError` (naming every copy and the
+    fix) when the only copies fail their sha256, rather than handing a damaged file on.
+    """
+    status = weights_status(spec)
+    if status.state == "corrupt":
+        raise WeightsError(status.problem)
+    return status.path if status.state == "present" else None
 
 
 @dataclass(frozen=True)
 class WeightsStatus:
     """Whether ``spec``'s official weights are usable without a download.
 
-    ``state`` is ``"present"`` (``path`` is the local file :func:`locate_weights` found),
+    ``state`` is ``"present"`` (``path`` is the local copy :func:`resolve_file` chose),
+    ``"corrupt"`` (copies exist but none verifies: ``problem`` names them and the fix),
     ``"fetchable"`` (a public ``url``; ``python cli.py fetch NAME``) or ``"none"`` (nothing
-    is published: exports use deterministic random initialisation).
+    is published: exports use deterministic random initialisation). ``rejected`` lists
+    copies that failed verification, also when another copy is used.
     """
 
     state: str
     path: Path | None = None
     url: str | None = None
+    rejected: tuple[tuple[Path, str], ...] = ()
+    name: str = ""
+
+    @property
+    def problem(self) -> str:
+        """What is wrong with the rejected copies and what to do, or '' when none was rejected."""
+        if not self.rejected:
+            return ""
+        copies = "; ".join(f"{path} {why}" for path, why in self.rejected)
+        if self.state == "present":
+            return (f"{self.name}: ignored a damaged copy ({copies}); using {self.path}. "
+                    "Delete the damaged copy to silence this.")
+        fix = (f"run `python cli.py fetch {self.name}` (it sets the damaged copy aside and downloads a verified one)"
+               if self.url else "replace it with the official file")
+        return (f"{self.name}: the local weights fail their sha256 check: {copies}. To fix: {fix}, "
+                "or delete it and export with --random-init.")
 
 
 def weights_status(spec: ModelSpec) -> WeightsStatus:
-    found = locate_weights(spec)
-    if found is not None:
-        return WeightsStatus("present", path=found, url=spec.weights.url)
+    item = weights_file(spec)
+    found = resolve_file(item) if item is not None else Resolution(None)
+    if found.path is not None:
+        return WeightsStatus("present", path=found.path, url=spec.weights.url, rejected=found.rejected, name=spec.name)
+    if found.rejected:
+        return WeightsStatus("corrupt", url=spec.weights.url, rejected=found.rejected, name=spec.name)
     if spec.weights.public:
-        return WeightsStatus("fetchable", url=spec.weights.url)
-    return WeightsStatus("none")
+        return WeightsStatus("fetchable", url=spec.weights.url, name=spec.name)
+    return WeightsStatus("none", name=spec.name)
 
 
 # ----------------------------------------------------------------------------- fetch
@@ -219,29 +326,16 @@ def _obtain(spec: ModelSpec, item: RemoteFile, cache: Path, allow_unverified: bo
     dest = cache / item.file_name
     sidecar = dest.with_name(dest.name + SIDECAR_SUFFIX)
     verifiable = item.sha256 is not None or item.prefix is not None
-    rejected: list[str] = []
-    dest_failed = False
 
-    # A present copy that verifies is all we need (the shared data folder counts too).
-    others = [d / item.file_name for d in search_dirs() if d.resolve() != cache.resolve()]
-    for candidate in [dest] + [p for p in others if p.is_file()]:
-        if not candidate.is_file():
-            continue
-        digest = sha256_file(candidate)
-        if verifiable:
-            if item.matches(digest):
-                return FetchedFile(item.kind, candidate, item.url, digest, candidate.stat().st_size,
-                                   item.verification, downloaded=False, prefix=item.prefix)
-            rejected.append(f"{candidate} has sha256 {digest}, expected {item.expected}")
-            dest_failed = dest_failed or candidate == dest
-        else:
-            recorded = _read_sidecar(candidate.with_name(candidate.name + SIDECAR_SUFFIX))
-            if recorded == digest:
-                return FetchedFile(item.kind, candidate, item.url, digest, candidate.stat().st_size,
-                                   UNVERIFIED, downloaded=False,
-                                   sidecar=candidate.with_name(candidate.name + SIDECAR_SUFFIX))
-            if recorded:
-                rejected.append(f"{candidate} has sha256 {digest}, but {recorded} was recorded when it was fetched")
+    # A present copy that verifies is all we need (the shared data folder counts too); the
+    # choice is resolve_file's, the one `list` and `export` make.
+    found = resolve_file(item, [cache] + [d for d in search_dirs() if d.resolve() != cache.resolve()])
+    if found.path is not None and found.verification is not None:
+        return FetchedFile(item.kind, found.path, item.url, found.sha256, found.path.stat().st_size,
+                           found.verification, downloaded=False, prefix=item.prefix, sidecar=found.sidecar,
+                           replaced=_ignored(found))
+    rejected = [f"{path} {why}" for path, why in found.rejected]
+    dest_failed = any(path == dest for path, _ in found.rejected)
 
     if not verifiable and not allow_unverified:
         raise FetchError(
@@ -278,6 +372,13 @@ def _obtain(spec: ModelSpec, item: RemoteFile, cache: Path, allow_unverified: bo
     return FetchedFile(item.kind, dest, item.url, digest, size, item.verification, downloaded=True,
                        prefix=item.prefix, sidecar=recorded_in,
                        replaced="; ".join(rejected) + f"; replaced by a fresh download at {dest}" if rejected else None)
+
+
+def _ignored(found: Resolution) -> str | None:
+    if not found.rejected:
+        return None
+    return ("; ".join(f"{path} {why}" for path, why in found.rejected)
+            + f": not used (the verified copy {found.path} is); delete the damaged copy")
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

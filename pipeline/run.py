@@ -1,21 +1,28 @@
 """``python cli.py run``: the whole pipeline over the registry, then the report.
 
-For each selected model, in registry order:
+A *target* is one row of the report: a registered model at its registered input size,
+at each further size models.toml lists under ``run_sizes`` (yolov3-tiny at 320, 416, 512
+and 608: the seed's diminishing-returns claim), and its INT8 version (``NAME@int8``) for
+the models ``RunSettings.int8_models`` names. For each target, in registry order:
 
 1. **export** (and validate: the exporter does it) with the official weights when
    :func:`exporters.weights.locate_weights` finds them here, else deterministic random
-   initialisation (the contract says ``random-init``; never downloads);
+   initialisation (the contract says ``random-init``; never downloads); an INT8 target is
+   **quantize**\ d from its float export instead (:func:`exporters.quantize.quantize_model`,
+   calibrated on the first images of the COCO folder);
 2. **profile** with the analyzer (``counting.profile_model``): static shapes, or shapes
-   measured on a real image when the graph has data-dependent RoI stages (RoiAlign /
-   MaxRoiPool) or static inference leaves dimensions unresolved;
-3. **bench** on every execution provider that really runs here (cpu always; every other
-   provider onnxruntime lists is probed with :func:`runtime.sessions.provider_usable`, and a
-   provider that cannot run is recorded as ``skipped: <reason>``);
-4. **eval** on COCO (``eval.coco.evaluate_model``, resumable) when the weights are
-   trained and COCO data is available;
+   measured on a real image when the graph has data-dependent RoI stages;
+3. **bench** on every backend that really runs here, side by side in one process with the
+   backends alternating (:func:`runtime.bench.bench_side_by_side`; each checked against
+   onnxruntime CPU first); a backend that cannot run is recorded as ``skipped: <reason>``;
+4. **images**: operations executed and latency on each of a few COCO images
+   (:func:`runtime.per_image.measure_images`: the seed's per-proposal claim);
+5. **eval** on COCO (``eval.coco.evaluate_model``, resumable) when the weights are trained
+   and COCO data is available, on each of ``eval_backends``; an INT8 target is scored on
+   the images it was not calibrated on;
 
 then the report (:func:`report.build_report`). Nothing is faked: a step that cannot run
-here (missing module, no weights, no data, provider unavailable) is skipped with its
+here (missing module, no weights, no data, backend unavailable) is skipped with its
 reason, a step that fails records the error; both reach the report.
 
 Re-running skips a step whose inputs did not change (``core.manifest``): the model
@@ -43,25 +50,104 @@ from core.contract import RANDOM_INIT, read_contract, sha256_file
 from core.errors import ConfigError, DetbenchError
 from core.paths import PROJECT_ROOT, data_dir, results_dir
 
-STEPS = ("export", "profile", "bench", "eval")
+STEPS = ("export", "profile", "bench", "images", "eval")
 # Ops whose output shapes depend on the image (proposals): profile them with measured shapes.
 DATA_DEPENDENT_OPS = frozenset({"RoiAlign", "MaxRoiPool"})
+# Backends `run` considers besides the onnxruntime providers onnxruntime lists (each probed).
+EXTRA_BACKENDS = ("openvino", "openvino-bf16")
+INT8 = "int8"
 
 
 @dataclass(frozen=True)
 class RunSettings:
-    """How much work each step does. ``quick`` bounds it for smoke runs and CI."""
+    """How much work each step does (defaults keep `run` over the registry near 20 minutes on
+    a 2-core CPU; ``quick`` bounds it further for smoke runs and CI).
 
-    bench_warmup: int = 3
-    bench_runs: int = 20
-    node_runs: int = 5
+    bench: ``bench_warmup`` untimed runs, then timed runs for ``bench_seconds`` per backend
+    (at least one run; ``bench_runs`` instead fixes the count), split in ``bench_rounds``
+    blocks with the backends alternating; ``parity_images`` COCO images compared with
+    onnxruntime CPU first; ``nodes``/``node_runs``: per-layer profile. Short runs are what
+    keeps the whole registry within the time budget: their latency records say INVALID
+    with the reason (too few runs for p90/p99) rather than pretending otherwise.
+    images: ``per_image`` COCO images per target, at most ``per_image_seconds`` per target.
+    eval: ``eval_limit`` images (None: all); ``eval_backends`` for the registered-size row of
+    a trained model (other rows: onnxruntime CPU, and OpenVINO for INT8 rows).
+    ``sizes``: also the ``run_sizes`` of models.toml. ``int8_models``: which models get an
+    INT8 row (None: every model), calibrated on ``calibration_images`` COCO images.
+    """
+
+    bench_warmup: int = 2
+    bench_runs: int | None = None
+    bench_seconds: float | None = 3.0
+    bench_rounds: int = 3
+    parity_images: int = 1
+    node_runs: int = 2
     nodes: bool = True
+    per_image: int = 4
+    per_image_seconds: float = 20.0
     eval_limit: int | None = None  # None: every image of the dataset
-    eval_provider: str = "cpu"
+    eval_backends: tuple[str, ...] = ("cpu", "openvino", "openvino-bf16")
+    sizes: bool = True
+    int8_models: tuple[str, ...] | None = ("yolov3-tiny", "yolov3-416", "ssd300")
+    calibration_images: int = 16
 
     @classmethod
     def quick(cls) -> "RunSettings":
-        return cls(bench_warmup=1, bench_runs=3, node_runs=2, nodes=True, eval_limit=8)
+        return cls(bench_warmup=1, bench_runs=3, bench_seconds=None, bench_rounds=1, node_runs=1, nodes=True,
+                   per_image=2, per_image_seconds=10.0, eval_limit=8, calibration_images=4)
+
+    @property
+    def eval_provider(self) -> str:
+        return self.eval_backends[0] if self.eval_backends else "cpu"
+
+
+@dataclass(frozen=True)
+class ForeignSpec:
+    """A foreign ONNX detector added to a run (``run --onnx FILE --describe FILE.toml``): wrapped
+    into a contract file by :func:`exporters.onnx_wrap.wrap_onnx` instead of exported."""
+
+    name: str
+    input_size: tuple[int, int]
+    onnx_file: Path
+    describe_file: Path
+    framework: str = "onnx"
+    run_sizes: tuple = ()
+
+
+def foreign_specs(pairs: list[tuple[Path, Path]]) -> list[ForeignSpec]:
+    """One spec per (ONNX file, describe file); the describe file is read (and checked) now."""
+    from exporters.onnx_describe import read_description
+
+    specs = []
+    for onnx_file, describe_file in pairs:
+        if not Path(onnx_file).is_file():
+            raise ConfigError(f"--onnx {onnx_file}: no such file")
+        desc = read_description(describe_file)
+        specs.append(ForeignSpec(desc.name, tuple(desc.input_size), Path(onnx_file), Path(describe_file)))
+    return specs
+
+
+@dataclass(frozen=True)
+class Target:
+    """One report row: ``spec`` at ``size`` in ``precision`` (``fp32`` or ``int8``)."""
+
+    spec: Any
+    size: tuple[int, int]
+    precision: str = "fp32"
+
+    @property
+    def name(self) -> str:
+        """The model name its records carry (``NAME@int8`` for the INT8 row)."""
+        return self.spec.name + (f"@{INT8}" if self.precision == INT8 else "")
+
+    @property
+    def registered(self) -> bool:
+        return self.size == self.spec.input_size
+
+    @property
+    def label(self) -> str:
+        h, w = self.size
+        return self.name if self.registered else f"{self.name} @{h}x{w}"
 
 
 @dataclass(frozen=True)
@@ -142,24 +228,28 @@ def _importable(module: str, attr: str):
         raise _Skip(f"{module}.{attr} is not available in this checkout ({type(exc).__name__}: {exc})") from None
 
 
-def _provider_candidates() -> list[str]:
-    """cpu, then every other provider onnxruntime lists (short names)."""
+def _backend_candidates() -> list[str]:
+    """cpu, every other onnxruntime provider onnxruntime lists, then OpenVINO (registered names)."""
     import onnxruntime as ort
 
-    from runtime.sessions import short_name
+    from runtime.backends import backend_names, get_backend
 
+    known = set(backend_names())
     names = ["cpu"]
     for full in ort.get_available_providers():
-        short = short_name(full)
-        if short not in names:
-            names.append(short)
-    return names
+        try:
+            name = get_backend(full).name
+        except ConfigError:  # a provider detbench registers no backend for: nothing to compare
+            continue
+        if name in known and name not in names:
+            names.append(name)
+    return names + [b for b in EXTRA_BACKENDS if b in known and b not in names]
 
 
 class _Pipeline:
-    def __init__(self, specs, settings: RunSettings, coco_dir: Path | None, providers: list[str] | None,
-                 progress: Progress | None, strict: bool):
-        self.specs, self.settings, self.coco_dir, self.strict = specs, settings, coco_dir, strict
+    def __init__(self, targets: list[Target], settings: RunSettings, coco_dir: Path | None,
+                 providers: list[str] | None, progress: Progress | None, strict: bool):
+        self.targets, self.settings, self.coco_dir, self.strict = targets, settings, coco_dir, strict
         self.progress = progress or (lambda _e: None)
         self.root = results_dir()
         self.manifest = run_manifest.Manifest(self.root)
@@ -168,59 +258,61 @@ class _Pipeline:
         self.have = {(r["kind"], r.get("model_sha256"), r.get("provider")) for r in store.load(root=self.root).records}
         self.steps_done = 0
         self.steps_total = 0
+        self.exported: dict[str, Path] = {}  # spec name -> its float export at the registered size
 
     # ------------------------------------------------------------------ events
 
     def emit(self, kind: str, model=None, step=None, provider=None, message="", completed=None, total=None):
         self.progress(RunEvent(kind, model, step, provider, message, completed, total, self.steps_done, self.steps_total))
 
-    def outcome(self, spec, step, provider, status, reason="", seconds=0.0, *, key="", **extra):
+    def outcome(self, target: Target, step, provider, status, reason="", seconds=0.0, *, key="", **extra):
         if status != "reused":
-            self.manifest.put(spec.name, spec.input_size, step, provider, key=key, status=status, reason=reason, **extra)
-        self.summary.outcomes.append(StepOutcome(spec.name, step, provider, status, reason, seconds))
+            self.manifest.put(target.name, target.size, step, provider, key=key, status=status, reason=reason,
+                              **extra)
+        self.summary.outcomes.append(StepOutcome(target.label, step, provider, status, reason, seconds))
         self.steps_done += 1
-        self.emit(status, spec.name, step, provider, reason)
+        self.emit(status, target.label, step, provider, reason)
 
-    def step(self, spec, step: str, provider: str | None, key_inputs: dict[str, Any], fn, reuse_ok) -> Any:
+    def step(self, target: Target, step: str, provider: str | None, key_inputs: dict[str, Any], fn, reuse_ok) -> Any:
         """Run ``fn`` unless the manifest has this step done with the same inputs (and
         ``reuse_ok(entry)`` confirms its products are still there). ``fn`` returns
         ``(value, extra manifest fields)``; a _Skip or an error is recorded; returns the
         value, the previous entry when reused, or None."""
         key = run_manifest.input_key(key_inputs)
-        entry = self.manifest.get(spec.name, spec.input_size, step, provider)
+        entry = self.manifest.get(target.name, target.size, step, provider)
         if entry and entry.get("status") == "done" and entry.get("key") == key and reuse_ok(entry):
-            self.outcome(spec, step, provider, "reused", "inputs unchanged since " + entry.get("finished", "?"))
+            self.outcome(target, step, provider, "reused", "inputs unchanged since " + entry.get("finished", "?"))
             return entry
-        self.emit("start", spec.name, step, provider)
+        self.emit("start", target.label, step, provider)
         started = time.perf_counter()
         try:
             value, extra = fn()
         except _Skip as exc:
-            self.outcome(spec, step, provider, "skipped", str(exc), key=key)
+            self.outcome(target, step, provider, "skipped", str(exc), key=key)
             return None
         except DetbenchError as exc:
-            self.outcome(spec, step, provider, "failed", str(exc), time.perf_counter() - started, key=key)
+            self.outcome(target, step, provider, "failed", str(exc), time.perf_counter() - started, key=key)
             return None
         except Exception as exc:
             if self.strict:
                 raise
             # One broken family must not stop the others from being measured; the failure is
             # recorded in the manifest, shown in the report and makes `run` exit non-zero.
-            self.outcome(spec, step, provider, "failed", f"unexpected {type(exc).__name__}: {exc}",
+            self.outcome(target, step, provider, "failed", f"unexpected {type(exc).__name__}: {exc}",
                          time.perf_counter() - started, key=key)
             return None
-        self.outcome(spec, step, provider, "done", "", time.perf_counter() - started, key=key, **extra)
+        self.outcome(target, step, provider, "done", "", time.perf_counter() - started, key=key, **extra)
         return value
 
-    # ------------------------------------------------------------------ providers
+    # ------------------------------------------------------------------ backends
 
-    def usable_providers(self) -> dict[str, str]:
-        """provider -> "" when it runs here, else the reason it does not."""
+    def usable_backends(self) -> dict[str, str]:
+        """backend -> "" when it runs here, else the reason it does not."""
         try:
-            provider_usable = _importable("runtime.sessions", "provider_usable")
+            provider_usable = _importable("runtime.backends", "provider_usable")
         except _Skip as exc:
             return {"cpu": str(exc)}
-        candidates = self.requested_providers or _provider_candidates()
+        candidates = self.requested_providers or _backend_candidates()
         return {p: ("" if ok else reason) for p in candidates for ok, reason in [provider_usable(p)]}
 
     # ------------------------------------------------------------------ the steps
@@ -236,35 +328,44 @@ class _Pipeline:
         cache[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
         return digest
 
-    def export(self, spec) -> Path | None:
-        from exporters import _FRAMEWORK_MODULES, default_output, export_model
+    def export(self, target: Target) -> Path | None:
+        from exporters import FRAMEWORKS, default_output, export_model
         from exporters.weights import locate_weights
 
-        weights = locate_weights(spec)
+        spec = target.spec
+        try:
+            weights = locate_weights(spec)
+        except DetbenchError as exc:  # only damaged copies here: this model fails, the others go on
+            weights, weights_error = None, exc
+        else:
+            weights_error = None
         tag = RANDOM_INIT if weights is None else "sha256:" + self.weights_sha256(weights)
-        module_name = _FRAMEWORK_MODULES.get(spec.framework, "")
+        module_name = FRAMEWORKS[spec.framework].export if spec.framework in FRAMEWORKS else ""
         try:
             module = importlib.import_module(module_name)
             version = getattr(module, "EXPORTER_VERSION", None) or source_version(module_name)
-        except ImportError as exc:
+        except (ImportError, ValueError, ConfigError) as exc:
             module, version = None, f"unavailable: {exc}"
-        out = default_output(spec, self.root / "onnx")
+        size = None if target.registered else target.size
+        out = default_output(spec, self.root / "onnx", size)
         inputs = {"model": spec.name, "weights": tag, "exporter": f"{module_name} {version}",
-                  "input_size": list(spec.input_size)}
+                  "input_size": list(target.size)}
 
         def run():
+            if weights_error is not None:
+                raise weights_error
             if module is None:
                 raise _Skip(f"no exporter for framework {spec.framework!r} in this checkout ({version})")
-            self.emit("update", spec.name, "export", None,
-                      f"{'random-init' if weights is None else weights.name}")
-            result = export_model(spec, out, weights=weights,
-                                  progress=lambda msg: self.emit("update", spec.name, "export", None, msg))
+            self.emit("update", target.label, "export", None, f"{'random-init' if weights is None else weights.name}")
+            result = export_model(spec, out, weights=weights, input_size=size,
+                                  progress=lambda msg: self.emit("update", target.label, "export", None, msg))
             sha = sha256_file(result.path)
             data = {"seconds": result.seconds, "path": str(result.path), "file_bytes": result.path.stat().st_size,
                     "random_init": result.contract.random_init, "validation": result.validation,
-                    "weights_file": str(weights) if weights else None}
+                    "weights_file": str(weights) if weights else None,
+                    "warnings": list(getattr(result, "warnings", []) or [])}
             store.append("export", data, model=spec.name, model_sha256=sha, contract=result.contract.to_props(),
-                         settings={"exporter": inputs["exporter"], "input_size": list(spec.input_size)}, root=self.root)
+                         settings={"exporter": inputs["exporter"], "input_size": list(target.size)}, root=self.root)
             self.have.add(("export", sha, None))
             return result.path, {"onnx_sha256": sha, "path": str(result.path)}
 
@@ -272,12 +373,80 @@ class _Pipeline:
             return (out.is_file() and ("export", entry.get("onnx_sha256"), None) in self.have
                     and sha256_file(out) == entry.get("onnx_sha256"))
 
-        value = self.step(spec, "export", None, inputs, run, reuse_ok)
-        if value is None:
-            return None
-        return out
+        value = self.step(target, "export", None, inputs, run, reuse_ok)
+        return None if value is None else out
 
-    def profile(self, spec, path: Path, onnx_sha: str, contract_props: dict[str, str]):
+    def wrap(self, target: Target) -> Path | None:
+        """The contract file of a foreign ONNX detector (see :class:`ForeignSpec`)."""
+        spec = target.spec
+        try:
+            version = source_version("exporters.onnx_wrap", "exporters.onnx_describe")
+        except ImportError as exc:
+            version = f"unavailable: {exc}"
+        out = self.root / "onnx" / f"{spec.name}.onnx"
+        inputs = {"onnx_sha256": sha256_file(spec.onnx_file), "describe": spec.describe_file.read_text("utf-8"),
+                  "wrapper": version}
+
+        def run():
+            wrap_onnx = _importable("exporters.onnx_wrap", "wrap_onnx")
+            result = wrap_onnx(spec.onnx_file, spec.describe_file, out,
+                               progress=lambda msg: self.emit("update", target.label, "export", None, msg))
+            sha = sha256_file(result.path)
+            data = {"seconds": result.seconds, "path": str(result.path), "file_bytes": result.path.stat().st_size,
+                    "random_init": False, "validation": result.validation, "source_file": str(spec.onnx_file),
+                    "describe_file": str(spec.describe_file)}
+            store.append("export", data, model=spec.name, model_sha256=sha, contract=result.contract.to_props(),
+                         settings={"exporter": f"exporters.onnx_wrap {version}", "input_size": list(target.size)},
+                         root=self.root)
+            self.have.add(("export", sha, None))
+            return result.path, {"onnx_sha256": sha, "path": str(result.path)}
+
+        def reuse_ok(entry):
+            return (out.is_file() and ("export", entry.get("onnx_sha256"), None) in self.have
+                    and sha256_file(out) == entry.get("onnx_sha256"))
+
+        value = self.step(target, "export", None, inputs, run, reuse_ok)
+        return None if value is None else out
+
+    def quantize(self, target: Target, source: Path) -> Path | None:
+        """The INT8 file of ``target``, quantized from its float export ``source``."""
+        s = self.settings
+        try:
+            version = source_version("exporters.quantize")
+        except ImportError as exc:
+            version = f"unavailable: {exc}"
+        source_sha = sha256_file(source)
+        out = source.with_name(f"{source.stem}@{INT8}{source.suffix}")
+        inputs = {"source_sha256": source_sha, "quantize": version, "calibration": str(self.coco_dir),
+                  "images": s.calibration_images}
+
+        def run():
+            if self.coco_dir is None:
+                raise _Skip("no COCO data to calibrate on: pass --coco DIR")
+            quantize_model = _importable("exporters.quantize", "quantize_model")
+            settings_cls = _importable("exporters.quantize", "QuantizeSettings")
+            qs = settings_cls(calibration=self.coco_dir, images=s.calibration_images, out=out)
+            result = quantize_model(source, qs, progress=lambda msg: self.emit("update", target.label, "quantize",
+                                                                                None, msg))
+            sha = sha256_file(result.path)
+            data = {"seconds": result.seconds, "path": str(result.path), "file_bytes": result.path.stat().st_size,
+                    "source": str(source), "source_sha256": source_sha, "calibration_ids": result.calibration_ids,
+                    "quantized_nodes": len(result.quantized_nodes), "float_nodes": len(result.float_nodes),
+                    "activation_type": result.activation_type, "weight_type": result.weight_type,
+                    "settings": {k: str(v) for k, v in result.settings.items()}}
+            store.append("quantize", data, model=target.name, model_sha256=sha, contract=result.contract.to_props(),
+                         settings={"input_size": list(target.size), **data["settings"]}, root=self.root)
+            self.have.add(("quantize", sha, None))
+            return result.path, {"onnx_sha256": sha, "path": str(result.path)}
+
+        def reuse_ok(entry):
+            return (out.is_file() and ("quantize", entry.get("onnx_sha256"), None) in self.have
+                    and sha256_file(out) == entry.get("onnx_sha256"))
+
+        value = self.step(target, "quantize", None, inputs, run, reuse_ok)
+        return None if value is None else out
+
+    def profile(self, target: Target, path: Path, onnx_sha: str, contract_props: dict[str, str]):
         """Returns the analyzer's (per-node MACs, total, note) for bench, or None."""
         try:
             version = source_version("counting")
@@ -289,27 +458,37 @@ class _Pipeline:
         def run():
             profile_model = _importable("counting", "profile_model")
             mode = "measured" if _graph_ops(path) & DATA_DEPENDENT_OPS else "static"
-            self.emit("update", spec.name, "profile", None, f"{mode} shapes")
-            profile = profile_model(path, shapes=mode)
+            self.emit("update", target.label, "profile", None, f"{mode} shapes")
+            # INT8 graphs hold Quantize/DequantizeLinear: counted, but never an unknown-op failure
+            profile = profile_model(path, shapes=mode, allow_unknown=target.precision == INT8)
             if mode == "static" and getattr(profile, "unresolved", None):
                 mode = "measured"
-                self.emit("update", spec.name, "profile", None, "static shapes left dims unresolved: measuring")
-                profile = profile_model(path, shapes=mode)
+                self.emit("update", target.label, "profile", None, "static shapes left dims unresolved: measuring")
+                profile = profile_model(path, shapes=mode, allow_unknown=target.precision == INT8)
             data = profile.to_dict()
             data.setdefault("mode", mode)
-            store.append("profile", data, model=spec.name, model_sha256=onnx_sha, contract=contract_props,
+            store.append("profile", data, model=target.name, model_sha256=onnx_sha, contract=contract_props,
                          settings={"shapes": mode, "allow_unknown": False}, root=self.root)
             self.have.add(("profile", onnx_sha, None))
             holder["macs"] = _bench_macs(profile, mode)
             return profile, {"onnx_sha256": onnx_sha, "mode": mode}
 
-        self.step(spec, "profile", None, inputs, run, lambda e: ("profile", onnx_sha, None) in self.have)
+        self.step(target, "profile", None, inputs, run, lambda e: ("profile", onnx_sha, None) in self.have)
         return holder.get("macs")
 
-    def bench(self, spec, path: Path, onnx_sha: str, provider: str, reason: str, macs) -> None:
+    def bench(self, target: Target, path: Path, onnx_sha: str, backends: dict[str, str], macs) -> None:
+        """Every usable backend side by side (one step); each unusable one a skipped step of its own."""
         s = self.settings
+        for name, reason in backends.items():
+            if reason:
+                self.outcome(target, "bench", name, "skipped", reason)
+        usable = [n for n, r in backends.items() if not r]
+        if target.precision == INT8:  # bf16 hints do not apply to a graph whose convolutions are int8
+            usable = [n for n in usable if not n.endswith("-bf16")]
+        if not usable:
+            return
         try:
-            version = source_version("runtime.bench", "runtime.sessions", "runtime.nodes")
+            version = source_version("runtime.bench", "runtime.backends", "runtime.nodes", "runtime.parity")
         except ImportError as exc:
             version = f"unavailable: {exc}"
         try:
@@ -318,24 +497,60 @@ class _Pipeline:
         except _Skip:
             analyzer = False
         # per-node times need the analyzer's MACs: a bench done without it is redone once it lands
-        inputs = {"onnx_sha256": onnx_sha, "provider": provider, "warmup": s.bench_warmup, "runs": s.bench_runs,
+        inputs = {"onnx_sha256": onnx_sha, "backends": usable, "warmup": s.bench_warmup, "runs": s.bench_runs,
+                  "seconds": s.bench_seconds, "rounds": s.bench_rounds, "parity_images": s.parity_images,
                   "nodes": s.nodes and analyzer, "node_runs": s.node_runs, "runtime": version}
+        label = "+".join(usable)
 
         def run():
-            if reason:
-                raise _Skip(reason)
-            bench_model = _importable("runtime.bench", "bench_model")
-            nodes = inputs["nodes"]  # latency is valid without the analyzer; per-node MACs are not
-            result = bench_model(path, provider, warmup=s.bench_warmup, runs=s.bench_runs, nodes=nodes,
-                                 node_runs=s.node_runs, macs=macs)
-            store.append("bench", result.to_record(), model=result.model, model_sha256=result.model_sha256,
-                         provider=result.provider, settings=result.settings, contract=result.contract, root=self.root)
-            self.have.add(("bench", result.model_sha256, result.provider))
-            return result, {"onnx_sha256": onnx_sha, "p50_ms": result.latency.p50}
+            bench_side_by_side = _importable("runtime.bench", "bench_side_by_side")
+            settings_cls = _importable("runtime.bench", "BenchSettings")
+            settings = settings_cls(warmup=s.bench_warmup, runs=s.bench_runs, seconds=s.bench_seconds,
+                                    rounds=s.bench_rounds, nodes=inputs["nodes"], node_runs=s.node_runs,
+                                    parity_images=s.parity_images)
+            self.emit("update", target.label, "bench", label, "side by side: " + ", ".join(usable))
+            results = bench_side_by_side(path, usable, settings, macs=macs)
+            for result in results:
+                store.append("bench", result.to_record(), model=result.model, model_sha256=result.model_sha256,
+                             provider=result.provider, settings=result.settings, contract=result.contract,
+                             root=self.root)
+                self.have.add(("bench", result.model_sha256, result.provider))
+            return results, {"onnx_sha256": onnx_sha, "p50_ms": {r.provider: r.latency.p50 for r in results}}
 
-        self.step(spec, "bench", provider, inputs, run, lambda e: ("bench", onnx_sha, provider) in self.have)
+        self.step(target, "bench", label, inputs, run,
+                  lambda e: all(("bench", onnx_sha, n) in self.have for n in usable))
 
-    def evaluate(self, spec, path: Path, onnx_sha: str, random_init: bool) -> None:
+    def per_image(self, target: Target, path: Path, onnx_sha: str) -> None:
+        s = self.settings
+        if s.per_image <= 0:
+            return
+        try:
+            version = source_version("runtime.per_image", "counting")
+        except ImportError as exc:
+            version = f"unavailable: {exc}"
+        inputs = {"onnx_sha256": onnx_sha, "images": s.per_image, "seconds": s.per_image_seconds,
+                  "coco": str(self.coco_dir), "code": version}
+
+        def run():
+            if self.coco_dir is None:
+                raise _Skip("no COCO images: pass --coco DIR")
+            _importable("counting.per_image", "ImageCounter")  # the operation counts need the analyzer
+            measure_images = _importable("runtime.per_image", "measure_images")
+            images = _coco_images(self.coco_dir, s.per_image)
+            result = measure_images(path, images, budget_seconds=s.per_image_seconds,
+                                    progress=lambda done, total, name: self.emit(
+                                        "update", target.label, "images", "cpu", name, completed=done, total=total))
+            contract = read_contract(path)
+            store.append("images", result.to_record(), model=target.name, model_sha256=onnx_sha, provider="cpu",
+                         settings={"images": s.per_image, "seconds": s.per_image_seconds},
+                         contract=contract.to_props(), root=self.root)
+            self.have.add(("images", onnx_sha, "cpu"))
+            return result, {"onnx_sha256": onnx_sha, "images": len(result.images)}
+
+        self.step(target, "images", "cpu", inputs, run, lambda e: ("images", onnx_sha, "cpu") in self.have)
+
+    def evaluate(self, target: Target, path: Path, onnx_sha: str, random_init: bool, backend: str,
+                 reason: str) -> None:
         s = self.settings
         coco = self.coco_dir
         ann = coco / "annotations" / "instances_val2017.json" if coco else None
@@ -343,7 +558,7 @@ class _Pipeline:
             version = source_version("eval")
         except ImportError as exc:
             version = f"unavailable: {exc}"
-        inputs = {"onnx_sha256": onnx_sha, "coco": str(coco), "limit": s.eval_limit, "provider": s.eval_provider,
+        inputs = {"onnx_sha256": onnx_sha, "coco": str(coco), "limit": s.eval_limit, "provider": backend,
                   "annotations": [ann.stat().st_size, ann.stat().st_mtime_ns] if ann and ann.is_file() else None,
                   "eval": version}
 
@@ -353,35 +568,85 @@ class _Pipeline:
             if coco is None:
                 raise _Skip(f"no COCO data: pass --coco DIR (COCO layout: annotations/instances_val2017.json, "
                             f"val2017/), or put it at {data_dir() / 'coco-val2017-subset'}")
+            if reason:
+                raise _Skip(reason)
             evaluate_model = _importable("eval.coco", "evaluate_model")
+            image_ids = None
+            if target.precision == INT8:  # never scored on its own calibration images
+                calibration_ids = _importable("exporters.quantize", "calibration_ids")
+                used = set(calibration_ids(read_contract(path)))
+                image_ids = tuple(i for i in _coco_ids(ann) if i not in used)
 
             def on_image(p):
-                self.emit("update", spec.name, "eval", s.eval_provider, p.image or "", completed=p.done, total=p.total)
+                self.emit("update", target.label, "eval", backend, p.image or "", completed=p.done, total=p.total)
 
-            result = evaluate_model(path, coco_dir=coco, provider=s.eval_provider, limit=s.eval_limit, resume=True,
-                                    progress=on_image)
+            result = evaluate_model(path, coco_dir=coco, provider=backend, limit=s.eval_limit, image_ids=image_ids,
+                                    resume=True, progress=on_image)
             self.have.add(("eval", result.model_sha256, result.provider))
             return result, {"onnx_sha256": onnx_sha, "map50": result.scores["map50"],
                             "images": result.images_evaluated}
 
-        self.step(spec, "eval", s.eval_provider, inputs, run,
-                  lambda e: ("eval", onnx_sha, s.eval_provider) in self.have)
+        self.step(target, "eval", backend, inputs, run, lambda e: ("eval", onnx_sha, backend) in self.have)
 
-    def run_model(self, spec, providers: dict[str, str]) -> None:
-        path = self.export(spec)
+    def eval_backends(self, target: Target, backends: dict[str, str]) -> list[str]:
+        if target.precision == INT8:
+            wanted = ["cpu", "openvino"]
+        elif target.registered:
+            wanted = list(self.settings.eval_backends)
+        else:
+            wanted = ["cpu"]
+        return [b for b in wanted if b in backends] or ["cpu"]
+
+    def run_target(self, target: Target, backends: dict[str, str]) -> None:
+        if target.precision == INT8:
+            source = self.exported.get(target.spec.name)
+            path = self.quantize(target, source) if source is not None else None
+            first = "quantize"
+        elif isinstance(target.spec, ForeignSpec):
+            path = self.wrap(target)
+            if path is not None:
+                self.exported[target.spec.name] = path
+            first = "export"
+        else:
+            path = self.export(target)
+            if path is not None and target.registered:
+                self.exported[target.spec.name] = path
+            first = "export"
+        evals = self.eval_backends(target, backends)
         if path is None:
-            why = self.manifest.get(spec.name, spec.input_size, "export") or {}
-            reason = f"not exported (export {why.get('status', '?')}; its reason is on the export step)"
-            for step, provider in [("profile", None)] + [("bench", p) for p in providers] + [("eval", self.settings.eval_provider)]:
-                self.outcome(spec, step, provider, "skipped", reason, key="")
+            why = self.manifest.get(target.name, target.size, first) or {}
+            reason = (f"not {first}ed (its {first} step: {why.get('status', 'not run')})" if why
+                      else "its float export did not succeed")
+            steps = [("profile", None)] + [("bench", p) for p in backends] + [("images", "cpu")]
+            steps += [("eval", b) for b in evals]
+            for step, provider in steps:
+                self.outcome(target, step, provider, "skipped", reason, key="")
             return
         onnx_sha = sha256_file(path)
         contract = read_contract(path)
-        props = contract.to_props()
-        macs = self.profile(spec, path, onnx_sha, props)
-        for provider, reason in providers.items():
-            self.bench(spec, path, onnx_sha, provider, reason, macs)
-        self.evaluate(spec, path, onnx_sha, contract.random_init)
+        macs = self.profile(target, path, onnx_sha, contract.to_props())
+        self.bench(target, path, onnx_sha, backends, macs)
+        self.per_image(target, path, onnx_sha)
+        for backend in evals:
+            self.evaluate(target, path, onnx_sha, contract.random_init, backend, backends.get(backend, ""))
+
+
+def _coco_ids(annotations: Path) -> list[int]:
+    import json
+
+    with open(annotations, encoding="utf-8") as fh:
+        return sorted(int(img["id"]) for img in json.load(fh).get("images", []))
+
+
+def _coco_images(coco: Path, count: int) -> list[Path]:
+    """``count`` images of the COCO folder spread over it by id (deterministic), not its first ones,
+    so the per-image figures see varied scenes."""
+    folder = coco / "val2017"
+    files = sorted(folder.glob("*.jpg"))
+    if not files:
+        raise _Skip(f"no .jpg images in {folder}")
+    step = max(1, len(files) // max(count, 1))
+    return files[::step][:count]
 
 
 def _graph_ops(path: Path) -> set[str]:
@@ -402,7 +667,7 @@ def _graph_ops(path: Path) -> set[str]:
 
 
 def _bench_macs(profile, mode: str):
-    """The analyzer's figures in the form ``runtime.bench.bench_model(macs=...)`` takes."""
+    """The analyzer's figures in the form ``runtime.bench`` takes (``macs=``)."""
     nodes = getattr(profile, "nodes", None)
     if nodes is None:
         return None
@@ -410,35 +675,58 @@ def _bench_macs(profile, mode: str):
     return {n.name: int(n.macs or 0) for n in nodes}, int(profile.macs), note
 
 
+def targets_of(specs, settings: RunSettings) -> list[Target]:
+    """The report rows ``run`` measures for ``specs`` (registered size, run_sizes, INT8)."""
+    targets = []
+    for spec in specs:
+        targets.append(Target(spec, spec.input_size))
+        if settings.sizes:
+            targets += [Target(spec, size) for size in spec.run_sizes]
+        if settings.int8_models is None or spec.name in settings.int8_models:
+            targets.append(Target(spec, spec.input_size, INT8))
+    return targets
+
+
 def run_pipeline(models: list[str] | None = None, *, quick: bool = False, settings: RunSettings | None = None,
                  coco_dir: Path | None = None, providers: list[str] | None = None, report: bool = True,
-                 progress: Progress | None = None, registry=None, strict: bool = False) -> RunSummary:
-    """Export, validate, profile, bench and evaluate ``models`` (default: the whole registry),
-    then write the report; results go to the results folder (``DETBENCH_RESULTS``).
+                 progress: Progress | None = None, registry=None, strict: bool = False,
+                 foreign: list[tuple[Path, Path]] | None = None) -> RunSummary:
+    """Export, validate, quantize, profile, bench and evaluate ``models`` (default: the whole
+    registry), then write the report; results go to the results folder (``DETBENCH_RESULTS``).
 
-    ``coco_dir`` defaults to :func:`default_coco_dir`; ``providers`` (short names) defaults
-    to cpu plus every provider onnxruntime lists, each probed before use. ``strict``
+    ``coco_dir`` defaults to :func:`default_coco_dir`; ``providers`` (backend names) defaults
+    to cpu plus every provider onnxruntime lists and OpenVINO, each probed before use. ``strict``
     re-raises unexpected (non-detbench) exceptions instead of recording them as failures.
+    ``foreign`` adds (ONNX file, describe file) pairs: foreign detectors wrapped into contract
+    files and measured like registered ones (with ``foreign`` and no ``models``, only them).
     Raises RegistryError for unknown model names and ConfigError for a missing --coco folder.
     """
     from exporters.registry import load_registry
 
     started = time.perf_counter()
     registry = registry if registry is not None else load_registry()
-    specs = registry.select(models)
+    specs = registry.select(models) if (models or not foreign) else []
+    specs += foreign_specs(foreign or [])
     if coco_dir is not None and not Path(coco_dir).is_dir():
         raise ConfigError(f"--coco {coco_dir}: no such folder (expected COCO's layout: annotations/"
                           "instances_val2017.json and val2017/)")
     coco = Path(coco_dir) if coco_dir is not None else default_coco_dir()
     settings = settings or (RunSettings.quick() if quick else RunSettings())
-    pipe = _Pipeline(specs, settings, coco, providers, progress, strict)
-    usable = pipe.usable_providers()
+    if settings.int8_models is not None:
+        unknown = [n for n in settings.int8_models if n not in registry]
+        if unknown:
+            raise ConfigError(f"--int8 {','.join(unknown)}: not registered models; registered: "
+                              f"{', '.join(registry.names)}")
+    targets = targets_of(specs, settings)
+    pipe = _Pipeline(targets, settings, coco, providers, progress, strict)
+    usable = pipe.usable_backends()
     pipe.summary.providers = usable
-    pipe.steps_total = len(specs) * (3 + len(usable)) + (1 if report else 0)
-    pipe.emit("plan", message=f"{len(specs)} model(s); providers: "
+    pipe.steps_total = sum(2 + len(usable) + 1 + len(pipe.eval_backends(t, usable)) for t in targets)
+    pipe.steps_total += 1 if report else 0
+    pipe.emit("plan", message=f"{len(specs)} model(s), {len(targets)} row(s); backends: "
               + ", ".join(p if not r else f"{p} (skipped)" for p, r in usable.items()))
-    for spec in specs:
-        pipe.run_model(spec, usable)
+    for target in targets:
+        pipe.run_target(target, usable)
     if report:
         from report import build_report
 
@@ -452,7 +740,8 @@ def run_pipeline(models: list[str] | None = None, *, quick: bool = False, settin
     # The run's own record (wall time, what it did), kept beside the step entries.
     pipe.manifest.doc.setdefault("runs", []).append({
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_seconds": pipe.summary.wall_seconds,
-        "models": [s.name for s in specs], "settings": dataclasses.asdict(settings), "coco": str(coco),
+        "models": [s.name for s in specs], "rows": [t.label for t in targets],
+        "settings": dataclasses.asdict(settings), "coco": str(coco),
         "outcomes": {k: pipe.summary.count(k) for k in ("done", "reused", "skipped", "failed")}})
     pipe.manifest.save()
     pipe.emit("finished", message=f"{pipe.summary.wall_seconds:.1f} s")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from report import charts as _charts
+from report import claims as _claims
 from report.collect import ModelRow, collect
 from core.paths import results_dir
 
@@ -29,15 +30,32 @@ CHARTS = (
     ("map50_per_gops_per_network", "mAP@0.5 per GOps, per network",
      "mAP@0.5 (%) divided by GOps (2 x GMACs, whole graph). Hatched: published accuracy over measured operations.",
      _charts.map50_per_gops_per_network),
-    ("accuracy_vs_latency", "Accuracy vs measured latency, per execution provider",
-     "p50 latency at batch 1 against mAP@0.5, with the Pareto front (no other model is both faster and more accurate).",
-     _charts.accuracy_vs_latency),
+    ("accuracy_vs_latency", "Accuracy vs measured latency, every (model, backend) pair",
+     "Measured p50 latency at batch 1 on each backend against mAP@0.5, with the Pareto front over all (model, "
+     "backend) pairs (no other pair is both faster and more accurate). Colour: backend; marker: precision the pair "
+     "computes in (float32 circle, bf16 square, int8 triangle); hollow: published accuracy of the float model; a "
+     "cross: p50 INVALID. A pair's accuracy is its backend's own COCO evaluation, else onnxruntime cpu's only when "
+     "the backend's outputs agree with cpu's (parity); pairs without an applicable accuracy are listed under the "
+     "chart.", _charts.accuracy_vs_latency),
     ("input_size_scaling", "Cost and accuracy against input size",
-     "The same network at several input sizes: operations grow with the pixel count, latency follows, "
-     "accuracy saturates (the diminishing-returns point).", _charts.input_size_scaling),
-    ("time_per_op_type", "Time per op type, per execution provider",
-     "onnxruntime's node profiling summed per op type (bench --nodes).", _charts.time_per_op_type),
+     "The same network at several input sizes: GOps (2 × GMACs, analyzer), measured p50 latency per backend, "
+     "mAP@0.5 measured here (filled) or published (hollow; e.g. YOLOv3 320/416/608 from models.toml); float32 and "
+     "int8 files are separate series.", _charts.input_size_scaling),
+    ("time_per_op_type", "Time per op type, per backend",
+     "The backend's per-layer profile (bench --nodes: onnxruntime node profiling; OpenVINO performance counters "
+     "attributed to the ONNX op types they came from) summed per op type, as a share of the layer time; measured, "
+     "one bar per model and precision.", _charts.time_per_op_type),
+    ("claim_diminishing_returns", "Claim: only diminishing returns from more operations (same architecture)",
+     "mAP@0.5 against GOps (2 × GMACs) for one network measured here at several input sizes (filled, solid), beside "
+     "the published figures of the same family (hollow, dashed), with the mAP@0.5 points gained per extra GOps "
+     "between consecutive sizes.", _claims.diminishing_returns),
+    ("claim_per_image_cost", "Claim: two-stage compute grows per proposal, one-stage is constant",
+     "Per model, over the images of its per-image record: GOps executed on each image (2 × MACs counted with the "
+     "shapes that occurred), latency of one float32 onnxruntime cpu run per image (not a VALID latency figure), and "
+     "latency against the number of detections.", _claims.per_image_cost),
 )
+# charts whose data carries a generated paragraph (``text``) saying what the measurements show
+_WORDED = {"claim_diminishing_returns", "claim_per_image_cost"}
 
 
 @dataclass
@@ -74,5 +92,6 @@ def build_report(out_dir: Path | None = None, *, root: Path | None = None, regis
         result.charts[stem] = path
     result.csv = write_csv(rows, out / "table.csv")
     result.markdown = write_markdown(rows, out / "table.md")
-    result.html = write_html(rows, [(h, result.charts[s], c) for s, h, c, _ in CHARTS], out / "report.html")
+    captions = {s: c + (" " + result.chart_data[s]["text"] if s in _WORDED else "") for s, _h, c, _ in CHARTS}
+    result.html = write_html(rows, [(h, result.charts[s], captions[s]) for s, h, _c, _ in CHARTS], out / "report.html")
     return result

@@ -210,68 +210,110 @@ def pareto_front(points: list[dict], x: str, y: str) -> list[dict]:
     return front
 
 
-def accuracy_vs_latency(rows: list[ModelRow], path: Path) -> dict[str, dict]:
-    """One panel per execution provider: x = measured p50 latency (ms, batch 1),
-    y = mAP@0.5 (measured solid, published hollow), with the Pareto front drawn.
+PRECISION_MARKERS = {"float32": "o", "bf16": "s", "int8": "^"}
 
-    Returns ``{provider: {"points": [{"label", "latency_ms", "map50", "status"}],
-    "pareto": [labels ordered by latency]}}``.
+
+def pair_precision(row: ModelRow, provider: str) -> str:
+    """What a (model, backend) pair computes in: the file's int8, else the backend's bf16, else float32."""
+    if row.quantized:
+        return row.precision if row.precision != "float32" else "int8"
+    lat = row.latency.get(provider)
+    return "bf16" if lat is not None and (lat.precision or "").lower() in ("bf16", "bfloat16") else "float32"
+
+
+def accuracy_latency_points(rows: list[ModelRow]) -> tuple[list[dict], list[str]]:
+    """Every (model, backend) pair with a p50 and an accuracy that applies on that backend
+    (:meth:`ModelRow.accuracy_on`), and the pairs left out with the reason."""
+    points, left_out = [], []
+    for r in rows:
+        for prov, lat in r.latency.items():
+            acc, _, basis = r.accuracy_on(prov)
+            if acc is None:
+                left_out.append(f"{r.label} on {prov}: {basis}")
+                continue
+            points.append({"id": f"{r.label} on {prov}", "label": r.label, "backend": prov,
+                           "latency_ms": lat.p50_ms, "map50": acc.value, "status": acc.status, "basis": basis,
+                           "precision": pair_precision(r, prov), "family": r.family,
+                           "valid": lat.verdict != "INVALID", "parity": lat.parity_verdict})
+    return points, left_out
+
+
+def accuracy_vs_latency(rows: list[ModelRow], path: Path) -> dict[str, Any]:
+    """x = measured p50 latency (ms, batch 1), y = mAP@0.5, one point per (model, backend) pair,
+    with the Pareto front over all pairs (no other pair is both faster and more accurate).
+
+    Colour = backend, marker = precision (float32 circle, bf16 square, int8 triangle), hollow =
+    published accuracy, a cross over the point = p50 INVALID (runtime.stats). A pair's accuracy is
+    its backend's own evaluation, else onnxruntime CPU's only when the backend agrees with it
+    (parity); a disagreeing backend without its own evaluation is left out, and said so.
+
+    Returns ``{"points": [{"id", "label", "backend", "latency_ms", "map50", "status", "basis",
+    "precision", "valid", "parity"}], "pareto": [ids by latency], "left_out": [reasons],
+    "per_backend": {backend: {"points": [...], "pareto": [labels by latency]}}}``.
     """
-    from report.collect import providers as all_providers
-
-    provs = [p for p in all_providers(rows) if any(p in r.latency for r in rows)]
-    result: dict[str, dict] = {}
-    colors = _family_colors(rows)
-    fig, axes = plt.subplots(1, max(len(provs), 1), figsize=(max(7.5 * len(provs), 11), 6.5), squeeze=False)
-    fig.subplots_adjust(left=0.07, right=0.98, top=0.88, bottom=0.16, wspace=0.2)
-    for ax, prov in zip(axes[0], provs):
-        shown = [r for r in rows if prov in r.latency and r.map50 is not None]
-        points = [{"label": r.label, "latency_ms": r.latency[prov].p50_ms, "map50": r.map50.value,
-                   "status": r.map50.status, "family": r.family} for r in shown]
-        front = pareto_front(points, "latency_ms", "map50")
-        result[prov] = {"points": points, "pareto": [p["label"] for p in front]}
-        for p in points:
-            c = colors[p["family"] or "?"]
-            ax.scatter(p["latency_ms"], p["map50"], s=70, facecolor="none" if p["status"] == PUBLISHED else c,
-                       edgecolor=c, linewidth=1.8, zorder=3)
-        if front:
-            ax.step([p["latency_ms"] for p in front], [p["map50"] for p in front], where="post", color="crimson",
-                    lw=1.3, ls="--", zorder=2, label="Pareto front (faster and more accurate)")
-        ax.set_xscale("log")
-        if points:
-            lats = [p["latency_ms"] for p in points]
-            ax.set_xlim(min(lats) / 1.6, max(lats) * 1.6)
-            ax.set_ylim(min(p["map50"] for p in points) - 5, max(p["map50"] for p in points) + 5)
-            _plain_log_ticks(ax.xaxis)
-            _place_labels(ax, [(p["label"], p["latency_ms"], p["map50"]) for p in points], fontsize=8)
-        ax.set_xlabel(f"p50 latency on {prov} (ms, batch 1, log scale; measured)")
-        ax.set_ylabel(MAP50_AXIS)
-        ax.set_title(f"accuracy vs latency: {prov}")
-        ax.grid(alpha=0.3, which="both")
-        handles = [Line2D([], [], marker="o", ls="", markerfacecolor="0.35", markeredgecolor="0.35", label="measured mAP"),
-                   Line2D([], [], marker="o", ls="", markerfacecolor="none", markeredgecolor="0.35", label="published mAP"),
-                   Line2D([], [], color="crimson", ls="--", label="Pareto front")]
-        ax.legend(handles=handles, fontsize=8, loc="lower right")
-    if not provs:
-        axes[0][0].text(0.5, 0.5, "no latency measured yet", transform=axes[0][0].transAxes, ha="center", color="0.4")
-    fig.suptitle("mAP@0.5 vs measured latency, per execution provider", fontsize=12)
     from report.collect import provider_skips
 
-    notes = [f"{p} not measured: {' '.join(why.split())}"[:170] for p, why in provider_skips(rows).items()]
-    _footnote(fig, notes[:4])
+    points, left_out = accuracy_latency_points(rows)
+    front = pareto_front(points, "latency_ms", "map50")
+    per_backend: dict[str, dict] = {}
+    for prov in sorted({p["backend"] for p in points}, key=lambda p: (p != "cpu", p)):
+        mine = [p for p in points if p["backend"] == prov]
+        per_backend[prov] = {"points": mine, "pareto": [p["label"] for p in pareto_front(mine, "latency_ms", "map50")]}
+    result = {"points": points, "pareto": [p["id"] for p in front], "left_out": left_out, "per_backend": per_backend}
+
+    cmap = plt.get_cmap("tab10")
+    colors = {b: cmap(i % 10) for i, b in enumerate(per_backend)}
+    fig, ax = plt.subplots(figsize=(13, 7.5))
+    fig.subplots_adjust(left=0.07, right=0.78, top=0.9, bottom=0.2)
+    for p in points:
+        c = colors[p["backend"]]
+        ax.scatter(p["latency_ms"], p["map50"], s=70, marker=PRECISION_MARKERS.get(p["precision"], "o"),
+                   facecolor="none" if p["status"] == PUBLISHED else c, edgecolor=c, linewidth=1.8, zorder=3)
+        if not p["valid"]:
+            ax.scatter(p["latency_ms"], p["map50"], s=40, marker="x", color="black", linewidth=1, zorder=4)
+    if front:
+        ax.step([p["latency_ms"] for p in front], [p["map50"] for p in front], where="post", color="crimson",
+                lw=1.3, ls="--", zorder=2)
+        _place_labels(ax, [(p["id"], p["latency_ms"], p["map50"]) for p in front], fontsize=7.5)
+    ax.set_xscale("log")
+    if points:
+        lats = [p["latency_ms"] for p in points]
+        ax.set_xlim(min(lats) / 1.6, max(lats) * 1.6)
+        ax.set_ylim(min(p["map50"] for p in points) - 5, max(p["map50"] for p in points) + 5)
+        _plain_log_ticks(ax.xaxis)
+    else:
+        ax.text(0.5, 0.5, "no latency with an applicable accuracy yet", transform=ax.transAxes, ha="center",
+                color="0.4")
+    ax.set_xlabel("p50 latency (ms, batch 1, log scale; measured on each backend)")
+    ax.set_ylabel(MAP50_AXIS)
+    ax.grid(alpha=0.3, which="both")
+    handles = [Line2D([], [], marker="o", ls="", color=colors[b], label=f"backend {b}") for b in per_backend]
+    handles += [Line2D([], [], marker=m, ls="", markerfacecolor="0.35", markeredgecolor="0.35", label=prec)
+                for prec, m in PRECISION_MARKERS.items()]
+    handles += [Line2D([], [], marker="o", ls="", markerfacecolor="0.35", markeredgecolor="0.35", label="measured mAP"),
+                Line2D([], [], marker="o", ls="", markerfacecolor="none", markeredgecolor="0.35",
+                       label="published mAP (float model)"),
+                Line2D([], [], marker="x", ls="", color="black", label="p50 INVALID (see table)"),
+                Line2D([], [], color="crimson", ls="--", label="Pareto front, all pairs (labelled)")]
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title("mAP@0.5 vs measured p50 latency, every (model, backend) pair", fontsize=12)
+    notes = [f"{p} not measured: {' '.join(why.split())}"[:170] for p, why in provider_skips(rows).items()][:3]
+    if left_out:
+        notes.append(("Left out (no applicable accuracy): " + "; ".join(left_out))[:400])
+    _footnote(fig, notes)
     _save(fig, path)
     return result
 
 
 def _size_groups(rows: list[ModelRow]) -> list[list[ModelRow]]:
-    """Rows that are the same network (family and parameter count) at two or more input sizes."""
+    """Rows that are the same network (family, parameter count and precision) at two or more input sizes."""
     groups: dict[tuple, list[ModelRow]] = {}
     for r in rows:
         if r.params is not None and r.gops is not None:
-            groups.setdefault((r.family, r.params), []).append(r)
+            groups.setdefault((r.family, r.params, r.precision), []).append(r)
     out = [sorted(g, key=lambda r: r.input_size[0] * r.input_size[1]) for g in groups.values()
            if len({r.input_size for r in g}) >= 2]
-    return sorted(out, key=lambda g: (g[0].family, g[0].params))
+    return sorted(out, key=lambda g: (g[0].family, g[0].params, g[0].precision))
 
 
 def input_size_scaling(rows: list[ModelRow], path: Path) -> list[dict]:
@@ -292,8 +334,10 @@ def input_size_scaling(rows: list[ModelRow], path: Path) -> list[dict]:
                    "latency_ms": {p: lat.p50_ms for p, lat in r.latency.items()},
                    "map50": r.map50.value if r.map50 else None,
                    "map50_status": r.map50.status if r.map50 else None} for r in group]
-        name = f"{group[0].family} ({group[0].params / 1e6:.2f} MParams)"
-        result.append({"family": group[0].family, "params": group[0].params, "points": points})
+        name = (f"{group[0].family} ({group[0].params / 1e6:.2f} MParams"
+                + (f", {group[0].precision}" if group[0].quantized else "") + ")")
+        result.append({"family": group[0].family, "params": group[0].params, "precision": group[0].precision,
+                       "points": points})
         mk, colour = markers[gi % len(markers)], plt.get_cmap("tab10")(gi % 10)
         xs = [p["megapixels"] for p in points]
         axes[0].plot(xs, [p["gops"] for p in points], marker=mk, color=colour, label=name)
@@ -316,7 +360,8 @@ def input_size_scaling(rows: list[ModelRow], path: Path) -> list[dict]:
     for p in (p for g in result for p in g["points"]):
         axes[0].annotate(f"{p['input_size'][0]}x{p['input_size'][1]}", (p["megapixels"], p["gops"]),
                          fontsize=8, xytext=(4, -12), textcoords="offset points")
-    titles = ("operations (analyzer)", "latency p50 (measured, batch 1)", "mAP@0.5 (hollow = published)")
+    titles = ("operations (analyzer)", "latency p50 (measured, batch 1)",
+              "mAP@0.5 (filled = measured, hollow = published)")
     ylabels = ("GOps = 2 × GMACs", "p50 latency (ms)", MAP50_AXIS)
     for ax, title, ylabel in zip(axes, titles, ylabels):
         ax.set_title(title, fontsize=11)
@@ -354,7 +399,9 @@ def op_type_times(nodes: dict[str, Any] | None) -> dict[str, float]:
 
 def time_per_op_type(rows: list[ModelRow], path: Path, top: int = 8) -> dict[str, dict[str, dict[str, float]]]:
     """Per provider, a 100 % stacked horizontal bar per model: the share of node time by op
-    type, from onnxruntime's node profiling (``bench --nodes``), total ms written beside it.
+    type, from the backend's per-layer profile (``bench --nodes``: onnxruntime's node profiling,
+    OpenVINO's performance counters, whose layers are attributed to the ONNX op types they
+    came from, "X (added by OpenVINO)" otherwise), total ms written beside it.
     The ``top`` op types by mean share get their own colour, the rest is summed as "other".
 
     Returns ``{provider: {label: {op_type: ms}}}`` (all op types, before grouping).
@@ -392,8 +439,9 @@ def time_per_op_type(rows: list[ModelRow], path: Path, top: int = 8) -> dict[str
         for y, t in enumerate(model_total):
             ax.annotate(f"{t:.1f} ms", (100, y), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
         ax.set_xlim(0, 100)
-        ax.set_xlabel(f"share of node time on {prov} (%; onnxruntime node profiling summed per op type, "
-                      "total ms per inference at right)", fontsize=9)
+        ax.set_xlabel(f"share of layer time on {prov} (%; the backend's per-layer profile summed per ONNX op type: "
+                      "onnxruntime node profiling or OpenVINO performance counters; total ms per inference at right)",
+                      fontsize=8.5)
         ax.set_title(f"where the time goes: {prov}", fontsize=11)
         ax.invert_yaxis()
         ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.08, 0.5))

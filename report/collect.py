@@ -15,10 +15,18 @@ manifest (``core.manifest``) when the pipeline recorded a reason.
 Units in a row: ``map50``/``map`` in percent; ``params`` in parameters; ``gops`` and
 ``conv_gops`` in GFLOPs (= 2 x GMACs, the analyzer's ``flops`` / ``conv_macs``);
 latencies in milliseconds.
+
+Precision is a dimension of its own: a quantized file is the row ``NAME@int8`` (its contract
+says ``detbench.precision = int8``). Registry facts (family, framework, paper) come from
+``NAME``; published accuracy never does, since it describes the float model. Latency is kept
+per backend with its validity verdict (``runtime.stats``) and its parity with onnxruntime
+CPU (``runtime.parity``); accuracy is kept per backend too (an ``eval`` record per backend),
+and :meth:`ModelRow.accuracy_on` says which figure applies to a backend and why.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +36,16 @@ from core.contract import PREFIX, RANDOM_INIT
 
 MEASURED = "measured"
 PUBLISHED = "published"
+FLOAT32 = "float32"
+REFERENCE_BACKEND = "cpu"
+# parity verdicts under which a backend computes what onnxruntime CPU computes (within its tolerance)
+AGREEING = ("reference", "agree")
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+    """``"yolov3-tiny@int8"`` -> ``("yolov3-tiny", "int8")``; a registry name -> ``(name, None)``."""
+    base, _, variant = name.partition("@")
+    return base, (variant or None)
 
 
 @dataclass
@@ -50,6 +68,35 @@ class Latency:
     runs: int
     providers_ran: list[str]
     nodes: dict[str, Any] | None = None
+    n: int | None = None  # timed runs behind the figures
+    rsd: float | None = None  # relative standard deviation of the runs
+    verdict: str | None = None  # "VALID" | "INVALID" for p50 (runtime.stats); None: record predates verdicts
+    verdict_reason: str = ""
+    smoke: bool = False
+    precision: str | None = None  # what the backend computed in ("f32", "bf16", ...)
+    parity_verdict: str | None = None  # "reference" (cpu) | "agree" | "disagree" | "unchecked"
+    parity: dict[str, Any] | None = None
+    ratio_to_cpu: float | None = None  # p50 / cpu p50 measured side by side in one process
+    cold_start: dict[str, Any] | None = None
+    backend: dict[str, Any] = field(default_factory=dict)
+    hostname: str | None = None
+
+    @property
+    def disagrees(self) -> bool:
+        """Outputs outside the tolerance of onnxruntime CPU's: never to be shown as equivalent."""
+        return self.parity_verdict == "disagree"
+
+
+@dataclass
+class Evaluation:
+    """One backend's COCO evaluation of the row's file (percent)."""
+
+    provider: str
+    map50: float
+    map: float
+    images: int | None
+    image_ids: list[int] | None
+    source: str
 
 
 @dataclass
@@ -78,6 +125,26 @@ class ModelRow:
     host: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     published_gflops: Any = None  # runtime Published or None (convention differs per source)
+    precision: str = FLOAT32  # the file's detbench.precision ("int8" for a quantized file)
+    quantized_from: str | None = None
+    calibration: str | None = None  # calibration method and image count, as the contract says
+    evals: dict[str, Evaluation] = field(default_factory=dict)  # backend -> its largest evaluation
+    eval_list: list[Evaluation] = field(default_factory=list)  # every evaluation of the file, oldest first
+    images: dict[str, Any] | None = None  # the latest ``images`` record's data (per-image MACs and latency)
+    validation: str | None = None  # export contract's detbench.validation (e.g. "failed-accepted")
+    structure_warnings: list[str] = field(default_factory=list)
+    weight_bytes: int | None = None  # bytes of the graph's weights, as the profile counts them
+    file_bytes: int | None = None  # size of the ONNX file (export record)
+    hosts: list[str] = field(default_factory=list)  # hostnames of every record behind the row
+    by_op: dict[str, Any] = field(default_factory=dict)  # the profile's op types
+
+    @property
+    def base_name(self) -> str:
+        return split_name(self.name)[0]
+
+    @property
+    def quantized(self) -> bool:
+        return self.precision != FLOAT32 or split_name(self.name)[1] is not None
 
     @property
     def label(self) -> str:
@@ -113,6 +180,27 @@ class ModelRow:
         if self.map50 is None or not self.macs:
             return None
         return self.map50.value / self.gops
+
+    def accuracy_on(self, provider: str) -> tuple[Accuracy | None, Accuracy | None, str]:
+        """(mAP@0.5, mAP@[.5:.95], basis) that apply to this row run on ``provider``.
+
+        That backend's own evaluation when there is one; otherwise the row's headline figure
+        (onnxruntime CPU's measured one, or the published one) only when the backend's outputs
+        agree with onnxruntime CPU's (parity), since only then is it the same computation.
+        """
+        ev = self.evals.get(provider) if self.random_init is False else None
+        if ev is not None:
+            return (Accuracy(ev.map50, MEASURED, ev.source), Accuracy(ev.map, MEASURED, ev.source),
+                    f"measured on {provider} ({ev.images} images)")
+        if self.map50 is None and self.map is None:
+            return None, None, "no accuracy measured or published"
+        lat = self.latency.get(provider)
+        verdict = lat.parity_verdict if lat else None
+        what = "published" if (self.map50 or self.map).status == PUBLISHED else f"measured on {REFERENCE_BACKEND}"
+        if provider == REFERENCE_BACKEND or verdict in AGREEING:
+            how = "" if provider == REFERENCE_BACKEND else f"; {provider} agrees with {REFERENCE_BACKEND} (parity)"
+            return self.map50, self.map, what + how
+        return None, None, (f"{provider} parity {verdict or 'not recorded'}: the {what} accuracy does not carry over")
 
 
 def contract_fields(record: dict[str, Any]) -> dict[str, str]:
@@ -165,11 +253,15 @@ def collect(*, root: Path | None = None, registry=None, manifest: dict[str, Any]
         if spec.paper or all_registered or any(name == spec.name for name, _ in by_key):
             keys.append((spec.name, spec.input_size))
         keys += sorted(k for k in by_key if k[0] == spec.name and k[1] != spec.input_size)
-    keys += sorted(k for k in by_key if k[0] not in registry)
+        # quantized (and other) variants right below their float model, registered size first
+        keys += sorted((k for k in by_key if k[0] != spec.name and split_name(k[0])[0] == spec.name),
+                       key=lambda k: (k[0], k[1] != spec.input_size, k[1]))
+    keys += sorted(k for k in by_key if split_name(k[0])[0] not in registry)
 
     rows = []
     for name, size in keys:
-        spec = registry.get(name) if name in registry else None
+        base = split_name(name)[0]
+        spec = registry.get(base) if base in registry else None
         rows.append(_row(name, size, spec, by_key.get((name, size), []), manifest))
     return rows
 
@@ -180,19 +272,32 @@ def _row(name: str, size: tuple[int, int], spec, records: list[dict[str, Any]],
     if spec is not None:
         row.family, row.framework, row.paper = spec.family, spec.framework, spec.paper
         row.registered_size = size == spec.input_size
-        row.published_gflops = spec.published.get("gflops") if row.registered_size else None
-    exports = [r for r in records if r["kind"] == "export"]
+    # a quantized file is written by ``quantize``, which plays for it the part ``export`` plays for a float one
+    exports = [r for r in records if r["kind"] in ("export", "quantize")]
     current = _latest(exports) or _latest(records)
     if current is not None:
         row.onnx_sha256 = current.get("model_sha256")
         c = contract_fields(current)
+        row.precision = c.get("precision") or FLOAT32
+        row.quantized_from = c.get("quantized_from")
+        method = c.get("calibration_method")
+        ids = _json_list(c.get("calibration_image_ids"))
+        if method or ids:
+            row.calibration = f"{method or '?'} on {len(ids) if ids else '?'} COCO image(s)"
+        row.validation = c.get("validation")
+        row.structure_warnings = [str(w) for w in _json_list(c.get("structure_warnings"))]
+        if current["kind"] in ("export", "quantize"):
+            row.file_bytes = (current.get("data") or {}).get("file_bytes")
         row.weights = c.get("weights")
         row.family = row.family or c.get("family", "")
         row.framework = row.framework or c.get("framework", "")
         row.host, row.versions = current.get("host") or {}, current.get("versions") or {}
         if c.get("source_params"):
             row.params, row.params_source = int(float(c["source_params"])), "source framework (export metadata)"
+    if spec is not None and row.registered_size and not row.quantized:
+        row.published_gflops = spec.published.get("gflops")
     same_file = [r for r in records if r.get("model_sha256") == row.onnx_sha256] if row.onnx_sha256 else []
+    row.hosts = sorted({(r.get("host") or {}).get("hostname") for r in same_file} - {None})
 
     profile = _latest([r for r in same_file if r["kind"] == "profile"])
     if profile is not None:
@@ -205,30 +310,43 @@ def _row(name: str, size: tuple[int, int], spec, records: list[dict[str, Any]],
                                       f"{len(d.get('unresolved_nodes') or [])} node(s) with unresolved shapes")
         if d.get("params") is not None:
             row.params, row.params_source = int(d["params"]), f"analyzer ({d.get('mode', '?')} shapes)"
+        row.weight_bytes = d.get("weight_bytes", d.get("param_bytes"))
+        row.by_op = dict(d.get("by_op") or {})
 
     for rec in same_file:
         if rec["kind"] != "bench" or (rec.get("settings") or {}).get("batch", rec["data"].get("batch", 1)) != 1:
             continue
-        lat = rec["data"]["latency_ms"]
-        provider = rec.get("provider") or "cpu"
-        row.latency[provider] = Latency(provider, float(lat["p50"]), float(lat["mean"]), float(lat["std"]),
-                                        int(rec["data"].get("runs", 0)), list(rec["data"].get("providers_ran") or []),
-                                        rec["data"].get("nodes"))
+        row.latency[rec.get("provider") or REFERENCE_BACKEND] = _latency(rec)
         row.host, row.versions = rec.get("host") or row.host, rec.get("versions") or row.versions
 
-    # The largest evaluation of this file wins (a later --quick run over a few images does not
-    # replace a full one); among equals, the latest.
-    evals = [r for r in same_file if r["kind"] == "eval"]
-    evaluation = max(reversed(evals), key=lambda r: r["data"].get("images_evaluated") or 0) if evals else None
-    if evaluation is not None and row.random_init is False:
-        d = evaluation["data"]
+    images = _latest([r for r in same_file if r["kind"] == "images"])
+    row.images = images["data"] if images is not None else None
+
+    # Per backend, the largest evaluation of this file wins (a later --quick run over a few images
+    # does not replace a full one); among equals, the latest.
+    for rec in same_file:
+        if rec["kind"] != "eval":
+            continue
+        p, d = rec.get("provider") or REFERENCE_BACKEND, rec["data"]
         n = d.get("images_evaluated")
-        row.eval_images = n
         where = (f"measured here: {n} COCO val2017 images, annotations sha256 "
-                 f"{str(d.get('annotations_sha256', '?'))[:12]}, provider {evaluation.get('provider') or 'cpu'}")
-        row.map50 = Accuracy(100.0 * float(d["map50"]), MEASURED, where)
-        row.map = Accuracy(100.0 * float(d["map"]), MEASURED, where)
-    elif spec is not None and row.registered_size:
+                 f"{str(d.get('annotations_sha256', '?'))[:12]}, provider {p}")
+        ids = d.get("image_ids") or (rec.get("settings") or {}).get("image_ids")
+        ev = Evaluation(p, 100.0 * float(d["map50"]), 100.0 * float(d["map"]), n,
+                        sorted(int(i) for i in ids) if ids else None, where)
+        row.eval_list.append(ev)
+        if p not in row.evals or (n or 0) >= (row.evals[p].images or 0):
+            row.evals[p] = ev
+    # The headline accuracy is onnxruntime CPU's (the reference backend), else the largest evaluation.
+    headline = row.evals.get(REFERENCE_BACKEND) or max(
+        row.evals.values(), key=lambda e: e.images or 0, default=None)
+    if row.random_init is not False:
+        row.evals, row.eval_list = {}, []  # random weights: no accuracy is measured, whatever records say
+    if headline is not None and row.random_init is False:
+        row.eval_images = headline.images
+        row.map50 = Accuracy(headline.map50, MEASURED, headline.source)
+        row.map = Accuracy(headline.map, MEASURED, headline.source)
+    elif spec is not None and row.registered_size and not row.quantized:
         for attr, key in (("map50", "map50"), ("map", "map")):
             pub = spec.published.get(key)
             if pub is not None:
@@ -239,9 +357,21 @@ def _row(name: str, size: tuple[int, int], spec, records: list[dict[str, Any]],
     if row.weights is None and not attempted:
         row.skipped["run"] = f"not run here yet (python cli.py run --models {name})"
     if row.map50 is None and row.map is None and row.weights is not None:
-        row.skipped["accuracy"] = ("random-init weights (no trained weights here) and models.toml publishes no "
-                                   "accuracy for this configuration" if row.random_init else
-                                   "trained weights but no COCO evaluation recorded (python cli.py run --coco DIR)")
+        if row.random_init and row.quantized:
+            why = ("accuracy of random weights not measured; a published figure describes the float model, "
+                   "never this quantized file")
+        elif row.random_init:
+            why = ("random-init weights (no trained weights here) and models.toml publishes no accuracy for "
+                   "this configuration")
+        else:
+            why = "trained weights but no COCO evaluation recorded (python cli.py run --coco DIR)"
+        row.skipped["accuracy"] = why
+    if validation_flagged(row.validation):
+        row.skipped["export validation"] = (
+            f"{row.validation}: the export did not match its source framework and was kept with "
+            "--accept-mismatch; its figures describe the ONNX file, not a validated copy of the source model")
+    if row.structure_warnings:
+        row.skipped["structure warnings"] = "; ".join(row.structure_warnings)
     for entry in manifest.get("entries", {}).values():
         if entry.get("model") != name or tuple(entry.get("input_size") or ()) != size:
             continue
@@ -249,6 +379,50 @@ def _row(name: str, size: tuple[int, int], spec, records: list[dict[str, Any]],
             step = entry["step"] + (f":{entry['provider']}" if entry.get("provider") else "")
             row.skipped[step] = f"{entry['status']}: {entry.get('reason', '')}"
     return row
+
+
+def _json_list(value: Any) -> list[Any]:
+    """A contract value that holds a list (contract metadata stores lists as JSON text)."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, list):
+        return value
+    try:
+        parsed = json.loads(value)
+    except (TypeError, ValueError):
+        return [value]
+    return parsed if isinstance(parsed, list) else [parsed]
+
+
+def _latency(rec: dict[str, Any]) -> Latency:
+    d = rec["data"]
+    lat = d["latency_ms"]
+    validity = d.get("latency_validity") or {}
+    p50_verdict = (validity.get("verdicts") or {}).get("p50") or {}
+    backend = d.get("backend") if isinstance(d.get("backend"), dict) else {}
+    precision = d.get("precision") or backend.get("precision")
+    provider = rec.get("provider") or REFERENCE_BACKEND
+    parity = d.get("parity") if isinstance(d.get("parity"), dict) else None
+    parity_verdict = d.get("parity_verdict") or (parity or {}).get("verdict")
+    if parity_verdict is None and provider == REFERENCE_BACKEND:
+        parity_verdict = "reference"
+    return Latency(provider, float(lat["p50"]), float(lat["mean"]), float(lat["std"]),
+                   int(d.get("runs", validity.get("n", 0)) or 0), list(d.get("providers_ran") or []), d.get("nodes"),
+                   n=validity.get("n", d.get("runs")), rsd=validity.get("rsd"),
+                   verdict=p50_verdict.get("verdict"), verdict_reason=p50_verdict.get("reason") or "",
+                   smoke=bool(validity.get("smoke")), precision=precision, parity_verdict=parity_verdict,
+                   parity=parity, ratio_to_cpu=d.get("ratio_to_cpu"), cold_start=d.get("cold_start"),
+                   backend=backend, hostname=(rec.get("host") or {}).get("hostname"))
+
+
+def validation_flagged(value: str | None) -> bool:
+    """An export kept although its validation failed (``export --accept-mismatch``)."""
+    return bool(value) and ("fail" in value or "accept" in value)
+
+
+def multi_host(rows: list[ModelRow]) -> bool:
+    """Whether the rows' records come from more than one machine (then each row names its host)."""
+    return len({h for r in rows for h in r.hosts}) > 1
 
 
 def provider_skips(rows: list[ModelRow]) -> dict[str, str]:

@@ -12,8 +12,9 @@ import datetime as _dt
 import html
 from pathlib import Path
 
-from report.collect import ModelRow, provider_skips
-from report.table import display_columns, display_rows, hosts
+from report.collect import ModelRow, multi_host, provider_skips
+from report.table import (BACKEND_LATENCY_NOTE, INT8_COLUMNS, INT8_NOTE, backend_cell_text, backend_latency,
+                          display_columns, display_rows, hosts, int8_cells, int8_rows)
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1300px; color: #222; padding: 0 1em; }
@@ -24,6 +25,7 @@ table { border-collapse: collapse; font-size: 0.85em; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.5em; text-align: right; vertical-align: top; }
 th { background: #f2f2f2; } td:first-child, th:first-child { text-align: left; white-space: nowrap; }
 .note { color: #555; font-size: 0.9em; } td.published { color: #666; font-style: italic; } .notes li { font-size: 0.85em; }
+td.disagree { background: #fde2e2; font-weight: bold; } td.invalid { color: #a33; }
 """
 
 _SCRIPT = """
@@ -56,16 +58,19 @@ def render(rows: list[ModelRow], charts: list[tuple[str, Path, str]], *, title: 
                      f"src=\"data:image/png;base64,{data}\"><figcaption>{e(caption)}</figcaption></figure>")
     cols = [c for c, _ in display_columns(rows)]
     cells, sources = display_rows(rows)
-    parts.append("<h2>Table</h2><table><thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr></thead><tbody>")
+    parts.append('<h2>Table</h2><table id="main-table"><thead><tr>' + "".join(f"<th>{e(c)}</th>" for c in cols)
+                 + "</tr></thead><tbody>")
     for c in cells:
         tds = []
         for col in cols:
-            marked = ' class="published"' if " published [" in c[col] else ""
+            marked = (' class="disagree"' if "DISAGREES" in c[col] else ' class="invalid"' if "INVALID" in c[col]
+                      else ' class="published"' if " published [" in c[col] else "")
             tds.append(f"<td{marked}>{e(c[col])}</td>")
         parts.append("<tr>" + "".join(tds) + "</tr>")
     parts.append("</tbody></table>")
     parts.append('<p class="note">* a configuration of Sheik, Chaurasia &amp; Culurciello (2018). Conv-only GOps: '
                  "Darknet's BFLOPs convention. Latency: p50, batch 1.</p>")
+    parts += _backend_latency_html(rows) + _int8_html(rows)
     parts.append("<h2>Accuracy sources</h2><ol class=\"notes\">" + "".join(f"<li>{e(s)}</li>" for s in sources) + "</ol>")
     notes = [(c["network"], c["_notes"]) for c in cells if c["_notes"]]
     machine = provider_skips(rows)
@@ -82,6 +87,46 @@ def render(rows: list[ModelRow], charts: list[tuple[str, Path, str]], *, title: 
     parts.append("</ul>")
     parts.append(f"<script>{_SCRIPT}</script></body></html>")
     return "\n".join(parts)
+
+
+def _backend_latency_html(rows: list[ModelRow]) -> list[str]:
+    e = html.escape
+    data = backend_latency(rows)
+    if not data["rows"]:
+        return []
+    show_host = multi_host(rows)
+    head = ["network"] + (["host"] if show_host else []) + data["backends"]
+    out = ['<h2>Latency per backend</h2><table id="backend-latency"><thead><tr>'
+           + "".join(f"<th>{e(c)}</th>" for c in head) + "</tr></thead><tbody>"]
+    for line in data["rows"]:
+        tds = [f"<td>{e(line['network'])}</td>"] + ([f"<td>{e(line['host'])}</td>"] if show_host else [])
+        for b in data["backends"]:
+            cell = line["cells"].get(b)
+            if cell is None:
+                tds.append("<td>—</td>")
+                continue
+            cls = ' class="disagree"' if cell["parity"] == "disagree" else \
+                ' class="invalid"' if cell["verdict"] == "INVALID" else ""
+            title = f' title="parity: {e(cell["parity_figures"])}"' if cell["parity_figures"] else ""
+            tds.append(f"<td{cls}{title}>{e(backend_cell_text(cell))}</td>")
+        out.append("<tr>" + "".join(tds) + "</tr>")
+    out.append(f'</tbody></table><p class="note">{e(BACKEND_LATENCY_NOTE)}</p>')
+    if data["notes"]:
+        out.append('<p class="note">INVALID because:</p><ol class="notes">'
+                   + "".join(f"<li>{e(n)}</li>" for n in data["notes"]) + "</ol>")
+    return out
+
+
+def _int8_html(rows: list[ModelRow]) -> list[str]:
+    e = html.escape
+    data = int8_rows(rows)
+    if not data:
+        return []
+    out = ['<h2>INT8 against float32</h2><table id="int8"><thead><tr>'
+           + "".join(f"<th>{e(c)}</th>" for c in INT8_COLUMNS) + "</tr></thead><tbody>"]
+    out += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in int8_cells(d)) + "</tr>" for d in data]
+    out.append(f'</tbody></table><p class="note">{e(INT8_NOTE)}</p>')
+    return out
 
 
 def write_html(rows: list[ModelRow], charts: list[tuple[str, Path, str]], path: Path, **kwargs) -> Path:

@@ -1,32 +1,43 @@
-"""Latency of an exported detector per execution provider, and where its time goes.
+"""Latency of an exported detector on one or several backends, measured side by side.
 
-:func:`bench_model` measures one ONNX file on one provider; :func:`bench_models` runs
-several files x providers, checks every provider before measuring anything, and appends
-one ``bench`` record per model x provider x settings to the results store.
+:func:`bench_side_by_side` measures one ONNX file on several backends (names of
+:mod:`runtime.backends`) in one process; :func:`bench_models` does that for several files,
+checks every backend before measuring anything, and appends one ``bench`` record per
+model x backend x settings to the results store. Options travel as two settings objects,
+:class:`BenchSettings` (how to time) and :class:`~runtime.backends.base.BackendSettings`
+(how to open the model); both are stored with every record.
 
 What is measured (all figures in a :class:`BenchResult`):
 
 - the input is a real COCO image brought to the contract's size and resize mode with
   :func:`core.images.prepare_for` (NMS cost depends on the content, so never zeros),
   prepared before any clock starts;
-- ``session_seconds``: wall time of ``InferenceSession`` creation;
-- ``warmup`` untimed runs, then ``runs`` timed runs (or as many as fit in ``seconds``);
-  each run is timed alone with ``time.perf_counter`` around ``session.run`` (outputs
+- parity before timing: every backend other than onnxruntime CPU is first compared with it on
+  a few real COCO images (:mod:`runtime.parity`); a backend outside its tolerance is measured
+  but marked ``disagree`` in its result and record;
+- cold start, apart from the steady state: ``session_seconds`` (open: session creation or
+  model compilation), ``first_run_ms`` (the first inference), then the steady-state latency;
+- ``warmup`` untimed runs per backend, then the timed runs in rounds: each round runs every
+  backend for a block of runs, the backends' order rotating from round to round, so that a
+  slow drift of the machine (other load, thermal state) spreads over all of them alike; each
+  run is timed alone with ``time.perf_counter`` around the backend's bound call (outputs
   fetched to numpy included; they are a few kB);
-- latency mean/std/p50/p90/p99/min/max in milliseconds, throughput in images/s
-  (= batch x 1000 / mean latency);
-- ``peak_rss_mb``: the process's peak resident memory growth over session creation and
-  the runs (Linux ``VmHWM`` after resetting it through ``/proc/self/clear_refs``, minus the
-  RSS before); memory onnxruntime's allocator took earlier in the same process and reuses
-  is not counted again;
-- on CUDA devices, inputs bound on the device through IO binding so timing excludes host
-  copies (``include_copies=True`` times ``session.run`` with host arrays instead);
+- latency mean/std/p50/p90/p99/min/max in milliseconds (:class:`Latency`), with
+  :mod:`runtime.stats`' VALID/INVALID verdicts beside them in the record; throughput in
+  images/s (= batch x 1000 / mean latency); ``ratio_to_cpu`` = p50 / onnxruntime CPU's p50
+  in the same side-by-side measurement (below 1: faster than onnxruntime CPU);
+- ``peak_rss_mb``: the process's peak resident memory growth over the backend's open and
+  first run (Linux ``VmHWM`` after resetting it through ``/proc/self/clear_refs``, minus the
+  RSS before);
+- on CUDA devices, inputs bound on the device (IO binding) so timing excludes host copies
+  (``include_copies=True`` times the run with host arrays instead);
 - ``fraction_of_peak``: achieved GFLOP/s (2 x the analyzer's MACs x batch / p50 latency)
-  over the machine's measured matmul rate (:mod:`runtime.peak`) on the same thread count;
-- ``native``: the same model in its source framework (:mod:`runtime.native`), timed the
-  same way, and ``ratio`` = onnxruntime p50 / native p50 (below 1: onnxruntime is faster);
-- ``nodes``: per-kernel time, share and achieved GMAC/s (:mod:`runtime.nodes`), from a
-  separate profiled session so profiling overhead never reaches the latency figures.
+  over the machine's measured matmul rate (:mod:`runtime.peak`) on the same device and threads;
+- ``native``: on onnxruntime CPU's result, the native backend's figures of the same
+  measurement and ``ratio`` = onnxruntime p50 / native p50 (kept for the report);
+- ``nodes``: per-layer time, share and achieved GMAC/s where the backend has a per-layer
+  profiler (onnxruntime: :mod:`runtime.nodes`; OpenVINO: its performance counters), from a
+  separate profiled model so profiling overhead never reaches the latency figures.
 
 Batch: the contract's graphs have a fixed batch of 1 (``boxes [K, 4]`` carries no image
 index), so ``batch > 1`` is a :class:`ConfigError` for them; a graph whose first input
@@ -36,21 +47,83 @@ dimension is symbolic is fed ``batch`` copies of the image.
 from __future__ import annotations
 
 import gc
-import os
-import tempfile
+import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from core.contract import INPUT_NAME, read_contract, sha256_file
-from core.errors import ConfigError, DatasetError
-from core.images import load_rgb, prepare_for
+from core.contract import read_contract, sha256_file
+from core.errors import ConfigError
+from runtime.backends import REFERENCE, BackendSettings, get_backend
+from runtime.inputs import busiest_images, default_image, input_tensor, model_input_shape
 
 DEFAULT_WARMUP = 3
 DEFAULT_RUNS = 20
+DEFAULT_ROUNDS = 5
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """How to time: ``warmup`` untimed runs per backend; ``runs`` timed runs per backend (default
+    20) or as many as fit in ``seconds`` per backend; ``rounds``: how many blocks the timed runs
+    are split into, backends alternating between blocks; ``batch``; ``image`` (default: the
+    busiest COCO image of the shared subset); ``nodes``/``node_runs``: per-layer profile;
+    ``peak``: measure the machine's matmul peak; ``parity``/``parity_images``: compare each
+    backend with onnxruntime CPU on that many real COCO images before timing it."""
+
+    warmup: int = DEFAULT_WARMUP
+    runs: int | None = None
+    seconds: float | None = None
+    rounds: int = DEFAULT_ROUNDS
+    batch: int = 1
+    image: str | None = None
+    nodes: bool = False
+    node_runs: int = 5
+    peak: bool = True
+    parity: bool = True
+    parity_images: int = 3
+
+    def __post_init__(self):
+        if self.warmup < 0:
+            raise ConfigError(f"--warmup {self.warmup}: must be 0 or more")
+        if self.runs is not None and self.seconds is not None:
+            raise ConfigError("give --runs or --seconds, not both")
+        if self.runs is not None and self.runs < 1:
+            raise ConfigError(f"--runs {self.runs}: must be at least 1")
+        if self.seconds is not None and self.seconds <= 0:
+            raise ConfigError(f"--seconds {self.seconds}: must be positive")
+        if self.rounds < 1:
+            raise ConfigError(f"--rounds {self.rounds}: must be at least 1")
+        if self.batch < 1:
+            raise ConfigError(f"--batch {self.batch}: must be at least 1")
+        if isinstance(self.image, Path):
+            object.__setattr__(self, "image", str(self.image))
+
+    @classmethod
+    def names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def split_options(options: dict[str, Any], bench: BenchSettings | None = None,
+                  backend: BackendSettings | None = None) -> tuple[BenchSettings, BackendSettings, bool]:
+    """Keyword options (the names of both settings objects' fields, plus ``native``) into the two
+    settings objects and whether the native backend is wanted; ConfigError for an unknown name."""
+    options = dict(options)
+    native = bool(options.pop("native", False))
+    unknown = set(options) - BenchSettings.names() - BackendSettings.names()
+    if unknown:
+        raise ConfigError(f"unknown benchmark option(s): {', '.join(sorted(unknown))}")
+    ours = {k: v for k, v in options.items() if k in BenchSettings.names()}
+    theirs = {k: v for k, v in options.items() if k in BackendSettings.names()}
+    if theirs.get("provider_options") is None:
+        theirs.pop("provider_options", None)
+    return (replace(bench or BenchSettings(), **ours), replace(backend or BackendSettings(), **theirs), native)
 
 
 @dataclass(frozen=True)
@@ -75,111 +148,6 @@ class Latency:
 
     def to_dict(self) -> dict[str, float]:
         return {k: v for k, v in asdict(self).items() if k != "n"}
-
-
-@dataclass
-class BenchResult:
-    """One model on one provider with one set of settings (see the module docstring for each figure)."""
-
-    model: str
-    path: str
-    model_sha256: str
-    contract: dict[str, str]
-    provider: str
-    providers_ran: list[str]
-    fell_back: bool
-    settings: dict[str, Any]
-    latency: Latency
-    samples_ms: list[float]
-    session_seconds: float
-    peak_rss_mb: float | None
-    warmup: int
-    batch: int
-    image: str
-    detections: int
-    macs: int | None = None
-    macs_note: str = ""
-    machine_peak_gflops: float | None = None
-    achieved_gflops: float | None = None
-    fraction_of_peak: float | None = None
-    native: dict[str, Any] | None = None
-    nodes: dict[str, Any] | None = None
-    peak: dict[str, Any] | None = None
-    macs_full: tuple[dict[str, int], int, str] | None = field(default=None, repr=False)
-
-    @property
-    def throughput_ips(self) -> float:
-        return self.batch * 1000.0 / self.latency.mean
-
-    @property
-    def native_ratio(self) -> float | None:
-        return None if not self.native else self.native.get("ratio")
-
-    def to_record(self) -> dict[str, Any]:
-        """The store's ``bench`` data dict (schema in the project briefing)."""
-        return {
-            "latency_ms": self.latency.to_dict(), "throughput_ips": self.throughput_ips,
-            "session_seconds": self.session_seconds, "peak_rss_mb": self.peak_rss_mb,
-            "peak_rss_method": "VmHWM growth over session creation and runs (Linux /proc, whole process)",
-            "runs": self.latency.n, "warmup": self.warmup, "batch": self.batch,
-            "providers_ran": self.providers_ran, "fell_back": self.fell_back,
-            "machine_peak_gflops": self.machine_peak_gflops, "achieved_gflops": self.achieved_gflops,
-            "fraction_of_peak": self.fraction_of_peak, "macs": self.macs, "macs_note": self.macs_note,
-            "native": self.native, "nodes": self.nodes, "image": self.image, "detections": self.detections,
-            "samples_ms": self.samples_ms, "peak": self.peak, "path": self.path,
-            "random_init": self.contract.get("detbench.weights") == "random-init",
-        }
-
-
-# --------------------------------------------------------------------------- inputs
-
-def default_image() -> Path:
-    """The COCO val2017 image of the shared subset with the most annotated objects.
-
-    Deterministic, and busy enough that NMS has real work; raises DatasetError naming
-    the folder and the ``--image`` option when the subset is absent.
-    """
-    import json
-
-    from core.paths import data_dir
-
-    root = data_dir() / "coco-val2017-subset"
-    images = root / "val2017"
-    if not images.is_dir():
-        raise DatasetError(f"no COCO images at {images}; pass --image PATH or set DETBENCH_DATA")
-    annotations = root / "annotations" / "instances_val2017.json"
-    if annotations.is_file():
-        with open(annotations, encoding="utf-8") as fh:
-            doc = json.load(fh)
-        counts: dict[int, int] = {}
-        for ann in doc.get("annotations", []):
-            if not ann.get("iscrowd", 0):
-                counts[ann["image_id"]] = counts.get(ann["image_id"], 0) + 1
-        files = {img["id"]: img["file_name"] for img in doc.get("images", [])}
-        ranked = sorted(counts, key=lambda i: (-counts[i], i))
-        for image_id in ranked:
-            candidate = images / files.get(image_id, "")
-            if candidate.is_file():
-                return candidate
-    jpgs = sorted(images.glob("*.jpg"))
-    if not jpgs:
-        raise DatasetError(f"no .jpg images in {images}; pass --image PATH")
-    return jpgs[0]
-
-
-def input_tensor(contract, image: Path, batch: int, input_shape: list[Any], source: str) -> np.ndarray:
-    tensor, _ = prepare_for(load_rgb(image), contract)
-    if batch < 1:
-        raise ConfigError(f"--batch {batch}: must be at least 1")
-    if batch > 1:
-        dim0 = input_shape[0] if input_shape else 1
-        if isinstance(dim0, int):
-            raise ConfigError(
-                f"{source}: input {INPUT_NAME!r} has a fixed batch of {dim0}; detbench's exported graphs are "
-                f"batch-1 (their outputs boxes [K, 4] carry no image index), so --batch {batch} cannot run. "
-                "Use --batch 1, or export a graph with a symbolic batch dimension.")
-        tensor = np.ascontiguousarray(np.repeat(tensor, batch, axis=0))
-    return tensor
 
 
 # --------------------------------------------------------------------------- timing
@@ -278,187 +246,323 @@ def model_macs(path: Path, image: Path) -> tuple[dict[str, int], int, str]:
     return per_node, int(profile.macs), note
 
 
+# --------------------------------------------------------------------------- results
+
+@dataclass
+class BenchResult:
+    """One model on one backend with one set of settings (see the module docstring for each figure)."""
+
+    model: str
+    path: str
+    model_sha256: str
+    contract: dict[str, str]
+    provider: str                       # the backend's registered name
+    providers_ran: list[str]
+    fell_back: bool
+    settings: dict[str, Any]
+    latency: Latency
+    samples_ms: list[float]
+    session_seconds: float
+    peak_rss_mb: float | None
+    warmup: int
+    batch: int
+    image: str
+    detections: int
+    backend: dict[str, Any] = field(default_factory=dict)     # RunnerInfo: library, version, device, precision
+    first_run_ms: float | None = None
+    parity: dict[str, Any] | None = None
+    ratio_to_cpu: float | None = None
+    rounds: int = 1
+    macs: int | None = None
+    macs_note: str = ""
+    machine_peak_gflops: float | None = None
+    achieved_gflops: float | None = None
+    fraction_of_peak: float | None = None
+    native: dict[str, Any] | None = None
+    nodes: dict[str, Any] | None = None
+    nodes_note: str = ""
+    peak: dict[str, Any] | None = None
+    macs_full: tuple[dict[str, int], int, str] | None = field(default=None, repr=False)
+
+    @property
+    def throughput_ips(self) -> float:
+        return self.batch * 1000.0 / self.latency.mean
+
+    @property
+    def native_ratio(self) -> float | None:
+        return None if not self.native else self.native.get("ratio")
+
+    @property
+    def precision(self) -> str:
+        return self.backend.get("precision", "f32")
+
+    @property
+    def parity_verdict(self) -> str:
+        """``agree``/``disagree`` against onnxruntime CPU, ``reference`` for onnxruntime CPU itself,
+        ``unchecked`` when parity was not run."""
+        if self.provider == REFERENCE and not self.fell_back:
+            return "reference"
+        return self.parity["verdict"] if self.parity else "unchecked"
+
+    def to_record(self) -> dict[str, Any]:
+        """The store's ``bench`` data dict (schema in the project briefing)."""
+        try:
+            from runtime.stats import Latency as Judged
+
+            validity = Judged.of(self.samples_ms).to_dict()
+        except (ImportError, ConfigError) as exc:  # the verdicts are an addition; latency stands without them
+            validity = {"unavailable": str(exc)}
+        return {
+            "latency_ms": self.latency.to_dict(), "latency_validity": validity,
+            "throughput_ips": self.throughput_ips,
+            "session_seconds": self.session_seconds, "first_run_ms": self.first_run_ms,
+            "cold_start": {"open_seconds": self.session_seconds, "first_run_ms": self.first_run_ms,
+                           "steady_p50_ms": self.latency.p50},
+            "peak_rss_mb": self.peak_rss_mb,
+            "peak_rss_method": "VmHWM growth over the backend's open and first run (Linux /proc, whole process)",
+            "runs": self.latency.n, "warmup": self.warmup, "batch": self.batch, "rounds": self.rounds,
+            "providers_ran": self.providers_ran, "fell_back": self.fell_back,
+            "backend": self.backend, "precision": self.precision, "parity": self.parity,
+            "parity_verdict": self.parity_verdict, "ratio_to_cpu": self.ratio_to_cpu,
+            "machine_peak_gflops": self.machine_peak_gflops, "achieved_gflops": self.achieved_gflops,
+            "fraction_of_peak": self.fraction_of_peak, "macs": self.macs, "macs_note": self.macs_note,
+            "native": self.native, "nodes": self.nodes, "nodes_note": self.nodes_note, "image": self.image,
+            "detections": self.detections, "samples_ms": self.samples_ms, "peak": self.peak, "path": self.path,
+            "random_init": self.contract.get("detbench.weights") == "random-init",
+        }
+
+
 # --------------------------------------------------------------------------- the benchmark
 
-def bench_model(path, provider: str = "cpu", *, warmup: int = DEFAULT_WARMUP, runs: int | None = None,
-                seconds: float | None = None, batch: int = 1, threads: int | None = None,
-                inter_threads: int | None = None, optimization: str = "all", execution_mode: str = "sequential",
-                provider_options: dict[str, Any] | None = None, allow_fallback: bool = False,
-                trt_cache_dir: str | Path | None = None, include_copies: bool = False,
-                image: str | Path | None = None, native: bool | dict[str, Any] = False, nodes: bool = False,
-                node_runs: int = 5, peak: bool = True, native_weights: str | Path | None = None,
-                macs: tuple[dict[str, int], int, str] | None = None) -> BenchResult:
-    """Benchmark one ONNX file on one provider (see the module docstring for every figure).
+def _blocks(total: int, rounds: int) -> list[int]:
+    """``total`` runs split into at most ``rounds`` blocks as even as possible."""
+    rounds = min(rounds, total)
+    return [total // rounds + (1 if i < total % rounds else 0) for i in range(rounds)]
 
-    ``native`` may be True (run the source framework here) or an already measured native
-    result dict (so several providers share one native run). ``macs`` may pass the
+
+def _alternate(calls: dict[str, Callable[[], None]], settings: BenchSettings) -> dict[str, list[float]]:
+    """Timed runs per backend, in rounds with the backends' order rotating (see the module docstring)."""
+    names = list(calls)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    clock = time.perf_counter
+    rounds = settings.rounds
+    if settings.seconds is not None:
+        budget = settings.seconds / rounds
+        for k in range(rounds):
+            order = names[k % len(names):] + names[:k % len(names)]
+            for name in order:
+                call, out = calls[name], samples[name]
+                end = clock() + budget
+                while True:
+                    start = clock()
+                    call()
+                    out.append((clock() - start) * 1e3)
+                    if clock() >= end:
+                        break
+        return samples
+    for k, block in enumerate(_blocks(settings.runs or DEFAULT_RUNS, rounds)):
+        order = names[k % len(names):] + names[:k % len(names)]
+        for name in order:
+            call, out = calls[name], samples[name]
+            for _ in range(block):
+                start = clock()
+                call()
+                out.append((clock() - start) * 1e3)
+    return samples
+
+
+def bench_side_by_side(path, backends: list[str], settings: BenchSettings | None = None,
+                       backend_settings: BackendSettings | None = None, *,
+                       macs: tuple[dict[str, int], int, str] | None = None) -> list[BenchResult]:
+    """Benchmark one ONNX file on every backend of ``backends``, side by side in this process.
+
+    All backends are opened first (cold start measured for each), checked against onnxruntime
+    CPU (parity), warmed up, then timed alternating (module docstring). ``macs`` may pass the
     analyzer's ``(per_node, total, note)`` in when known. Raises ProviderUnavailableError,
     ConfigError, ContractError, DatasetError with messages naming the file and option.
     """
-    from runtime.sessions import create_session
-
+    settings = settings or BenchSettings()
+    backend_settings = backend_settings or BackendSettings()
+    names = list(dict.fromkeys(get_backend(b).name for b in backends))
+    if not names:
+        raise ConfigError("name at least one --provider")
+    for name in names:
+        get_backend(name).require(backend_settings)
     path = Path(path)
     contract = read_contract(path)
-    image = Path(image) if image is not None else default_image()
-    if native and batch != 1:
-        raise ConfigError(f"--native compares single images: use --batch 1 with --native (got --batch {batch})")
-    settings_extra = {"warmup": warmup, "runs": runs, "seconds": seconds, "batch": batch,
-                      "include_copies": include_copies, "image": str(image)}
+    image = Path(settings.image) if settings.image is not None else default_image()
+    if "native" in names and settings.batch != 1:
+        raise ConfigError(f"--native compares single images: use --batch 1 with --native (got --batch {settings.batch})")
+    tensor = input_tensor(contract, image, settings.batch, model_input_shape(path), str(path))
 
-    gc.collect()
-    with _PeakRss() as rss:
-        session, info = create_session(path, provider, threads=threads, inter_threads=inter_threads,
-                                       optimization=optimization, execution_mode=execution_mode,
-                                       provider_options=provider_options, allow_fallback=allow_fallback,
-                                       trt_cache_dir=trt_cache_dir)
-        shape = session.get_inputs()[0].shape
-        tensor = input_tensor(contract, image, batch, shape, str(path))
-        run, outputs_of = _runner(session, info, tensor, include_copies, provider_options)
-        samples = time_runs(run, warmup=warmup, runs=runs, seconds=seconds)
-        detections = outputs_of()
-    latency = Latency.of(samples)
-    del session
+    runners: dict[str, Any] = {}
+    opened: dict[str, dict[str, Any]] = {}
+    try:
+        for name in names:
+            gc.collect()
+            with _PeakRss() as rss:
+                runner = get_backend(name).open(path, backend_settings)
+                runners[name] = runner
+                call = runner.bind(tensor)
+                start = time.perf_counter()
+                call()  # the first inference: part of the cold start, reported apart
+                first_ms = (time.perf_counter() - start) * 1e3
+            opened[name] = {"call": call, "first_ms": first_ms, "rss": rss.mb}
 
-    result = BenchResult(
-        model=contract.name, path=str(path), model_sha256=sha256_file(path),
-        contract=contract.to_props(),
-        provider=info.settings["provider"], providers_ran=info.providers_ran, fell_back=info.fell_back,
-        settings={**info.settings, **settings_extra}, latency=latency, samples_ms=samples,
-        session_seconds=info.seconds, peak_rss_mb=rss.mb, warmup=warmup, batch=batch, image=str(image),
-        detections=detections)
+        parity: dict[str, Any] = {}
+        if settings.parity and any(n != REFERENCE or runners[n].info.fell_back for n in names):
+            parity = _parities(path, contract, runners, backend_settings, settings.parity_images)
 
-    if nodes and macs is None:
+        for name in names:
+            for _ in range(max(0, settings.warmup - 1)):  # the first inference was one warm-up run
+                opened[name]["call"]()
+        samples = _alternate({n: opened[n]["call"] for n in names}, settings)
+        results = []
+        for name in names:
+            runner = runners[name]
+            info = runner.info
+            results.append(BenchResult(
+                model=contract.name, path=str(path), model_sha256=sha256_file(path), contract=contract.to_props(),
+                provider=name, providers_ran=list(info.detail.get("providers_ran")
+                                                  or [f"{info.library} {info.device} ({info.precision})"]),
+                fell_back=info.fell_back,
+                settings={"provider": name, **backend_settings.to_dict(), **settings.to_dict(), "image": str(image),
+                          "session": info.detail.get("session")},
+                latency=Latency.of(samples[name]), samples_ms=samples[name], session_seconds=info.load_seconds,
+                peak_rss_mb=opened[name]["rss"], warmup=settings.warmup, batch=settings.batch, image=str(image),
+                detections=runner.detections(), backend=info.to_dict(), first_run_ms=opened[name]["first_ms"],
+                parity=parity.get(name), rounds=min(settings.rounds, settings.runs or DEFAULT_RUNS)
+                if settings.seconds is None else settings.rounds))
+        if settings.nodes or settings.peak:
+            _add_macs_and_peak(results, runners, path, image, tensor, settings, backend_settings, macs)
+    finally:
+        for runner in runners.values():
+            runner.close()
+    _relate(results)
+    return results
+
+
+def _parities(path: Path, contract, runners: dict, backend_settings: BackendSettings, count: int) -> dict[str, Any]:
+    """Parity of every non-reference runner against onnxruntime CPU (opened here when not benched)."""
+    from core.images import load_rgb, prepare_for
+    from runtime.parity import check_parity
+
+    images = busiest_images(count)
+    tensors = [prepare_for(load_rgb(image), contract)[0] for image in images]
+    reference = runners.get(REFERENCE)
+    own = reference is None or reference.info.fell_back
+    if own:
+        reference = get_backend(REFERENCE).open(path, replace(backend_settings, allow_fallback=False, provider_options={},
+                                                              trt_cache_dir=None))
+    try:
+        return {name: check_parity(runner, reference, images, tensors).to_dict()
+                for name, runner in runners.items() if name != REFERENCE or runner.info.fell_back}
+    finally:
+        if own:
+            reference.close()
+
+
+def _add_macs_and_peak(results, runners, path, image, tensor, settings: BenchSettings,
+                       backend_settings: BackendSettings, macs) -> None:
+    if settings.nodes and macs is None:
         macs = model_macs(path, image)
-    if peak and macs is None:
+    if settings.peak and macs is None:
         try:
             macs = model_macs(path, image)
         except AnalyzerMissing as exc:  # latency stays valid without the analyzer; the record says why
-            result.macs_note = str(exc)
-    if macs is not None:
-        result.macs, result.macs_note, result.macs_full = macs[1], macs[2], macs
-    if peak:
+            for r in results:
+                r.macs_note = str(exc)
+    measured = None
+    if settings.peak:
         from runtime.peak import measure_peak
 
-        measured = measure_peak(threads)
-        result.peak = {k: v for k, v in measured.to_dict().items() if k != "samples"}
-        result.machine_peak_gflops = measured.for_provider(info.provider)
-        if result.macs:
-            result.achieved_gflops = 2.0 * result.macs * batch / (latency.p50 / 1e3) / 1e9
-            if result.machine_peak_gflops:
-                result.fraction_of_peak = result.achieved_gflops / result.machine_peak_gflops
-    if native:
-        if isinstance(native, dict):
-            measured_native = dict(native)
-        else:
-            from runtime.native import bench_native
-
-            measured_native = bench_native(path, tensor, warmup=warmup, runs=runs, seconds=seconds,
-                                           threads=threads, weights=native_weights).to_dict()
-        measured_native["ratio"] = latency.p50 / measured_native["latency_ms"]["p50"]
-        measured_native["ratio_definition"] = "onnxruntime p50 / native p50 (below 1: onnxruntime faster)"
-        result.native = measured_native
-    if nodes:
-        result.nodes = profile_nodes(path, provider, tensor, macs[0], runs=node_runs, warmup=max(1, min(warmup, 2)),
-                                     threads=threads, inter_threads=inter_threads, optimization=optimization,
-                                     execution_mode=execution_mode, provider_options=provider_options,
-                                     allow_fallback=allow_fallback, trt_cache_dir=trt_cache_dir).to_dict()
-    return result
+        measured = measure_peak(backend_settings.threads)
+    for r in results:
+        runner = runners[r.provider]
+        if macs is not None:
+            r.macs, r.macs_note, r.macs_full = macs[1], macs[2], macs
+        if measured is not None:
+            r.peak = {k: v for k, v in measured.to_dict().items() if k != "samples"}
+            r.machine_peak_gflops = measured.for_device(runner.info.device)
+            if r.macs:
+                r.achieved_gflops = 2.0 * r.macs * r.batch / (r.latency.p50 / 1e3) / 1e9
+                if r.machine_peak_gflops:
+                    r.fraction_of_peak = r.achieved_gflops / r.machine_peak_gflops
+        if settings.nodes:
+            times = runner.layer_profile(tensor, macs[0], runs=settings.node_runs,
+                                         warmup=max(1, min(settings.warmup, 2)))
+            if times is None:
+                r.nodes_note = f"backend {r.provider!r} has no per-layer profiler"
+            else:
+                r.nodes = times.to_dict()
 
 
-def _runner(session, info, tensor: np.ndarray, include_copies: bool, provider_options: dict[str, Any] | None):
-    """``(run, detections)``: the timed call and a function giving the detection count of its last output."""
-    output_names = [o.name for o in session.get_outputs()]
-    feeds = {INPUT_NAME: tensor}
-    if info.on_cuda_device and not include_copies:
-        import onnxruntime as ort
-
-        device_id = int((provider_options or {}).get("device_id", 0))
-        binding = session.io_binding()
-        binding.bind_ortvalue_input(INPUT_NAME, ort.OrtValue.ortvalue_from_numpy(tensor, "cuda", device_id))
-        for name in output_names:
-            binding.bind_output(name, "cuda", device_id)
-
-        def run():
-            session.run_with_iobinding(binding)
-            binding.synchronize_outputs()
-
-        def detections():
-            return int(binding.get_outputs()[output_names.index("scores")].shape()[0])
-
-        return run, detections
-    last: dict[str, Any] = {}
-
-    def run():
-        last["out"] = session.run(output_names, feeds)
-
-    def detections():
-        return int(np.asarray(last["out"][output_names.index("scores")]).shape[0]) if "scores" in output_names else -1
-
-    return run, detections
+def _relate(results: list[BenchResult]) -> None:
+    """Ratios to onnxruntime CPU measured in the same run, and the native figures on its result."""
+    by_name = {r.provider: r for r in results}
+    reference = by_name.get(REFERENCE)
+    if reference is not None and not reference.fell_back:
+        for r in results:
+            r.ratio_to_cpu = r.latency.p50 / reference.latency.p50
+    native = by_name.get("native")
+    if native is not None:
+        for r in results:
+            if r is native:
+                continue
+            detail = native.backend.get("detail", {})
+            r.native = {"framework": detail.get("framework"), "runtime": detail.get("runtime"),
+                        "latency_ms": native.latency.to_dict(), "runs": native.latency.n, "warmup": native.warmup,
+                        "threads": native.backend.get("threads"), "what": detail.get("what"),
+                        "samples_ms": native.samples_ms, "setup_seconds": native.session_seconds,
+                        "ratio": r.latency.p50 / native.latency.p50,
+                        "ratio_definition": f"{r.provider} p50 / native p50 (below 1: {r.provider} faster), "
+                                            "measured side by side"}
 
 
-def profile_nodes(path: Path, provider: str, tensor: np.ndarray, node_macs: dict[str, int], *, runs: int,
-                  warmup: int, **session_kwargs) -> "NodeTimes":
-    """Per-kernel times from a profiled session (``warmup`` runs discarded) joined with ``node_macs``."""
-    import onnx
+def bench_models(paths: list[Path], backends: list[str], settings: BenchSettings | None = None,
+                 backend_settings: BackendSettings | None = None, *, record: bool = True,
+                 macs: tuple[dict[str, int], int, str] | None = None, **options) -> list[BenchResult]:
+    """Every model on every backend (side by side per model), one store record each.
 
-    from runtime.nodes import attribute, kernel_times, load_trace
-    from runtime.sessions import create_session
-
-    with tempfile.TemporaryDirectory(prefix="detbench-profile-") as tmp:
-        session, _ = create_session(path, provider, profile_prefix=os.path.join(tmp, "ort"), **session_kwargs)
-        output_names = [o.name for o in session.get_outputs()]
-        for _ in range(warmup + max(1, runs)):
-            session.run(output_names, {INPUT_NAME: tensor})
-        trace_path = session.end_profiling()
-        trace = load_trace(trace_path)
-        del session
-    kernels, n = kernel_times(trace, skip_runs=warmup)
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return attribute(graph, kernels, node_macs, n)
-
-
-def bench_models(paths: list[Path], providers: list[str], **options) -> list[BenchResult]:
-    """Every model on every provider, one store record each; providers are checked first.
-
-    ``options`` are :func:`bench_model`'s keywords (``native`` runs the source framework once
-    per model and shares it between providers); ``record=False`` skips the store.
+    Every backend is checked before anything is measured. ``options`` are field names of the two
+    settings objects (and ``native=True`` for the native backend), applied over them; ``macs``
+    (the analyzer's figures) applies when there is one model; ``record=False`` skips the store.
     """
     from core import store
-    from runtime.sessions import create_session, tiny_model_bytes
 
-    record = options.pop("record", True)
+    settings, backend_settings, native = split_options(options, settings, backend_settings)
+    backends = list(backends) + (["native"] if native else [])
     if not paths:
         raise ConfigError("name at least one ONNX file to benchmark")
-    if not providers:
+    if not backends:
         raise ConfigError("name at least one --provider")
     for p in paths:
         if not Path(p).is_file():
             raise ConfigError(f"no ONNX file at {p}")
-    # Fail before any measurement when a requested provider cannot run (or would fall back).
-    for provider in providers:
-        create_session(tiny_model_bytes(), provider, allow_fallback=options.get("allow_fallback", False),
-                       provider_options=options.get("provider_options"))
-    want_native = options.pop("native", False)
-    given_macs = options.pop("macs", None)  # the analyzer's figures for a single model, when already known
-    if len(paths) != 1:
-        given_macs = None
+    for name in backends:  # fail before any measurement when a backend cannot run here
+        get_backend(name).require(backend_settings)
     results = []
     for path in paths:
-        native_done: dict[str, Any] | None = None
-        macs = given_macs
-        for provider in providers:
-            result = bench_model(path, provider, native=native_done or want_native, macs=macs, **options)
-            if want_native and native_done is None:
-                native_done = {k: v for k, v in result.native.items() if k not in ("ratio", "ratio_definition")}
-            if result.macs is not None and macs is None:
-                macs = result.macs_full
-            results.append(result)
-            if record:
+        measured = bench_side_by_side(path, backends, settings, backend_settings,
+                                      macs=macs if len(paths) == 1 else None)
+        results.extend(measured)
+        if record:
+            for result in measured:
                 store.append("bench", result.to_record(), model=result.model, model_sha256=result.model_sha256,
                              provider=result.provider, settings=result.settings, contract=result.contract)
     return results
 
 
-__all__ = ["BenchResult", "Latency", "bench_model", "bench_models", "default_image", "model_macs", "profile_nodes",
-           "time_runs"]
+def bench_model(path, backend: str = "cpu", settings: BenchSettings | None = None,
+                backend_settings: BackendSettings | None = None, *,
+                macs: tuple[dict[str, int], int, str] | None = None, **options) -> BenchResult:
+    """One ONNX file on one backend (with ``native=True``: side by side with the native backend,
+    whose figures land in the result's ``native``); ``options`` as for :func:`bench_models`.
+    Nothing is recorded (the caller writes the record)."""
+    settings, backend_settings, native = split_options(options, settings, backend_settings)
+    names = [backend] + (["native"] if native else [])
+    return bench_side_by_side(path, names, settings, backend_settings, macs=macs)[0]
+
+
+__all__ = ["BenchResult", "BenchSettings", "Latency", "bench_model", "bench_models", "bench_side_by_side",
+           "default_image", "model_macs", "split_options", "time_runs"]

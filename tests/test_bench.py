@@ -176,7 +176,7 @@ def _save_graph(path: Path, nodes, inits, x_channels: int) -> Path:
 def _profiled(path: Path, tmp_path: Path, optimization: str, macs: dict[str, int]):
     """Three profiled runs on the CPU provider, the first dropped; per-kernel times joined to ``macs``."""
     from runtime.nodes import load_trace
-    from runtime.sessions import create_session
+    from runtime.backends.onnxruntime import create_session
 
     session, _ = create_session(path, "cpu", optimization=optimization, profile_prefix=str(tmp_path / "p"))
     shape = [d.dim_value for d in onnx.load(path).graph.input[0].type.tensor_type.shape.dim]
@@ -288,7 +288,7 @@ def test_darknet_random_init_native_uses_the_same_random_weights(exported):
 
     from core.contract import read_contract
     from core.images import load_rgb, prepare_for
-    from runtime.native import darknet_files
+    from exporters.darknet_native import darknet_files
 
     result = exported("yolov3-tiny")
     contract = read_contract(result.path)
@@ -354,7 +354,7 @@ def test_tensorflow_export_bench_with_native(exported):
 
 # --------------------------------------------------------------------------- GPU paths (where a device exists)
 
-from runtime.sessions import provider_usable  # noqa: E402
+from runtime.backends import provider_usable  # noqa: E402
 
 _CUDA_OK, _CUDA_WHY = provider_usable("cuda")
 

@@ -172,3 +172,19 @@ def test_weights_tag(tmp_path):
     path.write_bytes(b"abc")
     # FIPS 180-2, appendix B.1: SHA-256("abc").
     assert weights_tag(path) == "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_every_command_shares_one_file_check(tmp_path):
+    """read_contract refuses, with the reason, what is not a contract file (issue 12, rule 3)."""
+    from core.contract import check_file
+
+    with pytest.raises(ContractError, match="is a directory, not an ONNX file"):
+        read_contract(tmp_path)
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(ContractError, match=r"is empty \(0 bytes\)"):
+        check_file(empty)
+    renamed = toy_model(input_name="input_0")
+    helper.set_model_props(renamed, contract().to_props())  # complete metadata does not excuse the graph
+    with pytest.raises(ContractError, match=r"inputs are \['input_0'\], the contract wants exactly \['images'\]"):
+        read_contract(renamed)

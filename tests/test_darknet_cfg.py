@@ -92,5 +92,64 @@ def test_cfg_differing_from_the_registry_checksum_is_refused(registry, tmp_path,
     cache.mkdir()
     (cache / "yolov3-tiny.cfg").write_text((darknet_dir / "yolov2-tiny.cfg").read_text())
     monkeypatch.setenv("DETBENCH_CACHE", str(cache))
-    with pytest.raises(ModelDefinitionError, match="sha256"):
+    monkeypatch.setenv("DETBENCH_DATA", str(tmp_path / "no-data"))  # the only copy is the wrong one
+    with pytest.raises(ModelDefinitionError, match="sha256") as err:
         export_model(registry.get("yolov3-tiny"), tmp_path / "x.onnx")
+    assert str(cache / "yolov3-tiny.cfg") in str(err.value) and "fetch yolov3-tiny" in str(err.value)
+
+
+def test_a_wrong_cfg_in_the_cache_does_not_hide_the_verified_one(registry, tmp_path, monkeypatch, darknet_dir):
+    """Issue 12, rule 5 for cfgs: the cache comes first in the search order, but only a copy that verifies is used."""
+    from exporters.darknet import find_cfg
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "yolov3-tiny.cfg").write_text((darknet_dir / "yolov2-tiny.cfg").read_text())
+    monkeypatch.setenv("DETBENCH_CACHE", str(cache))
+    monkeypatch.setenv("DETBENCH_DATA", str(darknet_dir.parent))
+    assert find_cfg(registry.get("yolov3-tiny")) == darknet_dir / "yolov3-tiny.cfg"
+
+
+# --------------------------------------------------------------------------- structure warnings (issue 12, rule 6)
+
+
+def test_cfg_without_its_last_yolo_section_is_warned_about(tmp_path, darknet_dir):
+    """yolov3-tiny without its final [yolo]: the last convolution (layer 22, 255 channels) feeds nothing,
+    and anchors 0, 1, 2 (the second head's mask) are used by no head."""
+    from exporters.darknet_cfg import structure_warnings
+
+    text = (darknet_dir / "yolov3-tiny.cfg").read_text()
+    cut = tmp_path / "cut.cfg"
+    cut.write_text(text[:text.rindex("[yolo]")])
+    plan = plan_network(parse_cfg(cut))
+    assert len(plan.heads) == 1
+    warnings = structure_warnings(plan)
+    assert len(warnings) == 2
+    assert "layer 22 [convolutional] (255x26x26)" in warnings[0] and "last layer" in warnings[0]
+    assert "anchors [0, 1, 2] of the 6" in warnings[1] and "1 head(s) use 3 anchor(s)" in warnings[1]
+
+
+def test_real_cfgs_have_no_structure_warnings(darknet_dir):
+    from exporters.darknet_cfg import structure_warnings
+
+    for cfg in sorted(darknet_dir.glob("*.cfg")):
+        assert structure_warnings(plan_network(parse_cfg(cfg))) == [], cfg.name
+
+
+def test_a_trailing_layer_and_a_shared_anchor_are_warned_about(tmp_path, darknet_dir):
+    """Own cases: a convolution appended after the last [yolo] (computed, never used), and the
+    second head's mask reusing anchor 3 of the first (anchor 0 then unused)."""
+    from exporters.darknet_cfg import structure_warnings
+
+    text = (darknet_dir / "yolov3-tiny.cfg").read_text()
+    trailing = tmp_path / "trailing.cfg"
+    trailing.write_text(text + "\n[convolutional]\nfilters=8\nsize=1\nstride=1\npad=1\nactivation=leaky\n")
+    (warning,) = structure_warnings(plan_network(parse_cfg(trailing)))
+    assert "layer 24 [convolutional] (8x26x26)" in warning and "it is the last layer of the cfg" in warning
+
+    shared = tmp_path / "shared.cfg"
+    shared.write_text(text.replace("mask = 0,1,2", "mask = 3,1,2"))
+    unused, twice = structure_warnings(plan_network(parse_cfg(shared)))
+    assert "anchors [0] of the 6" in unused
+    lines = [n for n, line in enumerate(shared.read_text().splitlines(), 1) if line.strip() == "[yolo]"]
+    assert f"3 (lines {lines[0]}, {lines[1]})" in twice

@@ -100,3 +100,47 @@ def test_random_weights_load_in_opencv(tmp_path, darknet_dir, tiny_plan):
     net = cv2.dnn.readNetFromDarknet(str(darknet_dir / "yolov3-tiny.cfg"), str(path))
     blobs = net.getParam("conv_0", 0)  # the first convolution's kernel, as OpenCV loaded it
     np.testing.assert_array_equal(blobs.reshape(16, 3, 3, 3), random_weights(tiny_plan, "yolov3-tiny").convs[0].weights)
+
+
+# --------------------------------------------------------------------------- issue 12, rule 7
+
+
+def test_random_bytes_give_a_readable_message(tmp_path, tiny_plan):
+    """The issue's case: random bytes one float longer than the cfg implies. The count and the
+    implausible header are two sentences, each whole."""
+    junk = tmp_path / "random.weights"
+    junk.write_bytes(np.random.default_rng(0).bytes(16 + 4 * (tiny_plan.float_count + 1)))
+    with pytest.raises(WeightsError) as err:
+        read_weights(junk, tiny_plan)
+    message = str(err.value)
+    assert f"found {tiny_plan.float_count + 1} after the 16-byte Darknet" in message
+    assert "(too long by 1 floats)." in message
+    assert message.rstrip().endswith("is implausible: this is probably not a Darknet .weights file.")
+
+
+def test_odd_length_random_bytes_also_say_not_darknet(tmp_path, tiny_plan):
+    junk = tmp_path / "odd.weights"
+    junk.write_bytes(np.random.default_rng(1).bytes(16 + 4 * 1000 + 3))
+    with pytest.raises(WeightsError, match=r"not a whole number of float32 values.*probably not a Darknet"):
+        read_weights(junk, tiny_plan)
+
+
+@pytest.mark.parametrize("value, where, counts", [
+    (np.nan, ("layer 0 [convolutional]", "biases"), "1 NaN, 0 Inf"),  # the first float of the body
+    (np.inf, ("layer 22 [convolutional]", "weights"), "0 NaN, 1 Inf"),  # the last float of the body
+])
+def test_non_finite_weights_are_refused_naming_file_and_layer(tmp_path, darknet_dir, tiny_plan, value, where, counts):
+    data = bytearray((darknet_dir / "yolov3-tiny.weights").read_bytes())
+    offset = 20 if where[1] == "biases" else len(data) - 4  # header 0.2.0 is 20 bytes
+    data[offset:offset + 4] = np.float32(value).tobytes()
+    bad = tmp_path / "poisoned.weights"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(WeightsError) as err:
+        read_weights(bad, tiny_plan)
+    message = str(err.value)
+    assert str(bad) in message and where[0] in message and f"{where[1]}: {counts}" in message
+
+
+def test_a_directory_is_not_reported_as_missing(tmp_path, tiny_plan):
+    with pytest.raises(WeightsError, match="is a directory, not a weights file"):
+        read_weights(tmp_path, tiny_plan)

@@ -2,14 +2,14 @@
 
 Hand-built detections; IoUs worked out by hand: boxes (0, 0, 10, 10) and (5, 0, 15, 10)
 overlap in 5 x 10 = 50 of a union of 150, IoU 1/3; (0, 0, 10, 10) and (0, 0, 10, 20)
-overlap in 100 of 200, IoU exactly 0.5.
+overlap in 100 of 200, IoU exactly 0.5; (0, 0, 10, 20) and (0, 0, 10, 30) in 200 of 300, 2/3.
 """
 
 import numpy as np
-import pytest
 
-from exporters.detection_ties import BOUNDARY_IOU_TOL, align_near_ties, boundary_iou, drop_nms_boundary
-from exporters.validation import Comparison
+from exporters.detection_ties import BOUNDARY_IOU_TOL, match_detections
+
+ATOL = RTOL = 1e-3
 
 
 def dets(rows):
@@ -19,22 +19,21 @@ def dets(rows):
             "labels": a[:, 1].astype(np.int64)}
 
 
-def compare(ref, got, iou_threshold=0.5, max_detections=4):
-    comparison = Comparison("hand-built")
-    ref, got, figures = drop_nms_boundary(ref, got, iou_threshold, max_detections, comparison.atol, comparison.rtol)
-    if len(ref["scores"]) == len(got["scores"]):
-        ref, got, _ = align_near_ties(ref, got, max_detections, comparison.atol, comparison.rtol)
-    comparison.detections("image", ref, got)
-    return comparison.mismatches, figures
+def match(ref, got, iou_threshold=0.5, max_detections=4, score_threshold=0.05):
+    return match_detections(ref, got, iou_threshold=iou_threshold, score_threshold=score_threshold,
+                            max_detections=max_detections, atol=ATOL, rtol=RTOL)
 
 
-def test_boundary_iou_finds_a_higher_scored_box_of_the_same_label_at_the_threshold():
-    d = dets([(0.9, 1, 0, 0, 10, 10), (0.8, 1, 0, 0, 10, 20), (0.7, 2, 0, 0, 10, 20), (0.6, 1, 5, 0, 15, 10)])
-    assert boundary_iou(d, 1, 0.5) == pytest.approx(0.5)
-    assert boundary_iou(d, 2, 0.5) is None            # another label: NMS never compared them
-    assert boundary_iou(d, 3, 0.5) is None            # IoU 1/3 with detection 0
-    assert boundary_iou(d, 3, 1 / 3) == pytest.approx(1 / 3)
-    assert boundary_iou(d, 0, 0.5) is None            # nothing scores higher
+def rules(m):
+    return sorted((u.side, u.index, u.rule) for u in m.unpaired)
+
+
+def test_identical_lists_in_another_order_pair_completely():
+    ref = dets([(0.9, 1, 0, 0, 10, 10), (0.5000001, 2, 20, 20, 30, 30), (0.5, 3, 40, 40, 50, 50)])
+    got = dets([(0.9, 1, 0, 0, 10, 10), (0.5000001, 3, 40, 40, 50, 50), (0.5, 2, 20, 20, 30, 30)])
+    m = match(ref, got, max_detections=100)
+    assert m.pairs == [(0, 0), (1, 2), (2, 1)] and m.unpaired == []
+    assert m.figures()["matched"] == 3 and m.max_iou_deficit == 0.0
 
 
 def test_a_detection_suppressed_at_the_nms_boundary_and_the_cap_fill_are_explained():
@@ -42,57 +41,86 @@ def test_a_detection_suppressed_at_the_nms_boundary_and_the_cap_fill_are_explain
     # suppressed it and, capped at 4, admitted its 5th-best detection instead.
     ref = dets([(0.9, 1, 0, 0, 10, 10), (0.8, 1, 0, 0, 10, 20), (0.7, 3, 50, 50, 60, 60), (0.6, 4, 70, 70, 80, 80)])
     got = dets([(0.9, 1, 0, 0, 10, 10), (0.7, 3, 50, 50, 60, 60), (0.6, 4, 70, 70, 80, 80), (0.5, 5, 90, 90, 99, 99)])
-    mismatches, figures = compare(ref, got)
-    assert mismatches == []
-    assert figures["nms_boundary_removed"] == 1 and figures["cap_fill_removed"] == 1
-    assert figures["nms_boundary_max_iou_offset"] <= BOUNDARY_IOU_TOL
+    m = match(ref, got)
+    assert rules(m) == [("got", 3, "cap"), ("ref", 1, "nms boundary")]
+    assert m.mismatches("img") == [] and m.boundary_tol == BOUNDARY_IOU_TOL
+    f = m.figures()
+    assert f["explained_nms_boundary"] == 1 and f["explained_cap"] == 1 and f["unexplained"] == 0
 
 
 def test_the_same_difference_away_from_the_boundary_is_a_mismatch():
     # IoU 1/3 with detection 0: at an NMS threshold of 0.5 no rounding suppresses it.
     ref = dets([(0.9, 1, 0, 0, 10, 10), (0.8, 1, 5, 0, 15, 10), (0.7, 3, 50, 50, 60, 60), (0.6, 4, 70, 70, 80, 80)])
     got = dets([(0.9, 1, 0, 0, 10, 10), (0.7, 3, 50, 50, 60, 60), (0.6, 4, 70, 70, 80, 80), (0.5, 5, 90, 90, 99, 99)])
-    mismatches, figures = compare(ref, got)
-    assert mismatches and figures["nms_boundary_removed"] == 0
+    m = match(ref, got)
+    assert rules(m) == [("got", 3, "cap"), ("ref", 1, None)]
+    (message,) = m.mismatches("img")
+    assert "img: detection 1 of the source model (label 1, score 0.8)" in message
 
 
 def test_a_cap_fill_scoring_above_the_other_list_is_a_mismatch():
-    # The extra ONNX detection outscores every remaining reference one: not what a cap admits.
     ref = dets([(0.9, 1, 0, 0, 10, 10), (0.8, 1, 0, 0, 10, 20), (0.7, 3, 50, 50, 60, 60), (0.6, 4, 70, 70, 80, 80)])
     got = dets([(0.95, 5, 90, 90, 99, 99), (0.9, 1, 0, 0, 10, 10), (0.7, 3, 50, 50, 60, 60), (0.6, 4, 70, 70, 80, 80)])
-    mismatches, _ = compare(ref, got)
-    assert any("detections" in m for m in mismatches)
-
-
-def test_uncapped_outputs_may_differ_in_count_by_the_boundary_detection_only():
-    ref = dets([(0.9, 1, 0, 0, 10, 10), (0.7, 3, 50, 50, 60, 60)])
-    got = dets([(0.9, 1, 0, 0, 10, 10), (0.8, 1, 0, 0, 10, 20), (0.7, 3, 50, 50, 60, 60)])
-    mismatches, figures = compare(ref, got, max_detections=100)
-    assert mismatches == [] and figures["nms_boundary_removed"] == 1 and figures["cap_fill_removed"] == 0
-    # A wrong box in what remains is still caught.
-    got["boxes"][2] += 1.0
-    mismatches, _ = compare(ref, got, max_detections=100)
-    assert any("boxes" in m for m in mismatches)
-
-
-def test_near_tied_scores_may_swap_order_but_not_change_boxes():
-    ref = dets([(0.9, 1, 0, 0, 10, 10), (0.5000001, 2, 20, 20, 30, 30), (0.5, 3, 40, 40, 50, 50)])
-    got = dets([(0.9, 1, 0, 0, 10, 10), (0.5000001, 3, 40, 40, 50, 50), (0.5, 2, 20, 20, 30, 30)])
-    assert compare(ref, got, max_detections=100)[0] == []
-    got["boxes"][1] += 1.0
-    assert compare(ref, got, max_detections=100)[0]
+    m = match(ref, got)
+    assert ("got", 0, None) in rules(m)
 
 
 def test_the_last_detection_may_differ_only_at_the_cap():
     ref = dets([(0.9, 1, 0, 0, 10, 10), (0.5, 2, 20, 20, 30, 30)])
     got = dets([(0.9, 1, 0, 0, 10, 10), (0.5, 3, 60, 60, 70, 70)])
-    assert compare(ref, got, max_detections=2)[0] == []
-    assert compare(ref, got, max_detections=100)[0]
+    assert match(ref, got, max_detections=2).mismatches("img") == []
+    assert len(match(ref, got, max_detections=100).mismatches("img")) == 2
+
+
+def test_a_detection_at_the_score_threshold_may_be_missing():
+    ref = dets([(0.9, 1, 0, 0, 10, 10), (0.0505, 2, 20, 20, 30, 30)])
+    got = dets([(0.9, 1, 0, 0, 10, 10)])
+    assert rules(match(ref, got, max_detections=100)) == [("ref", 1, "score threshold")]
+    assert rules(match(ref, got, max_detections=100, score_threshold=0.01)) == [("ref", 1, None)]
 
 
 def test_the_suppressing_detection_must_be_one_both_runtimes_kept():
     # Detection 1 sits at IoU 0.5 with detection 0, but ONNX does not have detection 0 either.
     ref = dets([(0.9, 1, 0, 0, 10, 10), (0.8, 1, 0, 0, 10, 20)])
     got = dets([(0.95, 7, 30, 30, 40, 40)])
-    mismatches, figures = compare(ref, got, max_detections=100)
-    assert mismatches and figures["nms_boundary_removed"] == 0
+    m = match(ref, got, max_detections=100)
+    assert [u.rule for u in m.unpaired] == [None, None, None]
+
+
+def test_a_cascade_behind_an_nms_boundary_is_explained():
+    # ONNX suppressed B (IoU 0.5 with A, at the threshold) and so kept C (IoU 2/3 with B);
+    # PyTorch kept B, which suppressed C. C is explained through B, never on its own.
+    a, b, c = (0, 0, 10, 10), (0, 0, 10, 20), (0, 0, 10, 30)
+    ref = dets([(0.9, 1, *a), (0.8, 1, *b)])
+    got = dets([(0.9, 1, *a), (0.7, 1, *c)])
+    m = match(ref, got, max_detections=100)
+    assert rules(m) == [("got", 1, "nms cascade"), ("ref", 1, "nms boundary")]
+    assert match(dets([(0.9, 1, *a)]), got, max_detections=100).unexplained  # C alone: unexplained
+
+
+def test_a_systematic_rescale_fails_like_the_traced_599x849_resize():
+    # Every box of a 600 x 850 image shrunk by 849/850 (what the traced resize did).
+    rng = np.random.default_rng(0)
+    x1, y1 = rng.uniform(0, 700, 30), rng.uniform(0, 450, 30)
+    w, h = rng.uniform(40, 150, 30), rng.uniform(40, 150, 30)
+    rows = [(0.9 - 0.01 * k, 1 + k % 5, x1[k], y1[k], x1[k] + w[k], y1[k] + h[k]) for k in range(30)]
+    ref = dets(rows)
+    got = {**ref, "boxes": (ref["boxes"] * np.float32(849 / 850)).astype(np.float32)}
+    m = match(ref, got, max_detections=100)
+    assert len(m.unexplained) >= 2 * 25, m.figures()
+
+
+def test_float32_noise_on_every_box_still_pairs():
+    rng = np.random.default_rng(1)
+    x1, y1 = rng.uniform(0, 700, 30), rng.uniform(0, 450, 30)
+    rows = [(0.9 - 0.01 * k, 1, x1[k], y1[k], x1[k] + 60, y1[k] + 60) for k in range(30)]
+    ref = dets(rows)
+    got = {**ref, "boxes": ref["boxes"] * np.float32(1 + 1e-6)}
+    m = match(ref, got, max_detections=100)
+    assert len(m.pairs) == 30 and m.max_iou_deficit < 1e-4
+
+
+def test_a_swapped_label_away_from_the_cap_is_a_mismatch():
+    ref = dets([(0.9, 1, 0, 0, 10, 10), (0.8, 2, 20, 20, 30, 30), (0.7, 3, 40, 40, 50, 50)])
+    got = dets([(0.9, 1, 0, 0, 10, 10), (0.8, 5, 20, 20, 30, 30), (0.7, 3, 40, 40, 50, 50)])
+    assert len(match(ref, got, max_detections=100).mismatches("img")) == 2

@@ -114,3 +114,56 @@ def test_cli_scores_a_results_file_without_a_model(oracle):
     missing = runner.invoke(cli.app, ["eval", "--results", str(oracle / "x.json"),
                                       "--annotations", str(oracle / "instances_val2014_100.json")])
     assert missing.exit_code == DatasetError.exit_code and "results file not found" in missing.output
+
+
+# --------------------------------------------------------------------------- issue 12, rule 4
+
+
+def _one(**changes) -> dict:
+    # image 139 and category 1 (person) are in the shared subset's annotations
+    return {"image_id": 139, "category_id": 1, "bbox": [10.0, 20.0, 30.0, 40.0], "score": 0.9, **changes}
+
+
+@pytest.fixture(scope="module")
+def subset_ann(data_dir) -> dict:
+    return json.loads((data_dir / "coco-val2017-subset/annotations/instances_val2017.json").read_text())
+
+
+@pytest.mark.parametrize("entry, expected", [
+    (_one(category_id=999), "entry 0: category_id 999 is not a category of the annotations"),
+    (_one(category_id=12), "entry 0: category_id 12 is not a category"),  # a gap in COCO's 1..90 ids
+    (_one(bbox=[10, 20, -30, 40]), "entry 0: bbox [10, 20, -30, 40] has a negative width"),
+    (_one(bbox=[10, 20, 30, -4]), "entry 0: bbox [10, 20, 30, -4] has a negative height"),
+    (_one(bbox=[1, 2, 3]), "entry 0: bbox [1, 2, 3] is 3 values, not a list of 4 numbers x, y, width, height"),
+    (_one(bbox=[1, 2, "3", 4]), "entry 0: bbox [1, 2, \"3\", 4] holds a value that is not a finite number"),
+    (_one(score=float("nan")), "entry 0: score nan is not a finite number"),
+    (["not", "a", "dict"], "entry 0 is a list, not an object"),
+])
+def test_unscorable_entries_are_rejected_with_index_and_reason(subset_ann, entry, expected):
+    with pytest.raises(DatasetError) as err:
+        score_results([entry], subset_ann)
+    assert expected in str(err.value)
+    assert "nothing was scored" in str(err.value)
+
+
+def test_every_problem_is_collected_and_counted(subset_ann):
+    good = [_one() for _ in range(5)]
+    bad = [_one(category_id=999 + i) for i in range(10)] + [_one(bbox=[0, 0, -1, 1]), _one(image_id=-5)]
+    with pytest.raises(DatasetError) as err:
+        score_results(good + bad, subset_ann)
+    message = str(err.value)
+    assert "(12 problem(s); nothing was scored)" in message
+    assert "entry 5: category_id 999" in message and "entry 12: category_id 1006" in message
+    assert "... and 4 more problem(s)" in message  # 8 listed of 12
+    assert message.count("\n  - ") == 9
+
+
+def test_a_valid_file_still_scores(subset_ann):
+    # Zero-size boxes are legal COCO (they simply never match): only negative sizes are refused.
+    scores = score_results([_one(), _one(bbox=[5, 5, 0, 0], score=0.1)], subset_ann, image_ids=[139])
+    assert scores["detections"] == 2 and scores["images"] == 1
+
+
+def test_a_directory_as_results_file_is_named(tmp_path, subset_ann):
+    with pytest.raises(DatasetError, match="is a directory: pass the COCO results JSON file"):
+        score_results(tmp_path, subset_ann)

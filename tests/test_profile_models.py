@@ -172,13 +172,13 @@ def test_darknet_measured_mode_resolves_everything(registry, darknet_exports, co
 
 
 def test_onnx_tool_cross_check_on_darknet(registry, darknet_exports, darknet_dir):
-    """onnx-tool cannot infer the full graph (K of the in-graph TopK is computed); on the
-    network part its Conv MACs must equal ours plus one add per output of every conv that
+    """onnx-tool sees the network part only (K of the in-graph TopK is computed from the
+    scores); there its Conv MACs must equal ours plus one add per output of every conv that
     has a bias (onnx-tool counts bias additions; Darknet's convs without BatchNorm have one)."""
     spec = next(s for s in registry if s.framework == "darknet" and s.source.get("cfg") == "yolov3-tiny.cfg")
     profile = profile_model(darknet_exports(spec.name).path, cross_check=True)
     check = profile.onnx_tool
-    assert check["full_graph"]["status"] == "failed" and check["full_graph"]["stage"] == "shape_infer"
+    assert check["scope"].startswith("network part") and "full graph is not handed" in check["note"]
     assert check["status"] == "ok", check
     bias_adds = sum(
         _numel(n.outputs[0][1]) for n in profile.nodes if n.op_type == "Conv" and len(n.inputs) == 3)

@@ -22,7 +22,8 @@ import pytest
 
 from core import store
 
-CHROMIUM = Path("/usr/bin/chromium")
+# Debian names the binary `chromium`, Ubuntu and older images `chromium-browser`.
+CHROMIUM = Path(shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium")
 
 
 def _net_key(spec) -> str:
@@ -44,30 +45,65 @@ def _contract(spec, weights: str) -> dict[str, str]:
             "detbench.weights": weights, "detbench.source_params": str(_params(spec) + 17)}
 
 
+def _validity(verdict: str = "VALID", reason: str = "", n: int = 80) -> dict:
+    """``latency_validity`` as runtime.stats.Latency.to_dict() writes it (the parts the report reads)."""
+    v = {"verdict": verdict, "reason": reason}
+    return {"n": n, "rsd": 0.02, "smoke": False, "valid": verdict == "VALID",
+            "verdicts": {"mean": v, "p50": v, "p90": v, "p99": {"verdict": "INVALID", "reason": f"{n} runs < 662"}}}
+
+
+def _bench(root, name, sha, c, provider, p50, *, parity="agree", precision="f32", verdict="VALID", reason="",
+           ratio=None, nodes=None, host=None):
+    rec = store.append("bench", {"latency_ms": {"mean": p50 + 1, "std": 0.5, "p50": p50, "p90": p50 + 2, "p99": p50 + 3,
+                                                "min": p50 - 1}, "latency_validity": _validity(verdict, reason),
+                                 "throughput_ips": 1000 / (p50 + 1), "session_seconds": 0.1, "peak_rss_mb": 10.0,
+                                 "runs": 80, "warmup": 1, "batch": 1, "precision": precision,
+                                 "backend": {"library": "x", "precision": precision},
+                                 "parity": None if provider == "cpu" else {"verdict": parity, "matched": 9, "total": 10,
+                                                                           "max_box_px": 0.5, "max_score": 0.02},
+                                 "parity_verdict": "reference" if provider == "cpu" else parity, "ratio_to_cpu": ratio,
+                                 "providers_ran": [provider.upper() + "ExecutionProvider"], "machine_peak_gflops": None,
+                                 "fraction_of_peak": None, "native": None, "nodes": nodes},
+                       model=name, model_sha256=sha, provider=provider, contract=c, root=root, settings={"batch": 1})
+    if host is not None:  # another machine's record: the store stamps this one's host, so rewrite the line
+        path = store.store_path(root)
+        lines = path.read_text().splitlines()
+        last = json.loads(lines[-1])
+        last["host"] = {**last["host"], "hostname": host}
+        path.write_text("\n".join(lines[:-1] + [json.dumps(last, sort_keys=True)]) + "\n")
+    return rec
+
+
+def _eval(root, name, sha, c, provider, map50, *, images=144, image_ids=None, map_=None):
+    store.append("eval", {"stats": {}, "map50": map50, "map": map50 / 2 if map_ is None else map_,
+                          "images_evaluated": images, "images_skipped": [], "annotations_sha256": "cd" * 32,
+                          "wall_seconds": 1.0, "session_seconds": 0.9, "backend": "pycocotools", "resize": "letterbox"},
+                 model=name, model_sha256=sha, provider=provider, contract=c, root=root,
+                 settings={"image_ids": image_ids})
+
+
 def _write_model(root: Path, spec, *, trained: bool, p50: float, map50: float | None = None, providers=("cpu",),
-                 nodes=None, sha: str | None = None) -> str:
-    sha = sha or hashlib.sha256(f"{spec.name}-{trained}-{p50}".encode()).hexdigest()
+                 nodes=None, sha: str | None = None, name: str | None = None, size: tuple[int, int] | None = None,
+                 contract_extra: dict | None = None, macs: int | None = None, by_op: dict | None = None,
+                 weight_bytes: int | None = None) -> str:
+    name = name or spec.name
+    sha = sha or hashlib.sha256(f"{name}-{size}-{trained}-{p50}".encode()).hexdigest()
     c = _contract(spec, "sha256:" + "ab" * 32 if trained else "random-init")
-    store.append("export", {"seconds": 1.0, "path": f"{spec.name}.onnx", "file_bytes": 1000, "random_init": not trained,
-                            "validation": {}}, model=spec.name, model_sha256=sha, contract=c, root=root)
-    macs = _macs(spec)
+    c["detbench.name"] = name
+    if size is not None:
+        c["detbench.input_height"], c["detbench.input_width"] = str(size[0]), str(size[1])
+    c.update(contract_extra or {})
+    store.append("export", {"seconds": 1.0, "path": f"{name}.onnx", "file_bytes": 1000, "random_init": not trained,
+                            "validation": {}}, model=name, model_sha256=sha, contract=c, root=root)
+    macs = _macs(spec) if macs is None else macs
     store.append("profile", {"mode": "static", "macs": macs, "conv_macs": macs - 1000, "flops": 2 * macs,
                              "params": _params(spec), "folded_norm_constants": 0, "postprocess_macs": 1000,
-                             "by_op": {}, "unknown_ops": []}, model=spec.name, model_sha256=sha, contract=c, root=root)
+                             "by_op": by_op or {}, "unknown_ops": [], "weight_bytes": weight_bytes},
+                 model=name, model_sha256=sha, contract=c, root=root)
     for i, provider in enumerate(providers):
-        lat = p50 / (1 + 3 * i)
-        store.append("bench", {"latency_ms": {"mean": lat + 1, "std": 0.5, "p50": lat, "p90": lat + 2, "p99": lat + 3,
-                                              "min": lat - 1}, "throughput_ips": 1000 / (lat + 1), "session_seconds": 0.1,
-                               "peak_rss_mb": 10.0, "runs": 5, "warmup": 1, "batch": 1,
-                               "providers_ran": [provider.upper() + "ExecutionProvider"], "machine_peak_gflops": None,
-                               "fraction_of_peak": None, "native": None, "nodes": nodes},
-                     model=spec.name, model_sha256=sha, provider=provider, contract=c, root=root,
-                     settings={"batch": 1})
+        _bench(root, name, sha, c, provider, p50 / (1 + 3 * i), nodes=nodes)
     if map50 is not None:
-        store.append("eval", {"stats": {}, "map50": map50, "map": map50 / 2, "images_evaluated": 144,
-                              "images_skipped": [], "annotations_sha256": "cd" * 32, "wall_seconds": 1.0,
-                              "session_seconds": 0.9, "backend": "pycocotools", "resize": spec.resize},
-                     model=spec.name, model_sha256=sha, provider="cpu", contract=c, root=root)
+        _eval(root, name, sha, c, "cpu", map50)
     return sha
 
 
@@ -201,10 +237,10 @@ def test_pareto_front_worked_by_hand():
 
 def test_accuracy_vs_latency_per_provider(built, results, paper):
     data = built.chart_data["accuracy_vs_latency"]
-    assert set(data) == {"cpu", "cuda"}  # tensorrt was skipped everywhere: no panel, no fake point
+    assert set(data["per_backend"]) == {"cpu", "cuda"}  # tensorrt was skipped everywhere: no fake point
     from report.charts import pareto_front
 
-    for provider, panel in data.items():
+    for provider, panel in data["per_backend"].items():
         for p in panel["points"]:
             spec = next(s for s in paper if s.name == p["label"])
             bench = _latest(results, "bench", spec.name, provider)
@@ -213,7 +249,8 @@ def test_accuracy_vs_latency_per_provider(built, results, paper):
         expected = pareto_front([{"l": p["label"], "x": p["latency_ms"], "y": p["map50"]} for p in panel["points"]],
                                 "x", "y")
         assert panel["pareto"] == [p["l"] for p in expected]
-    assert len(data["cuda"]["points"]) == 2
+    assert len(data["per_backend"]["cuda"]["points"]) == 2
+    assert data["pareto"] == [p["id"] for p in pareto_front(data["points"], "latency_ms", "map50")]
 
 
 def test_input_size_scaling_groups_same_network(built, results, paper):
@@ -305,7 +342,9 @@ def test_html_is_self_contained_with_every_chart(built):
     assert len(images) == len(built.charts)
     for encoded, path in zip(images, built.charts.values()):
         assert base64.b64decode(encoded) == path.read_bytes()
-    assert "<table>" in page and page.count("<tr>") == len(built.rows) + 1
+    main = page[page.index('<table id="main-table">'):]
+    main = main[:main.index("</table>")]
+    assert main.count("<tr>") == len(built.rows) + 1
 
 
 def test_pngs_are_real_images(built):
@@ -325,7 +364,7 @@ def _chromium(page: Path, tmp: Path) -> tuple[str, str]:
     return proc.stdout, proc.stderr
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="Chromium is not installed (Debian package `chromium`, /usr/bin/chromium)")
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Chromium is not installed (Debian package `chromium`; .ci/run installs it with apt-get)")
 def test_html_opens_in_headless_chromium_without_console_errors(built, tmp_path):
     dom, log = _chromium(built.html, tmp_path)
     console = [ln for ln in log.splitlines() if ":CONSOLE" in ln]
@@ -334,7 +373,7 @@ def test_html_opens_in_headless_chromium_without_console_errors(built, tmp_path)
     assert f'data-charts-decoded="{len(built.charts)}"' in body and f'data-charts-total="{len(built.charts)}"' in body
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="Chromium is not installed (Debian package `chromium`, /usr/bin/chromium)")
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Chromium is not installed (Debian package `chromium`; .ci/run installs it with apt-get)")
 def test_chromium_check_catches_a_broken_chart(built, tmp_path):
     """The browser check above can fail: a page with a corrupt chart is caught."""
     broken = tmp_path / "broken.html"
@@ -389,3 +428,233 @@ def test_incomplete_profile_is_flagged(tmp_path, registry):
     row = next(r for r in collect(root=tmp_path, registry=registry) if r.name == spec.name)
     assert row.gops == pytest.approx(2e-8)
     assert row.skipped["profile"].startswith("incomplete count (lower bound): uncounted op types ['MyOp'], 2 node(s)")
+
+
+# --------------------------------------------------------------------------- backends, precision, claims, hosts
+# Synthetic stores whose expected figures are worked out by hand in each test.
+
+def _specs(registry, count: int, published: bool = True):
+    """``count`` distinct registry configurations (with a published mAP@0.5 when asked)."""
+    return [s for s in registry if (s.published.get("map50") is not None) == published][:count]
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def backends_store(tmp_path_factory, registry):
+    """A: trained, cpu 100 ms (INVALID p50), openvino 95 ms (agrees, ratio 0.95 side by side),
+    openvino-bf16 50 ms (DISAGREES, no own eval); B: trained, cpu 60 ms, openvino 70 ms (parity
+    unchecked), openvino-bf16 30 ms (disagrees, but evaluated on bf16 itself: 28 %)."""
+    root = tmp_path_factory.mktemp("backends")
+    a, b = _specs(registry, 2)
+    for spec, cpu, ev in ((a, 100.0, 0.40), (b, 60.0, 0.30)):
+        sha, c = _sha(spec.name), _contract(spec, "sha256:" + "ab" * 32)
+        store.append("export", {"file_bytes": 1}, model=spec.name, model_sha256=sha, contract=c, root=root)
+        _bench(root, spec.name, sha, c, "cpu", cpu, verdict="INVALID" if spec is a else "VALID",
+               reason="12 runs < 64 required" if spec is a else "")
+        _eval(root, spec.name, sha, c, "cpu", ev)
+    sa, ca = _sha(a.name), _contract(a, "sha256:" + "ab" * 32)
+    _bench(root, a.name, sa, ca, "openvino", 95.0, parity="agree", ratio=0.95)
+    _bench(root, a.name, sa, ca, "openvino-bf16", 50.0, parity="disagree", precision="bf16")
+    sb, cb = _sha(b.name), _contract(b, "sha256:" + "ab" * 32)
+    _bench(root, b.name, sb, cb, "openvino", 70.0, parity="unchecked")
+    _bench(root, b.name, sb, cb, "openvino-bf16", 30.0, parity="disagree", precision="bf16")
+    _eval(root, b.name, sb, cb, "openvino-bf16", 0.28)
+    return root, a, b
+
+
+def test_pareto_over_model_backend_pairs(backends_store, registry, tmp_path):
+    from report.charts import accuracy_vs_latency
+    from report.collect import collect
+
+    root, a, b = backends_store
+    rows = [r for r in collect(root=root, registry=registry) if r.latency]
+    data = accuracy_vs_latency(rows, tmp_path / "acc.png")
+    pts = {p["id"]: (p["latency_ms"], p["map50"], p["status"], p["precision"]) for p in data["points"]}
+    assert pts == {f"{a.name} on cpu": (100.0, pytest.approx(40.0), "measured", "float32"),
+                   f"{a.name} on openvino": (95.0, pytest.approx(40.0), "measured", "float32"),
+                   f"{b.name} on cpu": (60.0, pytest.approx(30.0), "measured", "float32"),
+                   f"{b.name} on openvino-bf16": (30.0, pytest.approx(28.0), "measured", "bf16")}
+    # by hand: 30 ms/28 %, 60/30, 95/40 each beat everything slower; 100/40 is no more accurate than 95/40
+    assert data["pareto"] == [f"{b.name} on openvino-bf16", f"{b.name} on cpu", f"{a.name} on openvino"]
+    basis = {p["id"]: p["basis"] for p in data["points"]}
+    assert basis[f"{a.name} on openvino"] == "measured on cpu; openvino agrees with cpu (parity)"
+    assert basis[f"{b.name} on openvino-bf16"] == "measured on openvino-bf16 (144 images)"
+    left = " ".join(data["left_out"])
+    assert f"{a.name} on openvino-bf16: openvino-bf16 parity disagree" in left
+    assert f"{b.name} on openvino: openvino parity unchecked" in left
+    assert not next(p for p in data["points"] if p["id"] == f"{a.name} on cpu")["valid"]
+
+
+def test_disagreeing_backend_is_marked_and_ratios(backends_store, registry):
+    from report.collect import collect
+    from report.table import backend_cell_text, backend_latency, display_rows, markdown
+
+    root, a, b = backends_store
+    rows = [r for r in collect(root=root, registry=registry) if r.latency]
+    data = backend_latency(rows)
+    assert data["backends"] == ["cpu", "openvino", "openvino-bf16"]
+    cells = {line["network"]: line["cells"] for line in data["rows"]}
+    ov, bf = cells[a.name]["openvino"], cells[a.name]["openvino-bf16"]
+    assert (ov["ratio"], ov["ratio_basis"]) == (0.95, "side by side")
+    assert bf["ratio"] == pytest.approx(50.0 / 100.0) and bf["ratio_basis"] == "separate runs"
+    assert "DISAGREES with cpu" in backend_cell_text(bf) and "[bf16]" in backend_cell_text(bf)
+    assert "DISAGREES" not in backend_cell_text(ov)
+    assert data["notes"] == ["12 runs < 64 required"]
+    assert backend_cell_text(cells[a.name]["cpu"]).endswith("✗[1]")
+    assert "parity unchecked" in backend_cell_text(cells[b.name]["openvino"])
+    main, _ = display_rows(rows)
+    row_a = next(c for c in main if c["network"].startswith(a.name))
+    assert row_a["p50 latency openvino-bf16 (ms)"] == "50.0 (DISAGREES with cpu)"
+    assert row_a["p50 latency cpu (ms)"] == "100.0 (INVALID)"
+    assert row_a["p50 latency openvino (ms)"] == "95.0"
+    md = markdown(rows)
+    assert "## Latency per backend" in md and "1. 12 runs < 64 required" in md
+
+
+@pytest.fixture(scope="module")
+def int8_store(tmp_path_factory, registry):
+    """F trained: float cpu 100 / openvino 80 ms, int8 cpu 40 / openvino 20 ms; float eval over 144
+    images (40 %) and over ids 1-3 (39.5 %), int8 eval over ids 1-3 (39 %). R random-init with a
+    published mAP: float and int8 bench only."""
+    root = tmp_path_factory.mktemp("int8")
+    f, r = _specs(registry, 2)
+    int8 = {"detbench.precision": "int8", "detbench.quantized_from": "x", "detbench.calibration_method": "minmax",
+            "detbench.calibration_image_ids": json.dumps([7, 8])}
+    sf = _write_model(root, f, trained=True, p50=100.0, map50=0.40, weight_bytes=4000)
+    _bench(root, f.name, sf, _contract(f, "sha256:" + "ab" * 32), "openvino", 80.0)
+    _eval(root, f.name, sf, _contract(f, "sha256:" + "ab" * 32), "cpu", 0.395, images=3, image_ids=[1, 2, 3])
+    q = f"{f.name}@int8"
+    sq = _write_model(root, f, trained=True, p50=40.0, name=q, contract_extra=int8, weight_bytes=1000)
+    cq = {**_contract(f, "sha256:" + "ab" * 32), "detbench.name": q, **int8}
+    _bench(root, q, sq, cq, "openvino", 20.0)
+    _eval(root, q, sq, cq, "cpu", 0.39, images=3, image_ids=[1, 2, 3], map_=0.2)
+    _write_model(root, r, trained=False, p50=50.0)
+    _write_model(root, r, trained=False, p50=25.0, name=f"{r.name}@int8", contract_extra=int8)
+    return root, f, r
+
+
+def test_int8_table_worked_by_hand(int8_store, registry):
+    from report.collect import collect
+    from report.table import int8_markdown, int8_rows
+
+    root, f, r = int8_store
+    rows = collect(root=root, registry=registry)
+    names = [x.name for x in rows]
+    assert names.index(f"{f.name}@int8") == names.index(f.name) + 1  # the variant sits under its float model
+    data = {(d["int8"], d["backend"]): d for d in int8_rows(rows)}
+    cpu, ov = data[(f"{f.name}@int8", "cpu")], data[(f"{f.name}@int8", "openvino")]
+    assert cpu["speedup"] == pytest.approx(100.0 / 40.0) and ov["speedup"] == pytest.approx(80.0 / 20.0)
+    # the float file's evaluation on the int8 file's images (ids 1-3) is chosen over its 144-image one
+    assert cpu["d_map50"] == pytest.approx(39.0 - 39.5) and cpu["d_map"] == pytest.approx(20.0 - 19.75)
+    assert (cpu["images_float"], cpu["images_int8"], cpu["same_images"]) == (3, 3, True)
+    assert ov["eval_backend"] == "cpu"
+    assert (cpu["float_weight_bytes"], cpu["int8_weight_bytes"]) == (4000, 1000)
+    assert cpu["float_gops"] == cpu["int8_gops"]  # quantization leaves the operations alone
+    rnd = data[(f"{r.name}@int8", "cpu")]
+    assert rnd["speedup"] == pytest.approx(2.0) and rnd["d_map50"] is None
+    assert rnd["accuracy_note"] == "accuracy of random weights not measured"
+    md = int8_markdown(rows)
+    assert "2.50x" in md and "39.5 → 39.0 (-0.50)" in md and "accuracy of random weights not measured" in md
+
+
+def test_int8_row_never_gets_published_accuracy(int8_store, registry):
+    from report.collect import collect
+
+    root, f, r = int8_store
+    rows = {x.name: x for x in collect(root=root, registry=registry)}
+    assert rows[r.name].map50.status == "published"  # the float model: published figure, as before
+    q = rows[f"{r.name}@int8"]
+    assert q.quantized and q.precision == "int8" and q.family == r.family and q.paper == r.paper
+    assert q.map50 is None and q.map is None and q.published_gflops is None
+    assert "accuracy of random weights not measured" in q.skipped["accuracy"]
+    assert q.label == f"{r.name}@int8"
+    assert rows[f"{f.name}@int8"].map50.value == pytest.approx(39.0)
+    assert rows[f"{f.name}@int8"].calibration == "minmax on 2 COCO image(s)"
+
+
+def _sizes_store(root, spec, map50s, macs=(1.0e9, 1.5e9, 2.0e9, 3.0e9), sizes=(320, 416, 512, 608)):
+    for size, m, v in zip(sizes, macs, map50s):
+        _write_model(root, spec, trained=True, p50=size / 10, map50=v, size=(size, size), macs=int(m))
+
+
+@pytest.mark.parametrize("map50s, verdict", [((0.30, 0.33, 0.345, 0.35), "supported"),
+                                             ((0.30, 0.31, 0.34, 0.35), "contradicted")])
+def test_diminishing_returns_claim(tmp_path, registry, map50s, verdict):
+    from report.charts import input_size_scaling
+    from report.claims import diminishing_returns
+    from report.collect import collect
+
+    spec = next(s for s in registry if s.paper)
+    _sizes_store(tmp_path, spec, map50s)
+    rows = collect(root=tmp_path, registry=registry)
+    data = diminishing_returns(rows, tmp_path / "a.png")
+    assert data["verdict"] == verdict
+    (series,) = data["families"][0]["measured"]
+    assert [p["gops"] for p in series["points"]] == pytest.approx([2.0, 3.0, 4.0, 6.0])  # 2 x MACs / 1e9
+    gains = [s["gain_per_gops"] for s in series["steps"]]
+    m = [100 * v for v in map50s]
+    assert gains == pytest.approx([(m[1] - m[0]) / 1, (m[2] - m[1]) / 1, (m[3] - m[2]) / 2])
+    if verdict == "supported":  # 3.0, 1.5, 0.25 points per GOps
+        assert "support the claim of diminishing returns" in data["text"] and "do not support" not in data["text"]
+    else:  # 1.0, 3.0, 0.5: the gain grows at the second step
+        assert "grows from +1.000 (320x320→416x416) to +3.000 (416x416→512x512)" in data["text"]
+        assert "do not support the claim" in data["text"]
+    scaling = next(g for g in input_size_scaling(rows, tmp_path / "s.png") if g["family"] == spec.family)
+    assert [(p["label"], p["map50_status"]) for p in scaling["points"]][0] == (f"{spec.name} @320x320", "measured")
+
+
+def _images(root, name, sha, c, network, post, latency, detections):
+    store.append("images", {"images": [{"image": f"{i:012d}.jpg", "macs": n + p, "network_macs": n,
+                                        "postprocess_macs": p, "detections": d, "latency_ms": t}
+                                       for i, (n, p, t, d) in enumerate(zip(network, post, latency, detections))],
+                            "n": len(network), "note": "synthetic"}, model=name, model_sha256=sha, provider="cpu",
+                 contract=c, root=root)
+
+
+@pytest.mark.parametrize("one_stage_varies", [False, True])
+def test_per_image_claim(tmp_path, registry, one_stage_varies):
+    from report.claims import per_image_cost
+    from report.collect import collect
+
+    one, two = _specs(registry, 2)
+    so = _write_model(tmp_path, one, trained=True, p50=10.0, by_op={"Conv": {"macs": 1}})
+    st = _write_model(tmp_path, two, trained=True, p50=30.0, by_op={"Conv": {"macs": 1}, "RoiAlign": {"macs": 0}})
+    network = [4e9, 4e9 * 1.2, 4e9] if one_stage_varies else [4e9, 4e9, 4e9]
+    _images(tmp_path, one.name, so, _contract(one, "x"), network, [1e6, 3e6, 2e6], [10.0, 11.0, 12.0], [1, 5, 3])
+    _images(tmp_path, two.name, st, _contract(two, "x"), [10e9, 11e9, 12e9], [0, 0, 0], [30.0, 33.0, 36.0], [2, 4, 6])
+    data = per_image_cost(collect(root=tmp_path, registry=registry), tmp_path / "b.png")
+    m = {x["label"]: x for x in data["models"]}
+    assert m[two.name]["stage"] == "two-stage" and m[one.name]["stage"] == "one-stage"
+    g = m[two.name]["gops"]
+    assert (g["min"], g["median"], g["max"]) == pytest.approx((20.0, 22.0, 24.0))
+    assert g["spread"] == pytest.approx(4.0 / 22.0)
+    assert m[two.name]["r_latency_detections"] == pytest.approx(1.0)
+    assert "min 20.000 / median 22.000 / max 24.000 (spread 18.18 %" in data["text"]
+    if one_stage_varies:
+        assert data["verdict"] == "contradicted" and data["against"] == [one.name]
+        assert "do not support the claim" in data["text"]
+    else:
+        assert m[one.name]["network_gops"]["spread"] == 0.0
+        assert data["verdict"] == "supported" and "the measurements support the claim" in data["text"]
+
+
+def test_hosts_validation_and_warnings_are_shown(tmp_path, registry):
+    from report import build_report
+
+    a, b = _specs(registry, 2)
+    flagged = {"detbench.validation": "failed-accepted",
+               "detbench.structure_warnings": json.dumps(["route layer 83 reads a layer after it"])}
+    sa = _write_model(tmp_path, a, trained=False, p50=10.0, contract_extra=flagged)
+    _bench(tmp_path, a.name, sa, {**_contract(a, "random-init"), **flagged}, "cpu", 9.0, host="node-2")
+    _write_model(tmp_path, b, trained=False, p50=20.0)
+    result = build_report(tmp_path / "out", root=tmp_path, registry=registry)
+    row = next(r for r in result.rows if r.name == a.name)
+    assert row.hosts == sorted({store.host_info()["hostname"], "node-2"})
+    md, page = result.markdown.read_text(), result.html.read_text()
+    header = next(ln for ln in md.splitlines() if ln.startswith("| network"))
+    assert "| host |" in header and "| export validation |" in header
+    for text in (md, page):
+        assert "failed-accepted" in text and "route layer 83 reads a layer after it" in text and "node-2" in text

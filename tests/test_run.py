@@ -51,8 +51,23 @@ def quick_run(tmp_path_factory, models):
     return root, proc.stdout, wall
 
 
-def _records(root, kind, model, provider=None):
-    return [r for r in store.load(kind, model, root=root).records if provider is None or r["provider"] == provider]
+def _records(root, kind, model, provider=None, size=None):
+    """Records of ``model`` (of one provider, and at one input size when given)."""
+    def at(r):
+        c = r.get("contract") or {}
+        return size is None or (int(c.get("detbench.input_height", 0)), int(c.get("detbench.input_width", 0))) == size
+
+    return [r for r in store.load(kind, model, root=root).records
+            if (provider is None or r["provider"] == provider) and at(r)]
+
+
+def _single_row(**changes):
+    """Quick settings for one report row per model (no extra sizes, no INT8 row)."""
+    import dataclasses
+
+    from pipeline.run import RunSettings
+
+    return dataclasses.replace(RunSettings.quick(), sizes=False, int8_models=(), **changes)
 
 
 def _csv(root) -> dict[str, dict[str, str]]:
@@ -84,7 +99,7 @@ def test_trained_model_numbers_match_store_and_published(quick_run, models):
     row = _csv(root)[trained.name]
     export = _records(root, "export", trained.name)[-1]
     assert export["contract"]["detbench.weights"].startswith("sha256:")
-    sha = export["model_sha256"]
+    sha = [r for r in _records(root, "export", trained.name, size=trained.input_size)][-1]["model_sha256"]
     profile = [r for r in _records(root, "profile", trained.name) if r["model_sha256"] == sha][-1]["data"]
     bench = [r for r in _records(root, "bench", trained.name, "cpu") if r["model_sha256"] == sha][-1]["data"]
     evaluation = [r for r in _records(root, "eval", trained.name) if r["model_sha256"] == sha][-1]["data"]
@@ -123,20 +138,22 @@ def test_unavailable_providers_are_skipped_never_faked(quick_run, models):
     import onnxruntime as ort
 
     from core.manifest import load
-    from runtime.sessions import provider_usable, short_name
+    from runtime.backends import get_backend, provider_usable
 
     root, _, _ = quick_run
     entries = load(root)["entries"].values()
+    rows = {(e["model"], tuple(e["input_size"])) for e in entries}  # every report row the run measured
     for full in ort.get_available_providers():
-        p = short_name(full)
+        p = get_backend(full).name
         ok, reason = provider_usable(p)
-        benches = [r for s in models for r in _records(root, "bench", s.name, p)]
+        benches = [r for s in models for r in _records(root, "bench", s.name, p, size=s.input_size)]
         if ok:
             assert len(benches) == 2 and all(r["data"]["providers_ran"][0] == full for r in benches)
         else:
-            assert benches == []
+            assert benches == [] and not any(r["provider"] == p for r in store.load("bench", root=root).records)
             skipped = [e for e in entries if e["step"] == "bench" and e["provider"] == p]
-            assert len(skipped) == 2 and all(e["status"] == "skipped" and e["reason"] == reason for e in skipped)
+            assert len(skipped) == len(rows) and all(e["status"] == "skipped" and e["reason"] == reason
+                                                     for e in skipped)
 
 
 def test_rerun_reuses_every_unchanged_step(quick_run, models, monkeypatch):
@@ -146,13 +163,16 @@ def test_rerun_reuses_every_unchanged_step(quick_run, models, monkeypatch):
     monkeypatch.setenv("DETBENCH_RESULTS", str(root))
     before = len(store.load(root=root).records)
     summary = run_pipeline([s.name for s in models], quick=True, strict=True)
+    benched = next(o.provider for o in summary.outcomes if o.step == "bench" and o.status == "reused")
     # (a step re-done here means its inputs changed: in a shared working tree, someone edited
     # the step's source between the two runs, which is what the code version in the key is for)
     statuses = {(o.model, o.step, o.provider): o.status for o in summary.outcomes if o.step != "report"}
     trained, random_init = models
     expected = {(s.name, step, p): "reused" for s in models for step, p in (("export", None), ("profile", None),
-                                                                             ("bench", "cpu"))}
+                                                                             ("bench", benched), ("images", "cpu"))}
     expected[(trained.name, "eval", "cpu")] = "reused"
+    expected[(f"{trained.name}@int8", "quantize", None)] = "reused"
+    expected[(f"{trained.name} @320x320", "eval", "cpu")] = "reused"
     expected[(random_init.name, "eval", "cpu")] = "skipped"
     assert {k: statuses[k] for k in expected} == expected
     assert len(store.load(root=root).records) == before
@@ -172,15 +192,16 @@ def test_interrupted_run_continues(tmp_path, models, monkeypatch, quick_run):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_pipeline([trained.name], quick=True, providers=["cpu"], progress=interrupt, strict=True)
+        run_pipeline([trained.name], settings=_single_row(), providers=["cpu"], progress=interrupt, strict=True)
     assert _records(tmp_path, "eval", trained.name) == []
-    summary = run_pipeline([trained.name], quick=True, providers=["cpu"], strict=True)
+    summary = run_pipeline([trained.name], settings=_single_row(), providers=["cpu"], strict=True)
     statuses = {o.step: o.status for o in summary.outcomes}
-    assert statuses == {"export": "reused", "profile": "reused", "bench": "reused", "eval": "done", "report": "done"}
+    assert statuses == {"export": "reused", "profile": "reused", "bench": "reused", "images": "reused",
+                        "eval": "done", "report": "done"}
     (evaluation,) = _records(tmp_path, "eval", trained.name)
     assert evaluation["data"]["images_resumed"] >= 3 and evaluation["data"]["images_evaluated"] == 8
     assert len(_records(tmp_path, "export", trained.name)) == 1
-    reference = _records(quick_run[0], "eval", trained.name)[-1]
+    reference = _records(quick_run[0], "eval", trained.name, "cpu", size=trained.input_size)[-1]
     assert evaluation["model_sha256"] == reference["model_sha256"]
     assert evaluation["data"]["stats"] == reference["data"]["stats"]
 
@@ -193,7 +214,7 @@ def test_missing_module_is_skipped_with_its_reason(quick_run, models, tmp_path, 
     monkeypatch.setenv("DETBENCH_RESULTS", str(root))
     monkeypatch.setitem(sys.modules, "counting", None)  # as if the analyzer were not in this checkout
     trained, _ = models
-    summary = run_pipeline([trained.name], quick=True, providers=["cpu"], strict=True)
+    summary = run_pipeline([trained.name], settings=_single_row(), providers=["cpu"], strict=True)
     outcome = {o.step: o for o in summary.outcomes}
     assert outcome["export"].status == "reused"
     assert outcome["profile"].status == "skipped"

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 from core.errors import ConfigError, ContractError, ProviderUnavailableError
-from runtime.sessions import create_session, provider_usable, resolve_provider, short_name, tiny_model_bytes
+from runtime.backends import provider_usable
+from runtime.backends.base import tiny_model_bytes
+from runtime.backends.onnxruntime import create_session, resolve_provider, short_name
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_OK, CUDA_WHY = provider_usable("cuda")

@@ -8,6 +8,8 @@ counts and PyTorch's eager outputs.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -84,7 +86,12 @@ def test_export_follows_contract_and_validates(name, exported, registry, fresh_m
     assert v["trace_image"] not in v["images"] and len(v["images"]) == 2
     compared = [v[f"{img}:detections"] for img in v["images"]]
     assert min(compared) > 0, compared
-    assert max(v[f"{img}:scores:max_abs_diff"] for img in v["images"]) <= 1e-3 + 1e-3
+    assert max(v[f"{img}:max_score_diff"] for img in v["images"]) <= 1e-3 + 1e-3
+    # The outcome and the matching figures travel with the file.
+    assert contract.extra["validation"] == "passed" and v["status"] == "passed"
+    matching = json.loads(contract.extra["validation_matching"])
+    assert sorted(matching) == sorted(v["images"])
+    assert all(row["unexplained"] == 0 and row["matched"] <= row["detections"] for row in matching.values())
 
 
 @pytest.mark.slow
@@ -290,3 +297,45 @@ def test_weights_file_that_is_not_a_state_dict_is_a_clear_error(tmp_path, fresh_
         load_weights(model, garbage, "fasterrcnn_resnet50_fpn")
     with pytest.raises(WeightsError, match="not found"):
         load_weights(model, tmp_path / "absent.pt", "fasterrcnn_resnet50_fpn")
+
+
+@pytest.mark.slow
+def test_a_torchvision_state_dict_with_real_batchnorm_statistics_validates(tmp_path, exported, registry, coco_dir):
+    """The weights a user brings: torchvision's own constructor (weights=None) under another
+    seed, its BatchNorm running statistics taken from a COCO photo and then perturbed, its
+    classification biases spread. The export validates by matching (every PyTorch detection
+    paired, or explained by a boundary), and records the figures in the file."""
+    import torchvision
+
+    name = "retinanet_resnet50_fpn"
+    torch.manual_seed(5)
+    source = torchvision.models.detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None,
+                                                                 num_classes=91).eval()
+    norms = [m for m in source.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    g = torch.Generator().manual_seed(6)
+    for m in norms:
+        m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+        m.momentum = 1.0
+        m.train()
+    photo = sorted((coco_dir / "val2017").glob("*.jpg"))[4]
+    x = torch.from_numpy(load_rgb(photo)).permute(2, 0, 1).float() / 255.0
+    with torch.no_grad():
+        source.backbone(source.transform.normalize(x)[None])
+    for m in norms:
+        m.eval()
+        m.running_mean.add_(torch.randn(m.num_features, generator=g) * 0.1 * m.running_var.sqrt())
+        m.running_var.mul_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+    state = source.state_dict()
+    state["head.classification_head.cls_logits.bias"] = torch.randn(state["head.classification_head.cls_logits.bias"].shape,
+                                                                   generator=g) - 3.0
+    path = tmp_path / "torchvision-init.pth"
+    torch.save(state, path)
+
+    result = exported(name, weights=path)
+    contract = read_contract(result.path)
+    assert contract.weights == "sha256:" + sha256_file(path)
+    assert contract.extra["validation"] == "passed"
+    matching = json.loads(contract.extra["validation_matching"])
+    for image, row in matching.items():
+        assert row["detections"] > 0 and row["unexplained"] == 0, (image, row)
+        assert row["matched"] + sum(row.get("explained", {}).values()) >= row["detections"]

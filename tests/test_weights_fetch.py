@@ -386,3 +386,92 @@ def test_real_registry_entry_verifies_the_official_files_in_place(registry, data
     ]
     assert outcome.files[0].sha256 == spec.weights.sha256 and outcome.files[0].size == 35_434_956
     assert not isolated.exists()
+
+
+# --------------------------------------------------------------------------- issue 12, rule 5
+
+
+def _list_output(monkeypatch):
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    import cli
+
+    monkeypatch.setattr(cli, "console", Console(width=400, force_terminal=False, color_system=None))
+    result = CliRunner().invoke(cli.app, ["list"])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_a_damaged_cache_copy_does_not_hide_the_verified_one(server, tmp_path, isolated, monkeypatch):
+    """The issue's case: the cache (first in the search order) holds a truncated copy, the data
+    folder the verified one. list, export's choice and fetch all name the verified copy."""
+    from exporters.weights import weights_status
+
+    shared = tmp_path / "shared-data"
+    (shared / "darknet").mkdir(parents=True)
+    (shared / "darknet" / "toy.weights").write_bytes(GOOD)
+    monkeypatch.setenv("DETBENCH_DATA", str(shared))
+    isolated.mkdir()
+    (isolated / "toy.weights").write_bytes(GOOD[: len(GOOD) // 2])
+    url = server.add("/w/toy.weights", GOOD)
+    registry = registry_of(tmp_path, torch_entry("toy", url, file="toy.weights", sha256=sha(GOOD)))
+    monkeypatch.setenv("DETBENCH_MODELS", str(tmp_path / "models.toml"))
+    spec = registry.get("toy")
+    verified = shared / "darknet" / "toy.weights"
+
+    status = weights_status(spec)
+    assert (status.state, status.path) == ("present", verified)
+    assert [path for path, _ in status.rejected] == [isolated / "toy.weights"]
+    assert locate_weights(spec) == verified  # what `export` hands to the exporter
+    (kept,) = fetch(spec).files
+    assert (kept.path, kept.downloaded, kept.verified) == (verified, False, VERIFIED_FULL)
+    assert str(isolated / "toy.weights") in kept.replaced and "not used" in kept.replaced
+    assert server.hits["/w/toy.weights"] == 0
+
+    listing = _list_output(monkeypatch)
+    row = next(line for line in listing.splitlines() if line.startswith("toy "))
+    assert row.split()[-1] == "present"
+    assert f"    {verified}" in listing.splitlines()
+    assert f"ignored a damaged copy ({isolated / 'toy.weights'} has sha256" in listing
+
+
+def test_a_copy_that_fails_its_sha256_is_never_present(server, tmp_path, isolated, monkeypatch):
+    from exporters.weights import weights_status
+    from core.errors import WeightsError
+
+    isolated.mkdir()
+    (isolated / "toy.weights").write_bytes(b"damaged")
+    url = server.add("/w/toy.weights", GOOD)
+    registry = registry_of(tmp_path, torch_entry("toy", url, file="toy.weights", sha256=sha(GOOD)))
+    monkeypatch.setenv("DETBENCH_MODELS", str(tmp_path / "models.toml"))
+    spec = registry.get("toy")
+
+    assert weights_status(spec).state == "corrupt"
+    with pytest.raises(WeightsError) as err:
+        locate_weights(spec)  # export refuses before any exporter reads the file
+    assert str(isolated / "toy.weights") in str(err.value) and "python cli.py fetch toy" in str(err.value)
+    listing = _list_output(monkeypatch)
+    row = next(line for line in listing.splitlines() if line.startswith("toy "))
+    assert row.split()[-1] == "corrupt"
+    assert f"corrupt toy: the local weights fail their sha256 check: {isolated / 'toy.weights'}" in listing
+
+    # the advised fix fixes it: fetch sets the damaged copy aside and downloads a verified one
+    (fresh,) = fetch(spec).files
+    assert fresh.downloaded and fresh.path == isolated / "toy.weights"
+    assert weights_status(spec).state == "present" and locate_weights(spec) == isolated / "toy.weights"
+
+
+def test_an_unverified_fetch_whose_file_changed_is_corrupt(server, tmp_path, isolated, monkeypatch):
+    """Own case: no sha256 is published, so the digest recorded at fetch time is the reference."""
+    from exporters.weights import weights_status
+
+    url = server.add("/w/free.weights", GOOD)
+    registry = registry_of(tmp_path, torch_entry("free", url, file="free.weights"))
+    spec = registry.get("free")
+    (got,) = fetch(spec, allow_unverified=True).files
+    assert weights_status(spec).state == "present" and got.verified == UNVERIFIED
+    got.path.write_bytes(GOOD[:-1])  # damaged after the fetch
+    status = weights_status(spec)
+    assert status.state == "corrupt"
+    assert f"was recorded in free.weights{SIDECAR_SUFFIX}" in status.problem

@@ -1,0 +1,147 @@
+"""Rich renderers for the terminal: what `bench` and `backends` print (cli.py only calls them).
+
+They take the library's result objects (duck-typed: nothing here imports the runtime) and a
+``rich.console.Console``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich import box
+from rich.table import Table
+
+
+def _table(title: str, cols: list[str], left: int = 2) -> Table:
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
+              padding=(0, 1), collapse_padding=True)
+    for i, col in enumerate(cols):
+        t.add_column(col, justify="left" if i < left else "right", no_wrap=True)
+    return t
+
+
+def render_backends(console, rows) -> None:
+    """``rows``: (name, description, ok, reason) per registered backend."""
+    table = Table(title="backends (names for --provider/-p)", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False, show_edge=False, padding=(0, 1))
+    table.add_column("name", no_wrap=True, min_width=13)
+    table.add_column("runs here", no_wrap=True)
+    table.add_column("what")
+    for name, description, ok, _reason in rows:
+        table.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", description)
+    console.print(table)
+    for name, _description, ok, reason in rows:
+        if not ok:
+            lines = reason.splitlines()
+            fix = next((ln for ln in lines if ln.startswith("To run on it")), "")
+            console.print(f"[red]{name}[/]: {lines[0]}" + (f" {fix}" if fix else ""), highlight=False,
+                          soft_wrap=True)
+
+
+def _label(r) -> str:
+    return r.model + ("*" if r.contract.get("detbench.weights") == "random-init" else "")
+
+
+def _ran(r) -> str:
+    name = r.providers_ran[0].removesuffix("ExecutionProvider")
+    return f"[red]{name} (asked {r.provider})[/]" if r.fell_back else name
+
+
+def _parity_cell(r) -> str:
+    verdict = r.parity_verdict
+    if verdict == "reference":
+        return "reference"
+    if verdict == "unchecked":
+        return "[yellow]unchecked[/]"
+    p = r.parity
+    colour = "green" if verdict == "agree" else "bold red"
+    box_px = "n/a" if p["max_box_px"] is None else f"{p['max_box_px']:.1g}"
+    score = "n/a" if p["max_score"] is None else f"{p['max_score']:.1g}"
+    return f"[{colour}]{verdict}[/] {p['matched']}/{p['total']} box {box_px} sc {score}"
+
+
+def render_bench(console, results, top: int) -> None:
+    """One latency table with every model x backend and its p50 ratio to onnxruntime CPU, then costs."""
+    latency = _table("latency, ms per run (measured side by side, backends alternating)",
+                     ["model", "backend", "prec", "parity vs cpu (matched, max |box| px, |score|)", "thr", "p50",
+                      "x cpu", "mean±std", "p90", "min", "open s", "1st ms"], left=4)
+    for r in results:
+        ratio = "" if r.ratio_to_cpu is None else f"{r.ratio_to_cpu:.2f}"
+        latency.add_row(_label(r), r.provider, r.precision, _parity_cell(r),
+                        str(r.backend.get("threads") or r.settings.get("threads") or "dflt"), f"{r.latency.p50:.1f}",
+                        ratio, f"{r.latency.mean:.1f}±{r.latency.std:.1f}", f"{r.latency.p90:.1f}",
+                        f"{r.latency.min:.1f}", f"{r.session_seconds:.2f}",
+                        "" if r.first_run_ms is None else f"{r.first_run_ms:.0f}")
+    console.print(latency)
+    cost = _table("cost", ["model", "backend", "ran on", "RSS MB", "GMACs", "GFLOP/s", "%peak", "dets"])
+    for r in results:
+        cost.add_row(_label(r), r.provider, _ran(r), "n/a" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}",
+                     "n/a" if r.macs is None else f"{r.macs / 1e9:.2f}",
+                     "n/a" if r.achieved_gflops is None else f"{r.achieved_gflops:.1f}",
+                     "n/a" if r.fraction_of_peak is None else f"{100 * r.fraction_of_peak:.1f}", str(r.detections))
+    console.print(cost)
+    first = results[0]
+    notes = [f"{first.latency.n} timed runs per backend in {first.rounds} round(s), backends' order rotating, after "
+             f"{first.warmup} warm-up run(s) on {Path(first.image).name} (batch {first.batch}, prepared before "
+             "timing); * = random-init weights (latency valid, accuracy not); x cpu = p50 / onnxruntime CPU p50 of "
+             "the same run (below 1: faster); open s = session creation / model compilation, 1st ms = first "
+             "inference (cold start, not in the latency); RSS MB = growth of the process's peak resident memory "
+             "over the backend's open and first run."]
+    parities = [r.parity for r in results if r.parity]
+    if parities:
+        rules = sorted({f"{p['precision']}: {p['tolerance_text']}" for p in parities})
+        notes.append(f"parity: detections against onnxruntime CPU on {len(parities[0]['images'])} COCO images "
+                     f"({', '.join(parities[0]['images'])}); tolerance " + "; ".join(rules) + ".")
+        for r in results:
+            if r.parity and r.parity["verdict"] != "agree":
+                notes.append(f"[bold red]{r.model} on {r.provider} DISAGREES with onnxruntime CPU[/]: "
+                             + "; ".join(r.parity["reasons"][:3]))
+            if r.parity and r.parity.get("score_floor"):
+                notes.append(f"{r.model} on {r.provider}: compared above score {r.parity['score_floor']:g} (its own "
+                             "post-processing drops lower scores)")
+    if first.peak:
+        by = ", ".join(f"{k} {v:.1f}" for k, v in first.peak["by_backend"].items())
+        notes.append(f"GFLOP/s = 2 x MACs (counting/ analyzer) / p50; % peak = that over the machine's measured "
+                     f"float32 matmul rate ({first.machine_peak_gflops:.1f} GFLOP/s, {first.peak['size']}^2 "
+                     f"SGEMM median; {by}).")
+    for r in results:
+        if r.macs is None and r.macs_note:
+            notes.append(f"{r.model}: no MACs ({r.macs_note})")
+        if r.nodes_note:
+            notes.append(f"{r.model}: {r.nodes_note}")
+    runtimes = sorted({f"{r.provider}: {r.backend.get('library')} {r.backend.get('version')}" for r in results})
+    notes.append("backends: " + "; ".join(runtimes))
+    natives = sorted({r.backend["detail"]["runtime"] for r in results if r.provider == "native"})
+    if natives:
+        notes.append("native = " + "; ".join(natives))
+    for note in notes:
+        console.print(note, highlight=False, soft_wrap=True)
+    for r in results:
+        if r.nodes:
+            render_nodes(console, r, top)
+
+
+def render_nodes(console, r, top: int) -> None:
+    nodes = r.nodes
+    title = (f"{r.model} on {r.provider} ({r.providers_ran[0]}): top {min(top, nodes['nodes_total'])} of "
+             f"{nodes['nodes_total']} kernels (per-layer profiler, mean over {nodes['runs']} runs; kernel total "
+             f"{nodes['total_us'] / 1e3:.1f} ms)")
+    table = Table(title=title, title_justify="left")
+    for col in ("kernel", "ran as", "op", "ONNX nodes", "ms", "share", "GMACs", "GMAC/s"):
+        table.add_column(col, justify="right" if col in ("ms", "share", "GMACs", "GMAC/s") else "left")
+    for g in nodes["nodes"][:top]:
+        table.add_row(g["kernel"], g["kernel_op"], g["op_type"], str(len(g["originals"])),
+                      f"{g['mean_us'] / 1e3:.2f}", f"{100 * g['share']:.1f}%", f"{g['macs'] / 1e9:.3f}",
+                      "" if g["gmacs_per_s"] is None else f"{g['gmacs_per_s']:.1f}")
+    console.print(table)
+    by_op = Table(title=f"{r.model} on {r.provider}: by op type", title_justify="left")
+    for col in ("op", "kernels", "ms", "share", "GMACs", "GMAC/s"):
+        by_op.add_column(col, justify="left" if col == "op" else "right")
+    for op, e in sorted(nodes["by_op"].items(), key=lambda kv: -kv[1]["us"]):
+        by_op.add_row(op, str(e["kernels"]), f"{e['us'] / 1e3:.2f}", f"{100 * e['share']:.1f}%",
+                      f"{e['macs'] / 1e9:.3f}", "" if e["gmacs_per_s"] is None else f"{e['gmacs_per_s']:.1f}")
+    console.print(by_op)
+    console.print(f"GMAC/s = analyzer MACs of the ONNX nodes a kernel runs / its time (1 MAC = 2 FLOPs). Fused "
+                  f"nodes are mapped back as {nodes['mapping']}; {len(nodes['unattributed_nodes'])} ONNX node(s) "
+                  f"ran no kernel that can be told ({nodes['unattributed_macs'] / 1e9:.3f} GMACs unattributed).",
+                  highlight=False, soft_wrap=True)

@@ -1,0 +1,192 @@
+"""The interface every backend follows: settings in, a runner out, and what really ran.
+
+A :class:`Backend` is a way to execute an exported detector (an onnxruntime execution
+provider, the OpenVINO runtime, the model's source framework). ``open(path, settings)``
+gives a :class:`Runner` that takes the contract's input (``images`` float32
+[1, 3, H, W], RGB 0..255) and returns the contract's outputs by name (``boxes``,
+``scores``, ``labels``, ...), and whose :class:`RunnerInfo` says what ran: library and
+version, device, the precision actually used, threads, load time, and whether the
+backend fell back to something else.
+
+``probe()`` decides whether a backend runs here by really opening a one-node model
+(listing a library is not the same as being able to load it); the answer is cached.
+A backend that cannot run is refused with :class:`ProviderUnavailableError` and the
+reason, never replaced by another device's numbers under its name.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from core.errors import ConfigError, ProviderUnavailableError
+
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "layout", "all")
+EXECUTION_MODES = ("sequential", "parallel")
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """How to open a model, whatever the backend; ``to_dict()`` is what result records store.
+
+    ``threads``/``inter_threads``: intra/inter-op threads (None = the library's default);
+    ``optimization``/``execution_mode``: onnxruntime's graph optimisation level and executor;
+    ``provider_options``: KEY=VALUE passed to the backend (onnxruntime provider options,
+    OpenVINO compile properties); ``allow_fallback``: run even when the library replaced
+    the requested device (the runner's info says what ran); ``trt_cache_dir``: TensorRT
+    engine cache; ``include_copies``: on a CUDA device, time host<->device copies too;
+    ``native_weights``: the weights file the native framework needs for a trained export.
+    """
+
+    threads: int | None = None
+    inter_threads: int | None = None
+    optimization: str = "all"
+    execution_mode: str = "sequential"
+    provider_options: dict[str, str] = field(default_factory=dict)
+    allow_fallback: bool = False
+    trt_cache_dir: str | None = None
+    include_copies: bool = False
+    native_weights: str | None = None
+
+    def __post_init__(self):
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads {self.threads}: must be at least 1")
+        if self.inter_threads is not None and self.inter_threads < 1:
+            raise ConfigError(f"--inter-threads {self.inter_threads}: must be at least 1")
+        if self.optimization not in OPTIMIZATION_LEVELS:
+            raise ConfigError(f"--optimization {self.optimization!r}: use one of {', '.join(OPTIMIZATION_LEVELS)}")
+        if self.execution_mode not in EXECUTION_MODES:
+            raise ConfigError(f"--execution-mode {self.execution_mode!r}: use one of {', '.join(EXECUTION_MODES)}")
+        # paths are stored as strings so that the record is plain JSON
+        for name in ("trt_cache_dir", "native_weights"):
+            value = getattr(self, name)
+            if isinstance(value, Path):
+                object.__setattr__(self, name, str(value))
+        object.__setattr__(self, "provider_options", {str(k): str(v) for k, v in (self.provider_options or {}).items()})
+
+    @classmethod
+    def names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RunnerInfo:
+    """What really ran: ``backend`` (registered name), ``library`` and ``version``,
+    ``device`` (``cpu``, ``cuda``, ...), ``precision`` the library reports it computes in
+    (``f32``, ``bf16``), ``threads`` (None = the library's default), ``load_seconds``
+    (session creation / model compilation wall time), ``fell_back`` (True only with
+    ``allow_fallback``: the library ran something other than what was asked) and
+    backend-specific ``detail`` (onnxruntime's providers, OpenVINO's properties, ...)."""
+
+    backend: str
+    library: str
+    version: str
+    device: str
+    precision: str
+    threads: int | None
+    load_seconds: float
+    fell_back: bool = False
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Runner(abc.ABC):
+    """An opened model. ``run`` is for correctness (outputs by name), ``bind`` for timing."""
+
+    info: RunnerInfo
+    path: Path
+
+    def __init__(self) -> None:
+        self._last: dict[str, np.ndarray] | None = None
+
+    @abc.abstractmethod
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """The contract's outputs for ``images``, by name, as numpy arrays (labels int64)."""
+
+    def bind(self, images: np.ndarray) -> Callable[[], None]:
+        """The call a benchmark times, with ``images`` already bound (its last output is kept
+        for :meth:`detections`). Backends with device memory override this to bind on the device."""
+
+        def call() -> None:
+            self._last = self.run(images)
+
+        return call
+
+    def detections(self) -> int:
+        """Detections in the last timed output (-1 before any run)."""
+        if self._last is None or "scores" not in self._last:
+            return -1
+        return int(np.asarray(self._last["scores"]).reshape(-1).shape[0])
+
+    def layer_profile(self, images: np.ndarray, node_macs: dict[str, int], *, runs: int, warmup: int):
+        """Per-layer times joined with the analyzer's MACs (a :class:`runtime.nodes.NodeTimes`),
+        or None when this backend has no per-layer profiler."""
+        return None
+
+    def close(self) -> None:
+        """Release the model (sessions and compiled models go with their last reference)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class Backend(abc.ABC):
+    """A named way to execute an exported detector (see the module docstring)."""
+
+    name: str
+    description: str
+    # whether allow_fallback lets this backend run on something else (onnxruntime's CPU provider)
+    can_fall_back: bool = False
+
+    def __init__(self) -> None:
+        self._probed: tuple[bool, str] | None = None
+
+    @abc.abstractmethod
+    def _probe(self) -> tuple[bool, str]:
+        """Open a tiny model: ``(True, "")`` or ``(False, full reason with what to install)``."""
+
+    def probe(self) -> tuple[bool, str]:
+        """Whether this backend runs here, decided once per process by really opening a tiny model."""
+        if self._probed is None:
+            self._probed = self._probe()
+        return self._probed
+
+    def require(self, settings: BackendSettings | None = None) -> None:
+        """Raise :class:`ProviderUnavailableError` with the reason when this backend cannot run here."""
+        ok, reason = self.probe()
+        if not ok and not (self.can_fall_back and settings is not None and settings.allow_fallback):
+            raise ProviderUnavailableError(reason)
+
+    @abc.abstractmethod
+    def open(self, path: Path, settings: BackendSettings) -> Runner:
+        """Open the ONNX file at ``path`` (a contract model) with ``settings``."""
+
+    def __repr__(self) -> str:
+        return f"<backend {self.name}>"
+
+
+def tiny_model_bytes() -> bytes:
+    """A serialized one-node (Relu) ONNX graph, for probing backends."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="probe")], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
