@@ -223,25 +223,37 @@ def _node_model_file(model: list, model_sha: str) -> Path:
 
 
 class _Detector:
-    """An inference actor: one session created once, then batches of prepared images -> COCO entries (JSON)."""
+    """An inference actor: one session created once, then batches of prepared images -> COCO entries (JSON).
+
+    A detbench error (the backend cannot run, a label outside the label space) is not
+    raised here but returned with the batch, in the ``failure`` column: Ray would restart
+    the actor and retry, and what reached the driver would be Ray's wrapper around the
+    error's text. The driver raises it as the error it is (:func:`_failure`).
+    """
 
     def __init__(self, model: list, model_sha: str, provider: str, threads: int, contract: ModelContract,
                  label_map: np.ndarray):
         self.contract = contract
         self.label_map = label_map
-        self.runner = open_runner(_node_model_file(model, model_sha), provider, threads)
-        self.identity = json.dumps(_identity(self.runner.info), sort_keys=True)
-        self.load_seconds = self.runner.info.load_seconds
         self.host = socket.gethostname()
+        self.failure = ""
+        self.identity, self.load_seconds = "", 0.0
         hook = os.environ.get("DETBENCH_RAY_ACTOR_PIDS")
         if hook:  # tests find the actor processes to kill here
             with open(hook, "a", encoding="utf-8") as fh:
                 fh.write(f"{os.getpid()}\n")
+        try:
+            self.runner = open_runner(_node_model_file(model, model_sha), provider, threads)
+        except DetbenchError as exc:
+            self.failure = _failure_text(exc, self.host)
+            return
+        self.identity = json.dumps(_identity(self.runner.info), sort_keys=True)
+        self.load_seconds = self.runner.info.load_seconds
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        detections, seconds = [], []
+        detections, seconds, failure = [], [], self.failure
         for k in range(len(batch["image_id"])):
-            if batch["error"][k]:
+            if failure or batch["error"][k]:
                 detections.append("[]")
                 seconds.append(0.0)
                 continue
@@ -254,14 +266,37 @@ class _Detector:
             out = self.runner.run(tensor)
             outputs = [out[name] for name in OUTPUT_NAMES]
             seconds.append(time.perf_counter() - t0)
-            found = to_coco_detections(outputs, Prepared(image, tensor, placement), self.label_map, self.contract)
+            try:
+                found = to_coco_detections(outputs, Prepared(image, tensor, placement), self.label_map, self.contract)
+            except DetbenchError as exc:
+                failure = _failure_text(exc, self.host)
+                detections.append("[]")
+                continue
             detections.append(json.dumps(found, separators=(",", ":")))
         n = len(detections)
         return {"image_id": batch["image_id"], "file_name": batch["file_name"], "error": batch["error"],
                 "detections": np.array(detections, dtype=object), "session_seconds": np.array(seconds),
                 "host": np.array([self.host] * n, dtype=object), "pid": np.full(n, os.getpid()),
                 "identity": np.array([self.identity] * n, dtype=object),
-                "load_seconds": np.full(n, self.load_seconds)}
+                "load_seconds": np.full(n, self.load_seconds), "failure": np.array([failure] * n, dtype=object)}
+
+
+def _failure_text(exc: DetbenchError, host: str) -> str:
+    return json.dumps({"class": type(exc).__name__, "message": str(exc), "host": host})
+
+
+def _failure(text: str) -> DetbenchError:
+    """The detbench error an actor reported (:class:`_Detector`), as an instance of its own class."""
+    from core import errors
+
+    payload = json.loads(text)
+    cls = getattr(errors, payload["class"], None)
+    if not (isinstance(cls, type) and issubclass(cls, DetbenchError)):
+        cls = DetbenchError
+    # Some error classes take structured arguments; the message is already composed.
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, payload["message"])
+    return exc
 
 
 def _pool_size(cluster: RaySettings, threads: int, resources: dict[str, float], gpu: bool) -> int:
@@ -377,6 +412,8 @@ def evaluate_model_ray(path, settings: EvalSettings | None = None, *, ray_settin
                 try:
                     for batch in batches:
                         for k in range(len(batch["image_id"])):
+                            if batch["failure"][k]:
+                                raise _failure(batch["failure"][k])
                             image_id, name = int(batch["image_id"][k]), str(batch["file_name"][k])
                             if image_id in cache.done or image_id in skipped_ids:
                                 continue  # a retried block delivered twice

@@ -68,6 +68,7 @@ class Unpaired:
     label: int
     rule: str | None = None
     detail: str = ""
+    nearest: str = ""  # for an unexplained one: the closest detection of its label on the other side
 
 
 @dataclass
@@ -102,7 +103,7 @@ class Matching:
     def mismatches(self, where: str) -> list[str]:
         return [f"{where}: detection {u.index} of {SIDES[u.side]} (label {u.label}, score {u.score:.6g}) has no "
                 f"counterpart in {SIDES['got' if u.side == 'ref' else 'ref']} and sits at no decision boundary "
-                "(cap, score threshold, NMS)" for u in self.unexplained]
+                f"(cap, score threshold, NMS){u.nearest}" for u in self.unexplained]
 
 
 def _pair(ref: dict, got: dict, atol: float, rtol: float) -> list[tuple[int, int]]:
@@ -161,7 +162,21 @@ def match_detections(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], *, 
             if _explain_cascade(u, lists[u.side], lists[other], explained, iou_threshold, result.boundary_tol,
                                 atol, rtol):
                 changed = True
+    for u in result.unexplained:
+        _describe_nearest(u, lists)
     return result
+
+
+def _describe_nearest(u: Unpaired, lists: dict) -> None:
+    dets, other = lists[u.side], lists["got" if u.side == "ref" else "ref"]
+    box = dets["boxes"][u.index]
+    same = np.nonzero(other["labels"] == u.label)[0]
+    u.nearest = f"; box {np.round(box.astype(np.float64), 3).tolist()}"
+    if same.size:
+        ious = _iou(box, other["boxes"][same])
+        k = int(same[int(np.argmax(ious))])
+        u.nearest += (f"; nearest of its label there: box {np.round(other['boxes'][k].astype(np.float64), 3).tolist()}, "
+                      f"IoU {float(ious.max()):.4f}, score {float(other['scores'][k]):.6g}")
 
 
 def _explain_at_a_cut(u: Unpaired, lists: dict, score_threshold: float, max_detections: int,

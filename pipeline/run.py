@@ -1,4 +1,4 @@
-"""``python cli.py run``: the whole pipeline over the registry, then the report.
+r"""``python cli.py run``: the whole pipeline over the registry, then the report.
 
 A *target* is one row of the report: a registered model at its registered input size,
 at each further size models.toml lists under ``run_sizes`` (yolov3-tiny at 320, 416, 512

@@ -270,8 +270,10 @@ def _row(name: str, size: tuple[int, int], spec, records: list[dict[str, Any]],
          manifest: dict[str, Any]) -> ModelRow:
     row = ModelRow(name=name, input_size=size, in_registry=spec is not None)
     if spec is not None:
-        row.family, row.framework, row.paper = spec.family, spec.framework, spec.paper
         row.registered_size = size == spec.input_size
+        # a paper configuration is the registered network at its size in float: not its other sizes or INT8
+        row.family, row.framework = spec.family, spec.framework
+        row.paper = spec.paper and row.registered_size and name == spec.name
     # a quantized file is written by ``quantize``, which plays for it the part ``export`` plays for a float one
     exports = [r for r in records if r["kind"] in ("export", "quantize")]
     current = _latest(exports) or _latest(records)

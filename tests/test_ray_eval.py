@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -38,7 +39,9 @@ def ray_local(actor_pids):
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False, logging_level="WARNING",
              # the actors record their pid where the fault test can find the processes to kill
-             runtime_env={"env_vars": {"PYTHONPATH": root, "DETBENCH_RAY_ACTOR_PIDS": str(actor_pids)}})
+             runtime_env={"env_vars": {"PYTHONPATH": root, "DETBENCH_RAY_ACTOR_PIDS": str(actor_pids),
+                                       # the node-local model copies go into the test's folder, not /tmp
+                                       "TMPDIR": str(actor_pids.parent)}})
     try:
         yield ray
     finally:
@@ -175,3 +178,42 @@ def test_the_eval_command_runs_on_ray_with_the_local_figures(ray_local, tiny, co
     # the printed headline is the local run's, and so is every detection
     assert f"mAP@0.5 = {100 * local_run.scores['map50']:.2f}" in out.output
     assert _by_image(tmp_path / "results.json") == _by_image(local_run.results_file)
+
+
+@pytest.fixture(scope="module")
+def damaged_synthetic(tmp_path_factory):
+    from eval_fixtures import bright_box_detector, synthetic_coco
+
+    root = synthetic_coco(tmp_path_factory.mktemp("synthetic-coco"))
+    (root / "val2017" / f"{3:012d}.png").write_bytes(b"not a png")  # this image cannot be decoded
+    return root, bright_box_detector(root / "bright-box.onnx", height=96, width=128)
+
+
+def test_an_image_that_does_not_decode_is_skipped_as_locally(ray_local, damaged_synthetic, tmp_path):
+    root, model = damaged_synthetic
+    local = evaluate_model(model, coco_dir=root, results_file=tmp_path / "l.json", cache_file=tmp_path / "l.jsonl",
+                           store=False)
+    ray_run = evaluate_model_ray(model, coco_dir=root, results_file=tmp_path / "r.json",
+                                 cache_file=tmp_path / "r.jsonl", store=False, ray_settings=RaySettings(actors=1))
+    assert [s["image_id"] for s in ray_run.images_skipped] == [3]
+    assert ray_run.images_skipped == local.images_skipped
+    assert ray_run.scores["stats"] == local.scores["stats"]
+    assert _by_image(ray_run.results_file) == _by_image(local.results_file)
+
+
+def test_a_detbench_error_in_an_actor_reaches_the_caller_as_itself(ray_local, damaged_synthetic, tmp_path):
+    from core.errors import ContractError
+
+    root, model = damaged_synthetic
+    # the detector labels in coco80; told its labels are coco91 ids, its label 0 is not a category
+    with pytest.raises(ContractError, match="emitted label 0") as local:
+        evaluate_model(model, coco_dir=root, overrides={"label_space": "coco91"}, results_file=tmp_path / "l.json",
+                       cache_file=tmp_path / "l.jsonl", store=False)
+    with pytest.raises(ContractError, match="emitted label 0") as remote:
+        evaluate_model_ray(model, coco_dir=root, overrides={"label_space": "coco91"},
+                           results_file=tmp_path / "r.json", cache_file=tmp_path / "r.jsonl", store=False,
+                           ray_settings=RaySettings(actors=1))
+    # the same error, named for whichever red image (1, 5 or 8) an actor reached first
+    assert re.search(r"on 0+(1|5|8)\.png", str(remote.value))
+    assert re.sub(r"on \S+\.png", "", str(remote.value)) == re.sub(r"on \S+\.png", "", str(local.value))
+    assert _wait_for_free_cpus(ray_local, 2) == 2

@@ -102,7 +102,7 @@ def test_trained_model_numbers_match_store_and_published(quick_run, models):
     sha = [r for r in _records(root, "export", trained.name, size=trained.input_size)][-1]["model_sha256"]
     profile = [r for r in _records(root, "profile", trained.name) if r["model_sha256"] == sha][-1]["data"]
     bench = [r for r in _records(root, "bench", trained.name, "cpu") if r["model_sha256"] == sha][-1]["data"]
-    evaluation = [r for r in _records(root, "eval", trained.name) if r["model_sha256"] == sha][-1]["data"]
+    evaluation = [r for r in _records(root, "eval", trained.name, "cpu") if r["model_sha256"] == sha][-1]["data"]
     assert float(row["GOps (2xMACs, all ops)"]) == pytest.approx(profile["flops"] / 1e9, rel=1e-12)
     assert float(row["p50 latency cpu (ms)"]) == pytest.approx(bench["latency_ms"]["p50"], rel=1e-12)
     assert bench["providers_ran"][0] == "CPUExecutionProvider"

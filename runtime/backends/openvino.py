@@ -84,7 +84,8 @@ class OpenVinoRunner(Runner):
         for key in ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS",
                     "ENABLE_HYPER_THREADING", "SCHEDULING_CORE_TYPE"):
             try:
-                props[key] = str(compiled.get_property(key))
+                value = compiled.get_property(key)
+                props[key] = value.get_type_name() if hasattr(value, "get_type_name") else str(value)
             except RuntimeError:  # a property this plugin version does not expose
                 continue
         threads = compiled.get_property("INFERENCE_NUM_THREADS")
