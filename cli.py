@@ -224,8 +224,9 @@ def quantize(
     model: Path = typer.Argument(..., help="Exported float32 ONNX detector."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="COCO folder (or folder of images) to "
                                                "calibrate on. Default: the shared COCO val2017 subset."),
-    images: int = typer.Option(16, "--images", help="Calibration images: the first N by COCO image id."),
-    method: str = typer.Option("minmax", "--method", help="Calibration: minmax, entropy or percentile."),
+    images: int = typer.Option(32, "--images", help="Calibration images: the first N by COCO image id."),
+    method: str = typer.Option("entropy", "--method", help="Calibration: entropy (KL, 2048-bin histograms; slowest, "
+                               "most accurate here), minmax (fastest) or percentile."),
     per_channel: bool = typer.Option(True, "--per-channel/--no-per-channel", help="One weight scale per output channel."),
     quant_format: str = typer.Option("qdq", "--format", help="qdq (Quantize/DequantizeLinear pairs) or qoperator."),
     out: Optional[Path] = typer.Option(None, "--out", help="INT8 file to write. Default: <model folder>/<stem>@int8.onnx."),
@@ -335,7 +336,10 @@ def bench(
                                "every backend, their order rotating."),
     parity: bool = typer.Option(True, "--parity/--no-parity", help="Compare each backend's detections with "
                                 "onnxruntime CPU's on 3 COCO images before timing it."),
-    runs: Optional[int] = typer.Option(None, "--runs", help="Timed runs (default 20 unless --seconds)."),
+    runs: Optional[int] = typer.Option(None, "--runs", help="Timed runs per backend. Default (neither --runs nor "
+                                       "--seconds): as many as a VALID p50 and p90 need — at least 64 runs and 10 s "
+                                       "per backend, whichever is later, stopping at 60 s per backend (then "
+                                       "INVALID, capped)."),
     seconds: Optional[float] = typer.Option(None, "--seconds", help="Time as many runs as start within S seconds."),
     batch: int = typer.Option(1, "--batch", help="Images per run. detbench's graphs are batch-1 (boxes [K, 4] "
                               "carry no image index): B > 1 is refused unless the graph's batch is symbolic."),
@@ -406,7 +410,7 @@ def run(
     bench_runs: Optional[int] = typer.Option(None, "--bench-runs", min=1, help="Timed bench runs per model x backend "
                                              "(default: as many as fit in --bench-seconds)."),
     bench_seconds: Optional[float] = typer.Option(None, "--bench-seconds", min=0.1, help="Timed seconds per model x "
-                                                  "backend (default 3; short runs are recorded INVALID for the "
+                                                  "backend (default 2; short runs are recorded INVALID for the "
                                                   "percentiles they cannot support)."),
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", min=1, help="Evaluate at most N COCO images per model."),
     int8: Optional[str] = typer.Option(None, "--int8", help="Models that get an INT8 row (NAME@int8): "
@@ -415,12 +419,17 @@ def run(
     sizes: bool = typer.Option(True, "--sizes/--no-sizes", help="Also the further input sizes models.toml lists "
                                "under run_sizes (yolov3-tiny at 320, 512, 608)."),
     per_image: Optional[int] = typer.Option(None, "--per-image", min=0, help="COCO images per model for the "
-                                            "per-image operations/latency step (default 4, at most 20 s a model; "
+                                            "per-image operations/latency step (default 3, at most 12 s a model; "
                                             "0 turns it off)."),
     onnx_files: List[Path] = typer.Option([], "--onnx", help="A foreign ONNX detector to add to the run (repeatable; "
                                            "each with a --describe file, in the same order; see `export --onnx`)."),
     describe: List[Path] = typer.Option([], "--describe", help="The describe TOML of each --onnx file."),
     no_report: bool = typer.Option(False, "--no-report", help="Measure only; do not write the report."),
+    ray: bool = typer.Option(False, "--ray", help="Run the steps as Ray tasks on a local instance started for the "
+                             "run (docs/scale.md); the driver keeps the manifest and writes every record."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join a running Ray cluster: auto or "
+                                              "HOST:PORT (implies --ray; bench nodes advertise the "
+                                              "detbench_bench resource)."),
 ) -> None:
     """The main job: export, validate, profile, bench and evaluate every model, then write the report.
 
@@ -430,7 +439,10 @@ def run(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from pipeline.ray_run import RayRun
     from pipeline.run import RunSettings, run_pipeline
+
+    cluster = RayRun(address=ray_address) if ray or ray_address is not None else None
 
     names = [n.strip() for n in models.split(",") if n.strip()] if models else None
     if len(onnx_files) != len(describe):
@@ -476,7 +488,7 @@ def run(
 
         summary = run_pipeline(names, settings=settings, coco_dir=coco, providers=providers or None,
                                report=not no_report, progress=on_event,
-                               foreign=list(zip(onnx_files, describe)) or None)
+                               foreign=list(zip(onnx_files, describe)) or None, ray=cluster)
     counts = ", ".join(f"{summary.count(s)} {s}" for s in colours)
     console.print(f"[bold]run finished in {summary.wall_seconds:.1f} s[/]: {counts} step(s); results in "
                   f"{t(summary.results_dir)}", highlight=False)

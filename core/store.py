@@ -62,13 +62,15 @@ def versions() -> dict[str, str]:
 
 def append(kind: str, data: dict[str, Any], *, model: str | None = None, model_sha256: str | None = None,
            provider: str | None = None, settings: dict[str, Any] | None = None,
-           contract: dict[str, str] | None = None, root: Path | None = None) -> dict[str, Any]:
-    """Append one record and return it."""
+           contract: dict[str, str] | None = None, root: Path | None = None,
+           host: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Append one record and return it. ``host`` is the machine that measured (default: this one;
+    ``run --ray`` writes every record from the driver, naming the worker that produced it)."""
     if kind not in KINDS:
         raise ValueError(f"record kind {kind!r} is not one of {KINDS}")
     record = {
         "kind": kind, "model": model, "model_sha256": model_sha256, "provider": provider,
-        "settings": settings or {}, "contract": contract or {}, "host": host_info(), "versions": versions(),
+        "settings": settings or {}, "contract": contract or {}, "host": host or host_info(), "versions": versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "data": data,
     }
     path = store_path(root)

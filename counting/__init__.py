@@ -71,7 +71,7 @@ def profile_model(path, *, shapes: str = "static", image=None, allow_unknown: bo
     input_shape = table.get(graph_input.name) or ()
     profile = ModelProfile(
         path=str(path), model=contract.name if contract else path.stem, mode=shapes,
-        input_shape=tuple(input_shape), image=table.image, nodes=nodes, params=report.params,
+        input_shape=tuple(input_shape), image=table.image, nodes=nodes, params=report.params, param_bytes=report.param_bytes,
         folded_norm_constants=report.folded_norm_constants, bn_running_stats=report.bn_running_stats,
         other_constants=report.other_constants, unknown_ops=unknown, static_mismatches=table.static_mismatches,
         shapes_exposed_all=table.exposed_all, contract={k: v for k, v in props.items() if k.startswith(PREFIX)},

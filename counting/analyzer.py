@@ -100,6 +100,7 @@ class ModelProfile:
     unknown_ops: dict[str, list[str]]
     static_mismatches: list[str] = field(default_factory=list)
     shapes_exposed_all: bool = True
+    param_bytes: int = 0
     onnx_tool: dict[str, Any] | None = None
     contract: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
@@ -169,6 +170,7 @@ class ModelProfile:
             "network_macs": self.network_macs,
             "postprocess_macs": self.postprocess_macs,
             "params": self.params,
+            "param_bytes": self.param_bytes,
             "folded_norm_constants": self.folded_norm_constants,
             "bn_running_stats": self.bn_running_stats,
             "other_constants": self.other_constants,

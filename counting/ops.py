@@ -78,8 +78,10 @@ ZERO_MAC_OPS = {
 }
 ZERO_MAC_REASON = "data movement / shape bookkeeping (no arithmetic on values)"
 
+# QuantizeLinear / DequantizeLinear (INT8 models): one scale (and zero-point shift) per element.
 ELEMENTWISE_OPS = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "Mod", "Sum", "Mean", "PRelu",
-                   "BitShift", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "BitwiseNot"}
+                   "BitShift", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "BitwiseNot",
+                   "QuantizeLinear", "DequantizeLinear"}
 COMPARE_OPS = {"Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "And", "Or", "Xor", "Not",
                "Where", "IsNaN", "IsInf"}
 ACTIVATION_OPS = {"Relu", "LeakyRelu", "Clip", "Abs", "Neg", "Floor", "Ceil", "Round", "Sign",

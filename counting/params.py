@@ -17,7 +17,9 @@ Convention (stated in every profile, see :data:`CONVENTION`):
 - Everything else (anchors, shape and index constants, scalars) is *other constants*.
 
 Initializers and Constant nodes are treated alike (torch sometimes emits weights as
-Constant nodes); an Identity of a constant is the same tensor; a weight used by several
+Constant nodes); an Identity of a constant is the same tensor, and so is the
+DequantizeLinear of a constant (an INT8 model's stored weight is the parameter it
+dequantizes to: the count is the same as the float model's, the bytes are not); a weight used by several
 nodes (one head applied to every FPN level) counts once. A bias counts once per distinct
 weight it serves: torch.onnx merges initializers of identical value, so the all-zero
 biases of a random-init export collapse into one tensor shared by unrelated layers, and
@@ -44,6 +46,8 @@ CONVENTION = (
 WEIGHT, RUNNING_STATS, FOLDED, OTHER = "param", "bn_running_stats", "folded_norm", "other"
 _PRECEDENCE = {WEIGHT: 3, RUNNING_STATS: 2, FOLDED: 1, OTHER: 0}
 _FLOAT_TYPES = (1, 10, 11, 16)
+# ONNX TensorProto element type -> bytes per stored value (parameters are float, or int8/int32 when quantized)
+_STORED_BYTES = {1: 4, 2: 1, 3: 1, 5: 2, 6: 4, 7: 8, 10: 2, 11: 8, 16: 2}
 
 # op type -> input indices holding learned tensors
 _WEIGHT_INPUTS = {
@@ -71,6 +75,7 @@ class ConstInfo:
 @dataclass
 class ParamReport:
     params: int = 0
+    param_bytes: int = 0  # bytes of the parameters as stored (4 per float32 value, 1 per int8 value)
     folded_norm_constants: int = 0
     bn_running_stats: int = 0
     other_constants: int = 0
@@ -91,11 +96,11 @@ def constants_of(graphs) -> tuple[dict[str, ConstInfo], dict[str, str]]:
                     if attr.name == "value":
                         consts[node.output[0]] = ConstInfo(tuple(int(d) for d in attr.t.dims), attr.t.data_type)
     changed = True
-    while changed:  # Identity chains of constants
+    while changed:  # Identity chains of constants, and dequantized constants (QDQ INT8 weights)
         changed = False
         for graph in graphs:
             for node in graph.node:
-                if node.op_type == "Identity" and node.output[0] not in alias:
+                if node.op_type in ("Identity", "DequantizeLinear") and node.output[0] not in alias:
                     src = alias.get(node.input[0], node.input[0])
                     if src in consts:
                         alias[node.output[0]] = src
@@ -184,6 +189,7 @@ def classify(entries, graphs) -> ParamReport:
         if r == WEIGHT:
             for key in owners[tensor].values():
                 report.params += n
+                report.param_bytes += n * _STORED_BYTES.get(consts[tensor].data_type, 4)
                 report.by_node[key] = report.by_node.get(key, 0) + n
         elif r == RUNNING_STATS:
             report.bn_running_stats += n

@@ -18,7 +18,19 @@ sets (their order among near-tied scores is rounding too), so they are compared 
    - ``nms boundary``: its IoU with a higher-scored detection of its label that both
      runtimes kept lies within the boundary tolerance of the NMS threshold;
    - ``nms cascade``: a higher-scored detection of its label that only the *other* runtime
-     kept (itself explained) overlaps it beyond the NMS threshold: there it was suppressed.
+     kept (itself explained) overlaps it beyond the NMS threshold: there it was suppressed;
+   - ``nms tie`` (only with ``ties=True``): it and a detection of its label that only the
+     other runtime kept overlap beyond the NMS threshold with scores equal to within the
+     runtimes' own score rounding (twice the largest score difference of the pairs, at least
+     4 float32 steps): each runtime's NMS kept the one its rounding ranked first. Scores that
+     saturate make this common (RPN objectness near 1: onnxruntime's Sigmoid gives
+     sigmoid(10.607707) = 0.999975204 < sigmoid(10.60596) = 0.999975264, one float32 step
+     apart and reversed; PyTorch ranks them the other way). Off by default: on final
+     detections a systematic shift that keeps scores would look the same.
+
+The caller may add ``proposal set`` (two-stage detectors, exporters/torch_detectors.py): the
+runtimes' RPN proposals differ only at the RPN's own cuts, and PyTorch's second stage on the
+export's proposals gives the export's detections.
 
 A systematic difference (a graph that resamples its input, a wrong layer) moves every box
 and leaves most detections unpaired at scores nowhere near a boundary: it still fails.
@@ -40,7 +52,9 @@ IOU_TOL = 1e-3
 BOUNDARY_IOU_TOL = 1e-4
 BOUNDARY_IOU_MAX = 1e-2
 
-RULES = ("cap", "score threshold", "nms boundary", "nms cascade")
+RULES = ("cap", "score threshold", "nms boundary", "nms cascade", "nms tie", "proposal set")
+# A tie tolerance never below this many float32 steps at the score (rounding of one op).
+TIE_ULPS = 4
 SIDES = {"ref": "the source model", "got": "ONNX"}
 
 
@@ -83,6 +97,7 @@ class Matching:
     max_score_diff: float = 0.0
     max_box_diff: float = 0.0
     boundary_tol: float = BOUNDARY_IOU_TOL
+    tie_tol: float | None = None  # None: the ``nms tie`` rule was not applied
 
     @property
     def unexplained(self) -> list[Unpaired]:
@@ -131,7 +146,8 @@ def _pair(ref: dict, got: dict, atol: float, rtol: float) -> list[tuple[int, int
 
 
 def match_detections(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], *, iou_threshold: float,
-                     score_threshold: float, max_detections: int, atol: float, rtol: float) -> Matching:
+                     score_threshold: float, max_detections: int, atol: float, rtol: float,
+                     ties: bool = False) -> Matching:
     """Pair ``ref`` (source model) with ``got`` (ONNX) and explain what stays unpaired (module docstring)."""
     result = Matching(ref_count=len(ref["scores"]), got_count=len(got["scores"]))
     result.pairs = _pair(ref, got, atol, rtol)
@@ -152,7 +168,17 @@ def match_detections(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], *, 
         _explain_at_a_cut(u, lists, score_threshold, max_detections, atol, rtol)
         if u.rule is None:
             _explain_at_nms(u, lists[u.side], kept[u.side], iou_threshold, result.boundary_tol, atol, rtol)
-    # Cascades: a detection only one runtime kept suppresses its neighbours there only.
+    _cascade(result, lists, iou_threshold, atol, rtol)
+    if ties:
+        result.tie_tol = _explain_ties(result, lists, iou_threshold)
+        _cascade(result, lists, iou_threshold, atol, rtol)
+    for u in result.unexplained:
+        _describe_nearest(u, lists)
+    return result
+
+
+def _cascade(result: Matching, lists: dict, iou_threshold: float, atol: float, rtol: float) -> None:
+    """A detection only one runtime kept suppresses its neighbours there only."""
     changed = True
     while changed:
         changed = False
@@ -162,9 +188,32 @@ def match_detections(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], *, 
             if _explain_cascade(u, lists[u.side], lists[other], explained, iou_threshold, result.boundary_tol,
                                 atol, rtol):
                 changed = True
+
+
+def _explain_ties(result: Matching, lists: dict, iou_threshold: float) -> float:
+    """Pair unexplained detections across runtimes that NMS ranked in opposite orders (``nms tie``).
+
+    Returns the score tolerance used: twice the largest score difference of the pairs (the
+    runtimes' rounding as the outputs show it), at least TIE_ULPS float32 steps at the score."""
+    tol = 2 * result.max_score_diff
+    used: set[int] = set()
     for u in result.unexplained:
-        _describe_nearest(u, lists)
-    return result
+        if u.side != "ref":
+            continue
+        box = lists["ref"]["boxes"][u.index]
+        for v in result.unexplained:
+            if v.side != "got" or v.index in used or v.label != u.label:
+                continue
+            step = TIE_ULPS * float(np.spacing(np.float32(max(abs(u.score), abs(v.score)))))
+            iou = float(_iou(box, lists["got"]["boxes"][v.index:v.index + 1])[0])
+            if abs(u.score - v.score) <= max(tol, step) and iou > iou_threshold - result.boundary_tol:
+                used.add(v.index)
+                for w, other in ((u, v), (v, u)):
+                    w.rule = "nms tie"
+                    w.detail = (f"IoU {iou:.4f} with detection {other.index} that only {SIDES[other.side]} kept, "
+                                f"scores {u.score:.9g} and {v.score:.9g} (tie tolerance {max(tol, step):.2g})")
+                break
+    return tol
 
 
 def _describe_nearest(u: Unpaired, lists: dict) -> None:

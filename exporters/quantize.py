@@ -64,7 +64,7 @@ _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Co
               "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
 
 ProgressFn = Callable[[str], None]
-_CALIBRATION_CHUNK = 4
+_CALIBRATION_BUDGET = 4 << 30  # bytes of intermediate tensors held at once during calibration
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,8 @@ class QuantizeSettings:
     """
 
     calibration: Path | None = None
-    images: int = 16
-    method: str = "minmax"
+    images: int = 32
+    method: str = "entropy"
     per_channel: bool = True
     format: str = "qdq"
     chain: bool = True
@@ -238,6 +238,7 @@ class Plan:
     quantize: list[str]
     keep_float: list[str]
     boundary: list[str]  # network nodes kept float because post-processing reads their output
+    postprocess: list[str] = field(default_factory=list)
 
 
 def plan(model, chain: bool = True) -> Plan:
@@ -283,7 +284,8 @@ def plan(model, chain: bool = True) -> Plan:
     names = [n.name for n in graph.node]
     return Plan(quantize=[names[i] for i in sorted(quantized)],
                 keep_float=[names[i] for i, n in enumerate(graph.node) if i not in quantized and n.op_type != "Constant"],
-                boundary=[names[i] for i in boundary])
+                boundary=[names[i] for i in boundary],
+                postprocess=[names[i] for i in range(len(names)) if parts[i] != NETWORK])
 
 
 # --------------------------------------------------------------------------- quantization
@@ -338,6 +340,8 @@ def quantize_model(path, settings: QuantizeSettings | None = None, progress: Pro
         quant_path = Path(tmp) / "quantized.onnx"
         _quantize_static(prepared, quant_path, tensors, chosen_plan, settings, act_name, weight_name)
         quantized = onnx.load(str(quant_path))
+        _restore_float_inputs(quantized, set(chosen_plan.postprocess))
+        onnx.save_model(quantized, str(quant_path))
         say("checking that the quantized model runs")
         _smoke_test(quant_path, tensors[0], path, _opset(prepared))
 
@@ -428,6 +432,21 @@ def _optimize(model, target: Path):
     return optimized
 
 
+def _calibration_chunk(model) -> int:
+    """Images per calibration chunk: the budget over one image's float intermediate tensors
+    (those whose shapes static inference resolves; the rest of a two-stage detector is small
+    next to its backbone)."""
+    import onnx
+
+    per_image = 0
+    for vi in model.graph.value_info:
+        t = vi.type.tensor_type
+        dims = [d.dim_value for d in t.shape.dim]
+        if t.elem_type == onnx.TensorProto.FLOAT and dims and all(d > 0 for d in dims):
+            per_image += 4 * int(np.prod(dims, dtype=np.int64))
+    return max(1, _CALIBRATION_BUDGET // max(per_image, 1))
+
+
 class _Reader:
     """onnxruntime's CalibrationDataReader protocol over prepared tensors."""
 
@@ -488,10 +507,13 @@ def _quantize_static(model, target: Path, tensors, chosen: Plan, settings: Quant
         with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress
             calibrator = create_calibrator(model_path, op_types, augmented_model_path=str(target.with_name("aug.onnx")),
                                            calibrate_method=methods[settings.method], extra_options=calib_options)
-            # a few images at a time: every intermediate tensor of every image is held until
-            # collected (GBs for an 800x1024 Mask R-CNN); ranges and histograms merge across calls
-            for start in range(0, len(tensors), _CALIBRATION_CHUNK):
-                calibrator.collect_data(_Reader(tensors[start:start + _CALIBRATION_CHUNK]))
+            # every intermediate tensor of every image is held until collected (GBs per image for
+            # an 800x1024 Mask R-CNN): images go in chunks that fit a memory budget. Ranges and
+            # histograms merge across chunks, but a histogram's bins are laid out by the first
+            # chunk, so one chunk (all images) is preferred when it fits.
+            chunk = _calibration_chunk(model)
+            for start in range(0, len(tensors), chunk):
+                calibrator.collect_data(_Reader(tensors[start:start + chunk]))
             ranges = calibrator.compute_data()
         if not isinstance(ranges, TensorsData):
             raise ExportError(f"calibration returned {type(ranges).__name__}, not tensor ranges")
@@ -514,6 +536,42 @@ def _quantize_static(model, target: Path, tensors, chosen: Plan, settings: Quant
                           f"operators selected for quantization: {', '.join(op_types)}") from exc
     finally:
         logger.setLevel(level)
+
+
+def _restore_float_inputs(model, postprocess: set[str]) -> int:
+    """Point post-processing nodes back at the float tensors the quantizer rounded for them.
+
+    A tensor that a quantized node reads gets one Quantize/DequantizeLinear pair, and the
+    quantizer hands the dequantized copy to *every* reader, post-processing included (e.g. an
+    FPN level that both a quantized RPN convolution and RoiAlign read). Post-processing must
+    see the float value: ``DequantizeLinear(QuantizeLinear(x))`` inputs of those nodes become
+    ``x`` again. Returns how many inputs were rewired.
+    """
+    producer = {o: n for n in model.graph.node for o in n.output}
+    rewired = 0
+    for node in model.graph.node:
+        if node.name not in postprocess:
+            continue
+        for k, name in enumerate(node.input):
+            dq = producer.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = producer.get(dq.input[0])
+            if q is None or q.op_type != "QuantizeLinear":
+                continue  # a weight stored as int8: there is no float tensor to go back to
+            node.input[k] = q.input[0]
+            rewired += 1
+    if rewired:
+        used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+        dead = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in used for o in n.output)]
+        while dead:  # pairs nobody reads any more
+            for n in dead:
+                model.graph.node.remove(n)
+            used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+            dead = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                    and not any(o in used for o in n.output)]
+    return rewired
 
 
 def _smoke_test(path: Path, tensor: np.ndarray, source: Path, opset: int) -> None:

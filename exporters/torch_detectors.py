@@ -56,6 +56,9 @@ OPSET = DEFAULT_OPSET
 PARAMS_CONVENTION = ("sum(p.numel() for p in model.parameters()), torchvision's num_params: "
                      "FrozenBatchNorm2d weight/bias/running statistics are buffers and are not counted")
 GREY_LEVEL = 128
+# Extra outputs of the graph validation runs (two-stage models): the RPN's proposals after its
+# NMS and cap, and their objectness. Removed from the file that is written.
+PROPOSAL_OUTPUTS = ("rpn_boxes", "rpn_scores")
 
 
 class ContractWrapper(nn.Module):
@@ -84,10 +87,14 @@ class ContractWrapper(nn.Module):
         self.two_stage = isinstance(model, GeneralizedRCNN)
         self.retinanet = isinstance(model, RetinaNet)
         self.with_masks = self.two_stage and getattr(model.roi_heads, "mask_predictor", None) is not None
+        # Validation traces with the RPN's proposals as extra outputs (PROPOSAL_OUTPUTS) and
+        # removes them from the file it writes; the other outputs' nodes are the same.
+        self.expose_proposals = False
 
     @property
     def output_names(self) -> list[str]:
-        return ["boxes", "scores", "labels"] + (["masks"] if self.with_masks else [])
+        names = ["boxes", "scores", "labels"] + (["masks"] if self.with_masks else [])
+        return names + (list(PROPOSAL_OUTPUTS) if self.two_stage and self.expose_proposals else [])
 
     def forward(self, images: torch.Tensor):
         from torchvision.models.detection.image_list import ImageList
@@ -100,8 +107,10 @@ class ContractWrapper(nn.Module):
         if isinstance(features, torch.Tensor):
             features = OrderedDict([("0", features)])
         if self.two_stage:
-            proposals, _ = m.rpn(image_list, features)
+            proposals, proposal_scores = self._rpn_proposals(image_list, features)
             detections, _ = m.roi_heads(features, proposals, image_list.image_sizes)
+            if self.expose_proposals:
+                detections[0]["rpn_boxes"], detections[0]["rpn_scores"] = proposals[0], proposal_scores[0]
         elif self.retinanet:
             detections = self._retinanet_detections(image_list, list(features.values()))
         else:  # SSD.forward's eval branch
@@ -110,6 +119,34 @@ class ContractWrapper(nn.Module):
             detections = m.postprocess_detections(m.head(features), anchors, image_list.image_sizes)
         d = detections[0]
         return tuple(d[name] for name in self.output_names)
+
+    def _rpn_proposals(self, image_list, features):
+        # RegionProposalNetwork.forward's eval branch, step for step (torchvision 0.29), which
+        # drops the proposals' objectness scores that validation compares.
+        from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+        rpn = self.model.rpn
+        levels = list(features.values())
+        objectness, deltas = rpn.head(levels)
+        anchors = rpn.anchor_generator(image_list, levels)
+        per_level = [o[0].shape[0] * o[0].shape[1] * o[0].shape[2] for o in objectness]
+        objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+        proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
+        return rpn.filter_proposals(proposals, objectness, image_list.image_sizes, per_level)
+
+    def heads_on(self, images: torch.Tensor, proposals: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The second stage of PyTorch on given proposals ``[N, 4]`` (e.g. onnxruntime's):
+        backbone on ``images`` then RoI heads, as :meth:`forward` computes them."""
+        from torchvision.models.detection.image_list import ImageList
+
+        m = self.model
+        x = m.transform.normalize(images[0] / 255.0)
+        image_list = ImageList(m.transform.batch_images([x], size_divisible=m.transform.size_divisible),
+                               [(x.shape[-2], x.shape[-1])])
+        with torch.no_grad():
+            features = m.backbone(image_list.tensors)
+            detections, _ = m.roi_heads(features, [proposals], image_list.image_sizes)
+        return {n: detections[0][n] for n in ("boxes", "scores", "labels")}
 
     def _retinanet_detections(self, image_list, features: list[torch.Tensor]):
         # RetinaNet.forward's eval branch, step for step (torchvision 0.29).
@@ -259,12 +296,22 @@ def cpu_session(path: Path):
 
 
 def compare(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
-            contract: ModelContract) -> Matching | None:
+            contract: ModelContract, second_stage: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
+            rpn: dict[str, float] | None = None) -> Matching | None:
     """Detections compared as sets (:func:`exporters.detection_ties.match_detections`): every
     detection paired with one of the other runtime (same label, score and box within
     tolerance) or explained by a boundary visible in the outputs; masks of paired detections
     compared as COCO uses them. NaN/Inf anywhere is a mismatch. Returns the matching (None
-    when the outputs could not be compared at all)."""
+    when the outputs could not be compared at all).
+
+    Two-stage models (``got`` holds PROPOSAL_OUTPUTS, ``rpn`` the RPN's NMS threshold, score
+    threshold and cap, ``second_stage`` PyTorch's RoI heads on given proposals): the proposals
+    are matched too (figures ``proposals:*``), and detections left unexplained are explained as
+    ``proposal set`` when both halves agree on their own: every proposal of either runtime is
+    paired or explained by a cut of the RPN (its cap, NMS boundary, cascade or tie), and
+    PyTorch's second stage run on the export's proposals matches the export's detections with
+    nothing unexplained (figures ``on_onnx_proposals:*``). A backbone or head that computes
+    something else fails the second half; the proposal sets alone never explain anything."""
     for name, array in got.items():
         if name == "labels" and array.dtype != np.int64:
             comparison.mismatches.append(f"{where}: labels are {array.dtype} in ONNX, the contract wants int64")
@@ -275,6 +322,8 @@ def compare(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got:
     matching = match_detections(ref, got, iou_threshold=contract.iou_threshold,
                                 score_threshold=contract.score_threshold, max_detections=contract.max_detections,
                                 atol=comparison.atol, rtol=comparison.rtol)
+    if rpn is not None and all(k in ref and k in got for k in PROPOSAL_OUTPUTS):
+        _explain_by_proposals(comparison, where, ref, got, contract, matching, second_stage, rpn)
     for key, value in matching.figures().items():
         comparison.figures[f"{where}:{key}"] = value
     comparison.mismatches.extend(matching.mismatches(where))
@@ -282,6 +331,42 @@ def compare(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got:
         rows, cols = (list(x) for x in zip(*matching.pairs))
         compare_masks(comparison, where, ref["masks"][rows], got["masks"][cols])
     return matching
+
+
+def _as_proposals(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    # One label for all: the RPN's NMS is per pyramid level, which the outputs do not say, so
+    # a proposal may be "explained" by one of another level (the looser reading).
+    return {"boxes": out["rpn_boxes"], "scores": out["rpn_scores"], "labels": np.zeros(len(out["rpn_scores"]), np.int64)}
+
+
+def _explain_by_proposals(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
+                          contract: ModelContract, matching: Matching,
+                          second_stage: Callable[[np.ndarray], dict[str, np.ndarray]] | None,
+                          rpn: dict[str, float]) -> None:
+    proposals = match_detections(_as_proposals(ref), _as_proposals(got), iou_threshold=rpn["nms_thresh"],
+                                 score_threshold=rpn["score_thresh"], max_detections=int(rpn["post_nms_top_n"]),
+                                 atol=comparison.atol, rtol=comparison.rtol, ties=True)
+    for key, value in proposals.figures().items():
+        comparison.figures[f"{where}:proposals:{key}"] = value
+    if not matching.unexplained or second_stage is None:
+        return
+    if proposals.unexplained:
+        comparison.mismatches.extend(m.replace(f"{where}:", f"{where}:proposals:", 1)
+                                     for m in proposals.mismatches(where))
+        return
+    on_onnx = match_detections(second_stage(got["rpn_boxes"]), got, iou_threshold=contract.iou_threshold,
+                               score_threshold=contract.score_threshold, max_detections=contract.max_detections,
+                               atol=comparison.atol, rtol=comparison.rtol)
+    for key, value in on_onnx.figures().items():
+        comparison.figures[f"{where}:on_onnx_proposals:{key}"] = value
+    if on_onnx.unexplained:
+        comparison.mismatches.extend(m.replace(f"{where}:", f"{where}:on_onnx_proposals:", 1)
+                                     for m in on_onnx.mismatches(where))
+        return
+    for u in matching.unexplained:
+        u.rule = "proposal set"
+        u.detail = (f"{len(proposals.unpaired)} RPN proposals of the two runtimes unpaired, each at an RPN cut; "
+                    "PyTorch's second stage on ONNX's proposals matches ONNX")
 
 
 # Masks are compared as COCO uses them, binarised at 0.5: a mask probability is a sigmoid of
@@ -326,6 +411,36 @@ def check_degenerate(comparison: Comparison, where: str, ref: dict[str, np.ndarr
         comparison.mismatches.append(f"{where}: labels are {got['labels'].dtype} in ONNX, the contract wants int64")
 
 
+def _rpn_settings(wrapper: ContractWrapper) -> dict[str, float] | None:
+    if not (wrapper.two_stage and wrapper.expose_proposals):
+        return None
+    rpn = wrapper.model.rpn
+    return {"nms_thresh": rpn.nms_thresh, "score_thresh": rpn.score_thresh,
+            "post_nms_top_n": rpn._post_nms_top_n["testing"]}
+
+
+def _drop_outputs(proto, names) -> None:
+    """Remove graph outputs ``names`` and the nodes that only they needed."""
+    keep = [o for o in proto.graph.output if o.name not in names]
+    del proto.graph.output[:]
+    proto.graph.output.extend(keep)
+    needed = {o.name for o in keep}
+    live = []
+    for node in reversed(proto.graph.node):
+        if any(out in needed for out in node.output):
+            live.append(node)
+            needed.update(i for i in node.input if i)
+            for attr in node.attribute:  # subgraphs (If/Loop) read outer names too
+                for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    needed.update(i for n in graph.node for i in n.input if i)
+    del proto.graph.node[:]
+    proto.graph.node.extend(reversed(live))
+    used = {i for n in proto.graph.node for i in n.input}
+    kept_init = [t for t in proto.graph.initializer if t.name in used or t.name in {o.name for o in keep}]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept_init)
+
+
 def matching_summary(figures: dict[str, Any], images: list[str]) -> dict[str, Any]:
     """Per image: detections of each runtime, how many were paired, the largest IoU deficit
     and score difference of a pair, and the unpaired ones by the rule that explains them."""
@@ -337,6 +452,10 @@ def matching_summary(figures: dict[str, Any], images: list[str]) -> dict[str, An
                      if k.startswith(f"{image}:explained_")}
         if explained:
             row["explained"] = explained
+        for stage in ("proposals", "on_onnx_proposals"):
+            part = {k.split(f":{stage}:", 1)[1]: v for k, v in figures.items() if k.startswith(f"{image}:{stage}:")}
+            if part:
+                row[stage] = part
         summary[image] = row
     return summary
 
@@ -359,7 +478,9 @@ def validate(wrapper: ContractWrapper, path: Path, contract: ModelContract, imag
         if where.startswith("uniform"):
             check_degenerate(comparison, where, ref, got, contract)
         else:
-            compare(comparison, where, ref, got, contract)
+            compare(comparison, where, ref, got, contract, rpn=_rpn_settings(wrapper),
+                    second_stage=lambda boxes, t=tensor: {n: o.numpy() for n, o in wrapper.heads_on(
+                        torch.from_numpy(t), torch.from_numpy(boxes)).items()})
             real_detections += len(ref["scores"])
     if real_detections == 0:
         comparison.mismatches.append(
@@ -416,6 +537,7 @@ def export(spec: ModelSpec, out: Path, *, weights: Path | None, input_size: tupl
     check_resize_is_identity(model, torch.from_numpy(trace_tensor[0]) / 255.0)
 
     progress(f"exporting to ONNX (opset {OPSET}, traced on {trace_image.name})")
+    wrapper.expose_proposals = wrapper.two_stage
     proto = _to_onnx(wrapper, torch.from_numpy(trace_tensor), spec.name)
     proto.doc_string = f"detbench {spec.name}: torchvision {type(model).__name__} exported by exporters/torch_detectors.py"
 
@@ -431,6 +553,8 @@ def export(spec: ModelSpec, out: Path, *, weights: Path | None, input_size: tupl
     finally:
         if pending.exists():
             pending.unlink()
+    _drop_outputs(proto, PROPOSAL_OUTPUTS)
+    wrapper.expose_proposals = False
     contract = dataclasses.replace(contract, extra={**contract.extra, **_validation_metadata(figures)})
     progress(f"writing {out}")
     save_model(proto, out, contract)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,25 +77,26 @@ class RunSettings:
     INT8 row (None: every model), calibrated on ``calibration_images`` COCO images.
     """
 
-    bench_warmup: int = 2
+    bench_warmup: int = 1
     bench_runs: int | None = None
-    bench_seconds: float | None = 3.0
-    bench_rounds: int = 3
+    bench_seconds: float | None = 2.0
+    bench_rounds: int = 2
     parity_images: int = 1
-    node_runs: int = 2
+    node_runs: int = 1
     nodes: bool = True
-    per_image: int = 4
-    per_image_seconds: float = 20.0
+    per_image: int = 3
+    per_image_seconds: float = 12.0
     eval_limit: int | None = None  # None: every image of the dataset
     eval_backends: tuple[str, ...] = ("cpu", "openvino", "openvino-bf16")
     sizes: bool = True
     int8_models: tuple[str, ...] | None = ("yolov3-tiny", "yolov3-416", "ssd300")
     calibration_images: int = 16
+    smoke: bool = False  # --quick: latency records are marked smoke, never VALID
 
     @classmethod
     def quick(cls) -> "RunSettings":
         return cls(bench_warmup=1, bench_runs=3, bench_seconds=None, bench_rounds=1, node_runs=1, nodes=True,
-                   per_image=2, per_image_seconds=10.0, eval_limit=8, calibration_images=4)
+                   per_image=2, per_image_seconds=10.0, eval_limit=8, calibration_images=4, smoke=True)
 
     @property
     def eval_provider(self) -> str:
@@ -259,19 +261,51 @@ class _Pipeline:
         self.steps_done = 0
         self.steps_total = 0
         self.exported: dict[str, Path] = {}  # spec name -> its float export at the registered size
+        # `run --ray` (pipeline.ray_run.RayRun): measuring functions run as Ray tasks, targets concurrently;
+        # the lock keeps the manifest, the store and the events single-writer on the driver.
+        self.ray = None
+        self.lock = threading.RLock()
 
     # ------------------------------------------------------------------ events
 
     def emit(self, kind: str, model=None, step=None, provider=None, message="", completed=None, total=None):
-        self.progress(RunEvent(kind, model, step, provider, message, completed, total, self.steps_done, self.steps_total))
+        with self.lock:
+            self.progress(RunEvent(kind, model, step, provider, message, completed, total, self.steps_done, self.steps_total))
 
     def outcome(self, target: Target, step, provider, status, reason="", seconds=0.0, *, key="", **extra):
-        if status != "reused":
-            self.manifest.put(target.name, target.size, step, provider, key=key, status=status, reason=reason,
-                              **extra)
-        self.summary.outcomes.append(StepOutcome(target.label, step, provider, status, reason, seconds))
-        self.steps_done += 1
-        self.emit(status, target.label, step, provider, reason)
+        with self.lock:
+            if status != "reused":
+                self.manifest.put(target.name, target.size, step, provider, key=key, status=status, reason=reason,
+                                  **extra)
+            self.summary.outcomes.append(StepOutcome(target.label, step, provider, status, reason, seconds))
+            self.steps_done += 1
+            self.emit(status, target.label, step, provider, reason)
+
+    def write(self, kind: str, data: dict, *, host: dict | None = None, **fields) -> None:
+        """The one place steps' records reach the results store (always from this process; under
+        Ray ``host`` names the worker that measured)."""
+        with self.lock:
+            store.append(kind, data, root=self.root, host=host, **fields)
+            self.have.add((kind, fields.get("model_sha256"), fields.get("provider")))
+
+    def measure(self, fn, *args, model: Path | None = None, produces: Path | None = None, exclusive: bool = False,
+                progress=None, **kwargs):
+        """Run a step's measuring function and write the records it returns; returns its value.
+
+        ``fn(*args, **kwargs)`` returns ``(value, records)``, each record ``store.append``'s keyword
+        arguments. ``model``: the ONNX file it reads (passed first); ``produces``: the file it
+        writes (passed as ``out``). Under Ray it runs as a task (``exclusive``: alone on its node,
+        for timing) and the model file travels through the object store; else here, with ``progress``."""
+        if self.ray is not None:
+            value, records, host = self.ray.call(fn, args, kwargs, model=model, produces=produces,
+                                                 exclusive=exclusive)
+        else:
+            args = args if model is None else (model, *args)
+            kwargs = kwargs if produces is None else {**kwargs, "out": produces}
+            (value, records), host = fn(*args, progress=progress, **kwargs), None
+        for record in records:
+            self.write(host=host, **record)
+        return value
 
     def step(self, target: Target, step: str, provider: str | None, key_inputs: dict[str, Any], fn, reuse_ok) -> Any:
         """Run ``fn`` unless the manifest has this step done with the same inputs (and
@@ -319,17 +353,18 @@ class _Pipeline:
 
     def weights_sha256(self, path: Path) -> str:
         """sha256 of a weights file, cached in the manifest by (path, size, mtime)."""
-        cache = self.manifest.doc.setdefault("weights_sha256", {})
-        stat = path.stat()
-        entry = cache.get(str(path))
-        if entry and entry["size"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns:
-            return entry["sha256"]
-        digest = sha256_file(path)
-        cache[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
-        return digest
+        with self.lock:
+            cache = self.manifest.doc.setdefault("weights_sha256", {})
+            stat = path.stat()
+            entry = cache.get(str(path))
+            if entry and entry["size"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns:
+                return entry["sha256"]
+            digest = sha256_file(path)
+            cache[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+            return digest
 
     def export(self, target: Target) -> Path | None:
-        from exporters import FRAMEWORKS, default_output, export_model
+        from exporters import FRAMEWORKS, default_output
         from exporters.weights import locate_weights
 
         spec = target.spec
@@ -357,17 +392,9 @@ class _Pipeline:
             if module is None:
                 raise _Skip(f"no exporter for framework {spec.framework!r} in this checkout ({version})")
             self.emit("update", target.label, "export", None, f"{'random-init' if weights is None else weights.name}")
-            result = export_model(spec, out, weights=weights, input_size=size,
-                                  progress=lambda msg: self.emit("update", target.label, "export", None, msg))
-            sha = sha256_file(result.path)
-            data = {"seconds": result.seconds, "path": str(result.path), "file_bytes": result.path.stat().st_size,
-                    "random_init": result.contract.random_init, "validation": result.validation,
-                    "weights_file": str(weights) if weights else None,
-                    "warnings": list(getattr(result, "warnings", []) or [])}
-            store.append("export", data, model=spec.name, model_sha256=sha, contract=result.contract.to_props(),
-                         settings={"exporter": inputs["exporter"], "input_size": list(target.size)}, root=self.root)
-            self.have.add(("export", sha, None))
-            return result.path, {"onnx_sha256": sha, "path": str(result.path)}
+            sha = self.measure(_export_file, spec, weights, size, inputs["exporter"], list(target.size), produces=out,
+                               progress=lambda msg: self.emit("update", target.label, "export", None, msg))
+            return out, {"onnx_sha256": sha, "path": str(out)}
 
         def reuse_ok(entry):
             return (out.is_file() and ("export", entry.get("onnx_sha256"), None) in self.have
@@ -395,10 +422,9 @@ class _Pipeline:
             data = {"seconds": result.seconds, "path": str(result.path), "file_bytes": result.path.stat().st_size,
                     "random_init": False, "validation": result.validation, "source_file": str(spec.onnx_file),
                     "describe_file": str(spec.describe_file)}
-            store.append("export", data, model=spec.name, model_sha256=sha, contract=result.contract.to_props(),
-                         settings={"exporter": f"exporters.onnx_wrap {version}", "input_size": list(target.size)},
-                         root=self.root)
-            self.have.add(("export", sha, None))
+            # foreign files are wrapped here, on the driver, also under Ray (they are given by local path)
+            self.write("export", data, model=spec.name, model_sha256=sha, contract=result.contract.to_props(),
+                       settings={"exporter": f"exporters.onnx_wrap {version}", "input_size": list(target.size)})
             return result.path, {"onnx_sha256": sha, "path": str(result.path)}
 
         def reuse_ok(entry):
@@ -423,21 +449,10 @@ class _Pipeline:
         def run():
             if self.coco_dir is None:
                 raise _Skip("no COCO data to calibrate on: pass --coco DIR")
-            quantize_model = _importable("exporters.quantize", "quantize_model")
-            settings_cls = _importable("exporters.quantize", "QuantizeSettings")
-            qs = settings_cls(calibration=self.coco_dir, images=s.calibration_images, out=out)
-            result = quantize_model(source, qs, progress=lambda msg: self.emit("update", target.label, "quantize",
-                                                                                None, msg))
-            sha = sha256_file(result.path)
-            data = {"seconds": result.seconds, "path": str(result.path), "file_bytes": result.path.stat().st_size,
-                    "source": str(source), "source_sha256": source_sha, "calibration_ids": result.calibration_ids,
-                    "quantized_nodes": len(result.quantized_nodes), "float_nodes": len(result.float_nodes),
-                    "activation_type": result.activation_type, "weight_type": result.weight_type,
-                    "settings": {k: str(v) for k, v in result.settings.items()}}
-            store.append("quantize", data, model=target.name, model_sha256=sha, contract=result.contract.to_props(),
-                         settings={"input_size": list(target.size), **data["settings"]}, root=self.root)
-            self.have.add(("quantize", sha, None))
-            return result.path, {"onnx_sha256": sha, "path": str(result.path)}
+            sha = self.measure(_quantize_file, self.coco_dir, s.calibration_images, target.name, list(target.size),
+                               str(source), source_sha, model=source, produces=out,
+                               progress=lambda msg: self.emit("update", target.label, "quantize", None, msg))
+            return out, {"onnx_sha256": sha, "path": str(out)}
 
         def reuse_ok(entry):
             return (out.is_file() and ("quantize", entry.get("onnx_sha256"), None) in self.have
@@ -456,22 +471,10 @@ class _Pipeline:
         holder: dict[str, Any] = {}
 
         def run():
-            profile_model = _importable("counting", "profile_model")
-            mode = "measured" if _graph_ops(path) & DATA_DEPENDENT_OPS else "static"
-            self.emit("update", target.label, "profile", None, f"{mode} shapes")
-            # INT8 graphs hold Quantize/DequantizeLinear: counted, but never an unknown-op failure
-            profile = profile_model(path, shapes=mode, allow_unknown=target.precision == INT8)
-            if mode == "static" and getattr(profile, "unresolved", None):
-                mode = "measured"
-                self.emit("update", target.label, "profile", None, "static shapes left dims unresolved: measuring")
-                profile = profile_model(path, shapes=mode, allow_unknown=target.precision == INT8)
-            data = profile.to_dict()
-            data.setdefault("mode", mode)
-            store.append("profile", data, model=target.name, model_sha256=onnx_sha, contract=contract_props,
-                         settings={"shapes": mode, "allow_unknown": False}, root=self.root)
-            self.have.add(("profile", onnx_sha, None))
-            holder["macs"] = _bench_macs(profile, mode)
-            return profile, {"onnx_sha256": onnx_sha, "mode": mode}
+            holder["macs"], mode = self.measure(
+                _profile_file, target.name, onnx_sha, contract_props, target.precision == INT8, model=path,
+                progress=lambda msg: self.emit("update", target.label, "profile", None, msg))
+            return holder["macs"], {"onnx_sha256": onnx_sha, "mode": mode}
 
         self.step(target, "profile", None, inputs, run, lambda e: ("profile", onnx_sha, None) in self.have)
         return holder.get("macs")
@@ -503,19 +506,12 @@ class _Pipeline:
         label = "+".join(usable)
 
         def run():
-            bench_side_by_side = _importable("runtime.bench", "bench_side_by_side")
-            settings_cls = _importable("runtime.bench", "BenchSettings")
-            settings = settings_cls(warmup=s.bench_warmup, runs=s.bench_runs, seconds=s.bench_seconds,
-                                    rounds=s.bench_rounds, nodes=inputs["nodes"], node_runs=s.node_runs,
-                                    parity_images=s.parity_images)
+            settings = {"warmup": s.bench_warmup, "runs": s.bench_runs, "seconds": s.bench_seconds,
+                        "rounds": s.bench_rounds, "nodes": inputs["nodes"], "node_runs": s.node_runs,
+                        "parity_images": s.parity_images, "smoke": s.smoke}
             self.emit("update", target.label, "bench", label, "side by side: " + ", ".join(usable))
-            results = bench_side_by_side(path, usable, settings, macs=macs)
-            for result in results:
-                store.append("bench", result.to_record(), model=result.model, model_sha256=result.model_sha256,
-                             provider=result.provider, settings=result.settings, contract=result.contract,
-                             root=self.root)
-                self.have.add(("bench", result.model_sha256, result.provider))
-            return results, {"onnx_sha256": onnx_sha, "p50_ms": {r.provider: r.latency.p50 for r in results}}
+            p50 = self.measure(_bench_file, usable, settings, macs, model=path, exclusive=True)
+            return p50, {"onnx_sha256": onnx_sha, "p50_ms": p50}
 
         self.step(target, "bench", label, inputs, run,
                   lambda e: all(("bench", onnx_sha, n) in self.have for n in usable))
@@ -534,18 +530,12 @@ class _Pipeline:
         def run():
             if self.coco_dir is None:
                 raise _Skip("no COCO images: pass --coco DIR")
-            _importable("counting.per_image", "ImageCounter")  # the operation counts need the analyzer
-            measure_images = _importable("runtime.per_image", "measure_images")
             images = _coco_images(self.coco_dir, s.per_image)
-            result = measure_images(path, images, budget_seconds=s.per_image_seconds,
-                                    progress=lambda done, total, name: self.emit(
-                                        "update", target.label, "images", "cpu", name, completed=done, total=total))
-            contract = read_contract(path)
-            store.append("images", result.to_record(), model=target.name, model_sha256=onnx_sha, provider="cpu",
-                         settings={"images": s.per_image, "seconds": s.per_image_seconds},
-                         contract=contract.to_props(), root=self.root)
-            self.have.add(("images", onnx_sha, "cpu"))
-            return result, {"onnx_sha256": onnx_sha, "images": len(result.images)}
+            count = self.measure(_images_file, images, s.per_image_seconds, target.name, onnx_sha,
+                                 {"images": s.per_image, "seconds": s.per_image_seconds}, model=path, exclusive=True,
+                                 progress=lambda done, total, name: self.emit(
+                                     "update", target.label, "images", "cpu", name, completed=done, total=total))
+            return count, {"onnx_sha256": onnx_sha, "images": count}
 
         self.step(target, "images", "cpu", inputs, run, lambda e: ("images", onnx_sha, "cpu") in self.have)
 
@@ -580,8 +570,11 @@ class _Pipeline:
             def on_image(p):
                 self.emit("update", target.label, "eval", backend, p.image or "", completed=p.done, total=p.total)
 
-            result = evaluate_model(path, coco_dir=coco, provider=backend, limit=s.eval_limit, image_ids=image_ids,
-                                    resume=True, progress=on_image)
+            # the evaluation writes its own eval record, from this process (under Ray: images on the cluster,
+            # scoring here)
+            evaluate = self.ray.evaluate if self.ray is not None else evaluate_model
+            result = evaluate(path, coco_dir=coco, provider=backend, limit=s.eval_limit, image_ids=image_ids,
+                              resume=True, progress=on_image)
             self.have.add(("eval", result.model_sha256, result.provider))
             return result, {"onnx_sha256": onnx_sha, "map50": result.scores["map50"],
                             "images": result.images_evaluated}
@@ -629,6 +622,79 @@ class _Pipeline:
         self.per_image(target, path, onnx_sha)
         for backend in evals:
             self.evaluate(target, path, onnx_sha, contract.random_init, backend, backends.get(backend, ""))
+
+
+# ---------------------------------------------------------------------- measuring functions
+# What each step computes, apart from the pipeline's bookkeeping so that `run --ray` can run it
+# as a Ray task: plain arguments in, ``(value, records)`` out, each record the keyword arguments
+# of ``store.append`` (the pipeline writes them: ``_Pipeline.measure``).
+
+
+def _export_file(spec, weights: Path | None, size, exporter: str, input_size: list, *, out: Path, progress=None):
+    from exporters import export_model
+
+    result = export_model(spec, out, weights=weights, input_size=size, progress=progress)
+    sha = sha256_file(result.path)
+    data = {"seconds": result.seconds, "path": str(result.path), "file_bytes": result.path.stat().st_size,
+            "random_init": result.contract.random_init, "validation": result.validation,
+            "weights_file": str(weights) if weights else None,
+            "warnings": list(getattr(result, "warnings", []) or [])}
+    return sha, [dict(kind="export", data=data, model=spec.name, model_sha256=sha, contract=result.contract.to_props(),
+                      settings={"exporter": exporter, "input_size": input_size})]
+
+
+def _quantize_file(source: Path, coco: Path, images: int, name: str, input_size: list, source_name: str,
+                   source_sha: str, *, out: Path, progress=None):
+    quantize_model = _importable("exporters.quantize", "quantize_model")
+    settings_cls = _importable("exporters.quantize", "QuantizeSettings")
+    result = quantize_model(source, settings_cls(calibration=coco, images=images, out=out), progress=progress)
+    sha = sha256_file(result.path)
+    data = {"seconds": result.seconds, "path": str(result.path), "file_bytes": result.path.stat().st_size,
+            "source": source_name, "source_sha256": source_sha, "calibration_ids": result.calibration_ids,
+            "quantized_nodes": len(result.quantized_nodes), "float_nodes": len(result.float_nodes),
+            "activation_type": result.activation_type, "weight_type": result.weight_type,
+            "settings": {k: str(v) for k, v in result.settings.items()}}
+    return sha, [dict(kind="quantize", data=data, model=name, model_sha256=sha, contract=result.contract.to_props(),
+                      settings={"input_size": input_size, **data["settings"]})]
+
+
+def _profile_file(path: Path, name: str, onnx_sha: str, contract_props: dict, int8: bool, progress=None):
+    """Returns ((per-node MACs, total, note) for bench, shape mode)."""
+    profile_model = _importable("counting", "profile_model")
+    say = progress or (lambda _msg: None)
+    mode = "measured" if _graph_ops(path) & DATA_DEPENDENT_OPS else "static"
+    say(f"{mode} shapes")
+    # INT8 graphs hold Quantize/DequantizeLinear: counted, but never an unknown-op failure
+    profile = profile_model(path, shapes=mode, allow_unknown=int8)
+    if mode == "static" and getattr(profile, "unresolved", None):
+        mode = "measured"
+        say("static shapes left dims unresolved: measuring")
+        profile = profile_model(path, shapes=mode, allow_unknown=int8)
+    data = profile.to_dict()
+    data.setdefault("mode", mode)
+    return (_bench_macs(profile, mode), mode), [dict(kind="profile", data=data, model=name, model_sha256=onnx_sha,
+                                                     contract=contract_props,
+                                                     settings={"shapes": mode, "allow_unknown": False})]
+
+
+def _bench_file(path: Path, backends: list[str], settings: dict, macs, progress=None):
+    """Returns p50 ms per backend."""
+    bench_side_by_side = _importable("runtime.bench", "bench_side_by_side")
+    settings_cls = _importable("runtime.bench", "BenchSettings")
+    results = bench_side_by_side(path, backends, settings_cls(**settings), macs=macs)
+    records = [dict(kind="bench", data=r.to_record(), model=r.model, model_sha256=r.model_sha256, provider=r.provider,
+                    settings=r.settings, contract=r.contract) for r in results]
+    return {r.provider: r.latency.p50 for r in results}, records
+
+
+def _images_file(path: Path, images: list[Path], seconds: float, name: str, onnx_sha: str, settings: dict,
+                 progress=None):
+    """Returns the number of images measured."""
+    _importable("counting.per_image", "ImageCounter")  # the operation counts need the analyzer
+    measure_images = _importable("runtime.per_image", "measure_images")
+    result = measure_images(path, images, budget_seconds=seconds, progress=progress)
+    return len(result.images), [dict(kind="images", data=result.to_record(), model=name, model_sha256=onnx_sha,
+                                     provider="cpu", settings=settings, contract=read_contract(path).to_props())]
 
 
 def _coco_ids(annotations: Path) -> list[int]:
@@ -690,7 +756,7 @@ def targets_of(specs, settings: RunSettings) -> list[Target]:
 def run_pipeline(models: list[str] | None = None, *, quick: bool = False, settings: RunSettings | None = None,
                  coco_dir: Path | None = None, providers: list[str] | None = None, report: bool = True,
                  progress: Progress | None = None, registry=None, strict: bool = False,
-                 foreign: list[tuple[Path, Path]] | None = None) -> RunSummary:
+                 foreign: list[tuple[Path, Path]] | None = None, ray=None) -> RunSummary:
     """Export, validate, quantize, profile, bench and evaluate ``models`` (default: the whole
     registry), then write the report; results go to the results folder (``DETBENCH_RESULTS``).
 
@@ -699,6 +765,7 @@ def run_pipeline(models: list[str] | None = None, *, quick: bool = False, settin
     re-raises unexpected (non-detbench) exceptions instead of recording them as failures.
     ``foreign`` adds (ONNX file, describe file) pairs: foreign detectors wrapped into contract
     files and measured like registered ones (with ``foreign`` and no ``models``, only them).
+    ``ray`` (a :class:`pipeline.ray_run.RayRun`) runs the steps as Ray tasks (``run --ray``).
     Raises RegistryError for unknown model names and ConfigError for a missing --coco folder.
     """
     from exporters.registry import load_registry
@@ -725,8 +792,13 @@ def run_pipeline(models: list[str] | None = None, *, quick: bool = False, settin
     pipe.steps_total += 1 if report else 0
     pipe.emit("plan", message=f"{len(specs)} model(s), {len(targets)} row(s); backends: "
               + ", ".join(p if not r else f"{p} (skipped)" for p, r in usable.items()))
-    for target in targets:
-        pipe.run_target(target, usable)
+    if ray is None:
+        for target in targets:
+            pipe.run_target(target, usable)
+    else:
+        with ray.connected():
+            pipe.ray = ray
+            ray.run_targets(pipe, targets, usable)
     if report:
         from report import build_report
 

@@ -53,33 +53,56 @@ def _parity_cell(r) -> str:
         return "reference"
     if verdict == "unchecked":
         return "[yellow]unchecked[/]"
-    p = r.parity
     colour = "green" if verdict == "agree" else "bold red"
-    box_px = "n/a" if p["max_box_px"] is None else f"{p['max_box_px']:.1g}"
-    score = "n/a" if p["max_score"] is None else f"{p['max_score']:.1g}"
-    return f"[{colour}]{verdict}[/] {p['matched']}/{p['total']} box {box_px} sc {score}"
+    return f"[{colour}]{verdict}[/] {r.parity['matched']}/{r.parity['total']}"
+
+
+def _ms(value) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def _verdict(judged) -> str:
+    """VALID / INVALID of the p50 (the figure the tables compare), smoke runs said as such."""
+    if judged.smoke:
+        return "[yellow]smoke[/]"
+    return "[green]VALID[/]" if judged.verdicts["p50"].valid else "[red]INVALID[/]"
 
 
 def render_bench(console, results, top: int) -> None:
-    """One latency table with every model x backend and its p50 ratio to onnxruntime CPU, then costs."""
-    latency = _table("latency, ms per run (measured side by side, backends alternating)",
-                     ["model", "backend", "prec", "parity vs cpu (matched, max |box| px, |score|)", "thr", "p50",
-                      "x cpu", "mean±std", "p90", "min", "open s", "1st ms"], left=4)
+    """Every model x backend with its p50 ratio to onnxruntime CPU, then parity and cold start, then costs."""
+    latency = _table("latency, ms per run (backends side by side, alternating)",
+                     ["model", "backend", "prec", "n", "p50", "x cpu", "mean±std", "RSD", "p90", "p99", "p50 is"])
+    judged = {id(r): r.judged for r in results}
     for r in results:
-        ratio = "" if r.ratio_to_cpu is None else f"{r.ratio_to_cpu:.2f}"
-        latency.add_row(_label(r), r.provider, r.precision, _parity_cell(r),
-                        str(r.backend.get("threads") or r.settings.get("threads") or "dflt"), f"{r.latency.p50:.1f}",
-                        ratio, f"{r.latency.mean:.1f}±{r.latency.std:.1f}", f"{r.latency.p90:.1f}",
-                        f"{r.latency.min:.1f}", f"{r.session_seconds:.2f}",
-                        "" if r.first_run_ms is None else f"{r.first_run_ms:.0f}")
+        j = judged[id(r)]
+        latency.add_row(_label(r), r.provider, r.precision, str(j.n), f"{r.latency.p50:.1f}",
+                        "" if r.ratio_to_cpu is None else f"{r.ratio_to_cpu:.2f}",
+                        f"{r.latency.mean:.1f}±{r.latency.std:.1f}", f"{100 * j.rsd:.0f}%", _ms(j.p90), _ms(j.p99),
+                        _verdict(j))
     console.print(latency)
-    cost = _table("cost", ["model", "backend", "ran on", "RSS MB", "GMACs", "GFLOP/s", "%peak", "dets"])
+    checks = _table("parity with onnxruntime CPU, and cold start", ["model", "backend", "parity", "max |box| px",
+                                                                    "max |score|", "open s", "1st run ms"])
     for r in results:
+        p = r.parity or {}
+        checks.add_row(_label(r), r.provider, _parity_cell(r),
+                       "" if p.get("max_box_px") is None else f"{p['max_box_px']:.2g}",
+                       "" if p.get("max_score") is None else f"{p['max_score']:.2g}",
+                       f"{r.session_seconds:.2f}", "" if r.first_run_ms is None else f"{r.first_run_ms:.0f}")
+    console.print(checks)
+    cost = _table("cost", ["model", "backend", "ran on", "RSS MB", "GMACs", "GFLOP/s", "% f32 peak", "dets"])
+    for r in results:
+        # a bf16 or int8 run is not bounded by the float32 matmul rate: a fraction of it would mislead
+        fraction = ("n/a" if r.fraction_of_peak is None or r.precision != "f32"
+                    else f"{100 * r.fraction_of_peak:.1f}")
         cost.add_row(_label(r), r.provider, _ran(r), "n/a" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}",
                      "n/a" if r.macs is None else f"{r.macs / 1e9:.2f}",
-                     "n/a" if r.achieved_gflops is None else f"{r.achieved_gflops:.1f}",
-                     "n/a" if r.fraction_of_peak is None else f"{100 * r.fraction_of_peak:.1f}", str(r.detections))
+                     "n/a" if r.achieved_gflops is None else f"{r.achieved_gflops:.1f}", fraction, str(r.detections))
     console.print(cost)
+    for r in results:
+        j = judged[id(r)]
+        if not j.smoke and not j.verdicts["p50"].valid:
+            console.print(f"{r.model} on {r.provider}: p50 INVALID: {j.verdicts['p50'].reason}",
+                          highlight=False, soft_wrap=True, markup=False)
     first = results[0]
     notes = [f"{first.latency.n} timed runs per backend in {first.rounds} round(s), backends' order rotating, after "
              f"{first.warmup} warm-up run(s) on {Path(first.image).name} (batch {first.batch}, prepared before "
@@ -103,7 +126,8 @@ def render_bench(console, results, top: int) -> None:
         by = ", ".join(f"{k} {v:.1f}" for k, v in first.peak["by_backend"].items())
         notes.append(f"GFLOP/s = 2 x MACs (counting/ analyzer) / p50; % peak = that over the machine's measured "
                      f"float32 matmul rate ({first.machine_peak_gflops:.1f} GFLOP/s, {first.peak['size']}^2 "
-                     f"SGEMM median; {by}).")
+                     f"SGEMM, best of several; {by}). p90/p99: MLPerf LoadGen's early-stopping estimates, "
+                     "— where the number of runs cannot support them; VALID needs 64 runs and 10 s (RSD <= 10 %).")
     for r in results:
         if r.macs is None and r.macs_note:
             notes.append(f"{r.model}: no MACs ({r.macs_note})")

@@ -67,8 +67,10 @@ DEFAULT_ROUNDS = 5
 
 @dataclass(frozen=True)
 class BenchSettings:
-    """How to time: ``warmup`` untimed runs per backend; ``runs`` timed runs per backend (default
-    20) or as many as fit in ``seconds`` per backend; ``rounds``: how many blocks the timed runs
+    """How to time: ``warmup`` untimed runs per backend; ``runs`` timed runs per backend, or as
+    many as fit in ``seconds`` per backend, or (neither given, the default) as many as
+    :class:`runtime.stats.ValidityRules` needs for a VALID p50 and p90: at least 64 runs and
+    10 s per backend, whichever is later, stopping at 60 s per backend (then INVALID, capped); ``rounds``: how many blocks the timed runs
     are split into, backends alternating between blocks; ``batch``; ``image`` (default: the
     busiest COCO image of the shared subset); ``nodes``/``node_runs``: per-layer profile;
     ``peak``: measure the machine's matmul peak; ``parity``/``parity_images``: compare each
@@ -85,6 +87,7 @@ class BenchSettings:
     peak: bool = True
     parity: bool = True
     parity_images: int = 3
+    smoke: bool = False  # a bounded smoke run (--quick): its latency is marked smoke, never VALID
 
     def __post_init__(self):
         if self.warmup < 0:
@@ -304,16 +307,22 @@ class BenchResult:
             return "reference"
         return self.parity["verdict"] if self.parity else "unchecked"
 
+    @property
+    def judged(self):
+        """The samples judged by :mod:`runtime.stats`: n, RSD, p90/p99 only where the sample supports
+        them (MLPerf LoadGen's early-stopping estimate), and a VALID/INVALID verdict per figure."""
+        from runtime.stats import Latency as Judged
+
+        return Judged.of(self.samples_ms, smoke=bool(self.settings.get("smoke")))
+
     def to_record(self) -> dict[str, Any]:
         """The store's ``bench`` data dict (schema in the project briefing)."""
-        try:
-            from runtime.stats import Latency as Judged
-
-            validity = Judged.of(self.samples_ms).to_dict()
-        except (ImportError, ConfigError) as exc:  # the verdicts are an addition; latency stands without them
-            validity = {"unavailable": str(exc)}
+        judged = self.judged
+        validity = judged.to_dict()
+        # percentiles the sample cannot support are stored as None, never as if it could
+        latency = {**self.latency.to_dict(), "p90": validity["p90"], "p99": validity["p99"]}
         return {
-            "latency_ms": self.latency.to_dict(), "latency_validity": validity,
+            "latency_ms": latency, "latency_validity": validity,
             "throughput_ips": self.throughput_ips,
             "session_seconds": self.session_seconds, "first_run_ms": self.first_run_ms,
             "cold_start": {"open_seconds": self.session_seconds, "first_run_ms": self.first_run_ms,
@@ -333,6 +342,40 @@ class BenchResult:
 
 
 # --------------------------------------------------------------------------- the benchmark
+
+# Each backend is timed in slices of about this long per round when the validity rules decide how
+# long to time: short enough that the backends really alternate, long enough to amortise the switch.
+_SLICE_SECONDS = 1.0
+
+
+def _alternate_until_valid(calls: dict[str, Callable[[], None]], names: list[str],
+                           rounds: int) -> dict[str, list[float]]:
+    """Rounds of ~1 s slices per backend (order rotating) until every backend has the runs and the
+    timed duration :class:`runtime.stats.ValidityRules` asks for, or one reached its time cap;
+    at least ``rounds`` rounds."""
+    from runtime.stats import ValidityRules
+
+    rules = ValidityRules()
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    clock = time.perf_counter
+    k = 0
+    while True:
+        order = names[k % len(names):] + names[:k % len(names)]
+        for name in order:
+            call, out = calls[name], samples[name]
+            end = clock() + _SLICE_SECONDS
+            while True:
+                start = clock()
+                call()
+                out.append((clock() - start) * 1e3)
+                if clock() >= end:
+                    break
+        k += 1
+        timed = {n: sum(v) / 1e3 for n, v in samples.items()}
+        met = all(len(samples[n]) >= rules.min_queries and timed[n] >= rules.min_duration_s for n in names)
+        capped = any(t >= rules.max_duration_s for t in timed.values())
+        if k >= rounds and (met or capped):
+            return samples
 
 def _blocks(total: int, rounds: int) -> list[int]:
     """``total`` runs split into at most ``rounds`` blocks as even as possible."""
@@ -360,7 +403,9 @@ def _alternate(calls: dict[str, Callable[[], None]], settings: BenchSettings) ->
                     if clock() >= end:
                         break
         return samples
-    for k, block in enumerate(_blocks(settings.runs or DEFAULT_RUNS, rounds)):
+    if settings.runs is None:
+        return _alternate_until_valid(calls, names, rounds)
+    for k, block in enumerate(_blocks(settings.runs, rounds)):
         order = names[k % len(names):] + names[:k % len(names)]
         for name in order:
             call, out = calls[name], samples[name]
@@ -431,7 +476,7 @@ def bench_side_by_side(path, backends: list[str], settings: BenchSettings | None
                 latency=Latency.of(samples[name]), samples_ms=samples[name], session_seconds=info.load_seconds,
                 peak_rss_mb=opened[name]["rss"], warmup=settings.warmup, batch=settings.batch, image=str(image),
                 detections=runner.detections(), backend=info.to_dict(), first_run_ms=opened[name]["first_ms"],
-                parity=parity.get(name), rounds=min(settings.rounds, settings.runs or DEFAULT_RUNS)
+                parity=parity.get(name), rounds=min(settings.rounds, settings.runs) if settings.runs else settings.rounds
                 if settings.seconds is None else settings.rounds))
         if settings.nodes or settings.peak:
             _add_macs_and_peak(results, runners, path, image, tensor, settings, backend_settings, macs)

@@ -124,3 +124,41 @@ def test_a_swapped_label_away_from_the_cap_is_a_mismatch():
     ref = dets([(0.9, 1, 0, 0, 10, 10), (0.8, 2, 20, 20, 30, 30), (0.7, 3, 40, 40, 50, 50)])
     got = dets([(0.9, 1, 0, 0, 10, 10), (0.8, 5, 20, 20, 30, 30), (0.7, 3, 40, 40, 50, 50)])
     assert len(match(ref, got, max_detections=100).mismatches("img")) == 2
+
+
+def test_two_runtimes_keeping_either_of_two_tied_overlapping_detections_is_an_nms_tie():
+    # B = (0, 0, 10, 20) and C = (0, 0, 10, 30) overlap at IoU 2/3 > 0.5 with equal scores:
+    # PyTorch's NMS ranked B first, ONNX's C. Only with ties=True (the RPN's proposals).
+    b, c = (0, 0, 10, 20), (0, 0, 10, 30)
+    ref, got = dets([(0.9, 1, 50, 50, 60, 60), (0.7, 1, *b)]), dets([(0.9, 1, 50, 50, 60, 60), (0.7, 1, *c)])
+    assert [u.rule for u in match(ref, got, max_detections=100).unpaired] == [None, None]
+    m = match_detections(ref, got, iou_threshold=0.5, score_threshold=0.05, max_detections=100, atol=ATOL,
+                         rtol=RTOL, ties=True)
+    assert rules(m) == [("got", 1, "nms tie"), ("ref", 1, "nms tie")] and m.figures()["explained_nms_tie"] == 2
+
+
+def test_a_tie_needs_scores_equal_to_the_runtimes_rounding_and_an_overlap_beyond_the_threshold():
+    b, c = (0, 0, 10, 20), (0, 0, 10, 30)
+    kwargs = dict(iou_threshold=0.5, score_threshold=0.0, max_detections=1000, atol=ATOL, rtol=RTOL, ties=True)
+    # One float32 step apart near 1 (5.96e-8; onnxruntime's and PyTorch's sigmoid of RPN logits
+    # 10.607707 and 10.60596 differ by this, in opposite orders): a tie, with no pairs at all.
+    m = match_detections(dets([(0.999975324, 0, *b)]), dets([(0.999975264, 0, *c)]), **kwargs)
+    assert [u.rule for u in m.unpaired] == ["nms tie", "nms tie"] and m.tie_tol == 0.0
+    # 1e-4 apart: within the pairing tolerance (atol 1e-3) but no rounding of a saturated score.
+    m = match_detections(dets([(0.9999, 0, *b)]), dets([(0.9998, 0, *c)]), **kwargs)
+    assert [u.rule for u in m.unpaired] == [None, None]
+    # Equal scores but (0, 0, 10, 10) and (5, 0, 15, 10) overlap at IoU 1/3 < 0.5: no NMS met them.
+    m = match_detections(dets([(0.8, 0, 0, 0, 10, 10)]), dets([(0.8, 0, 5, 0, 15, 10)]), **kwargs)
+    assert [u.rule for u in m.unpaired] == [None, None]
+
+
+def test_the_tie_tolerance_is_twice_the_largest_score_difference_of_the_pairs():
+    b, c = (0, 0, 10, 20), (0, 0, 10, 30)
+    kwargs = dict(iou_threshold=0.5, score_threshold=0.0, max_detections=1000, atol=ATOL, rtol=RTOL, ties=True)
+    # The pair at (50, 50, 60, 60) differs by 2e-4 in score: ties up to 4e-4 apart are rounding.
+    ref = dets([(0.6002, 0, 50, 50, 60, 60), (0.5003, 0, *b)])
+    got = dets([(0.6000, 0, 50, 50, 60, 60), (0.5, 0, *c)])
+    m = match_detections(ref, got, **kwargs)
+    assert abs(m.tie_tol - 4e-4) < 1e-6 and [u.rule for u in m.unpaired] == ["nms tie", "nms tie"]
+    ref = dets([(0.6002, 0, 50, 50, 60, 60), (0.5005, 0, *b)])
+    assert [u.rule for u in match_detections(ref, got, **kwargs).unpaired] == [None, None]
