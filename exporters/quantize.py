@@ -132,7 +132,8 @@ def is_quantized(model) -> str | None:
     return None
 
 
-def calibration_images(folder: Path, count: int, image_ids: Iterable[int] | None = None) -> list[tuple[int | None, Path]]:
+def calibration_images(folder: Path, count: int,
+                       image_ids: Iterable[int] | None = None) -> list[tuple[int | None, Path]]:
     """``[(image id, file)]`` of the calibration images: ``image_ids`` if given, else the first
     ``count`` by id. Raises :class:`DatasetError` for a folder without (readable) images."""
     folder = Path(folder)
@@ -283,7 +284,8 @@ def plan(model, chain: bool = True) -> Plan:
             quantized.add(i)
     names = [n.name for n in graph.node]
     return Plan(quantize=[names[i] for i in sorted(quantized)],
-                keep_float=[names[i] for i, n in enumerate(graph.node) if i not in quantized and n.op_type != "Constant"],
+                keep_float=[names[i] for i, n in enumerate(graph.node)
+                            if i not in quantized and n.op_type != "Constant"],
                 boundary=[names[i] for i in boundary],
                 postprocess=[names[i] for i in range(len(names)) if parts[i] != NETWORK])
 
@@ -291,7 +293,8 @@ def plan(model, chain: bool = True) -> Plan:
 # --------------------------------------------------------------------------- quantization
 
 
-def quantize_model(path, settings: QuantizeSettings | None = None, progress: ProgressFn | None = None) -> QuantizeResult:
+def quantize_model(path, settings: QuantizeSettings | None = None,
+                   progress: ProgressFn | None = None) -> QuantizeResult:
     """Quantize the float detector at ``path`` to INT8 (see the module docstring).
 
     Everything is checked before anything is written: the file must follow the contract

@@ -193,7 +193,8 @@ def _synthetic(path: Path, opset: int = 17, middle: str = "Relu") -> Path:
              helper.make_node("Reshape", ["t", "shape"], ["boxes"], name="rs"),
              helper.make_node("ReduceMax", ["boxes"], ["scores"], name="rm", axes=[1], keepdims=0),
              helper.make_node("ArgMax", ["boxes"], ["labels"], name="am", axis=1, keepdims=0)]
-    graph = helper.make_graph(nodes, "synthetic", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 8, 8])],
+    image = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 8, 8])
+    graph = helper.make_graph(nodes, "synthetic", [image],
                               [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [None, 4]),
                                helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None]),
                                helper.make_tensor_value_info("labels", TensorProto.INT64, [None])], inits)
