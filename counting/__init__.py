@@ -67,7 +67,10 @@ def profile_model(path, *, shapes: str = "static", image=None, allow_unknown: bo
     if unknown and not allow_unknown:
         raise UnsupportedOperatorError(unknown, model=str(path))
     inits = {i.name for i in model.graph.initializer}
-    graph_input = next(i for i in model.graph.input if i.name not in inits)
+    graph_input = next((i for i in model.graph.input if i.name not in inits), None)
+    if graph_input is None:
+        raise ContractError(f"{path}: the graph has no input (every graph input is an initializer): nothing to "
+                            "profile; a detector takes an image tensor as its input")
     input_shape = table.get(graph_input.name) or ()
     profile = ModelProfile(
         path=str(path), model=contract.name if contract else path.stem, mode=shapes,

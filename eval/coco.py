@@ -25,7 +25,7 @@ import numpy as np
 
 from eval.dataset import CocoDataset, load_coco, read_annotations
 from eval.pipeline import DetectionCache, Prepared, prefetched, prepare_image
-from core.contract import (INPUT_NAME, LABEL_SPACES, OUTPUT_NAMES, PREFIX, RESIZE_MODES, ModelContract, load_checked,
+from core.contract import (LABEL_SPACES, OUTPUT_NAMES, PREFIX, RESIZE_MODES, ModelContract, load_checked,
                               sha256_file)
 from core.files import write_text_atomic
 from core.errors import ConfigError, ContractError, DatasetError

@@ -158,7 +158,8 @@ def validate(function, full, proto, config: SSDConfig, name: str, *, resize: str
         raw = run_onnx(debug, tensor, DEBUG_OUTPUTS)
         compare_runs(comparison, path.stem, {k: reference[k] for k in OUTPUT_NAMES}, final)
         for key in DEBUG_OUTPUTS:
-            comparison.arrays(path.stem, key, reference[key], raw[key])
+            comparison.arrays(path.stem, key, reference[key], raw[key],
+                              extent=max(height, width) if key == "prior_boxes" else 0.0)
         detections.append(len(reference["scores"]))
     comparison.raise_if_any("The ONNX graph differs from the TensorFlow function it was converted from; "
                             "see the mismatches above (a tf2onnx conversion problem, not a weights problem).")

@@ -23,6 +23,7 @@ Graph contract (see runtime/contract.py):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -49,8 +50,9 @@ from core.images import load_rgb, prepare_for
 
 # Bumped whenever the exported graph or the random init changes, so `run` re-exports instead of
 # reusing: 2 = no in-graph resize, random init calibrated on a COCO photo; 3 = validation as
-# set matching, its outcome and figures in the metadata (detbench.validation*).
-EXPORTER_VERSION = "3"
+# set matching, its outcome and figures in the metadata (detbench.validation*); 4 = box clipping
+# and decoding traced without Reshape(-1) (graphs that run with an empty pyramid level or proposal set).
+EXPORTER_VERSION = "4"
 # torchvision registers roi_align / nms symbolics for opsets 11 and 16; 17 is the project default.
 OPSET = DEFAULT_OPSET
 PARAMS_CONVENTION = ("sum(p.numel() for p in model.parameters()), torchvision's num_params: "
@@ -248,13 +250,65 @@ def _contract(spec: ModelSpec, size: tuple[int, int], weights: Path | None, mode
     )
 
 
+def _clip_boxes_by_column(boxes: torch.Tensor, size) -> torch.Tensor:
+    """torchvision's ``clip_boxes_to_image`` (its tracing branch: max with 0, min with the side),
+    one coordinate column at a time and stacked on the last axis: the same values, without
+    the ``reshape(boxes.shape)`` that torchvision traces."""
+    height, width = size
+    zero = torch.tensor(0, dtype=boxes.dtype, device=boxes.device)
+    limits = [torch.tensor(v, dtype=boxes.dtype, device=boxes.device) for v in (width, height)]
+    columns = [torch.min(torch.max(boxes[..., i], zero), limits[i % 2]) for i in range(4)]
+    return torch.stack(columns, dim=boxes.dim() - 1)
+
+
+def _decode_with_fixed_shape(coder, rel_codes: torch.Tensor, boxes) -> torch.Tensor:
+    """``BoxCoder.decode`` for 2-D codes ``[N, 4 * C]`` (every caller of the exported models):
+    ``decode_single`` then ``[N, C, 4]``, with C a constant of the graph instead of -1."""
+    concat = torch.cat(list(boxes), dim=0)
+    pred = coder.decode_single(rel_codes, concat)
+    # int() makes the tracer record C as a constant (the input size is fixed, C is the head's).
+    return pred.reshape(pred.shape[0], int(pred.shape[1]) // 4, 4)
+
+
+@contextlib.contextmanager
+def empty_safe_tracing():
+    """While ``torch.onnx.export`` traces: torchvision's box clipping and box decoding replaced
+    by equal-valued versions whose graphs run on empty tensors.
+
+    Traced, ``clip_boxes_to_image`` ends in ``Reshape(stack, Concat(Shape(boxes)[0],
+    Shape(boxes)[1]))``. Once the file carries inferred shapes (``onnx.shape_inference``, which
+    the quantizer runs) onnxruntime's ReshapeFusion rewrites that target to the constant
+    ``[0, -1]`` (``[0, 0, -1]`` in the RoI heads), and onnxruntime refuses -1 on a tensor with
+    no elements: RetinaNet failed on every image with a pyramid level without a candidate above
+    the score threshold (``/Reshape_10``: ``{0,2,2}`` to ``{0,-1}``). ``BoxCoder.decode``
+    traces ``reshape(N, -1)`` and ``reshape(N, -1, 4)``, which fail the same way, without any
+    optimiser, on an empty proposal set (Faster/Mask R-CNN RoI heads). Eager PyTorch (the
+    reference validation compares with, and :class:`ContractWrapper` outside export) is not
+    touched."""
+    from torchvision.models.detection._utils import BoxCoder
+    from torchvision.ops import boxes as box_ops
+
+    clip, decode = box_ops.clip_boxes_to_image, BoxCoder.decode
+
+    def patched_decode(self, rel_codes, boxes):
+        if rel_codes.dim() != 2:
+            return decode(self, rel_codes, boxes)
+        return _decode_with_fixed_shape(self, rel_codes, boxes)
+
+    box_ops.clip_boxes_to_image, BoxCoder.decode = _clip_boxes_by_column, patched_decode
+    try:
+        yield
+    finally:
+        box_ops.clip_boxes_to_image, BoxCoder.decode = clip, decode
+
+
 def _to_onnx(wrapper: ContractWrapper, example: torch.Tensor, name: str):
     import onnx
 
     buffer = io.BytesIO()
     dynamic = {out: {0: "detections"} for out in wrapper.output_names}
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), empty_safe_tracing():
             # Tracer warnings about Python values in torchvision's code are expected and
             # harmless at a fixed input size; the validation below is what proves the graph.
             warnings.simplefilter("ignore")

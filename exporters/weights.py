@@ -32,6 +32,7 @@ from typing import Callable, Optional
 from exporters.registry import ModelSpec
 from core.contract import sha256_file
 from core.errors import FetchError, WeightsError
+from core.files import write_bytes_atomic
 from core.paths import cache_dir, data_dir
 
 
@@ -367,7 +368,7 @@ def _obtain(spec: ModelSpec, item: RemoteFile, cache: Path, allow_unverified: bo
         aside.unlink(missing_ok=True)
     recorded_in = None
     if not verifiable:
-        _write_atomically(sidecar, f"{digest}  {dest.name}\n".encode("ascii"))
+        write_bytes_atomic(sidecar, f"{digest}  {dest.name}\n".encode("ascii"))
         recorded_in = sidecar
     return FetchedFile(item.kind, dest, item.url, digest, size, item.verification, downloaded=True,
                        prefix=item.prefix, sidecar=recorded_in,
@@ -379,17 +380,6 @@ def _ignored(found: Resolution) -> str | None:
         return None
     return ("; ".join(f"{path} {why}" for path, why in found.rejected)
             + f": not used (the verified copy {found.path} is); delete the damaged copy")
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _download(spec: ModelSpec, item: RemoteFile, dest: Path, progress: FetchProgress | None,

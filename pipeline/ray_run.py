@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from core.contract import sha256_file
+from core.files import write_bytes_atomic
 from core.errors import ConfigError, DetbenchError
 
 BENCH_RESOURCE = "detbench_bench"
@@ -269,13 +270,4 @@ class _Exclusion:
 
 def _write_bytes(path: Path, data: bytes) -> None:
     """Write a file produced on a worker; a half-written file never takes the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_bytes_atomic(path, data)

@@ -47,7 +47,6 @@ dimension is symbolic is fed ``batch`` copies of the image.
 from __future__ import annotations
 
 import gc
-import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path

@@ -233,6 +233,13 @@ def attribute(graph, kernels: Iterable[KernelTime], node_macs: dict[str, int], r
         groups.append(NodeGroup(kernel=k.name, kernel_op=k.kernel_op, provider=k.provider, op_type=op_type,
                                 originals=originals, macs=macs, mean_us=k.mean_us,
                                 share=k.mean_us / total_us if total_us else 0.0))
+    return node_times(runs, total_us, groups, order, group_of, node_macs)
+
+
+def node_times(runs: int, total_us: float, groups: list[NodeGroup], order: list[str], group_of: dict[str, str],
+               node_macs: dict[str, int], mapping: str = "") -> NodeTimes:
+    """Per-op-type totals of ``groups`` (kernels or layers already joined with their original nodes),
+    and the original nodes (``order``) that ran in no group, with their MACs."""
     by_op: dict[str, dict[str, Any]] = {}
     for g in groups:
         entry = by_op.setdefault(g.op_type, {"kernels": 0, "macs": 0, "us": 0.0})
@@ -243,4 +250,5 @@ def attribute(graph, kernels: Iterable[KernelTime], node_macs: dict[str, int], r
         entry["share"] = entry["us"] / total_us if total_us else 0.0
         entry["gmacs_per_s"] = entry["macs"] / (entry["us"] * 1e3) if entry["us"] > 0 and entry["macs"] else None
     unattributed = {n: int(node_macs.get(n, 0)) for n in order if n not in group_of}
-    return NodeTimes(runs=runs, total_us=total_us, groups=groups, by_op=by_op, unattributed=unattributed)
+    kwargs = {"mapping": mapping} if mapping else {}
+    return NodeTimes(runs=runs, total_us=total_us, groups=groups, by_op=by_op, unattributed=unattributed, **kwargs)

@@ -139,7 +139,6 @@ def measure_peak(threads: int | None = None, size: int = DEFAULT_SIZE, repeats: 
     session, _ = create_session(_matmul_model(size), "cpu", threads=threads)
     feeds = {"a": a, "b": b}
     samples["onnxruntime-cpu"] = _rates(lambda: session.run(None, feeds), flops, repeats)
-    del session
     with _numpy_threads(threads) as limited:
         numpy_key = "numpy" if limited else "numpy-unlimited-threads"
         samples[numpy_key] = _rates(lambda: a @ b, flops, repeats)

@@ -8,10 +8,8 @@ CliRunner, so what is asserted is what a user sees.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 from rich.console import Console
@@ -258,3 +256,15 @@ def test_the_cache_lock_holds_across_processes(tmp_path):
         holder.close()
     assert other.returncode == 3, other.stderr
     assert "is in use by another evaluation" in other.stdout
+
+
+def test_profile_of_a_graph_without_an_input_is_a_contract_error(tmp_path):
+    from onnx import TensorProto, helper
+
+    const = helper.make_tensor("c", TensorProto.FLOAT, [1], [1.0])
+    graph = helper.make_graph([helper.make_node("Identity", ["c"], ["y"])], "no-input", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], initializer=[const])
+    path = save_foreign(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "c.onnx")
+    result = invoke("profile", path, "--no-onnx-tool", "--no-store")
+    assert result.exit_code == ContractError.exit_code
+    assert "has no input" in result.output and str(path) in result.output

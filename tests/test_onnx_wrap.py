@@ -400,3 +400,24 @@ def test_cli_export_onnx(raw_heads_file, tmp_path):
     assert read_contract(target).name == "yolov3-tiny-heads"
     missing = CliRunner().invoke(cli.app, ["export", "--onnx", str(raw_heads_file), "--out", str(target)])
     assert missing.exit_code == ConfigError.exit_code and "--describe" in missing.output
+
+
+def test_run_measures_a_foreign_file_like_a_registered_one(raw_heads_file, tmp_path, monkeypatch):
+    """`run --onnx FILE --describe F`: wrapped, profiled, benched, evaluated, and a row of the report."""
+    import dataclasses
+
+    from core import store
+    from pipeline.run import RunSettings, run_pipeline
+
+    monkeypatch.setenv("DETBENCH_RESULTS", str(tmp_path))
+    settings = dataclasses.replace(RunSettings.quick(), sizes=False, int8_models=(), per_image=0, eval_limit=4)
+    summary = run_pipeline(settings=settings, providers=["cpu"], strict=True,
+                           foreign=[(raw_heads_file, EXAMPLES / "yolo_raw_heads.toml")])
+    assert summary.failures == []
+    statuses = {o.step: o.status for o in summary.outcomes if o.model == "yolov3-tiny-heads"}
+    assert statuses == {"export": "done", "profile": "done", "bench": "done", "eval": "done"}
+    (export,) = store.load("export", "yolov3-tiny-heads", root=tmp_path).records
+    assert export["contract"]["detbench.framework"] == "onnx"
+    (evaluation,) = store.load("eval", "yolov3-tiny-heads", root=tmp_path).records
+    assert evaluation["data"]["images_evaluated"] == 4 and evaluation["data"]["map50"] > 0
+    assert "yolov3-tiny-heads" in (tmp_path / "report" / "table.md").read_text()

@@ -401,3 +401,118 @@ def test_dropping_validation_outputs_removes_the_nodes_only_they_needed():
     (out,) = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"x": np.array([1.0, -2.5], np.float32)})
     assert out.tolist() == [-2.0, 5.0]
+
+
+def test_traced_box_clipping_and_decoding_equal_torchvision():
+    """The replacements traced by ``empty_safe_tracing`` give torchvision's values exactly
+    (boxes inside, across and outside the image; RetinaNet [N, 4] and RoI-head [N, C, 4]
+    layouts; RPN and RoI-head coder weights), and are in place only inside the context."""
+    from torchvision.models.detection._utils import BoxCoder
+    from torchvision.ops import boxes as box_ops
+
+    g = torch.Generator().manual_seed(3)
+    for shape in ((0, 4), (7, 4), (5, 91, 4)):
+        boxes = torch.rand(shape, generator=g) * 1200 - 200
+        assert torch.equal(td._clip_boxes_by_column(boxes, (600, 850)), box_ops.clip_boxes_to_image(boxes, (600, 850)))
+    clip, decode = box_ops.clip_boxes_to_image, BoxCoder.decode
+    for weights, classes in (((1.0, 1.0, 1.0, 1.0), 1), ((10.0, 10.0, 5.0, 5.0), 91)):
+        coder = BoxCoder(weights)
+        anchors = [torch.rand(6, 2, generator=g).repeat(1, 2) * 500 + torch.tensor([0, 0, 20, 30]),
+                   torch.rand(3, 2, generator=g).repeat(1, 2) * 500 + torch.tensor([0, 0, 64, 8])]
+        codes = torch.randn(9, 4 * classes, generator=g)
+        expected = coder.decode(codes, anchors)
+        with td.empty_safe_tracing():
+            assert box_ops.clip_boxes_to_image is not clip and BoxCoder.decode is not decode
+            got = coder.decode(codes, anchors)
+        assert got.shape == (9, classes, 4) and torch.equal(got, expected)
+    assert box_ops.clip_boxes_to_image is clip and BoxCoder.decode is decode
+
+
+def _session_with_inferred_shapes(path):
+    """onnxruntime on the file after ``onnx.shape_inference`` (as the quantizer prepares it):
+    with the shapes annotated, onnxruntime's ReshapeFusion rewrites shape computations."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _retinanet_candidates_per_level(wrapper, tensor):
+    """PyTorch: how many anchor-class pairs of each pyramid level score above the threshold."""
+    from torchvision.models.detection.image_list import ImageList
+
+    m = wrapper.model
+    x = m.transform.normalize(torch.from_numpy(tensor[0]) / 255.0)
+    batch = ImageList(m.transform.batch_images([x], size_divisible=m.transform.size_divisible), [x.shape[-2:]])
+    with torch.no_grad():
+        features = list(m.backbone(batch.tensors).values())
+        logits = m.head(features)["cls_logits"][0]
+    per_location = logits.shape[0] // sum(f.shape[2] * f.shape[3] for f in features)
+    levels = logits.split([f.shape[2] * f.shape[3] * per_location for f in features])
+    return [int((torch.sigmoid(level) > m.score_thresh).sum()) for level in levels]
+
+
+@pytest.mark.slow
+def test_retinanet_graph_runs_when_a_pyramid_level_has_no_candidate(exported, registry, coco_dir):
+    """Images on which some pyramid level has no score above the threshold (checked in
+    PyTorch): the file, with inferred shapes as the quantizer uses it, runs and gives as many
+    detections as PyTorch. Before EXPORTER_VERSION 4 onnxruntime stopped at the clipping
+    Reshape ({0,2,2} to {0,-1})."""
+    name = "retinanet_resnet50_fpn"
+    result = exported(name)
+    contract = read_contract(result.path)
+    assert contract.extra["validation"] == "passed"
+    wrapper = td.ContractWrapper(build_model(registry.get(name), contract.input_size)).eval()
+    session = _session_with_inferred_shapes(result.path)
+    cases = [("grey", np.full((480, 640, 3), 128, np.uint8)), ("black", np.zeros((400, 400, 3), np.uint8)),
+             ("photo", load_rgb(sorted((coco_dir / "val2017").glob("*.jpg"))[2]))]
+    with_empty_level = 0
+    comparison = td.Comparison(name)
+    for where, rgb in cases:
+        tensor, _ = prepare_for(rgb, contract)
+        with_empty_level += min(_retinanet_candidates_per_level(wrapper, tensor)) == 0
+        got = td.run_onnx(session, tensor)
+        ref = td.run_reference(wrapper, tensor)
+        td.check_degenerate(comparison, where, ref, got, contract)
+    assert with_empty_level, "no input left a pyramid level empty: the case was not exercised"
+    comparison.raise_if_any()
+
+
+@pytest.mark.slow
+def test_two_stage_graph_runs_on_an_empty_proposal_set(exported, registry, coco_dir):
+    """The RoI heads of the file fed the proposals directly (the RPN's output tensor, which the
+    exporter names rpn_boxes, made a graph input): on proposals from a photo they give what
+    PyTorch's RoI heads give on them, and on no proposal at all they give K = 0 detections
+    (before EXPORTER_VERSION 4: BoxCoder.decode's Reshape to {0,-1} failed)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    name = "fasterrcnn_resnet50_fpn"
+    result = exported(name)
+    contract = read_contract(result.path)
+    model = onnx.load(str(result.path))
+    proposals = td.PROPOSAL_OUTPUTS[0]
+    producers = [n for n in model.graph.node if proposals in n.output]
+    assert len(producers) == 1, "the RPN's proposal tensor is not in the file under its name"
+    model.graph.node.remove(producers[0])
+    model.graph.input.append(helper.make_tensor_value_info(proposals, TensorProto.FLOAT, ["proposals", 4]))
+    model = onnx.shape_inference.infer_shapes(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    wrapper = td.ContractWrapper(build_model(registry.get(name), contract.input_size)).eval()
+    tensor, _ = prepare_for(load_rgb(sorted((coco_dir / "val2017").glob("*.jpg"))[3]), contract)
+    rois = td.run_reference(wrapper, tensor)["boxes"][:20]
+    rois = np.concatenate([rois, np.array([[40, 60, 300, 420], [0, 0, 500, 380]], np.float32)])
+    comparison = td.Comparison(name)
+    for where, boxes in (("photo proposals", rois), ("no proposal", np.zeros((0, 4), np.float32))):
+        outputs = session.run(["boxes", "scores", "labels"], {"images": tensor, proposals: boxes})
+        got = dict(zip(("boxes", "scores", "labels"), outputs))
+        ref = {k: v.numpy() for k, v in wrapper.heads_on(torch.from_numpy(tensor), torch.from_numpy(boxes)).items()}
+        if len(boxes):
+            assert len(ref["scores"]) > 0, "PyTorch's RoI heads found nothing on the proposals: nothing compared"
+            td.compare(comparison, where, ref, got, contract)
+        else:
+            assert len(ref["scores"]) == 0
+            td.check_degenerate(comparison, where, ref, got, contract)
+    comparison.raise_if_any()

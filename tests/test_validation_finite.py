@@ -68,3 +68,18 @@ def test_huge_darknet_weights_fail_validation_and_leave_the_good_file(registry, 
     assert "dog.jpg:head_" in text and ("NaN" in text or "Inf" in text)
     assert out.read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["huge.weights", "yolov3-tiny.onnx"]  # no leftovers
+
+
+def test_box_coordinates_are_compared_at_the_image_scale():
+    """A corner near 0 px computed from ~300 px operands: 2e-3 px of rounding passes at extent 300
+    (1e-3 + 1e-3 * 0.1 + 1e-5 * 300 = 4.1e-3), fails without the extent (1.1e-3), and a 1e-2 px
+    difference fails either way."""
+    from exporters.validation import Comparison
+
+    ref = np.array([[0.1, 150.0, 299.0, 10.0]], dtype=np.float32)
+    for extent, diff, ok in ((300.0, 2e-3, True), (0.0, 2e-3, False), (300.0, 1e-2, False)):
+        comparison = Comparison("m")
+        got = ref.copy()
+        got[0, 0] += diff
+        comparison.arrays("img", "prior_boxes", ref, got, extent=extent)
+        assert (comparison.mismatches == []) == ok, (extent, diff, comparison.mismatches)

@@ -224,7 +224,7 @@ def attribute_layers(graph, layers: Iterable[tuple[str, str, str, float, list[st
     Layers OpenVINO adds (``Reorder`` between memory layouts, converts) map no ONNX node and
     are shown as "added by OpenVINO".
     """
-    from runtime.nodes import FUSABLE, NodeGroup, NodeTimes
+    from runtime.nodes import FUSABLE, NodeGroup, node_times
 
     layers = list(layers)
     nodes = {n.name: n for n in graph.node}
@@ -276,16 +276,6 @@ def attribute_layers(graph, layers: Iterable[tuple[str, str, str, float, list[st
         groups.append(NodeGroup(kernel=name, kernel_op=f"{layer_type} [{impl}]", provider="OpenVINO CPU",
                                 op_type=op_type, originals=originals, macs=macs, mean_us=us,
                                 share=us / total_us if total_us else 0.0))
-    by_op: dict[str, dict[str, Any]] = {}
-    for g in groups:
-        entry = by_op.setdefault(g.op_type, {"kernels": 0, "macs": 0, "us": 0.0})
-        entry["kernels"] += 1
-        entry["macs"] += g.macs
-        entry["us"] += g.mean_us
-    for entry in by_op.values():
-        entry["share"] = entry["us"] / total_us if total_us else 0.0
-        entry["gmacs_per_s"] = entry["macs"] / (entry["us"] * 1e3) if entry["us"] > 0 and entry["macs"] else None
-    unattributed = {n: int(node_macs.get(n, 0)) for n in order if n not in group_of}
-    return NodeTimes(runs=runs, total_us=total_us, groups=groups, by_op=by_op, unattributed=unattributed,
-                     mapping="see runtime.backends.openvino.attribute_layers: OpenVINO's originalLayersNames, "
-                             "then renamed Conv/elementwise nodes join their only consumer's layer")
+    return node_times(runs, total_us, groups, order, group_of, node_macs,
+                      mapping="see runtime.backends.openvino.attribute_layers: OpenVINO's originalLayersNames, "
+                              "then renamed Conv/elementwise nodes join their only consumer's layer")
