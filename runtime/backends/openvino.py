@@ -78,7 +78,10 @@ class OpenVinoRunner(Runner):
         self.path, self.compiled, self.settings, self.precision = Path(path), compiled, settings, precision
         self.request = compiled.create_infer_request()
         self.outputs = list(compiled.outputs)
-        self.output_names = [o.get_any_name() for o in self.outputs]
+        # an output tensor can carry several names (Mask R-CNN's `boxes` is also an inner value's
+        # name): take the graph output's own name, which is what the contract names
+        wanted = _graph_output_names(path)
+        self.output_names = [next((n for n in wanted if n in o.get_names()), o.get_any_name()) for o in self.outputs]
         ran = _precision(compiled)
         props = {}
         for key in ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS",
@@ -279,3 +282,9 @@ def attribute_layers(graph, layers: Iterable[tuple[str, str, str, float, list[st
     return node_times(runs, total_us, groups, order, group_of, node_macs,
                       mapping="see runtime.backends.openvino.attribute_layers: OpenVINO's originalLayersNames, "
                               "then renamed Conv/elementwise nodes join their only consumer's layer")
+
+
+def _graph_output_names(path) -> list[str]:
+    import onnx
+
+    return [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
