@@ -378,8 +378,11 @@ def _row(name: str, size: tuple[int, int], spec, records: list[dict[str, Any]],
         if entry.get("model") != name or tuple(entry.get("input_size") or ()) != size:
             continue
         if entry.get("status") in ("skipped", "failed"):
-            step = entry["step"] + (f":{entry['provider']}" if entry.get("provider") else "")
-            row.skipped[step] = f"{entry['status']}: {entry.get('reason', '')}"
+            # a step run for several backends side by side is named "cpu+openvino+...": its outcome
+            # is each of theirs
+            for provider in (entry.get("provider") or "").split("+"):
+                step = entry["step"] + (f":{provider}" if provider else "")
+                row.skipped[step] = f"{entry['status']}: {entry.get('reason', '')}"
     return row
 
 

@@ -658,3 +658,22 @@ def test_hosts_validation_and_warnings_are_shown(tmp_path, registry):
     assert "| host |" in header and "| export validation |" in header
     for text in (md, page):
         assert "failed-accepted" in text and "route layer 83 reads a layer after it" in text and "node-2" in text
+
+
+def test_a_failed_side_by_side_bench_is_each_backends_failure(results, paper, tmp_path):
+    """`run` benches several backends in one step named "cpu+openvino": its failure is reported per
+    backend, and the joined name is never taken for a backend of its own."""
+    import shutil
+
+    from core.manifest import Manifest
+    from report.collect import collect, providers
+
+    root = tmp_path / "store"
+    shutil.copytree(results, root)
+    spec = paper[0]
+    Manifest(root).put(spec.name, spec.input_size, "bench", "cpu+openvino", key="k", status="failed",
+                       reason="unexpected KeyError: 'boxes'")
+    rows = collect(root=root)
+    row = next(r for r in rows if r.name == spec.name and r.input_size == spec.input_size)
+    assert row.skipped["bench:cpu"] == row.skipped["bench:openvino"] == "failed: unexpected KeyError: 'boxes'"
+    assert "cpu+openvino" not in providers(rows) and "openvino" in providers(rows)
