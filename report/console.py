@@ -125,8 +125,9 @@ def render_bench(console, results, top: int) -> None:
     if first.peak:
         by = ", ".join(f"{k} {v:.1f}" for k, v in first.peak["by_backend"].items())
         notes.append(f"GFLOP/s = 2 x MACs (counting/ analyzer) / p50; % peak = that over the machine's measured "
-                     f"float32 matmul rate ({first.machine_peak_gflops:.1f} GFLOP/s, {first.peak['size']}^2 "
-                     f"SGEMM, best of several; {by}). p90/p99: MLPerf LoadGen's early-stopping estimates, "
+                     f"float32 rate ({first.machine_peak_gflops:.1f} GFLOP/s: the best of several "
+                     f"{first.peak['size']}^2 SGEMMs and 3x3 convolutions; {by}). p90/p99: MLPerf LoadGen's "
+                     "early-stopping estimates, "
                      "— where the number of runs cannot support them; VALID needs 64 runs and 10 s (RSD <= 10 %).")
     for r in results:
         if r.macs is None and r.macs_note:
