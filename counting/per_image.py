@@ -23,7 +23,7 @@ from core.errors import ContractError
 from core.images import load_rgb, prepare_for
 from counting.analyzer import NETWORK, POSTPROCESS, analyze
 from counting.shapes import (EXPOSE_ALL_BUDGET_BYTES, _EXPOSE_ALL_MAX_UNRESOLVED, ShapeTable, _collect, _keep_static,
-                             _pinned_inference, _run_exposing, elem_size, resolved, static_shapes)
+                             _pinned_inference, _run_exposing, _Stripped, elem_size, resolved, static_shapes)
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,12 @@ class ImageCounter:
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
             raise ContractError(f"{self.path}: onnxruntime cannot load the graph to measure shapes: {exc}") from exc
         del run_model
+        # Counting needs dims, not weight values. Strip them once and for all: stripping and
+        # restoring them around each image's inference (what a single measured profile does)
+        # re-allocates them in the protobuf's arena every time, which never shrinks (it grew by
+        # the model's size per image).
+        with _Stripped(self.model, restore=False):
+            pass
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -94,8 +100,10 @@ class ImageCounter:
         _collect(_pinned_inference(self.model, measured, self.static.types), table, "inferred")
         _keep_static(table, self.static)
         still = [n for n in self.candidates if n not in measured and not resolved(table.shapes.get(n))]
-        if still:  # values neither exposed nor derivable: one more run exposing exactly them
-            measured.update(_run_exposing(self.model, still, tensor, self.path, image))
+        if still:  # values neither exposed nor derivable: one more run exposing exactly them (with the weights)
+            import onnx
+
+            measured.update(_run_exposing(onnx.load(str(self.path)), still, tensor, self.path, image))
             table = ShapeTable(mode="measured", image=str(image))
             _collect(_pinned_inference(self.model, measured, self.static.types), table, "inferred")
             _keep_static(table, self.static)
