@@ -578,8 +578,16 @@ class _Pipeline:
             result = evaluate(path, coco_dir=coco, provider=backend, limit=s.eval_limit, image_ids=image_ids,
                               resume=True, progress=on_image)
             self.have.add(("eval", result.model_sha256, result.provider))
+            extra = {}
+            source = self.exported.get(target.spec.name)
+            if target.precision == INT8 and source is not None:
+                # the float model on exactly these images: the accuracy change is measured, not inferred
+                # from two different image sets
+                float_result = evaluate(source, coco_dir=coco, provider=backend, limit=s.eval_limit,
+                                        image_ids=image_ids, resume=True, progress=on_image)
+                extra["float_map50_same_images"] = float_result.scores["map50"]
             return result, {"onnx_sha256": onnx_sha, "map50": result.scores["map50"],
-                            "images": result.images_evaluated}
+                            "images": result.images_evaluated, **extra}
 
         self.step(target, "eval", backend, inputs, run, lambda e: ("eval", onnx_sha, backend) in self.have)
 
