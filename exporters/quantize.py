@@ -223,8 +223,8 @@ def _cpu_flags() -> set[str]:
             for line in fh:
                 if line.startswith("flags"):
                     return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    except OSError:  # no /proc (not Linux): no flag is known, and the choice records that
+        return set()
     return set()
 
 
