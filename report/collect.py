@@ -325,7 +325,7 @@ def _row(name: str, size: tuple[int, int], spec, records: list[dict[str, Any]],
     row.images = images["data"] if images is not None else None
 
     # Per backend, the largest evaluation of this file wins (a later --quick run over a few images
-    # does not replace a full one); among equals, the latest.
+    # does not replace a full one); among equals, an unrestricted one, then the latest.
     for rec in same_file:
         if rec["kind"] != "eval":
             continue
@@ -337,7 +337,10 @@ def _row(name: str, size: tuple[int, int], spec, records: list[dict[str, Any]],
         ev = Evaluation(p, 100.0 * float(d["map50"]), 100.0 * float(d["map"]), n,
                         sorted(int(i) for i in ids) if ids else None, where)
         row.eval_list.append(ev)
-        if p not in row.evals or (n or 0) >= (row.evals[p].images or 0):
+        # an evaluation of the whole (limited) folder beats one restricted to chosen image ids (the
+        # float model rerun on its INT8 row's images) of the same size
+        if p not in row.evals or (n or 0, ev.image_ids is None) >= (row.evals[p].images or 0,
+                                                                     row.evals[p].image_ids is None):
             row.evals[p] = ev
     # The headline accuracy is onnxruntime CPU's (the reference backend), else the largest evaluation.
     headline = row.evals.get(REFERENCE_BACKEND) or max(
