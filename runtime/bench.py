@@ -347,34 +347,40 @@ class BenchResult:
 _SLICE_SECONDS = 1.0
 
 
-def _alternate_until_valid(calls: dict[str, Callable[[], None]], names: list[str],
-                           rounds: int) -> dict[str, list[float]]:
-    """Rounds of ~1 s slices per backend (order rotating) until every backend has the runs and the
-    timed duration :class:`runtime.stats.ValidityRules` asks for, or one reached its time cap;
-    at least ``rounds`` rounds."""
+def _alternate_until_valid(calls: dict[str, Callable[[], None]], names: list[str], rounds: int,
+                           rules=None, slice_seconds: float = _SLICE_SECONDS) -> dict[str, list[float]]:
+    """Rounds of ~``slice_seconds`` per backend (order rotating) until every backend has the runs
+    and the timed duration ``rules`` (default :class:`runtime.stats.ValidityRules`) ask for, or
+    one reached its time cap; at least ``rounds`` rounds."""
     from runtime.stats import ValidityRules
 
-    rules = ValidityRules()
+    rules = rules or ValidityRules()
     samples: dict[str, list[float]] = {n: [] for n in names}
-    clock = time.perf_counter
     k = 0
     while True:
-        order = names[k % len(names):] + names[:k % len(names)]
-        for name in order:
-            call, out = calls[name], samples[name]
-            end = clock() + _SLICE_SECONDS
-            while True:
-                start = clock()
-                call()
-                out.append((clock() - start) * 1e3)
-                if clock() >= end:
-                    break
+        _timed_round(calls, names, samples, k, slice_seconds)
         k += 1
         timed = {n: sum(v) / 1e3 for n, v in samples.items()}
         met = all(len(samples[n]) >= rules.min_queries and timed[n] >= rules.min_duration_s for n in names)
         capped = any(t >= rules.max_duration_s for t in timed.values())
         if k >= rounds and (met or capped):
             return samples
+
+
+def _timed_round(calls: dict[str, Callable[[], None]], names: list[str], samples: dict[str, list[float]], k: int,
+                 seconds: float) -> None:
+    """Round ``k``: each backend in turn (order rotated by ``k``) runs for ``seconds`` (at least once)."""
+    clock = time.perf_counter
+    for name in names[k % len(names):] + names[:k % len(names)]:
+        call, out = calls[name], samples[name]
+        end = clock() + seconds
+        while True:
+            start = clock()
+            call()
+            out.append((clock() - start) * 1e3)
+            if clock() >= end:
+                break
+
 
 def _blocks(total: int, rounds: int) -> list[int]:
     """``total`` runs split into at most ``rounds`` blocks as even as possible."""
@@ -389,18 +395,8 @@ def _alternate(calls: dict[str, Callable[[], None]], settings: BenchSettings) ->
     clock = time.perf_counter
     rounds = settings.rounds
     if settings.seconds is not None:
-        budget = settings.seconds / rounds
         for k in range(rounds):
-            order = names[k % len(names):] + names[:k % len(names)]
-            for name in order:
-                call, out = calls[name], samples[name]
-                end = clock() + budget
-                while True:
-                    start = clock()
-                    call()
-                    out.append((clock() - start) * 1e3)
-                    if clock() >= end:
-                        break
+            _timed_round(calls, names, samples, k, settings.seconds / rounds)
         return samples
     if settings.runs is None:
         return _alternate_until_valid(calls, names, rounds)

@@ -367,3 +367,32 @@ def test_cuda_bench_with_and_without_host_copies(tiny, include_copies):
     assert r.providers_ran[0] == "CUDAExecutionProvider" and not r.fell_back
     assert r.settings["include_copies"] is include_copies and r.latency.n == 3 and r.detections >= 1
     assert r.machine_peak_gflops == r.peak["gpu_gflops"] and r.peak["gpu_gflops"] > 0
+
+
+def test_default_timing_alternates_until_every_backend_meets_the_validity_rules():
+    """Without --runs/--seconds, backends are timed in alternating slices until each has the runs and
+    the timed duration the rules ask for (scaled-down rules, fake backends of 2 ms and 5 ms)."""
+    import time as _time
+
+    from runtime.bench import _alternate_until_valid
+    from runtime.stats import ValidityRules
+
+    order: list[str] = []
+
+    def backend(name, ms):
+        def call():
+            order.append(name)
+            _time.sleep(ms / 1e3)
+        return call
+
+    rules = ValidityRules(min_queries=20, min_duration_s=0.15, max_duration_s=5.0)
+    samples = _alternate_until_valid({"a": backend("a", 2), "b": backend("b", 5)}, ["a", "b"], 2, rules,
+                                     slice_seconds=0.02)
+    for name in ("a", "b"):
+        assert len(samples[name]) >= 20 and sum(samples[name]) / 1e3 >= 0.15
+    switches = sum(1 for x, y in zip(order, order[1:]) if x != y)
+    assert switches >= 3  # interleaved in slices, not one backend then the other
+    capped = _alternate_until_valid({"slow": backend("slow", 30)}, ["slow"], 1,
+                                    ValidityRules(min_queries=1000, min_duration_s=0.1, max_duration_s=0.3),
+                                    slice_seconds=0.05)
+    assert 0.3 <= sum(capped["slow"]) / 1e3 < 1.0 and len(capped["slow"]) < 1000  # stopped by the cap
