@@ -235,3 +235,22 @@ def test_a_repeat_of_the_same_configuration_is_not_flagged(benched):
     proc = _compare(benched["A"], benched["A2"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "no regression" in proc.stdout
+
+
+def test_a_change_within_the_run_to_run_spread_is_not_a_regression():
+    """Worked by hand: A's two runs have medians 10 and 11 ms (spread 10 %); B at 11.3 ms is more
+    than 5 % slower than A's 10 ms run but within what A's two runs already differ by: unchanged.
+    The same B against a single 10 ms run of A (no spread known) is slower, and B at 13 ms is
+    slower whatever the spread."""
+    from report.compare import BenchSide, compare_latency
+
+    rng = np.random.default_rng(0)
+    run1, run2 = 10 + 0.05 * rng.standard_normal(64), 11 + 0.05 * rng.standard_normal(64)
+    side = BenchSide(list(run1) + list(run2), 2, {}, None, [float(np.median(run1)), float(np.median(run2))])
+    assert side.run_spread == pytest.approx(0.10, abs=0.01)
+    b = list(11.3 + 0.05 * rng.standard_normal(128))
+    near = compare_latency(side.samples_ms, b, run_spread=side.run_spread)
+    assert near.verdict == "unchanged" and "threshold raised" in near.note
+    assert compare_latency(list(run1), b).verdict == "slower"
+    far = compare_latency(side.samples_ms, list(13 + 0.05 * rng.standard_normal(128)), run_spread=side.run_spread)
+    assert far.verdict == "slower"
