@@ -300,7 +300,7 @@ def test_cli_describes_a_bare_model_and_selects_images(synth, tmp_path):
 
 def test_a_provider_that_cannot_run_is_refused(synth, models):
     from core.errors import ProviderUnavailableError
-    from runtime.sessions import provider_usable
+    from runtime.backends import provider_usable
 
     usable, _ = provider_usable("cuda")
     if usable:
