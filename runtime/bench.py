@@ -155,34 +155,14 @@ class Latency:
 # --------------------------------------------------------------------------- timing
 
 def time_runs(run: Callable[[], Any], *, warmup: int, runs: int | None, seconds: float | None) -> list[float]:
-    """Milliseconds of each timed call of ``run`` after ``warmup`` untimed ones.
+    """Milliseconds of each timed call of ``run`` after ``warmup`` untimed ones: exactly ``runs``
+    calls (default 20), or with ``seconds`` as many as start within that budget (at least one).
+    :func:`runtime.stats.time_runs` with a fixed count instead of the validity rules."""
+    from runtime.stats import time_runs as timed
 
-    Exactly ``runs`` calls, or with ``seconds`` as many as start within that budget (at least one).
-    """
-    if warmup < 0:
-        raise ConfigError(f"--warmup {warmup}: must be 0 or more")
-    if runs is not None and seconds is not None:
-        raise ConfigError("give --runs or --seconds, not both")
     if runs is None and seconds is None:
         runs = DEFAULT_RUNS
-    if runs is not None and runs < 1:
-        raise ConfigError(f"--runs {runs}: must be at least 1")
-    if seconds is not None and seconds <= 0:
-        raise ConfigError(f"--seconds {seconds}: must be positive")
-    for _ in range(warmup):
-        run()
-    samples = []
-    clock = time.perf_counter
-    budget_end = clock() + seconds if seconds is not None else None
-    while True:
-        start = clock()
-        run()
-        samples.append((clock() - start) * 1e3)
-        if runs is not None and len(samples) >= runs:
-            break
-        if budget_end is not None and clock() >= budget_end:
-            break
-    return samples
+    return timed(run, warmup=warmup, runs=runs, seconds=seconds).samples_ms
 
 
 class _PeakRss:

@@ -187,11 +187,7 @@ def attribute(graph, kernels: Iterable[KernelTime], node_macs: dict[str, int], r
                 kind[k.name] = "added"
 
     def sole_consumer(node_name: str) -> str | None:
-        outs = [o for o in nodes[node_name].output if o]
-        users = {c for o in outs for c in consumers.get(o, [])}
-        if len(users) != 1 or any(o in graph_outputs for o in outs):
-            return None
-        return next(iter(users))
+        return only_consumer(nodes[node_name], consumers, graph_outputs)
 
     changed = True
     while changed:
@@ -252,3 +248,12 @@ def node_times(runs: int, total_us: float, groups: list[NodeGroup], order: list[
     unattributed = {n: int(node_macs.get(n, 0)) for n in order if n not in group_of}
     kwargs = {"mapping": mapping} if mapping else {}
     return NodeTimes(runs=runs, total_us=total_us, groups=groups, by_op=by_op, unattributed=unattributed, **kwargs)
+
+
+def only_consumer(node, consumers: dict[str, Any], graph_outputs: set[str]) -> str | None:
+    """The one node reading ``node``'s outputs (None when several do, or an output leaves the graph)."""
+    outs = [o for o in node.output if o]
+    users = {c for o in outs for c in consumers.get(o, ())}
+    if len(users) != 1 or any(o in graph_outputs for o in outs):
+        return None
+    return next(iter(users))

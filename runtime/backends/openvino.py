@@ -227,7 +227,7 @@ def attribute_layers(graph, layers: Iterable[tuple[str, str, str, float, list[st
     Layers OpenVINO adds (``Reorder`` between memory layouts, converts) map no ONNX node and
     are shown as "added by OpenVINO".
     """
-    from runtime.nodes import FUSABLE, NodeGroup, node_times
+    from runtime.nodes import FUSABLE, NodeGroup, node_times, only_consumer
 
     layers = list(layers)
     nodes = {n.name: n for n in graph.node}
@@ -245,11 +245,7 @@ def attribute_layers(graph, layers: Iterable[tuple[str, str, str, float, list[st
                 group_of[original] = name
 
     def sole_consumer(node_name: str) -> str | None:
-        outs = [o for o in nodes[node_name].output if o]
-        users = {c for o in outs for c in consumers.get(o, ())}
-        if len(users) != 1 or any(o in graph_outputs for o in outs):
-            return None
-        return next(iter(users))
+        return only_consumer(nodes[node_name], consumers, graph_outputs)
 
     changed = True
     while changed:
