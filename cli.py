@@ -492,6 +492,8 @@ def run(
     counts = ", ".join(f"{summary.count(s)} {s}" for s in colours)
     console.print(f"[bold]run finished in {summary.wall_seconds:.1f} s[/]: {counts} step(s); results in "
                   f"{t(summary.results_dir)}", highlight=False)
+    if summary.store_note:
+        print_error(summary.store_note, "warning:")
     for provider, reason in summary.providers.items():
         if reason:
             console.print(f"[yellow]provider {t(provider)} skipped[/]: {t(reason)}", highlight=False, soft_wrap=True)
@@ -517,6 +519,8 @@ def report(
     from report.collect import MEASURED, provider_skips, providers
 
     result = build_report(out, all_registered=all_registered)
+    if result.skipped_lines:
+        print_error(result.skipped_lines, "warning:")
     rows = result.rows
     shown = [p for p in providers(rows) if p not in provider_skips(rows)]
     table = Table(title="detbench report", box=None, pad_edge=False, title_justify="left")
@@ -554,6 +558,8 @@ def compare(
                                        "COCO points (0.1 = 0.1 AP point)."),
     alpha: float = typer.Option(0.01, "--alpha", help="Significance level of the one-sided Mann-Whitney U test."),
     as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON instead of tables."),
+    allow_nothing_in_common: bool = typer.Option(False, "--allow-nothing-in-common", help="Exit 0 when A and B share "
+                                                 "no configuration (default: exit 2, nothing was compared)."),
 ) -> None:
     """Latency (rank test on raw samples), mAP and size of B against A; exits 1 when something regressed."""
     import json
@@ -561,7 +567,7 @@ def compare(
     from report.compare import compare_stores, parse_fraction
 
     result = compare_stores(a, b, max_slowdown=parse_fraction(max_slowdown, "--max-slowdown"),
-                            max_map_drop=max_map_drop, alpha=alpha)
+                            max_map_drop=max_map_drop, alpha=alpha, allow_nothing_in_common=allow_nothing_in_common)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
