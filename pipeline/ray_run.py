@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 import tempfile
 import threading
@@ -70,6 +71,8 @@ class RayRun:
     _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def __post_init__(self):
+        if not (math.isfinite(self.connect_timeout) and self.connect_timeout > 0):
+            raise ConfigError(f"--ray-timeout {self.connect_timeout}: must be a number of seconds above 0")
         if self.address is not None and not self.address.strip():
             raise ConfigError("--ray-address is empty: give auto or HOST:PORT (or leave it out for a local instance)")
 
