@@ -65,6 +65,12 @@ TASK_MAX_RETRIES = 4
 # Times the pipeline is started again over the images not yet gathered after Ray lost a node
 # (or an actor or block it could not bring back); one more loss stops the run (ClusterLostError).
 PIPELINE_REISSUES = 3
+# After a loss, how long the GCS may take to mark the node dead (Ray's health check: by default
+# 5 missed checks of 3 s) before the surviving pool is sized.
+LOSS_SETTLE_S = 30.0
+# An inference pool whose actors cannot all be placed (the cluster shrank, or --ray-actors asks
+# for more than it holds) stops waiting after this long and is re-issued at a size that fits.
+ACTOR_START_TIMEOUT_S = 60.0
 # Decoding and resizing is about a tenth of inference time per image for the registry's
 # models: the prepare tasks ask for no logical CPU, so that the cluster's CPUs all go to
 # the sessions' threads (what the actors are sized by), and at most this many run at once
@@ -552,6 +558,7 @@ def evaluate_model_ray(path, settings: EvalSettings | None = None, *, ray_settin
                 todo = [img for img in selection if img.id not in cache.done and img.id not in skipped_ids]
                 if not todo:
                     break
+                nodes_before = _alive_nodes()
                 batches = _detections(todo, model_ref, model_sha, settings.provider, threads, contract, label_map,
                                       cluster, pool, gpu)
                 try:
@@ -568,6 +575,7 @@ def evaluate_model_ray(path, settings: EvalSettings | None = None, *, ray_settin
                     # stays in the cache, and the images still missing are issued again to a pool
                     # sized for the nodes that remain.
                     reissues.append(_loss_summary(exc))
+                    _settle(nodes_before)
                     pool = _surviving_pool(cluster, actors, threads, gpu)
                     if len(reissues) > PIPELINE_REISSUES or pool < 1:
                         raise ClusterLostError(_stopped_message(reissues, pool, len(todo), path, settings,
@@ -600,16 +608,6 @@ def evaluate_model_ray(path, settings: EvalSettings | None = None, *, ray_settin
         store=store)
 
 
-def _actor_pool(cluster: RaySettings, actors: int):
-    """The inference pool: the size asked for (--ray-actors), else starting at ``actors`` and
-    growing onto CPUs that appear during the run (a node that joins the cluster)."""
-    from ray.data import ActorPoolStrategy
-
-    if cluster.actors is not None:
-        return ActorPoolStrategy(size=actors)
-    return ActorPoolStrategy(min_size=actors, max_size=None)
-
-
 def _lost_to_the_cluster(exc: BaseException) -> bool:
     """True when ``exc`` (or what it wraps) is Ray losing a process, node or object, not code failing."""
     from ray import exceptions as rx
@@ -621,8 +619,26 @@ def _lost_to_the_cluster(exc: BaseException) -> bool:
         seen.add(id(exc))
         if isinstance(exc, lost) or isinstance(getattr(exc, "cause", None), lost):
             return True
+        if isinstance(exc, rx.GetTimeoutError) and "starting actors" in str(exc):
+            return True  # the pool did not fit in ACTOR_START_TIMEOUT_S
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def _alive_nodes() -> set[str]:
+    import ray
+
+    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+
+
+def _settle(before: set[str]) -> None:
+    """Wait (at most :data:`LOSS_SETTLE_S`) until the GCS has marked a lost node dead, so the
+    pool that takes over is sized for the nodes that really remain. An actor lost without
+    its node does not end the wait early; its pool may then be too large for a while, which
+    the actor start timeout (:data:`ACTOR_START_TIMEOUT_S`) turns into one more re-issue."""
+    deadline = time.monotonic() + LOSS_SETTLE_S
+    while before <= _alive_nodes() and time.monotonic() < deadline:
+        time.sleep(1.0)
 
 
 def _loss_summary(exc: BaseException) -> str:
@@ -672,10 +688,11 @@ def _detections(todo: list[CocoImage], model_ref, model_sha: str, provider: str,
     import logging
 
     import ray.data
-    from ray.data import DataContext, TaskPoolStrategy
+    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
     context = DataContext.get_current()
-    saved = (context.enable_progress_bars, context.print_on_execution_start)
+    saved = (context.enable_progress_bars, context.print_on_execution_start, context.wait_for_min_actors_s)
+    context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     data_logger = logging.getLogger("ray.data")
     saved_level = data_logger.level
     # library code never prints: no progress bars, execution plans or per-run notices on the driver's terminal
@@ -699,7 +716,7 @@ def _detections(todo: list[CocoImage], model_ref, model_sha: str, provider: str,
                                     fn_constructor_kwargs={"model": [model_ref], "model_sha": model_sha,
                                                            "provider": provider, "threads": threads,
                                                            "contract": contract, "label_map": label_map},
-                                    compute=_actor_pool(cluster, actors), num_cpus=threads,
+                                    compute=ActorPoolStrategy(size=actors), num_cpus=threads,
                                     num_gpus=1 if gpu else None, max_restarts=ACTOR_MAX_RESTARTS,
                                     max_task_retries=ACTOR_MAX_TASK_RETRIES)
         iterator = iter(data.iter_batches(batch_size=None, batch_format="numpy"))
@@ -710,5 +727,5 @@ def _detections(todo: list[CocoImage], model_ref, model_sha: str, provider: str,
             if close is not None:
                 close()
     finally:
-        context.enable_progress_bars, context.print_on_execution_start = saved
+        context.enable_progress_bars, context.print_on_execution_start, context.wait_for_min_actors_s = saved
         data_logger.setLevel(saved_level)
