@@ -554,11 +554,14 @@ def evaluate_model_ray(path, settings: EvalSettings | None = None, *, ray_settin
                     report(name)
 
             pool = actors
+            checked_nodes: set[str] = set()
             while True:
                 todo = [img for img in selection if img.id not in cache.done and img.id not in skipped_ids]
                 if not todo:
                     break
                 nodes_before = _alive_nodes()
+                _check_images_on_nodes(todo, nodes_before - checked_nodes)
+                checked_nodes |= nodes_before
                 batches = _detections(todo, model_ref, model_sha, settings.provider, threads, contract, label_map,
                                       cluster, pool, gpu)
                 try:
@@ -623,6 +626,48 @@ def _lost_to_the_cluster(exc: BaseException) -> bool:
             return True  # the pool did not fit in ACTOR_START_TIMEOUT_S
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def _images_missing_here(paths: list[str]) -> dict[str, Any]:
+    """On one node: how many of ``paths`` are not files there, and the first such."""
+    missing = [p for p in paths if not os.path.isfile(p)]
+    return {"missing": len(missing), "first": missing[0] if missing else None, "host": socket.gethostname(),
+            "ip": _node_ip()}
+
+
+def _node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def _check_images_on_nodes(todo: list[CocoImage], nodes: set[str]) -> None:
+    """Every node in ``nodes`` sees the images the driver sees, at the same paths (the prepare tasks
+    read them by path there); raises :class:`DatasetError` naming the first node that does not."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from core.errors import DatasetError
+
+    paths = [str(img.path) for img in todo if img.path.is_file()]  # what the driver lacks it reports itself
+    if not paths or not nodes:
+        return
+    check = ray.remote(_images_missing_here)
+    refs = {node: check.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+            .remote(paths) for node in sorted(nodes)}
+    for node, ref in refs.items():
+        try:
+            seen = ray.get(ref, timeout=ACTOR_START_TIMEOUT_S)
+        except Exception as exc:  # the node went away meanwhile: the pipeline's loss handling takes it from here
+            if _lost_to_the_cluster(exc) or isinstance(exc, ray.exceptions.GetTimeoutError):
+                continue
+            raise
+        if seen["missing"]:
+            folder = Path(seen["first"]).parent
+            raise DatasetError(
+                f"Ray node {node[:12]} ({seen['host']}, {seen['ip']}) lacks {seen['missing']} of the {len(paths)} "
+                f"images at the driver's paths (first: {seen['first']}): every node must see the COCO images at "
+                f"the same path ({folder}); mount or copy them there (docs/scale.md, cluster quick start)")
 
 
 def _alive_nodes() -> set[str]:

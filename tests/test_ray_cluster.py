@@ -349,3 +349,34 @@ def test_a_run_step_no_node_can_take_stops_the_run(cluster, ray_run, tmp_path):
     assert not thread.is_alive(), "the step waited on after its last node died"
     assert errors and "no node left in the Ray cluster offers what it needs" in str(errors[0])
     assert "run the same `run` command" in str(errors[0])
+
+
+def test_a_node_that_lacks_the_images_is_named(cluster, tmp_path):
+    """The images must be at the driver's paths on every node: a path only the driver's process can
+    open (its own file descriptor under /proc/self/fd) stands for a folder the nodes did not mount."""
+    import ray
+
+    from core.errors import DatasetError
+    from eval.dataset import CocoImage
+    from eval.ray_eval import _check_images_on_nodes, ray_instance
+
+    a, b = cluster.keep(2)
+    image = tmp_path / "000000000139.jpg"
+    image.write_bytes(b"only the driver holds this file open")
+    fd = os.open(image, os.O_RDONLY)
+    high = os.dup2(fd, 987)  # a number the workers' processes do not have open
+    os.close(fd)
+    try:
+        only_here = CocoImage(139, image.name, 4, 4, Path(f"/proc/self/fd/{high}"))
+        shared = CocoImage(139, image.name, 4, 4, image)
+        with ray_instance(cluster.address):
+            nodes = {a.node_id, b.node_id}
+            _check_images_on_nodes([shared], nodes)  # the same path on every node: accepted
+            with pytest.raises(DatasetError) as err:
+                _check_images_on_nodes([only_here], nodes)
+            assert ray.is_initialized()
+    finally:
+        os.close(high)
+    message = str(err.value)
+    assert f"Ray node {min(nodes)[:12]}" in message and "127.0.0.1" in message
+    assert f"lacks 1 of the 1 images at the driver's paths (first: /proc/self/fd/{high})" in message
