@@ -579,7 +579,7 @@ def evaluate_model_ray(path, settings: EvalSettings | None = None, *, ray_settin
                     # sized for the nodes that remain.
                     reissues.append(_loss_summary(exc))
                     _settle(nodes_before)
-                    pool = _surviving_pool(cluster, actors, threads, gpu)
+                    pool = _surviving_pool(actors, threads, gpu)
                     if len(reissues) > PIPELINE_REISSUES or pool < 1:
                         raise ClusterLostError(_stopped_message(reissues, pool, len(todo), path, settings,
                                                                 cluster, cache_path)) from None
@@ -692,7 +692,7 @@ def _loss_summary(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
 
 
-def _surviving_pool(cluster: RaySettings, asked: int, threads: int, gpu: bool) -> int:
+def _surviving_pool(asked: int, threads: int, gpu: bool) -> int:
     """Actors the nodes still alive can hold: the pool asked for, at most what their CPUs (or GPUs) fit."""
     import ray
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
-import os
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
