@@ -430,6 +430,8 @@ def run(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join a running Ray cluster: auto or "
                                               "HOST:PORT (implies --ray; bench nodes advertise the "
                                               "detbench_bench resource)."),
+    ray_timeout: float = typer.Option(30.0, "--ray-timeout", help="Seconds the --ray-address may take to answer "
+                                      "before the run stops (nothing listening: at once)."),
 ) -> None:
     """The main job: export, validate, profile, bench and evaluate every model, then write the report.
 
@@ -442,7 +444,7 @@ def run(
     from pipeline.ray_run import RayRun
     from pipeline.run import RunSettings, run_pipeline
 
-    cluster = RayRun(address=ray_address) if ray or ray_address is not None else None
+    cluster = RayRun(address=ray_address, connect_timeout=ray_timeout) if ray or ray_address is not None else None
 
     names = [n.strip() for n in models.split(",") if n.strip()] if models else None
     if len(onnx_files) != len(describe):
@@ -616,6 +618,8 @@ def eval_command(
                                              "CPUs / --threads, or one per GPU)."),
     ray_batch: int = typer.Option(4, "--ray-batch", help="Images per Ray block (prepared, inferred, retried and "
                                   "cached together)."),
+    ray_timeout: float = typer.Option(30.0, "--ray-timeout", help="Seconds the --ray-address may take to answer "
+                                      "before the evaluation stops (nothing listening: at once)."),
 ) -> None:
     """COCO accuracy (pycocotools COCOeval) of an exported detector, or of an existing results file."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -673,7 +677,8 @@ def eval_command(
         if ray or ray_address is not None:
             from eval.ray_eval import RaySettings, evaluate_model_ray
 
-            cluster = RaySettings(address=ray_address, actors=ray_actors, batch_size=ray_batch)
+            cluster = RaySettings(address=ray_address, actors=ray_actors, batch_size=ray_batch,
+                                  connect_timeout=ray_timeout)
             result = evaluate_model_ray(model, settings, ray_settings=cluster, progress=on_progress)
         else:
             result = evaluate_model(model, settings, progress=on_progress)

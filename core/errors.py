@@ -108,3 +108,9 @@ class DatasetError(DetbenchError):
     """A dataset (COCO annotations, images, results file) is missing or malformed."""
 
     exit_code = 8
+
+
+class ClusterLostError(DetbenchError):
+    """A Ray cluster lost the nodes that could run the work; what was finished is kept (``--resume`` continues)."""
+
+    exit_code = 9

@@ -48,7 +48,7 @@ from typing import Any, Callable
 from core import manifest as run_manifest
 from core import store
 from core.contract import RANDOM_INIT, read_contract, sha256_file
-from core.errors import ConfigError, DetbenchError
+from core.errors import ClusterLostError, ConfigError, DetbenchError
 from core.names import file_in
 from core.paths import PROJECT_ROOT, data_dir, results_dir
 
@@ -336,6 +336,8 @@ class _Pipeline:
         except _Skip as exc:
             self.outcome(target, step, provider, "skipped", str(exc), key=key)
             return None
+        except ClusterLostError:
+            raise  # no node can run any step now: the run stops, the steps done stay recorded
         except DetbenchError as exc:
             self.outcome(target, step, provider, "failed", str(exc), time.perf_counter() - started, key=key)
             return None
