@@ -55,6 +55,7 @@ from core.images import Placement
 from eval.coco import (EvalProgress, EvalResult, EvalSettings, ProgressCallback, eval_files, finish_evaluation,
                        model_contract, to_coco_detections)
 from eval.dataset import CocoImage, load_coco
+from eval.labels import label_mapping
 from eval.pipeline import DetectionCache, Prepared, prepare_image
 
 # Bounded, not Ray Data's default of unbounded: a model that kills its process on every
@@ -364,7 +365,7 @@ def evaluate_model_ray(path, settings: EvalSettings | None = None, *, ray_settin
     selection = dataset.select(settings.limit, settings.image_ids)
     check_calibration_overlap(contract, [img.id for img in selection], allow=settings.allow_calibration_overlap)
     dataset.check_images_present(selection)
-    label_map = dataset.label_map(contract.label_space)
+    label_map = label_mapping(dataset, contract.label_space, contract.labels).table
     provider_name = get_backend(settings.provider).name
 
     skipped: list[dict[str, str]] = []

@@ -11,7 +11,10 @@ its sibling; the keys shared by both mean the same. Examples for common layouts 
     input_size = [416, 416]         # H, W of the contract input; a dynamic input size is fixed to it
     resize = "letterbox"            # how callers bring images to input_size: stretch | letterbox
     pad_value = 127.5               # optional: letterbox padding (0..255)
-    label_space = "coco80"          # labels after mapping: coco80 (0..79) | coco91 (COCO category ids)
+    label_space = "coco80"          # labels after mapping: coco80 (0..79) | coco91 (COCO category ids) |
+                                    # names (0..N-1 into labels; the default when labels are given)
+    labels = ["person", "car"]      # optional: the model's own class names (or labels_file = "x.names",
+                                    # one per line, relative to this file); eval maps them to a dataset by name
     score_threshold = 0.001         # optional: detections scoring below are dropped (NMS: at or below)
     iou_threshold = 0.45            # NMS threshold: applied when nms = true, else recorded as the file's own
     max_detections = 100            # optional: the wrapper keeps at most this many, best first
@@ -80,7 +83,7 @@ EXTRA_DTYPES = ("float32", "float16", "int64", "int32")
 EXTRA_VALUES = ("input_hw", "input_wh")
 
 _TOP_KEYS = {"name", "family", "input_size", "resize", "pad_value", "label_space", "score_threshold",
-             "iou_threshold", "max_detections", "input", "extra_inputs", "outputs"}
+             "iou_threshold", "max_detections", "input", "extra_inputs", "outputs", "labels", "labels_file"}
 _INPUT_KEYS = {"name", "layout", "channel_order", "scale", "mean", "std"}
 _EXTRA_KEYS = {"value", "dtype", "shape"}
 _COMMON_OUTPUT_KEYS = {"layout", "box_format", "box_space", "label_offset", "label_map", "nms", "num_classes"}
@@ -118,6 +121,7 @@ class Description:
     extra_inputs: dict[str, dict[str, Any]]
     outputs: dict[str, Any]
     tensors: dict[str, str] = field(default_factory=dict)  # role -> graph output name (yolo heads: head0, ...)
+    labels: tuple[str, ...] | None = None  # the model's own class names (label space "names")
 
     def bad(self, key: str, msg: str) -> ConfigError:
         return describe_error(self.path, key, msg)
@@ -153,6 +157,9 @@ def read_description(path: Path) -> Description:
         return value
 
     _unknown(doc, _TOP_KEYS, "", bad)
+    labels = _labels(doc, path, bad)
+    if labels is not None:
+        doc.setdefault("label_space", "names")
     for key in ("name", "input_size", "resize", "label_space", "iou_threshold", "outputs"):
         if key not in doc:
             raise bad(key, "missing")
@@ -163,6 +170,8 @@ def read_description(path: Path) -> Description:
         raise bad("input_size", f"must be [height, width] in pixels, got {size!r}")
     _enum(doc["resize"], RESIZE_MODES, "resize", bad)
     _enum(doc["label_space"], LABEL_SPACES, "label_space", bad)
+    if (doc["label_space"] == "names") != (labels is not None):
+        raise bad("label_space", "'names' goes with the model's class names (labels or labels_file), and they with it")
     numbers = {}
     for key, default in (("score_threshold", 0.001), ("iou_threshold", None), ("max_detections", 100),
                          ("pad_value", 127.5)):
@@ -279,7 +288,31 @@ def read_description(path: Path) -> Description:
         path=path, text=text, name=doc["name"], family=str(doc.get("family", "onnx")), input_size=(size[0], size[1]),
         resize=doc["resize"], pad_value=float(numbers["pad_value"]), label_space=doc["label_space"],
         score_threshold=float(numbers["score_threshold"]), iou_threshold=float(numbers["iou_threshold"]),
-        max_detections=int(numbers["max_detections"]), input=inp, extra_inputs=extras, outputs=out, tensors=tensors)
+        max_detections=int(numbers["max_detections"]), input=inp, extra_inputs=extras, outputs=out, tensors=tensors,
+        labels=labels)
+
+
+def _labels(doc: dict, path: Path, bad) -> tuple[str, ...] | None:
+    """The class names of ``labels = [...]`` or ``labels_file`` (relative to the describe file)."""
+    if "labels" in doc and "labels_file" in doc:
+        raise bad("labels_file", "give labels or labels_file, not both")
+    if "labels_file" in doc:
+        if not isinstance(doc["labels_file"], str) or not doc["labels_file"]:
+            raise bad("labels_file", f"must be a file name, got {doc['labels_file']!r}")
+        names_path = path.parent / doc["labels_file"]
+        try:
+            names = [n.strip() for n in names_path.read_text(encoding="utf-8").splitlines() if n.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise bad("labels_file", f"{names_path} cannot be read ({exc})") from None
+        if not names:
+            raise bad("labels_file", f"{names_path} holds no class names (one per line)")
+        return tuple(names)
+    if "labels" not in doc:
+        return None
+    names = doc["labels"]
+    if not (isinstance(names, list) and names and all(isinstance(n, str) and n.strip() for n in names)):
+        raise bad("labels", f"must be a non-empty list of class names, got {names!r}")
+    return tuple(n.strip() for n in names)
 
 
 def _unknown(table: dict, keys: set[str], where: str, bad, suffix: str = "") -> None:

@@ -25,6 +25,7 @@ decoded by :mod:`exporters.onnx_decode` on real COCO images) runs before anythin
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ from exporters.onnx_decode import decode, extra_value, model_inputs
 from exporters.onnx_describe import Description, describe_error, read_description
 from exporters.tf_convert import cpu_session, validation_images
 from exporters.validation import Comparison
-from core.contract import INPUT_NAME, ModelContract, save_model, sha256_file
+from core.contract import INPUT_NAME, LABELS_KEY, ModelContract, save_model, sha256_file
 from core.errors import ConfigError, ExportError
 from core.images import load_rgb, prepare
 
@@ -99,6 +100,7 @@ def wrap_onnx(onnx_file: Path, describe_file: Path, out: Path, *,
                "source_file": onnx_file.name, "source_producer": f"{source.producer_name} {source.producer_version}".strip(),
                "source_opset": str(bound.source_opset), "opset": str(bound.opset),
                "describe_file": Path(describe_file).name, "describe": desc.text,
+               **({LABELS_KEY: json.dumps(list(desc.labels))} if desc.labels else {}),
                "source_params_convention": PARAMS_CONVENTION,
                "nms": "wrapper (ONNX NonMaxSuppression, class-aware)" if desc.outputs["nms"] else "the original file's own",
                "validated_against": "the original file in onnxruntime, outputs decoded by exporters.onnx_decode (numpy)"})
@@ -616,7 +618,7 @@ def compare(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got:
     labels = np.asarray(got["labels"])
     if labels.dtype != np.int64:
         comparison.mismatches.append(f"{where}: labels are {labels.dtype}, the contract wants int64")
-    low, high = _LABEL_RANGES[desc.label_space]
+    low, high = (0, len(desc.labels) - 1) if desc.labels else _LABEL_RANGES[desc.label_space]
     if labels.size and (labels.min() < low or labels.max() > high):
         comparison.mismatches.append(f"{where}: labels {labels.min()}..{labels.max()} fall outside {desc.label_space} "
                                      f"({low}..{high}); fix outputs.label_offset or outputs.label_map")
