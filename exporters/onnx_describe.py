@@ -52,6 +52,14 @@ Output layouts (a leading batch axis of 1 is optional on every tensor):
 - ``packed``: one ``output`` tensor [N, 4 + C] (box, then C class scores), or
   [N, 5 + C] with ``objectness_column = true`` (box, objectness, classes);
   ``transposed = true`` for [4 + C, N]; ``num_classes``, ``score_activation`` as above.
+- ``queries`` (DETR, RT-DETR, Deformable DETR): a fixed set of queries, no NMS: ``boxes``
+  [Q, 4] and ``scores`` [Q, C'] (class logits or probabilities), or one ``output`` [Q, 4 + C']
+  (Ultralytics RT-DETR: [1, 300, 4 + C], cxcywh normalised, scores already sigmoid);
+  ``score_activation`` none | sigmoid | softmax; ``no_object_class = true``: the last of the
+  C' = C + 1 columns is DETR's "no object" (dropped after the softmax); each query keeps its
+  best class (``one_label_per_query = true``, default) or every (query, class) pair competes
+  (false, as Deformable DETR); the best ``top_k`` (default ``max_detections``) scoring at
+  least ``score_threshold`` are kept. ``nms`` is false.
 - ``yolo_heads``: raw YOLO heads ``heads`` = [names], each [A·(5 + C), gh, gw] with
   ``anchors`` = [[[w, h] x A] per head] in input pixels: x = (col + σ(tx)) · W / gw,
   w = anchor_w · exp(tw), objectness σ(to), classes ``score_activation`` (default
@@ -75,7 +83,7 @@ from core.contract import LABEL_SPACES, RESIZE_MODES
 from core.errors import ConfigError
 
 INPUT_LAYOUTS = ("NCHW", "NHWC", "CHW", "HWC")
-OUTPUT_LAYOUTS = ("detections", "class_scores", "packed", "yolo_heads")
+OUTPUT_LAYOUTS = ("detections", "class_scores", "packed", "yolo_heads", "queries")
 BOX_FORMATS = ("xyxy", "yxyx", "xywh", "cxcywh")
 BOX_SPACES = ("pixels", "normalized")
 ACTIVATIONS = ("none", "sigmoid", "softmax")
@@ -93,12 +101,14 @@ _LAYOUT_TENSORS = {
     "class_scores": (("boxes", "scores"), ("objectness",)),
     "packed": (("output",), ()),
     "yolo_heads": ((), ()),
+    "queries": ((), ("output", "boxes", "scores")),  # output, or boxes + scores (checked below)
 }
 _LAYOUT_KEYS = {
     "detections": set(),
     "class_scores": {"score_activation"},
     "packed": {"score_activation", "objectness_column", "transposed"},
     "yolo_heads": {"heads", "anchors", "score_activation"},
+    "queries": {"score_activation", "no_object_class", "top_k", "one_label_per_query"},
 }
 
 
@@ -241,13 +251,14 @@ def read_description(path: Path) -> Description:
                 raise bad(f"outputs.{key}", f"must be a graph output name, got {out[key]!r}")
             tensors[key] = out[key]
     out = {"box_format": "xyxy", "box_space": "pixels", "label_offset": 0, "label_map": None,
-           "nms": layout != "detections", "num_classes": None,
+           "nms": layout not in ("detections", "queries"), "num_classes": None,
            "score_activation": "sigmoid" if layout == "yolo_heads" else "none",
-           "objectness_column": False, "transposed": False, **out}
+           "objectness_column": False, "transposed": False, "no_object_class": False, "top_k": None,
+           "one_label_per_query": True, **out}
     _enum(out["box_format"], BOX_FORMATS, "outputs.box_format", bad)
     _enum(out["box_space"], BOX_SPACES, "outputs.box_space", bad)
     _enum(out["score_activation"], ACTIVATIONS, "outputs.score_activation", bad)
-    for key in ("nms", "objectness_column", "transposed"):
+    for key in ("nms", "objectness_column", "transposed", "no_object_class", "one_label_per_query"):
         if not isinstance(out[key], bool):
             raise bad(f"outputs.{key}", f"must be true or false, got {out[key]!r}")
     if type(out["label_offset"]) is not int:
@@ -261,7 +272,9 @@ def read_description(path: Path) -> Description:
     classes = out["num_classes"]
     if classes is not None and (type(classes) is not int or classes <= 0):
         raise bad("outputs.num_classes", f"must be a positive integer, got {classes!r}")
-    if layout != "detections" and not out["nms"]:
+    if layout == "queries":
+        _check_queries(out, tensors, bad)
+    elif layout != "detections" and not out["nms"]:
         raise bad("outputs.nms", f"layout {layout!r} holds candidates, not detections: NMS must run (nms = true)")
     if layout in ("packed", "yolo_heads") and classes is None:
         raise bad("outputs.num_classes", f"missing (layout {layout!r} needs it)")
@@ -313,6 +326,21 @@ def _labels(doc: dict, path: Path, bad) -> tuple[str, ...] | None:
     if not (isinstance(names, list) and names and all(isinstance(n, str) and n.strip() for n in names)):
         raise bad("labels", f"must be a non-empty list of class names, got {names!r}")
     return tuple(n.strip() for n in names)
+
+
+def _check_queries(out: dict, tensors: dict, bad) -> None:
+    """DETR-style queries: ``output`` [Q, 4 + C (+1)] or ``boxes`` [Q, 4] + ``scores`` [Q, C (+1)], kept by top-k."""
+    if ("output" in tensors) == ("boxes" in tensors or "scores" in tensors):
+        raise bad("outputs.output", "layout 'queries' takes one packed tensor (output) or boxes and scores, not both")
+    if "output" not in tensors and not ("boxes" in tensors and "scores" in tensors):
+        raise bad("outputs.scores" if "boxes" in tensors else "outputs.boxes", "missing (queries need boxes and scores)")
+    if out["nms"]:
+        raise bad("outputs.nms", "queries are kept by top-k, without NMS (nms = false)")
+    if out["no_object_class"] and out["score_activation"] != "softmax":
+        raise bad("outputs.no_object_class", "a no-object class goes with score_activation = \"softmax\"")
+    top_k = out["top_k"]
+    if top_k is not None and (type(top_k) is not int or top_k <= 0):
+        raise bad("outputs.top_k", f"must be a positive integer, got {top_k!r}")
 
 
 def _unknown(table: dict, keys: set[str], where: str, bad, suffix: str = "") -> None:

@@ -40,11 +40,17 @@ def _build_detector(path: Path):
     import torch
     import torchvision
 
+    from core.images import load_rgb, prepare
+    from exporters.torch_builders import calibration_photo
+
     torch.manual_seed(0)
     model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
         weights=None, weights_backbone=None, num_classes=len(MODEL_CLASSES) + 1, box_score_thresh=0.0,
         box_detections_per_img=50).eval()
-    example = torch.rand(3, *SIZE)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tensor, _ = prepare(load_rgb(calibration_photo()), SIZE[0], SIZE[1], "stretch")
+    example = torch.from_numpy(tensor[0]) / 255.0
     # Untrained BatchNorm (mean 0, var 1) leaves the features nearly constant: statistics of a
     # real input make the random network respond to what it sees.
     def set_statistics(module, args):
@@ -207,7 +213,7 @@ def test_custom_classes_on_a_custom_dataset_score_as_pycocotools(custom_model, c
                                  "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
     assert result.scores["detections"] == len(expected) > 50
     reference = _pycocotools_stats(data, expected)
-    assert 0.05 < reference[1] < 0.95  # a real ranking problem, not all-or-nothing
+    assert 0.01 < reference[1] < 0.95  # a real ranking problem, not all-or-nothing
     for name, value in zip(STAT_NAMES, reference):
         assert result.scores["stats"][name] == pytest.approx(value, abs=2e-3), name
     # the per-class table names the dataset's classes, each AP as pycocotools gives it for that class alone
