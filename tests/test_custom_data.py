@@ -226,6 +226,24 @@ def test_custom_classes_on_a_custom_dataset_score_as_pycocotools(custom_model, c
         assert table[name]["AP50"] == pytest.approx(alone[1], abs=2e-3), name
     assert table["bicycle"]["AP"] == 0.0  # ground truth no model class can find
 
+    # the stored record names its dataset; the report shows the accuracy "on" it, never as COCO's
+    from report.collect import Accuracy, ModelRow, _foreign_dataset
+    from report.table import display_rows
+
+    stored = evaluate_model(wrapped.path, coco_dir=custom_dataset, resume=True, results_file=tmp_path / "r.json",
+                            cache_file=tmp_path / "c.jsonl")
+    assert stored.images_resumed == IMAGES and stored.scores["stats"] == result.scores["stats"]
+    data = stored.record["data"]
+    assert data["dataset"]["name"] == custom_dataset.name and data["dataset"]["coco_categories"] is False
+    assert data["label_mapping"]["model_unmatched"] == ["umbrella"]
+    assert _foreign_dataset(data) == custom_dataset.name
+    assert _foreign_dataset({"dataset": {"name": "coco-val2017-subset", "coco_categories": True}}) is None
+    row = ModelRow(name="fasterrcnn5", input_size=SIZE, dataset=custom_dataset.name,
+                   map50=Accuracy(100 * data["map50"], "measured", "x"))
+    cells, _ = display_rows([row])
+    assert cells[0]["mAP@0.5 (%)"].endswith(f"on {custom_dataset.name}")
+    assert row.label == f"fasterrcnn5 @320x320 [on {custom_dataset.name}]"
+
 
 def test_cli_eval_prints_the_mapping_and_the_per_class_table(custom_model, custom_dataset, tmp_path):
     from typer.testing import CliRunner

@@ -62,13 +62,13 @@ def build(kind: str):
     if kind in ("ultralytics_yolov8", "ultralytics_yolo11"):
         nodes, inits = _scaled_sigmoid(84, [640, 640, 200, 200])
         nodes.append(helper.make_node("Identity", ["scaled"], ["output0"]))
-        bias = np.r_[np.zeros(4), np.full(80, -3.0)]
+        bias = np.r_[np.zeros(4), np.full(80, -9.0)]
         return _model("images", 640, 64, 84, nodes, [out("output0", TensorProto.FLOAT, [1, 84, 100])], inits,
                       seed=8 if kind.endswith("v8") else 11, bias=bias)
     if kind == "ultralytics_yolov5":
         nodes, inits = _scaled_sigmoid(85, [640, 640, 200, 200])
         nodes.append(helper.make_node("Transpose", ["scaled"], ["output0"], perm=[0, 2, 1]))
-        bias = np.r_[np.zeros(4), -1.0, np.full(80, -2.0)]
+        bias = np.r_[np.zeros(4), -4.0, np.full(80, -6.0)]
         return _model("images", 640, 64, 85, nodes, [out("output0", TensorProto.FLOAT, [1, 100, 85])], inits,
                       seed=5, bias=bias)
     if kind == "ultralytics_rtdetr":
