@@ -402,3 +402,82 @@ def test_layouts_found_by_coco_dir(tmp_path):
     (other / "annotations" / "labels.json").write_text("{}")
     (other / "images").mkdir()
     assert resolve_paths(other) == (other / "annotations" / "labels.json", other / "images")
+
+
+def test_file_without_metadata_takes_its_names_from_a_names_file(custom_model, custom_dataset, tmp_path):
+    from typer.testing import CliRunner
+
+    import cli
+    from core.contract import PREFIX
+    from core.errors import ContractError
+    from eval.coco import evaluate_model
+
+    _, wrapped = custom_model
+    bare = onnx.load(str(wrapped.path))
+    keep = [p for p in bare.metadata_props if not p.key.startswith(PREFIX)]
+    del bare.metadata_props[:]
+    bare.metadata_props.extend(keep)
+    onnx.save(bare, tmp_path / "bare.onnx")
+    described = {"input_height": SIZE[0], "input_width": SIZE[1], "resize": "stretch", "label_space": "names"}
+    with pytest.raises(ContractError, match="label space 'names' needs the model's class names .*--labels FILE"):
+        evaluate_model(tmp_path / "bare.onnx", coco_dir=custom_dataset, store=False, overrides=described)
+    names = tmp_path / "classes.txt"
+    names.write_text("\n".join(MODEL_CLASSES) + "\n")
+    result = CliRunner().invoke(cli.app, ["eval", str(tmp_path / "bare.onnx"), "--coco", str(custom_dataset),
+                                          "--input-size", f"{SIZE[0]}x{SIZE[1]}", "--resize", "stretch", "--labels",
+                                          str(names), "--limit", "2", "--out", str(tmp_path / "r.json"),
+                                          "--cache", str(tmp_path / "c.jsonl")], terminal_width=300)
+    assert result.exit_code == 0, result.output
+    assert "by class name: 4 matched" in result.output
+
+
+BAD_DESCRIBES = [
+    ("labels with a COCO space", 'label_space = "coco80"\nlabels = ["a", "b"]\n', "label_space"),
+    ("names without labels", 'label_space = "names"\n', "label_space"),
+    ("labels and labels_file", 'labels = ["a"]\nlabels_file = "x.names"\n', "labels_file"),
+    ("labels_file missing", 'labels_file = "absent.names"\n', "labels_file"),
+    ("labels not strings", 'labels = ["a", 2]\n', "labels"),
+]
+QUERIES = """name = "q"
+input_size = [64, 64]
+resize = "stretch"
+iou_threshold = 0.5
+{top}
+[outputs]
+layout = "queries"
+{outputs}
+"""
+BAD_QUERIES = [
+    ("queries with nms", 'output = "o"\nnms = true\n', "outputs.nms"),
+    ("no-object without softmax", 'output = "o"\nno_object_class = true\nscore_activation = "sigmoid"\n',
+     "outputs.no_object_class"),
+    ("output and boxes", 'output = "o"\nboxes = "b"\n', "outputs.output"),
+    ("boxes without scores", 'boxes = "b"\n', "outputs.scores"),
+    ("top_k zero", 'output = "o"\ntop_k = 0\n', "outputs.top_k"),
+]
+
+
+@pytest.mark.parametrize("what, top, key", BAD_DESCRIBES, ids=[b[0] for b in BAD_DESCRIBES])
+def test_bad_labels_in_a_describe_file_name_the_key(what, top, key, tmp_path):
+    from core.errors import ConfigError
+    from exporters.onnx_describe import read_description
+
+    path = tmp_path / "d.toml"
+    path.write_text(QUERIES.format(top=top, outputs='output = "o"'))
+    with pytest.raises(ConfigError) as info:
+        read_description(path)
+    assert str(path) in str(info.value) and f"{key}:" in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("what, outputs, key", BAD_QUERIES, ids=[b[0] for b in BAD_QUERIES])
+def test_bad_queries_describe_names_the_key(what, outputs, key, tmp_path):
+    from core.errors import ConfigError
+    from exporters.onnx_describe import read_description
+
+    path = tmp_path / "d.toml"
+    path.write_text(QUERIES.format(top='label_space = "coco80"', outputs=outputs))
+    with pytest.raises(ConfigError) as info:
+        read_description(path)
+    assert str(path) in str(info.value) and f"{key}:" in str(info.value), str(info.value)
+    path.write_text(QUERIES.format(top='labels = ["a", "b"]', outputs='output = "o"'))
+    assert read_description(path).labels == ("a", "b") and read_description(path).label_space == "names"
