@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from eval.dataset import CocoDataset, load_coco, read_annotations
-from eval.labels import INVALID, UNMATCHED, is_coco_numbering, label_mapping
+from eval.labels import INVALID, UNMATCHED, label_mapping
 from eval.pipeline import DetectionCache, Prepared, prefetched, prepare_image
 from core.contract import (LABEL_SPACES, LABELS_KEY, OUTPUT_NAMES, labels_problem, PREFIX, RESIZE_MODES, ModelContract, load_checked,
                               sha256_file)
@@ -518,7 +518,8 @@ def finish_evaluation(*, path: Path, contract: ModelContract, model_sha: str, pr
             "session_seconds": session_seconds, "overhead": result.overhead, "loop_overhead": result.loop_overhead,
             "backend": backend, "resize": contract.resize, "label_space": contract.label_space,
             "input_size": [contract.input_height, contract.input_width], "detections": len(results),
-            "dataset": {"name": dataset.name, "coco_categories": is_coco_numbering(dataset.data["categories"]),
+            "dataset": {"name": dataset.name,
+                        "coco_categories": (settings.get("label_mapping") or {}).get("by", "numbering") == "numbering",
                         "annotations_file": str(dataset.annotations_path), "images_dir": str(dataset.images_dir),
                         "image_count": len(selection), "annotations_sha256": dataset.sha256},
             "results_file": str(results_path), "providers_ran": list(providers_ran),

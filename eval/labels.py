@@ -87,11 +87,31 @@ def label_mapping(dataset, label_space: str, labels: list[str] | None = None) ->
     """How the labels of a model in ``label_space`` (with class names ``labels``) become ``dataset``'s category ids."""
     categories = dataset.data["categories"]
     if label_space != "names" and is_coco_numbering(categories):
-        table = dataset.label_map(label_space).copy()
-        present = set(dataset.category_ids)
-        # a COCO class the annotation file does not list (a subset of COCO) is dropped, not refused
-        table[(table >= 0) & ~np.isin(table, list(present))] = UNMATCHED
-        return LabelMapping(table, "numbering")
+        return _by_numbering(dataset, label_space)
+    try:
+        return _by_name(dataset, label_space, labels)
+    except DatasetError:
+        # COCO's ids under other names (e.g. placeholders): mapped by numbering, as always
+        if label_space != "names" and set(dataset.category_ids) <= _coco_ids():
+            return _by_numbering(dataset, label_space)
+        raise
+
+
+def _coco_ids() -> set[int]:
+    from eval.dataset import COCO80_CATEGORY_IDS
+
+    return set(COCO80_CATEGORY_IDS)
+
+
+def _by_numbering(dataset, label_space: str) -> LabelMapping:
+    table = dataset.label_map(label_space).copy()
+    # a COCO class the annotation file does not list (a subset of COCO) is dropped, not refused
+    table[(table >= 0) & ~np.isin(table, dataset.category_ids)] = UNMATCHED
+    return LabelMapping(table, "numbering")
+
+
+def _by_name(dataset, label_space: str, labels: list[str] | None) -> LabelMapping:
+    categories = dataset.data["categories"]
     classes = model_class_names(label_space, labels)
     by_name: dict[str, list[dict]] = {}
     for cat in categories:

@@ -365,7 +365,8 @@ def evaluate_model_ray(path, settings: EvalSettings | None = None, *, ray_settin
     selection = dataset.select(settings.limit, settings.image_ids)
     check_calibration_overlap(contract, [img.id for img in selection], allow=settings.allow_calibration_overlap)
     dataset.check_images_present(selection)
-    label_map = label_mapping(dataset, contract.label_space, contract.labels).table
+    mapping = label_mapping(dataset, contract.label_space, contract.labels)
+    label_map = mapping.table
     provider_name = get_backend(settings.provider).name
 
     skipped: list[dict[str, str]] = []
@@ -455,7 +456,7 @@ def evaluate_model_ray(path, settings: EvalSettings | None = None, *, ray_settin
         "resume": settings.resume, "threads": threads, "overrides": dict(settings.overrides or {}),
         "backend": settings.backend, "session": probe["session"] if probe else None,
         "runtime": probe["runtime"] if probe else None, "precision": (expected or {}).get("precision"),
-        "parity": probe["parity"] if probe else None,
+        "parity": probe["parity"] if probe else None, "label_mapping": mapping.to_dict(),
         "ray": {"address": cluster.address or "local", "actors": actors, "threads_per_actor": threads,
                 "batch_size": cluster.batch_size, "nodes": nodes, "hosts": sorted(hosts),
                 "actor_max_restarts": ACTOR_MAX_RESTARTS, "actor_max_task_retries": ACTOR_MAX_TASK_RETRIES,
