@@ -600,7 +600,10 @@ def eval_command(
     iou_type: str = typer.Option("bbox", "--iou-type", help="With --results: bbox or segm."),
     input_size: Optional[str] = typer.Option(None, "--input-size", help="Override/supply the input size: N or HxW."),
     resize: Optional[str] = typer.Option(None, "--resize", help="Override/supply the resize mode: letterbox or stretch."),
-    label_space: Optional[str] = typer.Option(None, "--label-space", help="Override/supply labels: coco80 or coco91."),
+    label_space: Optional[str] = typer.Option(None, "--label-space", help="Override/supply labels: coco80, coco91 or "
+                                              "names (with --labels)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Names file (one class per line) of a model exported "
+                                          "elsewhere: its labels index these names (implies --label-space names)."),
     out: Optional[Path] = typer.Option(None, "--out", help="COCO results file to write (default under results/eval/)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Per-image detection cache (default under results/eval/)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads."),
@@ -653,6 +656,12 @@ def eval_command(
         overrides["resize"] = resize
     if label_space is not None:
         overrides["label_space"] = label_space
+    if labels is not None:
+        import json
+
+        from core.contract import read_names_file
+
+        overrides.update(label_space=label_space or "names", labels=json.dumps(read_names_file(labels)))
 
     columns = (TextColumn("[bold]eval[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
@@ -690,6 +699,12 @@ def eval_command(
                   + (f"; parity with onnxruntime CPU: {parity['verdict']} ({parity['matched']}/{parity['total']} "
                      f"matched, max |box| {parity['max_box_px']} px, max |score| {parity['max_score']}; "
                      f"{parity['tolerance_text']})" if parity else ""), highlight=False, soft_wrap=True)
+    mapping = result.settings.get("label_mapping") or {}
+    if mapping.get("by") == "name":
+        console.print(f"labels mapped to {t(result.annotations_file)} by class name: {mapping['matched']} matched; "
+                      f"model classes matching no category (detections dropped): "
+                      f"{t(', '.join(mapping['model_unmatched']) or 'none')}; categories matching no model class: "
+                      f"{t(', '.join(mapping['dataset_unmatched']) or 'none')}", highlight=False, soft_wrap=True)
     for skip in result.images_skipped:
         console.print(f"[yellow]skipped[/] {t(skip['file_name'])}: {t(skip['reason'])}", highlight=False, soft_wrap=True)
     if result.session_seconds > 0:

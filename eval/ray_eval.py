@@ -55,6 +55,7 @@ from core.images import Placement
 from eval.coco import (EvalProgress, EvalResult, EvalSettings, ProgressCallback, eval_files, finish_evaluation,
                        model_contract, to_coco_detections)
 from eval.dataset import CocoImage, load_coco
+from eval.labels import label_mapping
 from eval.pipeline import DetectionCache, Prepared, prepare_image
 
 # Bounded, not Ray Data's default of unbounded: a model that kills its process on every
@@ -479,7 +480,8 @@ def evaluate_model_ray(path, settings: EvalSettings | None = None, *, ray_settin
     selection = dataset.select(settings.limit, settings.image_ids)
     check_calibration_overlap(contract, [img.id for img in selection], allow=settings.allow_calibration_overlap)
     dataset.check_images_present(selection)
-    label_map = dataset.label_map(contract.label_space)
+    mapping = label_mapping(dataset, contract.label_space, contract.labels)
+    label_map = mapping.table
     provider_name = get_backend(settings.provider).name
 
     skipped: list[dict[str, str]] = []
@@ -594,7 +596,7 @@ def evaluate_model_ray(path, settings: EvalSettings | None = None, *, ray_settin
         "resume": settings.resume, "threads": threads, "overrides": dict(settings.overrides or {}),
         "backend": settings.backend, "session": probe["session"] if probe else None,
         "runtime": probe["runtime"] if probe else None, "precision": (expected or {}).get("precision"),
-        "parity": probe["parity"] if probe else None,
+        "parity": probe["parity"] if probe else None, "label_mapping": mapping.to_dict(),
         "ray": {"address": cluster.address or "local", "actors": actors, "threads_per_actor": threads,
                 "batch_size": cluster.batch_size, "nodes": nodes, "hosts": sorted(hosts),
                 "image_nodes": {node: sorted(ids) for node, ids in sorted(image_nodes.items())},

@@ -133,6 +133,8 @@ def display_rows(rows: list[ModelRow]) -> tuple[list[dict[str, str]], list[str]]
                 if src not in sources:
                     sources.append(src)
                 cells[f"{key} (%)"] += f" {line[f'{key} status']} [{sources.index(src) + 1}]"
+                if rows[len(out)].dataset is not None:
+                    cells[f"{key} (%)"] += f" on {rows[len(out)].dataset}"
         cells["network"] += " *" if line["paper"] else ""
         row = rows[len(out)]
         for p in providers(rows):
