@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ContractError, ExportError, WriteError
+from core.names import NAME_RULE, name_problem
 
 PREFIX = "detbench."
 INPUT_NAME = "images"
@@ -135,6 +136,12 @@ class ModelContract:
         return contract
 
     def check(self, source: str = "<model>") -> None:
+        problem = name_problem(self.name)  # commands derive file names from it (NAME@int8, caches, weights)
+        if problem is not None:
+            raise ContractError(f"{source}: name {self.name!r} {problem}; {NAME_RULE}")
+        for key in ("score_threshold", "iou_threshold"):
+            if not 0.0 <= getattr(self, key) <= 1.0:  # NaN too
+                raise ContractError(f"{source}: {key} {getattr(self, key)} is not a number in 0..1")
         if self.resize not in RESIZE_MODES:
             raise ContractError(f"{source}: resize {self.resize!r} is not one of {RESIZE_MODES}")
         if self.label_space not in LABEL_SPACES:

@@ -22,9 +22,11 @@ CONV_GOPS_COLUMN = "GOps conv-only (Darknet BFLOPs convention)"
 
 
 # What CommonMark reads as markup: a "<" opening a tag, comment or declaration, an "&" opening
-# an entity, "_" at a word's edge (inside a word it is literal, as in model names), and
-# backslash, code, emphasis, link and table-cell characters anywhere.
-_MARKDOWN_MARKUP = re.compile(r"<(?=[A-Za-z/!?])|&(?=[A-Za-z#])|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])|[\\`*\[\]|]")
+# an entity, "_" at a word's edge (inside a word it is literal, as in model names), a "]" that
+# would close a link's text (before "(", "[" or ":"; the tables' own "[1]" source markers stay
+# as they are), and backslash, code, emphasis and table-cell characters anywhere.
+_MARKDOWN_MARKUP = re.compile(r"<(?=[A-Za-z/!?])|&(?=[A-Za-z#])|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])|\](?=[(\[:])"
+                             r"|[\\`*|]")
 _HTML_ENTITIES = {"<": "&lt;", "&": "&amp;"}
 
 

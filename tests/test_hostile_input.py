@@ -131,6 +131,24 @@ def test_model_name_on_the_command_line_is_checked_against_the_rule(tmp_path, mo
     assert result.exit_code == RegistryError.exit_code and "model name given: name '../tiny' holds '/'" in result.output
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("detbench.name", "../../x", "name '../../x' holds '/'"),
+    ("detbench.score_threshold", "nan", "score_threshold nan is not a number in 0..1")])
+def test_an_onnx_file_whose_metadata_names_a_path_or_a_nan_is_refused(key, value, message, tmp_path):
+    # The name in a file's metadata becomes file names too (NAME@int8, the native runner's weights).
+    model = toy_model()
+    for k, v in {**contract().to_props(), key: value}.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+    path = save_foreign(model, tmp_path / "hostile.onnx")
+    for command in (["bench", path, "--runs", "1", "--warmup", "0", "--no-peak"], ["profile", path, "--no-store", "--no-onnx-tool"],
+                    ["quantize", path, "--images", "1"]):
+        result = invoke(*command)
+        assert result.exit_code == ContractError.exit_code, result.output
+        assert f"{path}: {message}" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hostile.onnx"]
+
+
 def test_table_md_escapes_what_report_html_escapes(tmp_path, registry, monkeypatch):
     import report as report_module
     from report import build_report
