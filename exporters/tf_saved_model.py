@@ -45,7 +45,7 @@ from exporters import ExportResult
 from exporters.tf_convert import (compare_runs, convert_function, cpu_session, import_tensorflow, run_onnx, run_tf,
                                   validation_images, versions)
 from exporters.validation import Comparison
-from core.contract import DEFAULT_OPSET, LABEL_SPACES, OUTPUT_NAMES, RESIZE_MODES, ModelContract, save_model
+from core.contract import COCO_LABEL_SPACES, DEFAULT_OPSET, OUTPUT_NAMES, RESIZE_MODES, ModelContract, save_model
 from core.errors import ConfigError, ExportError
 from core.images import load_rgb, prepare
 
@@ -83,8 +83,8 @@ def read_description(path: Path) -> dict[str, Any]:
         raise bad(f"input_size must be [height, width], got {size!r}")
     if doc["resize"] not in RESIZE_MODES:
         raise bad(f"resize {doc['resize']!r} is not one of {RESIZE_MODES}")
-    if doc["label_space"] not in LABEL_SPACES:
-        raise bad(f"label_space {doc['label_space']!r} is not one of {LABEL_SPACES}")
+    if doc["label_space"] not in COCO_LABEL_SPACES:
+        raise bad(f"label_space {doc['label_space']!r} is not one of {COCO_LABEL_SPACES}")
     inp = {"dtype": "uint8", "layout": "NHWC", "channel_order": "rgb", "scale": 1.0, **doc["input"]}
     out = {"box_format": "yxyx", "boxes_normalized": True, "label_offset": 0, "num_detections": None, **doc["outputs"]}
     for key in ("name",):
