@@ -32,6 +32,7 @@ INPUT_NAME = "images"
 OUTPUT_NAMES = ("boxes", "scores", "labels")
 RESIZE_MODES = ("letterbox", "stretch")
 LABEL_SPACES = ("coco80", "coco91", "names")
+COCO_LABEL_SPACES = ("coco80", "coco91")  # what exporters without class names (registry, SavedModel) can declare
 # label_space "names": labels index the model's own class names, carried as a JSON list under this key.
 LABELS_KEY = "labels"
 RANDOM_INIT = "random-init"

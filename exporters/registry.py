@@ -13,7 +13,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from core.contract import LABEL_SPACES, RESIZE_MODES
+from core.contract import COCO_LABEL_SPACES, RESIZE_MODES
 from core.errors import RegistryError
 from core.names import check_name
 from core.paths import models_toml
@@ -101,8 +101,8 @@ def _parse(name: str, raw: dict[str, Any], path: Path) -> ModelSpec:
         raise _fail(path, name, f"framework {raw['framework']!r} is not one of {FRAMEWORKS}")
     if raw["resize"] not in RESIZE_MODES:
         raise _fail(path, name, f"resize {raw['resize']!r} is not one of {RESIZE_MODES}")
-    if raw["label_space"] not in LABEL_SPACES:
-        raise _fail(path, name, f"label_space {raw['label_space']!r} is not one of {LABEL_SPACES}")
+    if raw["label_space"] not in COCO_LABEL_SPACES:
+        raise _fail(path, name, f"label_space {raw['label_space']!r} is not one of {COCO_LABEL_SPACES}")
     size = raw["input_size"]
     if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
         raise _fail(path, name, f"input_size must be [height, width] in pixels, got {size!r}")

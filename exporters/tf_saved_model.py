@@ -46,7 +46,7 @@ from exporters import ExportResult
 from exporters.tf_convert import (compare_runs, convert_function, cpu_session, import_tensorflow, run_onnx, run_tf,
                                   validation_images, versions)
 from exporters.validation import Comparison
-from core.contract import DEFAULT_OPSET, LABEL_SPACES, OUTPUT_NAMES, RESIZE_MODES, ModelContract, save_model
+from core.contract import COCO_LABEL_SPACES, DEFAULT_OPSET, OUTPUT_NAMES, RESIZE_MODES, ModelContract, save_model
 from core.errors import ConfigError, ExportError
 from core.names import NAME_RULE, file_in, name_problem
 from core.images import load_rgb, prepare
@@ -95,8 +95,8 @@ def read_description(path: Path) -> dict[str, Any]:
         raise bad(f"[input] scale must be a finite non-zero number, got {scale!r}")
     if doc["resize"] not in RESIZE_MODES:
         raise bad(f"resize {doc['resize']!r} is not one of {RESIZE_MODES}")
-    if doc["label_space"] not in LABEL_SPACES:
-        raise bad(f"label_space {doc['label_space']!r} is not one of {LABEL_SPACES}")
+    if doc["label_space"] not in COCO_LABEL_SPACES:
+        raise bad(f"label_space {doc['label_space']!r} is not one of {COCO_LABEL_SPACES}")
     inp = {"dtype": "uint8", "layout": "NHWC", "channel_order": "rgb", "scale": 1.0, **doc["input"]}
     out = {"box_format": "yxyx", "boxes_normalized": True, "label_offset": 0, "num_detections": None, **doc["outputs"]}
     for key in ("name",):
