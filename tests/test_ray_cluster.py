@@ -74,8 +74,11 @@ class LoopbackCluster:
 
     def keep(self, count: int) -> list:
         """Exactly ``count`` live worker nodes (a killed node is forgotten once the GCS has marked it dead)."""
+        from ray._private import ray_constants
+
         alive = self.alive()
-        for node in [n for n in self.workers if n.node_id not in alive]:
+        for node in [n for n in self.workers if n.node_id not in alive or
+                     n.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.poll() is not None]:
             self.drop(node)
         while len(self.workers) > count:
             self.drop(self.workers[-1])
