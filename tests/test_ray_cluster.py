@@ -51,8 +51,12 @@ class LoopbackCluster:
 
     def add(self):
         node = self.cluster.add_node(num_cpus=1, resources=dict(self.bench))
-        self.cluster.wait_for_nodes()
         self.workers.append(node)
+        deadline = time.monotonic() + 180  # a loaded machine starts a raylet slowly
+        while node.node_id not in self.alive():  # (a killed node may not be marked dead yet)
+            if time.monotonic() > deadline:
+                pytest.fail(f"node {node.node_id} did not register with the GCS")
+            time.sleep(0.5)
         self.snapshot()
         return node
 
@@ -70,14 +74,17 @@ class LoopbackCluster:
 
     def keep(self, count: int) -> list:
         """Exactly ``count`` live worker nodes (a killed node is forgotten once the GCS has marked it dead)."""
+        from ray._private import ray_constants
+
         alive = self.alive()
-        for node in [n for n in self.workers if n.node_id not in alive]:
+        for node in [n for n in self.workers if n.node_id not in alive or
+                     n.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.poll() is not None]:
             self.drop(node)
         while len(self.workers) > count:
             self.drop(self.workers[-1])
         while len(self.workers) < count:
             self.add()
-        self.cluster.wait_for_nodes(timeout=60)
+        self.cluster.wait_for_nodes(timeout=180)
         return list(self.workers)
 
     def alive(self) -> set[str]:
