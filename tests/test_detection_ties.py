@@ -249,7 +249,7 @@ def test_a_degenerate_box_inside_the_image_pairs_by_the_extent_it_has():
     got = dets([(0.949457, 0, 1.057, 339.608, 664.485, 339.610)])
     from exporters.detection_ties import _iou
 
-    assert abs(float(_iou(ref["boxes"][0], got["boxes"])[0]) - 0.5102) < 1e-3  # the 2-D IoU says nothing
+    assert float(_iou(ref["boxes"][0], got["boxes"])[0]) < 0.6  # the 2-D IoU of a 0.002 px sliver says nothing
     m = match_at_800(ref, got, max_detections=1000)
     assert m.pairs == [(0, 0)] and m.degenerate_pairs == 1
     # The same thin box 10 px long with x1 1 px off: 1-D IoU 0.9, not the same box.
