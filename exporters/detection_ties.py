@@ -46,7 +46,8 @@ operands, not the corner's value (a corner at 0 px carries the rounding of 30 00
 - a box thinner on an axis than that axis's tolerance is *degenerate* (seen: RPN proposals
   0.002-0.004 px wide at the border, detections 0.2-0.4 px thick): its IoU is whatever the
   rounding of its width makes it (0 to 1), so it is paired by label, score and the coordinates
-  it has, each within tolerance, and its IoU deficit is left out of ``max_iou_deficit`` (it
+  it has: the thin axis's within tolerance, the other axis's within tolerance or at a 1-D IoU
+  of at least ``1 - IOU_TOL`` (the IoU rule on the axis that has an extent), and its IoU deficit is left out of ``max_iou_deficit`` (it
   would widen the NMS boundary tolerance; counted as ``degenerate_pairs``).
 
 A systematic difference (a graph that resamples its input, a wrong layer, every box shifted
@@ -109,6 +110,31 @@ def _thin_axes(a: np.ndarray, b: np.ndarray, tol: np.ndarray) -> np.ndarray:
     a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
     widths = np.minimum(a[:, 2:] - a[:, :2], b[:, 2:] - b[:, :2])
     return widths <= np.maximum(tol[:, :2], tol[:, 2:])
+
+
+def _degenerate_same(box: np.ndarray, boxes: np.ndarray, close: np.ndarray, tol: np.ndarray) -> list[bool | None]:
+    """For each of ``boxes``: None when neither it nor ``box`` is degenerate (thinner than its
+    tolerance on an axis), else whether they are the same box by the coordinates they have:
+    a thin axis's coordinates within tolerance, the other axis's within tolerance or at a 1-D
+    IoU (the overlap of the two intervals over their union) of at least ``1 - IOU_TOL``."""
+    box, boxes = np.asarray(box, np.float64), np.asarray(boxes, np.float64).reshape(-1, 4)
+    thin = _thin_axes(np.repeat(box[None], len(boxes), axis=0), boxes, tol)
+    out: list[bool | None] = []
+    for k in range(len(boxes)):
+        if not thin[k].any():
+            out.append(None)
+            continue
+        same = True
+        for axis in (0, 1):
+            coords_close = bool(close[k, axis] and close[k, axis + 2])
+            if thin[k, axis] or coords_close:
+                same = same and coords_close
+                continue
+            lo, hi = max(box[axis], boxes[k, axis]), min(box[axis + 2], boxes[k, axis + 2])
+            union = max(box[axis + 2], boxes[k, axis + 2]) - min(box[axis], boxes[k, axis])
+            same = same and union > 0 and max(hi - lo, 0.0) / union >= 1.0 - IOU_TOL
+        out.append(same)
+    return out
 
 
 def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -189,8 +215,9 @@ def _pair(ref: dict, got: dict, atol: float, rtol: float,
                          coordinate_tolerance(got["boxes"][js], atol, rtol, image_size))
         within = np.all(coords <= tol, axis=1)
         ious = _iou(ref["boxes"][i], got["boxes"][js])
-        for j, inside, iou, dist in zip(js, within, ious, coords.max(axis=1)):
-            if inside or iou >= 1.0 - IOU_TOL:
+        same = _degenerate_same(ref["boxes"][i], got["boxes"][js], coords <= tol, tol)
+        for j, inside, iou, degenerate, dist in zip(js, within, ious, same, coords.max(axis=1)):
+            if inside or degenerate is True or (degenerate is None and iou >= 1.0 - IOU_TOL):
                 candidates.append((float(dist), i, int(j)))
     candidates.sort()
     pairs, used_ref, used_got = [], set(), set()

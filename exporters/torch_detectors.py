@@ -506,7 +506,8 @@ def _drop_outputs(proto, names) -> None:
 def matching_summary(figures: dict[str, Any], images: list[str]) -> dict[str, Any]:
     """Per image: detections of each runtime, how many were paired, the largest IoU deficit
     and score difference of a pair, and the unpaired ones by the rule that explains them."""
-    keys = ("detections", "onnx_detections", "matched", "max_iou_deficit", "max_score_diff", "unexplained")
+    keys = ("detections", "onnx_detections", "matched", "max_iou_deficit", "max_score_diff", "unexplained",
+            "degenerate_pairs")
     summary = {}
     for image in images:
         row = {k: figures[f"{image}:{k}"] for k in keys if f"{image}:{k}" in figures}

@@ -239,3 +239,20 @@ def test_a_systematic_shift_beyond_the_budget_still_fails_at_800_px():
     # Within the budget: 0.005 px on every coordinate pairs everything.
     got = {**ref, "boxes": (ref["boxes"].astype(np.float64) + 0.005).astype(np.float32)}
     assert len(match_at_800(ref, got).pairs) == 30
+
+
+def test_a_degenerate_box_inside_the_image_pairs_by_the_extent_it_has():
+    # Measured (fasterrcnn_resnet50_fpn, saturated weights, 000000000802.jpg): an RPN proposal
+    # 0.002 px thick in y, x1 0.015 px apart (beyond 0.001 + 0.001 * 1.04 + 0.008 = 0.0100).
+    # y: both coordinates 0.001 apart (within); x: 1-D IoU 663.428 / 663.461 = 0.99995.
+    ref = dets([(0.949459, 0, 1.042, 339.607, 664.503, 339.609)])
+    got = dets([(0.949457, 0, 1.057, 339.608, 664.485, 339.610)])
+    from exporters.detection_ties import _iou
+
+    assert float(_iou(ref["boxes"][0], got["boxes"])[0]) < 0.6  # the 2-D IoU of a 0.002 px sliver says nothing
+    m = match_at_800(ref, got, max_detections=1000)
+    assert m.pairs == [(0, 0)] and m.degenerate_pairs == 1
+    # The same thin box 10 px long with x1 1 px off: 1-D IoU 0.9, not the same box.
+    ref = dets([(0.9, 0, 100.0, 339.607, 110.0, 339.609)])
+    got = dets([(0.9, 0, 101.0, 339.607, 110.0, 339.609)])
+    assert match_at_800(ref, got, max_detections=1000).pairs == []
