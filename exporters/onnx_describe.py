@@ -6,7 +6,7 @@ graph accordingly. The TensorFlow SavedModel format (:mod:`exporters.tf_saved_mo
 its sibling; the keys shared by both mean the same. Examples for common layouts are in
 ``exporters/describe_examples/``.
 
-    name = "my-detector"            # detbench.name in the metadata
+    name = "my-detector"            # detbench.name and the file name: [A-Za-z0-9][A-Za-z0-9._@+-]* (core/names.py)
     family = "yolo"                 # optional, default "onnx"
     input_size = [416, 416]         # H, W of the contract input; a dynamic input size is fixed to it
     resize = "letterbox"            # how callers bring images to input_size: stretch | letterbox

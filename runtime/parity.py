@@ -22,7 +22,8 @@ detection within rounding of the floor may exist on one side only).
 
 The figures (max |box diff| in px, max |score diff|, matched / total) are measured over
 matched pairs, whatever the rule; a backend outside its tolerance gets verdict ``disagree``
-and is shown as such wherever its numbers appear.
+and is shown as such wherever its numbers appear. When neither side detects anything on any
+image the verdict is ``nothing-compared`` (not an agreement: two empty outputs show nothing).
 """
 
 from __future__ import annotations
