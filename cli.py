@@ -430,6 +430,8 @@ def run(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join a running Ray cluster: auto or "
                                               "HOST:PORT (implies --ray; bench nodes advertise the "
                                               "detbench_bench resource)."),
+    ray_timeout: float = typer.Option(30.0, "--ray-timeout", help="Seconds the --ray-address may take to answer "
+                                      "before the run stops (nothing listening: at once)."),
 ) -> None:
     """The main job: export, validate, profile, bench and evaluate every model, then write the report.
 
@@ -442,7 +444,7 @@ def run(
     from pipeline.ray_run import RayRun
     from pipeline.run import RunSettings, run_pipeline
 
-    cluster = RayRun(address=ray_address) if ray or ray_address is not None else None
+    cluster = RayRun(address=ray_address, connect_timeout=ray_timeout) if ray or ray_address is not None else None
 
     names = [n.strip() for n in models.split(",") if n.strip()] if models else None
     if len(onnx_files) != len(describe):
@@ -492,6 +494,8 @@ def run(
     counts = ", ".join(f"{summary.count(s)} {s}" for s in colours)
     console.print(f"[bold]run finished in {summary.wall_seconds:.1f} s[/]: {counts} step(s); results in "
                   f"{t(summary.results_dir)}", highlight=False)
+    if summary.store_note:
+        print_error(summary.store_note, "warning:")
     for provider, reason in summary.providers.items():
         if reason:
             console.print(f"[yellow]provider {t(provider)} skipped[/]: {t(reason)}", highlight=False, soft_wrap=True)
@@ -517,6 +521,8 @@ def report(
     from report.collect import MEASURED, provider_skips, providers
 
     result = build_report(out, all_registered=all_registered)
+    if result.skipped_lines:
+        print_error(result.skipped_lines, "warning:")
     rows = result.rows
     shown = [p for p in providers(rows) if p not in provider_skips(rows)]
     table = Table(title="detbench report", box=None, pad_edge=False, title_justify="left")
@@ -554,6 +560,8 @@ def compare(
                                        "COCO points (0.1 = 0.1 AP point)."),
     alpha: float = typer.Option(0.01, "--alpha", help="Significance level of the one-sided Mann-Whitney U test."),
     as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON instead of tables."),
+    allow_nothing_in_common: bool = typer.Option(False, "--allow-nothing-in-common", help="Exit 0 when A and B share "
+                                                 "no configuration (default: exit 2, nothing was compared)."),
 ) -> None:
     """Latency (rank test on raw samples), mAP and size of B against A; exits 1 when something regressed."""
     import json
@@ -561,7 +569,7 @@ def compare(
     from report.compare import compare_stores, parse_fraction
 
     result = compare_stores(a, b, max_slowdown=parse_fraction(max_slowdown, "--max-slowdown"),
-                            max_map_drop=max_map_drop, alpha=alpha)
+                            max_map_drop=max_map_drop, alpha=alpha, allow_nothing_in_common=allow_nothing_in_common)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
@@ -613,6 +621,8 @@ def eval_command(
                                              "CPUs / --threads, or one per GPU)."),
     ray_batch: int = typer.Option(4, "--ray-batch", help="Images per Ray block (prepared, inferred, retried and "
                                   "cached together)."),
+    ray_timeout: float = typer.Option(30.0, "--ray-timeout", help="Seconds the --ray-address may take to answer "
+                                      "before the evaluation stops (nothing listening: at once)."),
 ) -> None:
     """COCO accuracy (pycocotools COCOeval) of an exported detector, or of an existing results file."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -676,7 +686,8 @@ def eval_command(
         if ray or ray_address is not None:
             from eval.ray_eval import RaySettings, evaluate_model_ray
 
-            cluster = RaySettings(address=ray_address, actors=ray_actors, batch_size=ray_batch)
+            cluster = RaySettings(address=ray_address, actors=ray_actors, batch_size=ray_batch,
+                                  connect_timeout=ray_timeout)
             result = evaluate_model_ray(model, settings, ray_settings=cluster, progress=on_progress)
         else:
             result = evaluate_model(model, settings, progress=on_progress)

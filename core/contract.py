@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.errors import ContractError, ExportError
+from core.errors import ContractError, ExportError, WriteError
+from core.names import NAME_RULE, name_problem
 
 PREFIX = "detbench."
 INPUT_NAME = "images"
@@ -136,6 +137,12 @@ class ModelContract:
         return contract
 
     def check(self, source: str = "<model>") -> None:
+        problem = name_problem(self.name)  # commands derive file names from it (NAME@int8, caches, weights)
+        if problem is not None:
+            raise ContractError(f"{source}: name {self.name!r} {problem}; {NAME_RULE}")
+        for key in ("score_threshold", "iou_threshold"):
+            if not 0.0 <= getattr(self, key) <= 1.0:  # NaN too
+                raise ContractError(f"{source}: {key} {getattr(self, key)} is not a number in 0..1")
         if self.resize not in RESIZE_MODES:
             raise ContractError(f"{source}: resize {self.resize!r} is not one of {RESIZE_MODES}")
         if self.label_space not in LABEL_SPACES:
@@ -231,14 +238,17 @@ def save_model(model, path: Path, contract: ModelContract) -> Path:
         problems.append(f"onnx.checker (full check) failed: {exc}")
     if problems:
         raise ExportError(f"export of {contract.name!r} is not a valid detbench model:\n  - " + "\n  - ".join(problems))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+        os.close(fd)
         onnx.save_model(model, tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise WriteError(path, exc) from exc
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
 

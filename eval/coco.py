@@ -334,6 +334,12 @@ class EvalSettings:
     def __post_init__(self):
         if self.image_ids is not None and not isinstance(self.image_ids, tuple):
             object.__setattr__(self, "image_ids", tuple(self.image_ids))
+        from runtime.backends.base import check_thread_count
+
+        check_thread_count("--threads", self.threads)
+        check_thread_count("--workers", self.workers)
+        if self.prefetch < 1:
+            raise ConfigError(f"--prefetch {self.prefetch}: must be at least 1")
 
 
 def evaluate_model(path, settings: EvalSettings | None = None, *, progress: ProgressCallback | None = None,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from exporters.onnx_describe import Description
+from exporters.onnx_describe import Description, describe_error
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
@@ -129,6 +129,12 @@ def _queries(desc: Description, outputs: dict[str, np.ndarray]) -> dict[str, np.
 def map_labels(desc: Description, classes: np.ndarray) -> np.ndarray:
     table = desc.outputs["label_map"]
     if table is not None:
+        classes = np.asarray(classes, np.int64)
+        # numpy would wrap a negative class id round to the table's end and fail on a large one
+        if classes.size and (classes.min() < 0 or classes.max() >= len(table)):
+            raise describe_error(desc.path, "outputs.label_map", f"has {len(table)} entries (classes 0..{len(table) - 1}), "
+                                 f"but the file gave class id {int(classes.max() if classes.max() >= len(table) else classes.min())}; "
+                                 "give one label per class the file can output")
         return np.asarray(table, np.int64)[classes]
     return classes.astype(np.int64) + desc.outputs["label_offset"]
 

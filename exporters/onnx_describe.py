@@ -74,6 +74,7 @@ resized themselves, and models told the original size through an extra input fed
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,7 @@ from typing import Any
 
 from core.contract import LABEL_SPACES, RESIZE_MODES
 from core.errors import ConfigError
+from core.names import NAME_RULE, name_problem
 
 INPUT_LAYOUTS = ("NCHW", "NHWC", "CHW", "HWC")
 OUTPUT_LAYOUTS = ("detections", "class_scores", "packed", "yolo_heads", "queries")
@@ -173,8 +175,8 @@ def read_description(path: Path) -> Description:
     for key in ("name", "input_size", "resize", "label_space", "iou_threshold", "outputs"):
         if key not in doc:
             raise bad(key, "missing")
-    if not isinstance(doc["name"], str) or not doc["name"]:
-        raise bad("name", f"must be a non-empty string, got {doc['name']!r}")
+    if name_problem(doc["name"]) is not None:  # the name becomes the file name <name>.onnx
+        raise bad("name", f"{doc['name']!r} {name_problem(doc['name'])}; {NAME_RULE}")
     size = doc["input_size"]
     if not (isinstance(size, list) and len(size) == 2 and all(type(v) is int and v > 0 for v in size)):
         raise bad("input_size", f"must be [height, width] in pixels, got {size!r}")
@@ -186,9 +188,11 @@ def read_description(path: Path) -> Description:
     for key, default in (("score_threshold", 0.001), ("iou_threshold", None), ("max_detections", 100),
                          ("pad_value", 127.5)):
         value = doc.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad(key, f"must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad(key, f"must be a finite number, got {value!r}")
         numbers[key] = value
+    if not 0.0 <= numbers["score_threshold"] < 1.0:
+        raise bad("score_threshold", f"must lie in 0..1 (below 1: no score exceeds it), got {numbers['score_threshold']}")
     if not 0.0 <= numbers["iou_threshold"] <= 1.0:
         raise bad("iou_threshold", f"must lie in 0..1, got {numbers['iou_threshold']}")
     if type(numbers["max_detections"]) is not int or numbers["max_detections"] <= 0:
@@ -200,13 +204,14 @@ def read_description(path: Path) -> Description:
            "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], **inp}
     _enum(inp["layout"], INPUT_LAYOUTS, "input.layout", bad)
     _enum(inp["channel_order"], ("rgb", "bgr"), "input.channel_order", bad)
-    if isinstance(inp["scale"], bool) or not isinstance(inp["scale"], (int, float)) or inp["scale"] == 0:
-        raise bad("input.scale", f"must be a non-zero number, got {inp['scale']!r}")
+    if (isinstance(inp["scale"], bool) or not isinstance(inp["scale"], (int, float)) or inp["scale"] == 0
+            or not math.isfinite(inp["scale"])):
+        raise bad("input.scale", f"must be a finite non-zero number, got {inp['scale']!r}")
     for key in ("mean", "std"):
         v = inp[key]
         if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                               for x in v)):
-            raise bad(f"input.{key}", f"must be three numbers (one per channel), got {v!r}")
+                                                               and math.isfinite(x) for x in v)):
+            raise bad(f"input.{key}", f"must be three finite numbers (one per channel), got {v!r}")
     if any(x == 0 for x in inp["std"]):
         raise bad("input.std", f"holds a zero: {inp['std']!r}")
     if inp["name"] is not None and not isinstance(inp["name"], str):
@@ -224,8 +229,8 @@ def read_description(path: Path) -> Description:
         if isinstance(value, str):
             _enum(value, EXTRA_VALUES, where + ".value", bad)
         elif not (isinstance(value, list) and value and all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                            for x in value)):
-            raise bad(where + ".value", f"must be one of {EXTRA_VALUES} or a list of numbers, got {value!r}")
+                                                            and math.isfinite(x) for x in value)):
+            raise bad(where + ".value", f"must be one of {EXTRA_VALUES} or a list of finite numbers, got {value!r}")
         spec = {"dtype": "float32", "shape": None, **spec}
         _enum(spec["dtype"], EXTRA_DTYPES, where + ".dtype", bad)
         shape = spec["shape"]
@@ -292,7 +297,7 @@ def read_description(path: Path) -> Description:
             raise bad("outputs.anchors", f"must give one anchor list per head ({len(heads)}), got {anchors!r}")
         for i, per_head in enumerate(anchors):
             if not (isinstance(per_head, list) and per_head and all(
-                    isinstance(a, list) and len(a) == 2 and all(isinstance(x, (int, float)) and x > 0 for x in a)
+                    isinstance(a, list) and len(a) == 2 and all(isinstance(x, (int, float)) and 0 < x < math.inf for x in a)
                     for a in per_head)):
                 raise bad(f"outputs.anchors[{i}]", f"must be a list of [width, height] in input pixels, got {per_head!r}")
         for i, head in enumerate(heads):

@@ -44,6 +44,7 @@ from exporters.tf_convert import cpu_session, validation_images
 from exporters.validation import Comparison
 from core.contract import INPUT_NAME, LABELS_KEY, ModelContract, save_model, sha256_file
 from core.errors import ConfigError, ExportError
+from core.names import file_in
 from core.images import load_rgb, prepare
 
 WRAPPER_VERSION = "1"
@@ -83,7 +84,7 @@ def wrap_onnx(onnx_file: Path, describe_file: Path, out: Path, *,
     started = time.perf_counter()
     desc = read_description(describe_file)
     onnx_file = Path(onnx_file)
-    target = Path(out) if Path(out).suffix == ".onnx" else Path(out) / f"{desc.name}.onnx"
+    target = Path(out) if Path(out).suffix == ".onnx" else file_in(Path(out), desc.name, where=f"--describe {desc.path}: name")
     progress(f"reading {onnx_file}")
     source = load_source(onnx_file)
     model, bound = bind(desc, source)
@@ -308,6 +309,11 @@ def _check_output_shapes(desc: Description, bound: Bound) -> None:
                 raise describe_error(desc.path, f"outputs.anchors[{i}]", f"{len(anchors)} anchors x (5 + num_classes "
                                      f"{out['num_classes']}) = {channels} channels, but head {desc.tensors[role]!r} "
                                      f"has {shape[-3]}")
+    table = out["label_map"]
+    if isinstance(table, list) and out["num_classes"] is not None and len(table) < out["num_classes"]:
+        raise describe_error(desc.path, "outputs.label_map", f"has {len(table)} entries for {out['num_classes']} classes "
+                             f"(num_classes{'' if 'num_classes' in desc.text else ', read off the graph'}); give one "
+                             "label per class")
 
 
 # ----------------------------------------------------------------------------- composing
@@ -336,6 +342,14 @@ def compose(desc: Description, model: onnx.ModelProto, bound: Bound) -> onnx.Mod
                                            name=desc.name)
     except (ValueError, onnx.checker.ValidationError) as exc:
         raise ExportError(f"composing {desc.name!r} with onnx.compose failed: {exc}") from exc
+    # merge_models concatenates the parts' opset imports: one entry per domain, or onnxruntime's
+    # quantizer (and other tools) cannot tell which default-domain version the graph uses.
+    merged: dict[str, int] = {}
+    for o in joined.opset_import:
+        domain = "" if o.domain == "ai.onnx" else o.domain
+        merged[domain] = max(merged.get(domain, 0), o.version)
+    del joined.opset_import[:]
+    joined.opset_import.extend(helper.make_opsetid(d, v) for d, v in merged.items())
     return joined
 
 
@@ -654,6 +668,8 @@ def validate(desc: Description, onnx_file: Path, wrapped: onnx.ModelProto, bound
         got = dict(zip(wrapped_names, session.run(wrapped_names, {INPUT_NAME: tensor})))
         compare(comparison, path.stem, reference, got, desc)
         counts.append(len(reference["scores"]))
+    comparison.nothing_detected(counts, f"score_threshold {desc.score_threshold} or the [input] scale/mean/std of "
+                                        f"{desc.path} may leave the model nothing to detect")
     comparison.raise_if_any(f"The wrapped file does not reproduce {onnx_file} as {desc.path} describes it; check the "
                             "describe file (box format and space, activations, label mapping, thresholds).")
     figures: dict[str, Any] = dict(comparison.figures)

@@ -48,7 +48,8 @@ from typing import Any, Callable
 from core import manifest as run_manifest
 from core import store
 from core.contract import RANDOM_INIT, read_contract, sha256_file
-from core.errors import ConfigError, DetbenchError
+from core.errors import ClusterLostError, ConfigError, DetbenchError
+from core.names import file_in
 from core.paths import PROJECT_ROOT, data_dir, results_dir
 
 STEPS = ("export", "profile", "bench", "images", "eval")
@@ -94,6 +95,12 @@ class RunSettings:
     int8_models: tuple[str, ...] | None = ("yolov3-tiny", "yolov3-416", "ssd300")
     calibration_images: int = 32
     smoke: bool = False  # --quick: latency records are marked smoke, never VALID
+
+    def __post_init__(self):
+        # Checked before any step runs: a NaN budget would never run out.
+        for option, value in (("--bench-seconds", self.bench_seconds), ("per-image seconds", self.per_image_seconds)):
+            if value is not None and not 0 < value < float("inf"):
+                raise ConfigError(f"{option} {value}: must be a positive finite number of seconds")
 
     @classmethod
     def quick(cls) -> "RunSettings":
@@ -188,6 +195,7 @@ class RunSummary:
     report: Any = None  # report.ReportResult
     wall_seconds: float = 0.0
     providers: dict[str, str] = field(default_factory=dict)  # provider -> "" (usable) or the reason it is not
+    store_note: str | None = None  # the store's lines that are not records, skipped when deciding what to re-run
 
     @property
     def failures(self) -> list[StepOutcome]:
@@ -259,7 +267,9 @@ class _Pipeline:
         self.manifest = run_manifest.Manifest(self.root)
         self.summary = RunSummary(results_dir=self.root)
         self.requested_providers = providers
-        self.have = {(r["kind"], r.get("model_sha256"), r.get("provider")) for r in store.load(root=self.root).records}
+        loaded = store.load(root=self.root)
+        self.have = {(r["kind"], r.get("model_sha256"), r.get("provider")) for r in loaded.records}
+        self.summary.store_note = loaded.skipped_note()
         self.steps_done = 0
         self.steps_total = 0
         self.exported: dict[str, Path] = {}  # spec name -> its float export at the registered size
@@ -326,6 +336,8 @@ class _Pipeline:
         except _Skip as exc:
             self.outcome(target, step, provider, "skipped", str(exc), key=key)
             return None
+        except ClusterLostError:
+            raise  # no node can run any step now: the run stops, the steps done stay recorded
         except DetbenchError as exc:
             self.outcome(target, step, provider, "failed", str(exc), time.perf_counter() - started, key=key)
             return None
@@ -412,7 +424,7 @@ class _Pipeline:
             version = source_version("exporters.onnx_wrap", "exporters.onnx_describe")
         except ImportError as exc:
             version = f"unavailable: {exc}"
-        out = self.root / "onnx" / f"{spec.name}.onnx"
+        out = file_in(self.root / "onnx", spec.name, where=f"--describe {spec.describe_file}: name")
         inputs = {"onnx_sha256": sha256_file(spec.onnx_file), "describe": spec.describe_file.read_text("utf-8"),
                   "wrapper": version}
 
