@@ -225,8 +225,8 @@ def test_a_node_joining_mid_run_takes_over_from_a_lost_one(cluster, tiny, coco_d
     assert joined
     _same_as_local(result, local_run)
     nodes = result.settings["ray"]["image_nodes"]
-    assert set(nodes) == {a.node_id, joined[0].node_id}, nodes  # images before the loss on a, the rest on the new node
-    assert result.settings["ray"]["reissued_after"]
+    # images before the loss on a, the rest on the new node (Ray restarted the actor there, or detbench re-issued)
+    assert set(nodes) == {a.node_id, joined[0].node_id}, nodes
 
 
 def test_no_node_left_stops_with_the_resume_command_and_resume_finishes(cluster, tiny, coco_dir, local_run,
