@@ -41,7 +41,6 @@ import math
 import os
 import socket
 import tempfile
-import threading
 import time
 import warnings
 from dataclasses import dataclass, fields
@@ -69,8 +68,6 @@ PIPELINE_REISSUES = 3
 # After a loss, how long the GCS may take to mark the node dead (Ray's health check: by default
 # 5 missed checks of 3 s) before the surviving pool is sized.
 LOSS_SETTLE_S = 30.0
-# How long the run waits with no live node able to hold an inference actor before it stops.
-NO_NODE_S = 10.0
 # An inference pool whose actors cannot all be placed (the cluster shrank, or --ray-actors asks
 # for more than it holds) stops waiting after this long and is re-issued at a size that fits.
 ACTOR_START_TIMEOUT_S = 60.0
@@ -568,14 +565,9 @@ def evaluate_model_ray(path, settings: EvalSettings | None = None, *, ray_settin
                 batches = _detections(todo, model_ref, model_sha, settings.provider, threads, contract, label_map,
                                       cluster, pool, gpu)
                 try:
-                    with _NodeWatch(threads, gpu):
-                        for batch in batches:
-                            gather(batch)
+                    for batch in batches:
+                        gather(batch)
                     break
-                except _NoNodeLeft:
-                    reissues.append(f"no live node could hold an actor for {NO_NODE_S:g} s")
-                    raise ClusterLostError(_stopped_message(reissues, 0, len(todo), path, settings, cluster,
-                                                            cache_path)) from None
                 except Exception as exc:
                     cause = _detbench_cause(exc)
                     if cause is not None and cause is not exc:
@@ -676,57 +668,6 @@ def _check_images_on_nodes(todo: list[CocoImage], nodes: set[str]) -> None:
                 f"Ray node {node[:12]} ({seen['host']}, {seen['ip']}) lacks {seen['missing']} of the {len(paths)} "
                 f"images at the driver's paths (first: {seen['first']}): every node must see the COCO images at "
                 f"the same path ({folder}); mount or copy them there (docs/scale.md, cluster quick start)")
-
-
-class _NoNodeLeft(BaseException):
-    """Raised into the thread that waits on the pipeline when no live node can hold an actor
-    (a BaseException, so that Ray Data's own ``except Exception`` handlers let it through)."""
-
-
-class _NodeWatch:
-    """While the block runs, a thread checks every 2 s whether some live node can still hold an
-    inference actor. Ray Data waits for ever for an actor it cannot place again (its restarts
-    stay pending): after :data:`NO_NODE_S` seconds without such a node, the waiting thread gets
-    :class:`_NoNodeLeft`."""
-
-    def __init__(self, threads: int, gpu: bool):
-        self.threads, self.gpu = threads, gpu
-        self.target = threading.get_ident()
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.armed = True
-        self.watcher = threading.Thread(target=self._watch, name="detbench-ray-nodes", daemon=True)
-
-    def __enter__(self):
-        self.watcher.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import ctypes
-
-        with self.lock:
-            self.armed = False
-            # an exception sent but not yet raised must not surface after the block
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.target), None)
-        self.stop.set()
-        self.watcher.join()
-
-    def _watch(self) -> None:
-        import ctypes
-
-        since = None
-        while not self.stop.wait(2.0):
-            try:
-                fits = _surviving_pool(1, self.threads, self.gpu) >= 1
-            except Exception:  # the GCS did not answer this time; ask again
-                continue
-            since = None if fits else (since or time.monotonic())
-            if since is not None and time.monotonic() - since > NO_NODE_S:
-                with self.lock:
-                    if self.armed:
-                        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.target),
-                                                                   ctypes.py_object(_NoNodeLeft))
-                return
 
 
 def _alive_nodes() -> set[str]:
