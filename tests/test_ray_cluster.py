@@ -225,33 +225,8 @@ def test_a_node_joining_mid_run_takes_over_from_a_lost_one(cluster, tiny, coco_d
     assert joined
     _same_as_local(result, local_run)
     nodes = result.settings["ray"]["image_nodes"]
-    assert set(nodes) == {a.node_id, joined[0].node_id}, nodes  # images before the loss on a, the rest on the new node
-    assert result.settings["ray"]["reissued_after"]
-
-
-def test_no_node_left_stops_with_the_resume_command_and_resume_finishes(cluster, tiny, coco_dir, local_run,
-                                                                          tmp_path):
-    from core.errors import ClusterLostError
-
-    (a,) = cluster.keep(1)
-    killed: list[int] = []
-
-    def kill_last(p) -> None:
-        if not killed and p.done >= 4:
-            cluster.kill_raylet(a)
-            killed.append(p.done)
-
-    with pytest.raises(ClusterLostError) as stopped:
-        _evaluate(cluster, tiny, coco_dir, tmp_path, progress=kill_last)
-    message = str(stopped.value)
-    assert "no node left in the cluster can hold an inference actor" in message
-    assert f"--ray --resume --cache {tmp_path / 'cache.jsonl'}" in message and cluster.address in message
-    gathered = len((tmp_path / "cache.jsonl").read_text().splitlines()) - 1  # minus the header
-    assert 4 <= gathered < IMAGES
-    cluster.keep(1)  # a node again: --resume finishes with the single-process figures
-    result = _evaluate(cluster, tiny, coco_dir, tmp_path, resume=True)
-    assert result.images_resumed == gathered
-    _same_as_local(result, local_run)
+    # images before the loss on a, the rest on the new node (Ray restarted the actor there, or detbench re-issued)
+    assert set(nodes) == {a.node_id, joined[0].node_id}, nodes
 
 
 # --------------------------------------------------------------------------- run --ray
