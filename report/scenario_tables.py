@@ -1,0 +1,89 @@
+"""The report's Offline throughput table and Server "QPS at p99 bound" table, one column per backend.
+
+Cells come from each row's latest Offline / Server ``bench`` record per backend
+(:attr:`report.collect.ModelRow.offline` / ``server``, written by ``bench --scenario``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from report.collect import ModelRow
+
+OFFLINE_NOTE = ("Offline: images/s with every sample available at once (MLPerf Offline), the best configuration "
+                "found over streams x threads per stream x batch (batch only where the graph has a batch axis); "
+                "per core = images/s / usable cores. VALID needs the sample count and duration the record states "
+                "(scaled down from LoadGen's 24,576 samples and 600 s).")
+SERVER_NOTE = ("Server: highest QPS of Poisson arrivals (seeded) whose p99 latency, measured from each query's "
+               "scheduled arrival (queueing included), stays under the bound; the p99 is LoadGen's early-stopping "
+               "estimate from a confirmation run of at least 662 queries. '—': no QPS was supported.")
+
+
+def _backends(rows: list[ModelRow], attr: str) -> list[str]:
+    seen: list[str] = []
+    for r in rows:
+        for b in getattr(r, attr):
+            if b not in seen:
+                seen.append(b)
+    return seen
+
+
+def offline_cell(d: dict[str, Any]) -> str:
+    cfg = d.get("config") or {}
+    text = (f"{d['images_per_s']:.2f} img/s ({d['images_per_s_per_core']:.2f}/core; {cfg.get('streams')}s x "
+            f"{cfg.get('threads_per_stream')}t x b{cfg.get('batch')})")
+    verdict = (d.get("validity") or {}).get("verdict")
+    if verdict != "VALID":
+        text += " INVALID"
+    if d.get("parity_verdict") == "disagree":
+        text += " DISAGREES"
+    return text
+
+
+def server_cell(d: dict[str, Any]) -> str:
+    cfg = d.get("config") or {}
+    if d.get("qps") is None:
+        return f"— (bound {d['bound_ms']:.0f} ms: {(d.get('validity') or {}).get('reason', '')})"
+    text = (f"{d['qps']:.2f} QPS, p99 {d['tail_ms']:.0f} ≤ {d['bound_ms']:.0f} ms ({cfg.get('streams')}s x "
+            f"{cfg.get('threads_per_stream')}t)")
+    if d.get("parity_verdict") == "disagree":
+        text += " DISAGREES"
+    return text
+
+
+def scenario_tables(rows: list[ModelRow]) -> list[tuple[str, list[str], list[list[str]], str]]:
+    """``(title, header, body rows, note)`` for each scenario table that has data."""
+    out = []
+    for attr, title, cell, note in (("offline", "Offline throughput per backend", offline_cell, OFFLINE_NOTE),
+                                    ("server", "QPS at p99 bound per backend (Server)", server_cell, SERVER_NOTE)):
+        backends = _backends(rows, attr)
+        if not backends:
+            continue
+        body = [[r.label] + [cell(getattr(r, attr)[b]) if b in getattr(r, attr) else "—" for b in backends]
+                for r in rows if getattr(r, attr)]
+        out.append((title, ["network"] + backends, body, note))
+    return out
+
+
+def scenario_markdown(rows: list[ModelRow]) -> str:
+    lines: list[str] = []
+    for title, head, body, note in scenario_tables(rows):
+        lines += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in body]
+        lines += ["", note, ""]
+    return "\n".join(lines)
+
+
+def scenario_html(rows: list[ModelRow]) -> list[str]:
+    import html
+
+    e = html.escape
+    out = []
+    for title, head, body, note in scenario_tables(rows):
+        out.append(f"<h2>{e(title)}</h2><table><thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in head)
+                   + "</tr></thead><tbody>")
+        for line in body:
+            out.append("<tr>" + "".join(f'<td{" class=invalid" if "INVALID" in c else ""}>{e(c)}</td>'
+                                         for c in line) + "</tr>")
+        out.append(f'</tbody></table><p class="note">{e(note)}</p>')
+    return out
