@@ -87,3 +87,30 @@ def scenario_html(rows: list[ModelRow]) -> list[str]:
                                          for c in line) + "</tr>")
         out.append(f'</tbody></table><p class="note">{e(note)}</p>')
     return out
+
+
+def offline_vs_single_stream(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per Offline record, its throughput against the same file's SingleStream rate on the same backend
+    (1000 / p50 of the newest batch-1 SingleStream record): ``ratio`` = Offline images/s / that rate.
+    Offline may use every core through several streams, so it should never fall below one stream's
+    rate; a ratio under 1 points at a broken Offline search or a machine whose load changed between
+    the two measurements."""
+    from report.collect import scenario_of
+
+    single: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for rec in records:  # oldest first: the newest wins
+        if rec.get("kind") == "bench" and scenario_of(rec) == "single-stream" and \
+                (rec.get("settings") or {}).get("batch", (rec.get("data") or {}).get("batch", 1)) == 1:
+            single[(rec.get("model_sha256"), rec.get("provider"))] = rec
+    out = []
+    for rec in records:
+        if rec.get("kind") != "bench" or scenario_of(rec) != "offline":
+            continue
+        ss = single.get((rec.get("model_sha256"), rec.get("provider")))
+        if ss is None:
+            continue
+        p50 = ss["data"]["latency_ms"]["p50"]
+        ips = rec["data"]["images_per_s"]
+        out.append({"model": rec.get("model"), "provider": rec.get("provider"), "offline_ips": ips,
+                    "single_stream_p50_ms": p50, "single_stream_ips": 1000.0 / p50, "ratio": ips * p50 / 1000.0})
+    return out
