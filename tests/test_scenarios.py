@@ -197,3 +197,38 @@ def test_offline_and_server_records_on_a_tiny_model(tiny_batchable):
 def test_native_backend_is_refused_outside_single_stream(tiny_batchable):
     with pytest.raises(ConfigError, match="SingleStream only"):
         bench_scenario([tiny_batchable], ["native"], ScenarioSettings.scaled_down(OFFLINE), BenchSettings())
+
+
+# --------------------------------------------------------------------------- report and compare
+
+def _rec(scenario: str, provider: str, **data):
+    return {"kind": "bench", "model": "m", "model_sha256": "abc", "provider": provider,
+            "settings": {"scenario": scenario} if scenario != "single-stream" else {"batch": 1},
+            "data": {"scenario": scenario, **data}}
+
+
+def test_offline_relation_and_like_with_like_comparison():
+    from report.compare import bench_sides
+    from report.scenario_tables import offline_vs_single_stream
+
+    records = [_rec("single-stream", "cpu", latency_ms={"p50": 40.0}, samples_ms=[40.0, 41.0]),
+               _rec("offline", "cpu", images_per_s=60.0, config={"streams": 2, "threads_per_stream": 1, "batch": 1}),
+               _rec("server", "cpu", qps=20.0)]
+    [pair] = offline_vs_single_stream(records)
+    assert pair["single_stream_ips"] == pytest.approx(25.0) and pair["ratio"] == pytest.approx(60.0 * 40.0 / 1000)
+    sides = bench_sides(records)  # only the SingleStream record has latency samples to compare
+    assert len(sides) == 1 and next(iter(sides.values())).samples_ms == [40.0, 41.0]
+
+
+def test_report_tables_show_offline_and_server_per_backend():
+    from types import SimpleNamespace
+
+    from report.scenario_tables import scenario_markdown
+
+    offline = {"images_per_s": 12.5, "images_per_s_per_core": 6.25, "validity": {"verdict": "VALID"},
+               "config": {"streams": 2, "threads_per_stream": 1, "batch": 1}, "parity_verdict": "agree"}
+    server = {"qps": None, "bound_ms": 300.0, "validity": {"verdict": "INVALID", "reason": "no QPS passed"}}
+    rows = [SimpleNamespace(label="m", offline={"openvino": offline}, server={"cpu": server})]
+    text = scenario_markdown(rows)
+    assert "| network | openvino |" in text and "12.50 img/s (6.25/core; 2s x 1t x b1)" in text
+    assert "| network | cpu |" in text and "— (bound 300 ms: no QPS passed)" in text
