@@ -115,6 +115,17 @@ def test_qps_search_finds_a_known_capacity_within_ten_percent(capacity, start):
     assert len(trials) == len(tried) <= 12
 
 
+def test_qps_search_never_goes_above_its_ceiling():
+    tried = []
+
+    def oracle(qps: float) -> Trial:  # a short trial that passes everything (the queue has not built up yet)
+        tried.append(qps)
+        return Trial(qps, 1.0, True)
+
+    found, _ = search_qps(oracle, 10.0, ceiling=25.0)
+    assert found == 25.0 and max(tried) == 25.0
+
+
 def test_qps_search_says_none_when_nothing_passes():
     found, trials = search_qps(lambda q: Trial(q, 1e9, False), 10.0, tolerance=0.1, max_trials=6)
     # gives up once the upper end is below tolerance x the start (nothing that slow is worth serving)

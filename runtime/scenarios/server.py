@@ -12,8 +12,8 @@ Steps for one model on one backend:
    percentile is within the bound;
 4. a confirmation run at the QPS found, with as many queries as the early-stopping estimate
    needs (662 for p99) and at least ``server_min_seconds``: the percentile is supported when
-   :func:`early_stopping` says so; if not, the QPS is lowered by the search tolerance and
-   confirmed again (up to 3 times).
+   :func:`early_stopping` says so; if not, the QPS is lowered and
+   confirmed again at 0.75 x that QPS (up to 3 confirmations).
 """
 
 from __future__ import annotations
@@ -68,21 +68,24 @@ class Trial:
 
 
 def search_qps(trial: Callable[[float], Trial], start: float, *, tolerance: float = 0.03,
-               max_trials: int = 8) -> tuple[float | None, list[Trial]]:
+               max_trials: int = 8, ceiling: float | None = None) -> tuple[float | None, list[Trial]]:
     """Highest passing QPS by bisection: ``trial(qps)`` says whether a QPS passes. The upper end starts
-    at ``start`` (the measured capacity) and doubles while it passes; the search stops when the
-    bracket is within ``tolerance`` of its upper end or after ``max_trials`` trials. None when no
-    trial passed."""
+    at ``start`` and doubles while it passes, up to ``ceiling`` (the Server passes the measured
+    back-to-back capacity: above it the queue grows without bound, which a short trial may not yet
+    show); the search stops when the bracket is within ``tolerance`` of its upper end or after
+    ``max_trials`` trials. None when no trial passed."""
     if start <= 0:
         raise ConfigError(f"QPS search start {start}: must be positive")
     trials: list[Trial] = []
-    lo, hi = 0.0, start
+    lo, hi = 0.0, min(start, ceiling) if ceiling else start
     while len(trials) < max_trials:  # find a failing upper end
         t = trial(hi)
         trials.append(t)
         if not t.passed:
             break
-        lo, hi = hi, hi * 2
+        if ceiling is not None and hi >= ceiling:
+            return hi, trials
+        lo, hi = hi, min(hi * 2, ceiling) if ceiling else hi * 2
     else:
         return lo, trials
     while len(trials) < max_trials and (hi - lo) > tolerance * hi:
@@ -143,7 +146,7 @@ def server(model: Model, backend: str, scenario: ScenarioSettings, backend_setti
             return Trial(qps, tail, tail <= bound)
 
         found, trials = search_qps(trial, capacity, tolerance=scenario.search_tolerance,
-                                   max_trials=scenario.max_trials)
+                                   max_trials=scenario.max_trials, ceiling=capacity)
         confirmations = []
         verdict = None
         qps = found
@@ -155,7 +158,7 @@ def server(model: Model, backend: str, scenario: ScenarioSettings, backend_setti
                                   "duration_s": issued.duration_s, **verdict})
             if verdict["supported"]:
                 break
-            qps *= 1 - scenario.search_tolerance
+            qps *= 0.75  # a confirmation is long: step down far enough that the next one likely holds
         info = opened.runners[0].info
     finally:
         opened.close()
