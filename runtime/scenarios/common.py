@@ -117,6 +117,13 @@ def parity_of(model: Model, backend: str, runner, backend_settings: BackendSetti
     return _parities(model.path, model.contract, {backend: runner}, backend_settings, count).get(backend)
 
 
+def parity_verdict(backend: str, parity: dict | None) -> str:
+    """``reference`` for onnxruntime CPU, else the parity check's verdict, or ``unchecked`` without one."""
+    if backend == REFERENCE:
+        return "reference"
+    return parity.get("verdict", "unchecked") if parity else "unchecked"
+
+
 @dataclass
 class ScenarioResult:
     """One model on one backend in one scenario: ``figures`` is the record's data (scenario-specific)."""

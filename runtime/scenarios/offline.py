@@ -14,8 +14,8 @@ from typing import Any
 
 from core.errors import ConfigError
 from runtime.backends import BackendSettings
-from runtime.scenarios.common import (Config, Model, ScenarioResult, candidate_configs, parity_of, percentile,
-                                      usable_cores)
+from runtime.scenarios.common import (Config, Model, ScenarioResult, candidate_configs, parity_of, parity_verdict,
+                                      percentile, usable_cores)
 from runtime.scenarios.loadgen import issue_all
 from runtime.scenarios.settings import OFFLINE, ScenarioSettings
 
@@ -80,7 +80,7 @@ def offline(model: Model, backend: str, scenario: ScenarioSettings, backend_sett
         "validity": judge_offline(issued.samples, issued.duration_s, scenario, capped),
         "trials": trials, "trial_seconds": scenario.trial_seconds,
         "batch_axis": {"batchable": model.batchable, "note": model.batch_note},
-        "parity": parity, "parity_verdict": "reference" if parity is None else parity.get("verdict"),
+        "parity": parity, "parity_verdict": parity_verdict(backend, parity),
         "image": str(model.image),
     }
     return ScenarioResult(OFFLINE, model.contract.name, str(model.path), model.sha256, model.contract.to_props(),

@@ -27,8 +27,8 @@ import numpy as np
 
 from core.errors import ConfigError
 from runtime.backends import BackendSettings
-from runtime.scenarios.common import Config, Model, ScenarioResult, candidate_configs, parity_of, percentile, \
-    usable_cores
+from runtime.scenarios.common import (Config, Model, ScenarioResult, candidate_configs, parity_of, parity_verdict,
+                                      percentile, usable_cores)
 from runtime.scenarios.loadgen import issue_all, issue_scheduled, poisson_schedule
 from runtime.scenarios.settings import SERVER, ScenarioSettings
 from runtime.stats import conservative_rank, queries_needed
@@ -178,7 +178,7 @@ def server(model: Model, backend: str, scenario: ScenarioSettings, backend_setti
                                "loadgen": "LoadGen Server: 270,336 queries and 600 s, or early stopping; "
                                           "early stopping only here"}},
         "batch_axis": {"batchable": model.batchable, "note": model.batch_note},
-        "parity": parity, "parity_verdict": "reference" if parity is None else parity.get("verdict"),
+        "parity": parity, "parity_verdict": parity_verdict(backend, parity),
         "image": str(model.image),
     }
     return ScenarioResult(SERVER, model.contract.name, str(model.path), model.sha256, model.contract.to_props(),
