@@ -366,11 +366,22 @@ def bench(
     top: int = typer.Option(15, "--top", help="Kernels listed by --nodes."),
     peak: bool = typer.Option(True, "--peak/--no-peak", help="Measure the machine's matmul peak and state each "
                               "result's fraction of it."),
+    scenario: str = typer.Option("single-stream", "--scenario", help="MLPerf scenario: single-stream (latency, "
+                                 "one image at a time), offline (max images/s over streams x threads x batch), "
+                                 "server (highest Poisson QPS with p99 under --p99-ms)."),
+    p99_ms: Optional[float] = typer.Option(None, "--p99-ms", help="Server: the p99 latency bound in ms. Default: "
+                                           "10 x the model's SingleStream p50 on that backend."),
+    streams: Optional[int] = typer.Option(None, "--streams", help="Offline/server: concurrent streams (sessions or "
+                                          "OpenVINO infer requests). Default: search 1, 2, 4, ... up to the cores."),
+    threads_per_stream: Optional[int] = typer.Option(None, "--threads-per-stream", help="Offline/server: intra-op "
+                                                     "threads per stream. Default: the cores split between streams."),
+    seed: int = typer.Option(0, "--seed", help="Server: seed of the Poisson arrival schedule (recorded)."),
 ) -> None:
     """Latency per backend, side by side, with parity against onnxruntime CPU; recorded in the results store."""
-    from report.console import render_bench
+    from report.console import render_bench, render_scenarios
     from runtime.backends import BackendSettings
-    from runtime.bench import BenchSettings, bench_models
+    from runtime.bench import BenchSettings
+    from runtime.scenarios import SINGLE_STREAM, ScenarioSettings, bench_scenario
 
     for path in models:
         check_file(path)  # the contract itself is checked by bench before any session is made
@@ -391,8 +402,13 @@ def bench(
                                   allow_fallback=allow_fallback, trt_cache_dir=trt_cache_dir,
                                   include_copies=include_copies, native_weights=native_weights)
         backends = list(providers) + (["native"] if native and "native" not in providers else [])
-        results = bench_models(list(models), backends, timing, opening)
-    render_bench(console, results, top)
+        chosen = ScenarioSettings(scenario=scenario, p99_ms=p99_ms, streams=streams,
+                                  threads_per_stream=threads_per_stream, seed=seed)
+        results = bench_scenario(list(models), backends, chosen, timing, opening)
+    if chosen.scenario == SINGLE_STREAM:
+        render_bench(console, results, top)
+    else:
+        render_scenarios(console, results)
 
 
 @app.command()

@@ -139,6 +139,9 @@ class ModelRow:
     file_bytes: int | None = None  # size of the ONNX file (export record)
     hosts: list[str] = field(default_factory=list)  # hostnames of every record behind the row
     by_op: dict[str, Any] = field(default_factory=dict)  # the profile's op types
+    # the latest Offline / Server bench record's data per backend (runtime.scenarios)
+    offline: dict[str, dict[str, Any]] = field(default_factory=dict)
+    server: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def base_name(self) -> str:
@@ -222,6 +225,12 @@ def record_size(record: dict[str, Any]) -> tuple[int, int] | None:
         if isinstance(size, (list, tuple)) and len(size) == 2:
             return int(size[0]), int(size[1])
         return None
+
+
+def scenario_of(record: dict[str, Any]) -> str:
+    """The MLPerf scenario of a ``bench`` record (records from before scenarios existed: single-stream)."""
+    return (record.get("data") or {}).get("scenario") or (record.get("settings") or {}).get("scenario") \
+        or "single-stream"
 
 
 def _latest(records: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -320,6 +329,9 @@ def _row(name: str, size: tuple[int, int], spec, records: list[dict[str, Any]],
         row.by_op = dict(d.get("by_op") or {})
 
     for rec in same_file:
+        if rec["kind"] == "bench" and scenario_of(rec) in ("offline", "server"):
+            getattr(row, scenario_of(rec))[rec.get("provider") or REFERENCE_BACKEND] = rec["data"]
+            continue
         if rec["kind"] != "bench" or (rec.get("settings") or {}).get("batch", rec["data"].get("batch", 1)) != 1:
             continue
         row.latency[rec.get("provider") or REFERENCE_BACKEND] = _latency(rec)

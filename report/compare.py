@@ -37,6 +37,7 @@ import numpy as np
 
 from core import store
 from core.errors import ConfigError
+from report.collect import scenario_of
 
 DEFAULT_MAX_SLOWDOWN = 0.05
 DEFAULT_MAX_MAP_DROP = 0.1  # COCO AP points
@@ -192,6 +193,8 @@ class BenchSide:
 def bench_sides(records: list[dict[str, Any]]) -> dict[ConfigKey, BenchSide]:
     """Per configuration, the samples of its newest bench record and of earlier repeats of exactly it."""
     newest: dict[ConfigKey, dict[str, Any]] = {}
+    # like with like: latency samples exist for SingleStream only (Offline/Server records are other figures)
+    records = [r for r in records if r.get("kind") != "bench" or scenario_of(r) == "single-stream"]
     for rec in records:
         if rec.get("kind") == "bench":
             newest[_key(rec)] = rec  # the store is oldest first

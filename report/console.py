@@ -170,3 +170,35 @@ def render_nodes(console, r, top: int) -> None:
                   f"nodes are mapped back as {nodes['mapping']}; {len(nodes['unattributed_nodes'])} ONNX node(s) "
                   f"ran no kernel that can be told ({nodes['unattributed_macs'] / 1e9:.3f} GMACs unattributed).",
                   highlight=False, soft_wrap=True)
+
+
+def render_scenarios(console, results) -> None:
+    """Offline (images/s) or Server (QPS at the tail bound) results, one row per model x backend."""
+    if not results:
+        return
+    offline = results[0].scenario == "offline"
+    if offline:
+        table = _table("Offline: maximum throughput (all samples at once)",
+                       ["model", "backend", "images/s", "per core", "configuration", "samples", "s", "parity",
+                        "verdict"], left=2)
+    else:
+        table = _table("Server: highest QPS (Poisson arrivals) with the tail latency under its bound",
+                       ["model", "backend", "QPS", "tail ms", "bound ms", "bound from", "configuration", "parity",
+                        "verdict"], left=2)
+    for r in results:
+        f = r.figures
+        validity = f["validity"]
+        verdict = ("[green]VALID[/]" if validity["verdict"] == "VALID" else f"[red]INVALID[/] {validity['reason']}")
+        if offline:
+            table.add_row(r.model, r.provider, f"{f['images_per_s']:.2f}", f"{f['images_per_s_per_core']:.2f}",
+                          f["config_text"], str(f["samples"]), f"{f['duration_s']:.1f}", str(f["parity_verdict"]),
+                          verdict)
+        else:
+            table.add_row(r.model, r.provider, "-" if f["qps"] is None else f"{f['qps']:.2f}",
+                          _ms(f["tail_ms"]), f"{f['bound_ms']:.1f}", f["bound_source"], f["config_text"],
+                          str(f["parity_verdict"]), verdict)
+    console.print(table)
+    for r in results:
+        if not r.figures["batch_axis"]["batchable"]:
+            console.print(f"{r.model}: {r.figures['batch_axis']['note']}", highlight=False, soft_wrap=True)
+            break

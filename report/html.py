@@ -71,6 +71,9 @@ def render(rows: list[ModelRow], charts: list[tuple[str, Path, str]], *, title: 
     parts.append('<p class="note">* a configuration of Sheik, Chaurasia &amp; Culurciello (2018). Conv-only GOps: '
                  "Darknet's BFLOPs convention. Latency: p50, batch 1.</p>")
     parts += _backend_latency_html(rows) + _int8_html(rows)
+    from report.scenario_tables import scenario_html
+
+    parts += scenario_html(rows)
     parts.append("<h2>Accuracy sources</h2><ol class=\"notes\">" + "".join(f"<li>{e(s)}</li>" for s in sources) + "</ol>")
     notes = [(c["network"], c["_notes"]) for c in cells if c["_notes"]]
     machine = provider_skips(rows)

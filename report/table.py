@@ -406,6 +406,9 @@ def markdown(rows: list[ModelRow]) -> str:
         lines += [f"- {md_text(n)}: {md_text(why)}" for n, why in notes]
     lines += ["", "## Latency per backend", "", backend_latency_markdown(rows)]
     lines += ["## INT8 against float32", "", int8_markdown(rows)]
+    from report.scenario_tables import scenario_markdown
+
+    lines += [scenario_markdown(rows)]
     from report.claims import diminishing_returns_data, per_image_data
 
     lines += ["## The seed's claims, measured", "",

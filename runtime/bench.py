@@ -302,6 +302,7 @@ class BenchResult:
         # percentiles the sample cannot support are stored as None, never as if it could
         latency = {**self.latency.to_dict(), "p90": validity["p90"], "p99": validity["p99"]}
         return {
+            "scenario": "single-stream",
             "latency_ms": latency, "latency_validity": validity,
             "throughput_ips": self.throughput_ips,
             "session_seconds": self.session_seconds, "first_run_ms": self.first_run_ms,

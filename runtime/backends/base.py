@@ -199,6 +199,19 @@ class Backend(abc.ABC):
     def open(self, path: Path, settings: BackendSettings) -> Runner:
         """Open the ONNX file at ``path`` (a contract model) with ``settings``."""
 
+    def open_streams(self, path: Path, settings: BackendSettings, streams: int,
+                     threads_per_stream: int | None) -> list[Runner]:
+        """``streams`` runners of ``path`` that may run at the same time, each on its own thread, with
+        ``threads_per_stream`` intra-op threads each (None: the library's default). By default one
+        independent model per stream (onnxruntime: one session each); a backend with its own notion
+        of streams overrides this (OpenVINO: one compiled model, one infer request per stream)."""
+        if streams < 1:
+            raise ConfigError(f"streams {streams}: must be at least 1")
+        from dataclasses import replace
+
+        per = replace(settings, threads=threads_per_stream) if threads_per_stream else settings
+        return [self.open(path, per) for _ in range(streams)]
+
     def __repr__(self) -> str:
         return f"<backend {self.name}>"
 

@@ -203,6 +203,23 @@ class OpenVinoBackend(Backend):
             raise ContractError(f"{path}: OpenVINO sees no input {INPUT_NAME!r}; not a detbench contract model")
         return OpenVinoRunner(self.name, path, compiled, settings, self.precision, seconds, fell_back, input_name)
 
+    def open_streams(self, path: Path, settings: BackendSettings, streams: int,
+                     threads_per_stream: int | None) -> list[OpenVinoRunner]:
+        """One model compiled for throughput (``PERFORMANCE_HINT=THROUGHPUT``, ``NUM_STREAMS=streams``,
+        ``INFERENCE_NUM_THREADS=streams x threads_per_stream`` when given), one infer request per stream:
+        OpenVINO's own way of running requests concurrently on CPU cores split between streams."""
+        if streams < 1:
+            raise ConfigError(f"streams {streams}: must be at least 1")
+        options = {**settings.provider_options, "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": str(streams)}
+        from dataclasses import replace
+
+        tuned = replace(settings, provider_options=options,
+                        threads=streams * threads_per_stream if threads_per_stream else settings.threads)
+        first = self.open(path, tuned)
+        return [first] + [OpenVinoRunner(self.name, path, first.compiled, tuned, self.precision,
+                                         first.info.load_seconds, first.info.fell_back)
+                          for _ in range(streams - 1)]
+
 
 ANCHORS = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
 
