@@ -162,10 +162,12 @@ def median_ci_ranks(n: int, confidence: float = 0.95) -> tuple[int, int]:
     """1-based ranks (l, n - l + 1) of the distribution-free ``confidence`` interval of the median:
     the largest l with P(Binomial(n, 1/2) <= l - 1) <= (1 - confidence) / 2 (at least 1)."""
     alpha = (1 - confidence) / 2
-    lo = 1
-    while lo < (n + 1) // 2 and 1.0 - upper_tail(n, 0.5, lo + 1) <= alpha:
-        lo += 1
-    return lo, n - lo + 1
+    logs = _log_binomial_pmf(n, 0.5)
+    top = logs.max()
+    cdf = np.cumsum(np.exp(logs - top)) * math.exp(top)  # cdf[j] = P(Binomial(n, 1/2) <= j)
+    ok = np.nonzero(cdf[: (n + 1) // 2] <= alpha)[0]
+    lo = int(ok[-1]) + 1 if ok.size else 1
+    return min(lo, (n + 1) // 2), n - min(lo, (n + 1) // 2) + 1
 
 
 def median_ci_halfwidth(samples, confidence: float = 0.95) -> float:
