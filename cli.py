@@ -407,11 +407,19 @@ def run(
     providers: Optional[List[str]] = typer.Option(None, "--provider", "-p", help="Backends to bench (repeat; see "
                                                   "`python cli.py backends`). Default: cpu, every other provider "
                                                   "onnxruntime lists, openvino and openvino-bf16, each probed first."),
-    bench_runs: Optional[int] = typer.Option(None, "--bench-runs", min=1, help="Timed bench runs per model x backend "
-                                             "(default: as many as fit in --bench-seconds)."),
-    bench_seconds: Optional[float] = typer.Option(None, "--bench-seconds", min=0.1, help="Timed seconds per model x "
-                                                  "backend (default 2; short runs are recorded INVALID for the "
-                                                  "percentiles they cannot support)."),
+    budget: Optional[float] = typer.Option(None, "--budget", min=0.1, help="Minutes of bench timing for the whole "
+                                           "run (default 8; opening models included): every model x backend pair "
+                                           "first reaches a VALID p50 (11 runs, 1 s, median's 95 % interval within "
+                                           "5 %), then the rest buys VALID p90s (64 runs, 10 s), cheapest first. "
+                                           "A second run with a larger budget continues from the first one's runs."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads of bench, the per-image "
+                                          "step and evaluation (local and --ray actors); default: this machine's "
+                                          "CPUs. Every record states the count."),
+    bench_runs: Optional[int] = typer.Option(None, "--bench-runs", min=1, help="Instead of --budget: timed bench runs "
+                                             "per model x backend, each row on its own."),
+    bench_seconds: Optional[float] = typer.Option(None, "--bench-seconds", min=0.1, help="Instead of --budget: timed "
+                                                  "seconds per model x backend, each row on its own (short runs are "
+                                                  "recorded INVALID for the figures they cannot support)."),
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", min=1, help="Evaluate at most N COCO images per model."),
     int8: Optional[str] = typer.Option(None, "--int8", help="Models that get an INT8 row (NAME@int8): "
                                        "comma-separated names, `all` or `none`. Default: yolov3-tiny, yolov3-416, "
@@ -448,6 +456,10 @@ def run(
     if len(onnx_files) != len(describe):
         raise ConfigError(f"give one --describe per --onnx file ({len(onnx_files)} --onnx, {len(describe)} --describe)")
     settings = RunSettings.quick() if quick else RunSettings()
+    if budget is not None:
+        settings = dataclasses.replace(settings, budget_minutes=budget, bench_runs=None, bench_seconds=None)
+    if threads is not None:
+        settings = dataclasses.replace(settings, threads=threads)
     if bench_seconds is not None:
         settings = dataclasses.replace(settings, bench_seconds=bench_seconds, bench_runs=None)
     if bench_runs is not None:

@@ -153,6 +153,7 @@ def schedule(pairs: list[PairSpec], timer: PairTimer, settings: ScheduleSettings
     for p in state.values():
         groups.setdefault(p.spec.group, []).append(p)
     opened: dict[Hashable, float] = {}  # group -> memory MB
+    failed: dict[Hashable, str] = {}  # group -> why it could not be opened
     n50 = queries_needed(0.5, rules.confidence, rules.above)
     n90 = max(rules.min_queries, queries_needed(0.90, rules.confidence, rules.above))
 
@@ -187,7 +188,13 @@ def schedule(pairs: list[PairSpec], timer: PairTimer, settings: ScheduleSettings
                 del opened[g]
             if opened and sum(memory(o) for o in opened) + memory(group) > settings.memory_mb:
                 return False
-        opened[group] = timer.open(group) or memory(group)
+        try:
+            opened[group] = timer.open(group) or memory(group)
+        except Exception as exc:  # noqa: BLE001 — one model that cannot open must not stop the others' timing
+            failed[group] = f"failed to open: {type(exc).__name__}: {exc}"
+            for p in groups[group]:
+                p.gave_up = failed[group]
+            return False
         return True
 
     def slice_for(p: _Pair, runs_needed: int, seconds_needed: float) -> float:
@@ -209,11 +216,15 @@ def schedule(pairs: list[PairSpec], timer: PairTimer, settings: ScheduleSettings
             for g in pending:
                 if g not in opened and admit(g, pending):
                     window.append(g)
+            pending = [g for g in pending if g not in failed]
+            if not pending:
+                return
             if not window:  # nothing fits beside what is open: free everything, take the first
                 for g in list(opened):
                     timer.close(g)
                     del opened[g]
-                admit(pending[0], pending)
+                if not admit(pending[0], pending):
+                    continue
                 window = [pending[0]]
             order = [g for g in pending if g in window]
             for g in order[k % len(order):] + order[:k % len(order)]:
