@@ -398,7 +398,9 @@ def bench(
 @app.command()
 @reports_errors
 def run(
-    models: Optional[str] = typer.Option(None, "--models", help="Comma-separated registered names (default: the whole registry)."),
+    models: Optional[str] = typer.Option(None, "--models", help="Comma-separated registered names, or `all` for the "
+                                         "whole registry (default: the paper's eleven configurations; the other "
+                                         "models are cross-checks)."),
     quick: bool = typer.Option(False, "--quick", help="Bounded smoke run: 1 warm-up + 3 timed bench runs per "
                                "backend, 2 images per model for the per-image step, 8 COCO images per eval, "
                                "4 calibration images (results are marked smoke, not valid)."),
@@ -422,12 +424,12 @@ def run(
                                                   "recorded INVALID for the figures they cannot support)."),
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", min=1, help="Evaluate at most N COCO images per model."),
     int8: Optional[str] = typer.Option(None, "--int8", help="Models that get an INT8 row (NAME@int8): "
-                                       "comma-separated names, `all` or `none`. Default: yolov3-tiny, yolov3-416, "
-                                       "ssd300 (the others quantize too, behind --int8 all: longer)."),
+                                       "comma-separated names, `all` or `none`. Default: yolov3-tiny, ssd300 "
+                                       "(the others quantize too, behind --int8 all: longer)."),
     sizes: bool = typer.Option(True, "--sizes/--no-sizes", help="Also the further input sizes models.toml lists "
                                "under run_sizes (yolov3-tiny at 320, 512, 608)."),
     per_image: Optional[int] = typer.Option(None, "--per-image", min=0, help="COCO images per model for the "
-                                            "per-image operations/latency step (default 3, at most 12 s a model; "
+                                            "per-image operations/latency step (default 2, at most 8 s a model; "
                                             "0 turns it off)."),
     onnx_files: List[Path] = typer.Option([], "--onnx", help="A foreign ONNX detector to add to the run (repeatable; "
                                            "each with a --describe file, in the same order; see `export --onnx`)."),

@@ -81,7 +81,8 @@ class RunSettings:
     images: ``per_image`` COCO images per target, at most ``per_image_seconds`` per target.
     eval: ``eval_limit`` images (None: all); ``eval_backends`` for the registered-size row of
     a trained model (other rows: onnxruntime CPU, and OpenVINO for INT8 rows).
-    ``sizes``: also the ``run_sizes`` of models.toml. ``int8_models``: which models get an
+    ``sizes``: also the ``run_sizes`` of models.toml. ``all_models``: without a model list, the
+    whole registry rather than the paper's configurations. ``int8_models``: which models get an
     INT8 row (None: every model), calibrated on ``calibration_images`` COCO images (entropy;
     random-init models: MinMax on 4, as their accuracy is not measured).
     """
@@ -96,12 +97,13 @@ class RunSettings:
     parity_images: int = 1
     node_runs: int = 1
     nodes: bool = True
-    per_image: int = 3
-    per_image_seconds: float = 12.0
+    per_image: int = 2
+    per_image_seconds: float = 8.0
     eval_limit: int | None = None  # None: every image of the dataset
     eval_backends: tuple[str, ...] = ("cpu", "openvino", "openvino-bf16")
     sizes: bool = True
-    int8_models: tuple[str, ...] | None = ("yolov3-tiny", "yolov3-416", "ssd300")
+    int8_models: tuple[str, ...] | None = ("yolov3-tiny", "ssd300")
+    all_models: bool = False  # no --models: the paper's configurations only (True: the whole registry)
     calibration_images: int = 32
     smoke: bool = False  # --quick: latency records are marked smoke, never VALID
 
@@ -900,8 +902,8 @@ def run_pipeline(models: list[str] | None = None, *, quick: bool = False, settin
                  coco_dir: Path | None = None, providers: list[str] | None = None, report: bool = True,
                  progress: Progress | None = None, registry=None, strict: bool = False,
                  foreign: list[tuple[Path, Path]] | None = None, ray=None) -> RunSummary:
-    """Export, validate, quantize, profile, bench and evaluate ``models`` (default: the whole
-    registry), then write the report; results go to the results folder (``DETBENCH_RESULTS``).
+    """Export, validate, quantize, profile, bench and evaluate ``models`` (default: the paper's
+    configurations; ``["all"]``: the whole registry), then write the report; results go to the results folder (``DETBENCH_RESULTS``).
 
     ``coco_dir`` defaults to :func:`default_coco_dir`; ``providers`` (backend names) defaults
     to cpu plus every provider onnxruntime lists and OpenVINO, each probed before use. ``strict``
@@ -915,7 +917,12 @@ def run_pipeline(models: list[str] | None = None, *, quick: bool = False, settin
 
     started = time.perf_counter()
     registry = registry if registry is not None else load_registry()
-    specs = registry.select(models) if (models or not foreign) else []
+    if models == ["all"]:
+        specs = registry.select(None)
+    elif models or foreign:
+        specs = registry.select(models) if models else []
+    else:  # the default rows: the paper's configurations (the cross-check models behind --models all)
+        specs = registry.select(None) if settings and settings.all_models else [s for s in registry if s.paper]
     specs += foreign_specs(foreign or [])
     if coco_dir is not None and not Path(coco_dir).is_dir():
         raise ConfigError(f"--coco {coco_dir}: no such folder (expected COCO's layout: annotations/"

@@ -145,3 +145,9 @@ def test_samples_of_two_processes_whose_medians_differ_beyond_the_spread_are_not
     assert len(samples) == 13 and how.startswith("pooled")
     # the pooled sample is judged by the ordinary rules: 13 steady runs over 1.3 s make a VALID p50
     assert Latency.of(samples, ValidityRules()).verdicts["p50"].valid
+
+
+def test_first_opening_is_off_the_budget_reopening_on_it():
+    timer = FakeTimer({("a", "cpu"): steady(10.0)}, open_s=100.0)  # a slow first open (compile, parity, profile)
+    out = schedule(_pairs(timer), timer, ScheduleSettings(budget_s=5.0, p90=False), clock=timer.clock)
+    assert out[("a", "cpu")].p50_valid  # the 100 s opening did not eat the 5 s of timing
