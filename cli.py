@@ -506,6 +506,12 @@ def run(
     counts = ", ".join(f"{summary.count(s)} {s}" for s in colours)
     console.print(f"[bold]run finished in {summary.wall_seconds:.1f} s[/]: {counts} step(s); results in "
                   f"{t(summary.results_dir)}", highlight=False)
+    lv = summary.latency_validity
+    if lv:
+        console.print(f"latency: {lv['p50_valid']}/{lv['pairs']} model x backend pairs with a VALID p50, "
+                      f"{lv['p90_valid']} with a VALID p90 (timing {lv['seconds']:.0f} s)", highlight=False)
+        for pair, why in lv["p50_invalid"].items():
+            console.print(f"[yellow]p50 INVALID[/] {t(pair)}: {t(why)}", highlight=False, soft_wrap=True)
     for provider, reason in summary.providers.items():
         if reason:
             console.print(f"[yellow]provider {t(provider)} skipped[/]: {t(reason)}", highlight=False, soft_wrap=True)

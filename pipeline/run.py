@@ -205,6 +205,8 @@ class RunSummary:
     report: Any = None  # report.ReportResult
     wall_seconds: float = 0.0
     providers: dict[str, str] = field(default_factory=dict)  # provider -> "" (usable) or the reason it is not
+    # the timing budget's result (run --budget): pairs, VALID p50s, VALID p90s, and each pair not VALID with why
+    latency_validity: dict[str, Any] = field(default_factory=dict)
 
     @property
     def failures(self) -> list[StepOutcome]:
@@ -584,6 +586,10 @@ class _Pipeline:
             backend_settings(threads=s.threads), timing,
             progress=lambda msg: self.emit("update", "all rows", "bench", None, msg))
         seconds = time.perf_counter() - started
+        self.summary.latency_validity = {
+            "pairs": len(outcomes), "p50_valid": sum(o.p50_valid for o in outcomes.values()),
+            "p90_valid": sum(o.p90_valid for o in outcomes.values()), "seconds": seconds,
+            "p50_invalid": {f"{m} on {b}": o.reason for (m, b), o in outcomes.items() if not o.p50_valid}}
         for target, _path, onnx_sha, usable, _macs, key, _prior, _st in self.pending:
             label = "+".join(usable)
             for r in results.get(target.label, []):
@@ -971,7 +977,7 @@ def run_pipeline(models: list[str] | None = None, *, quick: bool = False, settin
     pipe.manifest.doc.setdefault("runs", []).append({
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_seconds": pipe.summary.wall_seconds,
         "models": [s.name for s in specs], "rows": [t.label for t in targets],
-        "settings": dataclasses.asdict(settings), "coco": str(coco),
+        "settings": dataclasses.asdict(settings), "coco": str(coco), "latency_validity": pipe.summary.latency_validity,
         "outcomes": {k: pipe.summary.count(k) for k in ("done", "reused", "skipped", "failed")}})
     pipe.manifest.save()
     pipe.emit("finished", message=f"{pipe.summary.wall_seconds:.1f} s")
