@@ -421,11 +421,16 @@ def _latency(rec: dict[str, Any]) -> Latency:
     if parity_verdict is None and provider == REFERENCE_BACKEND:
         parity_verdict = "reference"
     p90_verdict = (validity.get("verdicts") or {}).get("p90") or {}
+    schedule = d.get("schedule") if isinstance(d.get("schedule"), dict) else {}
+    p50_reason = p50_verdict.get("reason") or ""
+    if p50_verdict.get("verdict") == "INVALID" and schedule.get("reason") and not schedule.get("p50_valid"):
+        # why the timing budget did not buy a VALID p50 (too slow for the budget, capped as unstable)
+        p50_reason = f"{schedule['reason']} ({p50_reason})" if p50_reason else schedule["reason"]
     p90 = lat.get("p90") if p90_verdict.get("verdict") == "VALID" else None
     return Latency(provider, float(lat["p50"]), float(lat["mean"]), float(lat["std"]),
                    int(d.get("runs", validity.get("n", 0)) or 0), list(d.get("providers_ran") or []), d.get("nodes"),
                    n=validity.get("n", d.get("runs")), rsd=validity.get("rsd"),
-                   verdict=p50_verdict.get("verdict"), verdict_reason=p50_verdict.get("reason") or "",
+                   verdict=p50_verdict.get("verdict"), verdict_reason=p50_reason,
                    smoke=bool(validity.get("smoke")), precision=precision, parity_verdict=parity_verdict,
                    parity=parity, ratio_to_cpu=d.get("ratio_to_cpu"), cold_start=d.get("cold_start"),
                    backend=backend, hostname=(rec.get("host") or {}).get("hostname"),
