@@ -549,7 +549,7 @@ class ScheduledModel:
 
 
 class _ModelTimer:
-    """:class:`runtime.schedule.PairTimer` over :class:`OpenModel`\ s (pair key = (model key, backend))."""
+    """:class:`runtime.schedule.PairTimer` over open models (pair key = (model key, backend))."""
 
     def __init__(self, models: dict[str, ScheduledModel], settings: BenchSettings, backend_settings: BackendSettings,
                  progress: Callable[[str], None]):
