@@ -161,8 +161,13 @@ def schedule(pairs: list[PairSpec], timer: PairTimer, settings: ScheduleSettings
     n50 = queries_needed(0.5, rules.confidence, rules.above)
     n90 = max(rules.min_queries, queries_needed(0.90, rules.confidence, rules.above))
 
+    cache: dict[Hashable, tuple[int, Latency]] = {}
+
     def judged(p: _Pair) -> Latency:
-        return Latency.of(combine(p.spec.prior, p.new, settings.spread)[0], rules)
+        hit = cache.get(p.spec.key)
+        if hit is None or hit[0] != len(p.new):  # samples only ever grow: their count identifies them
+            hit = cache[p.spec.key] = (len(p.new), Latency.of(combine(p.spec.prior, p.new, settings.spread)[0], rules))
+        return hit[1]
 
     def has_samples(p: _Pair) -> bool:
         return bool(p.spec.prior or p.new)
