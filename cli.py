@@ -440,6 +440,8 @@ def run(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join a running Ray cluster: auto or "
                                               "HOST:PORT (implies --ray; bench nodes advertise the "
                                               "detbench_bench resource)."),
+    ray_timeout: float = typer.Option(30.0, "--ray-timeout", help="Seconds the --ray-address may take to answer "
+                                      "before the run stops (nothing listening: at once)."),
 ) -> None:
     """The main job: export, validate, profile, bench and evaluate every model, then write the report.
 
@@ -452,7 +454,7 @@ def run(
     from pipeline.ray_run import RayRun
     from pipeline.run import RunSettings, run_pipeline
 
-    cluster = RayRun(address=ray_address) if ray or ray_address is not None else None
+    cluster = RayRun(address=ray_address, connect_timeout=ray_timeout) if ray or ray_address is not None else None
 
     names = [n.strip() for n in models.split(",") if n.strip()] if models else None
     if len(onnx_files) != len(describe):
@@ -512,6 +514,8 @@ def run(
                       f"{lv['p90_valid']} with a VALID p90 (timing {lv['seconds']:.0f} s)", highlight=False)
         for pair, why in lv["p50_invalid"].items():
             console.print(f"[yellow]p50 INVALID[/] {t(pair)}: {t(why)}", highlight=False, soft_wrap=True)
+    if summary.store_note:
+        print_error(summary.store_note, "warning:")
     for provider, reason in summary.providers.items():
         if reason:
             console.print(f"[yellow]provider {t(provider)} skipped[/]: {t(reason)}", highlight=False, soft_wrap=True)
@@ -537,6 +541,8 @@ def report(
     from report.collect import MEASURED, provider_skips, providers
 
     result = build_report(out, all_registered=all_registered)
+    if result.skipped_lines:
+        print_error(result.skipped_lines, "warning:")
     rows = result.rows
     shown = [p for p in providers(rows) if p not in provider_skips(rows)]
     table = Table(title="detbench report", box=None, pad_edge=False, title_justify="left")
@@ -574,6 +580,8 @@ def compare(
                                        "COCO points (0.1 = 0.1 AP point)."),
     alpha: float = typer.Option(0.01, "--alpha", help="Significance level of the one-sided Mann-Whitney U test."),
     as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON instead of tables."),
+    allow_nothing_in_common: bool = typer.Option(False, "--allow-nothing-in-common", help="Exit 0 when A and B share "
+                                                 "no configuration (default: exit 2, nothing was compared)."),
 ) -> None:
     """Latency (rank test on raw samples), mAP and size of B against A; exits 1 when something regressed."""
     import json
@@ -581,7 +589,7 @@ def compare(
     from report.compare import compare_stores, parse_fraction
 
     result = compare_stores(a, b, max_slowdown=parse_fraction(max_slowdown, "--max-slowdown"),
-                            max_map_drop=max_map_drop, alpha=alpha)
+                            max_map_drop=max_map_drop, alpha=alpha, allow_nothing_in_common=allow_nothing_in_common)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
@@ -612,7 +620,10 @@ def eval_command(
     iou_type: str = typer.Option("bbox", "--iou-type", help="With --results: bbox or segm."),
     input_size: Optional[str] = typer.Option(None, "--input-size", help="Override/supply the input size: N or HxW."),
     resize: Optional[str] = typer.Option(None, "--resize", help="Override/supply the resize mode: letterbox or stretch."),
-    label_space: Optional[str] = typer.Option(None, "--label-space", help="Override/supply labels: coco80 or coco91."),
+    label_space: Optional[str] = typer.Option(None, "--label-space", help="Override/supply labels: coco80, coco91 or "
+                                              "names (with --labels)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Names file (one class per line) of a model exported "
+                                          "elsewhere: its labels index these names (implies --label-space names)."),
     out: Optional[Path] = typer.Option(None, "--out", help="COCO results file to write (default under results/eval/)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Per-image detection cache (default under results/eval/)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads."),
@@ -630,6 +641,8 @@ def eval_command(
                                              "CPUs / --threads, or one per GPU)."),
     ray_batch: int = typer.Option(4, "--ray-batch", help="Images per Ray block (prepared, inferred, retried and "
                                   "cached together)."),
+    ray_timeout: float = typer.Option(30.0, "--ray-timeout", help="Seconds the --ray-address may take to answer "
+                                      "before the evaluation stops (nothing listening: at once)."),
 ) -> None:
     """COCO accuracy (pycocotools COCOeval) of an exported detector, or of an existing results file."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -663,6 +676,12 @@ def eval_command(
         overrides["resize"] = resize
     if label_space is not None:
         overrides["label_space"] = label_space
+    if labels is not None:
+        import json
+
+        from core.contract import read_names_file
+
+        overrides.update(label_space=label_space or "names", labels=json.dumps(read_names_file(labels)))
 
     columns = (TextColumn("[bold]eval[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
@@ -687,7 +706,8 @@ def eval_command(
         if ray or ray_address is not None:
             from eval.ray_eval import RaySettings, evaluate_model_ray
 
-            cluster = RaySettings(address=ray_address, actors=ray_actors, batch_size=ray_batch)
+            cluster = RaySettings(address=ray_address, actors=ray_actors, batch_size=ray_batch,
+                                  connect_timeout=ray_timeout)
             result = evaluate_model_ray(model, settings, ray_settings=cluster, progress=on_progress)
         else:
             result = evaluate_model(model, settings, progress=on_progress)
@@ -699,6 +719,12 @@ def eval_command(
                   + (f"; parity with onnxruntime CPU: {parity['verdict']} ({parity['matched']}/{parity['total']} "
                      f"matched, max |box| {parity['max_box_px']} px, max |score| {parity['max_score']}; "
                      f"{parity['tolerance_text']})" if parity else ""), highlight=False, soft_wrap=True)
+    mapping = result.settings.get("label_mapping") or {}
+    if mapping.get("by") == "name":
+        console.print(f"labels mapped to {t(result.annotations_file)} by class name: {mapping['matched']} matched; "
+                      f"model classes matching no category (detections dropped): "
+                      f"{t(', '.join(mapping['model_unmatched']) or 'none')}; categories matching no model class: "
+                      f"{t(', '.join(mapping['dataset_unmatched']) or 'none')}", highlight=False, soft_wrap=True)
     for skip in result.images_skipped:
         console.print(f"[yellow]skipped[/] {t(skip['file_name'])}: {t(skip['reason'])}", highlight=False, soft_wrap=True)
     if result.session_seconds > 0:

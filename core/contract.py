@@ -24,13 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.errors import ContractError, ExportError
+from core.errors import ContractError, ExportError, WriteError
+from core.names import NAME_RULE, name_problem
 
 PREFIX = "detbench."
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("boxes", "scores", "labels")
 RESIZE_MODES = ("letterbox", "stretch")
-LABEL_SPACES = ("coco80", "coco91")
+LABEL_SPACES = ("coco80", "coco91", "names")
+COCO_LABEL_SPACES = ("coco80", "coco91")  # what exporters without class names (registry, SavedModel) can declare
+# label_space "names": labels index the model's own class names, carried as a JSON list under this key.
+LABELS_KEY = "labels"
 RANDOM_INIT = "random-init"
 
 # onnxruntime(-gpu) 1.31 loads IR <= 13 while onnx 1.23 writes 14 by default. IR 10
@@ -57,7 +61,8 @@ class ModelContract:
     ``resize`` says how an image is brought to it (``letterbox``: aspect kept, centred,
     padded with ``pad_value``; ``stretch``: both axes scaled independently);
     ``label_space`` says what ``labels`` means (``coco80``: 0..79 contiguous;
-    ``coco91``: COCO category ids 1..90); ``weights`` is ``sha256:<hex>`` or ``random-init``.
+    ``coco91``: COCO category ids 1..90; ``names``: 0..N-1 into the model's own class names,
+    ``extra["labels"]``, a JSON list); ``weights`` is ``sha256:<hex>`` or ``random-init``.
     """
 
     name: str
@@ -83,6 +88,14 @@ class ModelContract:
     @property
     def random_init(self) -> bool:
         return self.weights == RANDOM_INIT
+
+    @property
+    def labels(self) -> list[str] | None:
+        """The model's own class names (label space ``names``), else ``None``."""
+        raw = self.extra.get(LABELS_KEY)
+        if raw is None:
+            return None
+        return json.loads(raw) if isinstance(raw, str) else list(raw)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -124,14 +137,52 @@ class ModelContract:
         return contract
 
     def check(self, source: str = "<model>") -> None:
+        problem = name_problem(self.name)  # commands derive file names from it (NAME@int8, caches, weights)
+        if problem is not None:
+            raise ContractError(f"{source}: name {self.name!r} {problem}; {NAME_RULE}")
+        for key in ("score_threshold", "iou_threshold"):
+            if not 0.0 <= getattr(self, key) <= 1.0:  # NaN too
+                raise ContractError(f"{source}: {key} {getattr(self, key)} is not a number in 0..1")
         if self.resize not in RESIZE_MODES:
             raise ContractError(f"{source}: resize {self.resize!r} is not one of {RESIZE_MODES}")
         if self.label_space not in LABEL_SPACES:
             raise ContractError(f"{source}: label_space {self.label_space!r} is not one of {LABEL_SPACES}")
+        if self.label_space == "names":
+            problem = labels_problem(self.extra.get(LABELS_KEY))
+            if problem:
+                raise ContractError(f"{source}: label_space 'names' needs {PREFIX}{LABELS_KEY}, a JSON list of class "
+                                    f"names: {problem}")
         if self.input_height <= 0 or self.input_width <= 0:
             raise ContractError(f"{source}: input size {self.input_height}x{self.input_width} is not positive")
         if not (self.weights == RANDOM_INIT or self.weights.startswith("sha256:")):
             raise ContractError(f"{source}: weights must be 'sha256:<hex>' or {RANDOM_INIT!r}, got {self.weights!r}")
+
+
+def labels_problem(raw) -> str | None:
+    """What is wrong with a ``labels`` metadata value (JSON text or list), or ``None``."""
+    if raw is None:
+        return "missing"
+    try:
+        names = json.loads(raw) if isinstance(raw, str) else raw
+    except json.JSONDecodeError as exc:
+        return f"not valid JSON ({exc})"
+    if not (isinstance(names, list) and names and all(isinstance(n, str) and n.strip() for n in names)):
+        return f"must be a non-empty list of non-empty strings, got {str(raw)[:60]!r}"
+    return None
+
+
+def read_names_file(path, option: str = "--labels") -> list[str]:
+    """Class names from a names file (one per line, as Darknet's ``coco.names``; blank lines ignored)."""
+    from core.errors import ConfigError
+
+    path = Path(path)
+    try:
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{option} {path}: cannot be read ({exc})") from exc
+    if not names:
+        raise ConfigError(f"{option} {path}: holds no class names (one per line)")
+    return names
 
 
 def weights_tag(path: Path | None) -> str:
@@ -187,14 +238,17 @@ def save_model(model, path: Path, contract: ModelContract) -> Path:
         problems.append(f"onnx.checker (full check) failed: {exc}")
     if problems:
         raise ExportError(f"export of {contract.name!r} is not a valid detbench model:\n  - " + "\n  - ".join(problems))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+        os.close(fd)
         onnx.save_model(model, tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise WriteError(path, exc) from exc
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
 

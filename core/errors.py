@@ -64,6 +64,19 @@ class ValidationError(ExportError):
         super().__init__("\n".join(lines))
 
 
+class WriteError(ExportError):
+    """A file detbench makes could not be written (disk full, file-size limit, read-only folder).
+
+    Names the file; nothing half-written is left under its name. The export exit code: for
+    ``export`` and ``quantize`` the file written is the product of the command."""
+
+    def __init__(self, path, exc: OSError, outcome: str = "nothing was written under that name"):
+        self.path = path
+        reason = exc.strerror or str(exc)
+        super().__init__(f"cannot write {path}: {reason}; {outcome} (free disk space, raise the file-size limit "
+                         "(ulimit -f) or choose another folder)")
+
+
 class ContractError(DetbenchError):
     """An ONNX file does not follow the exported-model contract (inputs, outputs, metadata)."""
 
@@ -95,3 +108,9 @@ class DatasetError(DetbenchError):
     """A dataset (COCO annotations, images, results file) is missing or malformed."""
 
     exit_code = 8
+
+
+class ClusterLostError(DetbenchError):
+    """A Ray cluster lost the nodes that could run the work; what was finished is kept (``--resume`` continues)."""
+
+    exit_code = 9

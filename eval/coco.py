@@ -24,8 +24,9 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from eval.dataset import CocoDataset, load_coco, read_annotations
+from eval.labels import INVALID, UNMATCHED, label_mapping
 from eval.pipeline import DetectionCache, Prepared, prefetched, prepare_image
-from core.contract import (LABEL_SPACES, OUTPUT_NAMES, PREFIX, RESIZE_MODES, ModelContract, load_checked,
+from core.contract import (LABEL_SPACES, LABELS_KEY, OUTPUT_NAMES, labels_problem, PREFIX, RESIZE_MODES, ModelContract, load_checked,
                               sha256_file)
 from core.files import write_text_atomic
 from core.errors import ConfigError, ContractError, DatasetError
@@ -333,6 +334,12 @@ class EvalSettings:
     def __post_init__(self):
         if self.image_ids is not None and not isinstance(self.image_ids, tuple):
             object.__setattr__(self, "image_ids", tuple(self.image_ids))
+        from runtime.backends.base import check_thread_count
+
+        check_thread_count("--threads", self.threads)
+        check_thread_count("--workers", self.workers)
+        if self.prefetch < 1:
+            raise ConfigError(f"--prefetch {self.prefetch}: must be at least 1")
 
 
 def evaluate_model(path, settings: EvalSettings | None = None, *, progress: ProgressCallback | None = None,
@@ -378,7 +385,8 @@ def evaluate_model(path, settings: EvalSettings | None = None, *, progress: Prog
     # an INT8 model scored on its own calibration images would look better than it is
     check_calibration_overlap(contract, [img.id for img in selection], allow=allow_calibration_overlap)
     dataset.check_images_present(selection)
-    label_map = dataset.label_map(contract.label_space)
+    mapping = label_mapping(dataset, contract.label_space, contract.labels)
+    label_map = mapping.table
 
     chosen = get_backend(provider)
     runtime_settings = BackendSettings(threads=threads, allow_fallback=allow_fallback)
@@ -437,7 +445,8 @@ def evaluate_model(path, settings: EvalSettings | None = None, *, progress: Prog
     settings = {"limit": limit, "image_ids": sorted(int(i) for i in image_ids) if image_ids is not None else None,
                 "resume": resume, "workers": workers, "prefetch": prefetch, "threads": threads,
                 "overrides": dict(overrides or {}), "backend": backend, "session": info.detail.get("session"),
-                "runtime": info.to_dict(), "precision": info.precision, "parity": parity}
+                "runtime": info.to_dict(), "precision": info.precision, "parity": parity,
+                "label_mapping": mapping.to_dict()}
     runner.close()
     return finish_evaluation(
         path=path, contract=contract, model_sha=model_sha, provider_name=provider_name,
@@ -515,12 +524,16 @@ def finish_evaluation(*, path: Path, contract: ModelContract, model_sha: str, pr
             "session_seconds": session_seconds, "overhead": result.overhead, "loop_overhead": result.loop_overhead,
             "backend": backend, "resize": contract.resize, "label_space": contract.label_space,
             "input_size": [contract.input_height, contract.input_width], "detections": len(results),
-            "dataset": {"annotations_file": str(dataset.annotations_path), "images_dir": str(dataset.images_dir),
+            "dataset": {"name": dataset.name,
+                        "coco_categories": (settings.get("label_mapping") or {}).get("by", "numbering") == "numbering",
+                        "annotations_file": str(dataset.annotations_path), "images_dir": str(dataset.images_dir),
                         "image_count": len(selection), "annotations_sha256": dataset.sha256},
             "results_file": str(results_path), "providers_ran": list(providers_ran),
         }
         if per_category:
             data["per_category"] = scores["per_category"]
+        if "label_mapping" in settings:
+            data["label_mapping"] = settings["label_mapping"]
         result.record = results_store.append("eval", data, model=contract.name, model_sha256=model_sha,
                                              provider=provider_name, settings=settings, contract=contract.to_props())
     return result
@@ -544,11 +557,14 @@ def to_coco_detections(outputs, item: Prepared, label_map: np.ndarray, contract:
         return []
     bad = (labels < 0) | (labels >= len(label_map))
     if not bad.any():
-        bad = label_map[labels] < 0
+        bad = label_map[labels] == INVALID
     if bad.any():
         raise ContractError(f"model {contract.name!r} emitted label {int(labels[bad][0])} on {item.image.file_name}, "
                             f"which is not in its label space {contract.label_space!r}; if the metadata is wrong, "
                             "pass --label-space coco80|coco91")
+    # classes the dataset has no category for cannot be scored: dropped (reported by the mapping)
+    scored = label_map[labels] != UNMATCHED
+    boxes, scores, labels = boxes[scored], scores[scored], labels[scored]
     mapped = item.placement.to_image(boxes)
     categories = label_map[labels]
     return [
@@ -560,7 +576,7 @@ def to_coco_detections(outputs, item: Prepared, label_map: np.ndarray, contract:
 
 # What evaluation itself needs from the metadata, and the option that supplies each key.
 EVAL_KEYS = {"input_height": "--input-size HxW", "input_width": "--input-size HxW",
-             "resize": "--resize letterbox|stretch", "label_space": "--label-space coco80|coco91"}
+             "resize": "--resize letterbox|stretch", "label_space": "--label-space coco80|coco91|names"}
 # Provenance keys a file exported elsewhere may lack; evaluation records them as unknown.
 _UNKNOWN_PROVENANCE = {"family": "unknown", "framework": "unknown", "score_threshold": "nan",
                        "iou_threshold": "nan", "max_detections": "-1", "weights": "unknown", "source_params": "-1"}
@@ -601,13 +617,17 @@ def model_contract(path: Path, overrides: dict[str, Any] | None = None) -> Model
             label_space=ours["label_space"], score_threshold=float(ours["score_threshold"]),
             iou_threshold=float(ours["iou_threshold"]), max_detections=int(ours["max_detections"]),
             weights=ours["weights"], source_params=int(ours["source_params"]),
-            pad_value=float(ours.get("pad_value", ModelContract.pad_value)))
+            pad_value=float(ours.get("pad_value", ModelContract.pad_value)),
+            extra={LABELS_KEY: ours[LABELS_KEY]} if LABELS_KEY in ours else {})
     except ValueError as exc:
         raise ContractError(f"{path}: malformed detbench metadata or option value ({exc})") from exc
     if contract.resize not in RESIZE_MODES:
         raise ContractError(f"{path}: resize {contract.resize!r} is not one of {RESIZE_MODES} (--resize)")
     if contract.label_space not in LABEL_SPACES:
         raise ContractError(f"{path}: label space {contract.label_space!r} is not one of {LABEL_SPACES} (--label-space)")
+    if contract.label_space == "names" and labels_problem(ours.get(LABELS_KEY)):
+        raise ContractError(f"{path}: label space 'names' needs the model's class names ({PREFIX}{LABELS_KEY}: "
+                            f"{labels_problem(ours.get(LABELS_KEY))}); pass --labels FILE (one name per line)")
     if contract.input_height <= 0 or contract.input_width <= 0:
         raise ContractError(f"{path}: input size {contract.input_height}x{contract.input_width} is not positive (--input-size)")
     return contract

@@ -59,6 +59,12 @@ class CocoDataset:
     images: dict[int, CocoImage] = field(default_factory=dict)
 
     @property
+    def name(self) -> str:
+        """The dataset's name for reports: the folder holding ``annotations/``, else the annotation file's stem."""
+        parent = self.annotations_path.parent
+        return parent.parent.name if parent.name == "annotations" and parent.parent.name else self.annotations_path.stem
+
+    @property
     def category_ids(self) -> list[int]:
         return sorted(int(c["id"]) for c in self.data["categories"])
 
@@ -109,7 +115,7 @@ class CocoDataset:
         Raises :class:`DatasetError` when the annotation file's categories cannot be
         COCO's (a ``coco80`` model needs category ids from COCO's 80).
         """
-        if label_space not in LABEL_SPACES:
+        if label_space not in LABEL_SPACES or label_space == "names":
             raise ConfigError(f"label space {label_space!r} is not one of {LABEL_SPACES} (see --label-space)")
         ids = self.category_ids
         if label_space == "coco80":
@@ -127,17 +133,47 @@ class CocoDataset:
 
 def resolve_paths(coco_dir: Path | None = None, annotations: Path | None = None, images: Path | None = None,
                   split: str = DEFAULT_SPLIT) -> tuple[Path, Path]:
-    """``(annotation file, images folder)`` from ``--coco DIR`` and/or explicit ``--annotations``/``--images``."""
+    """``(annotation file, images folder)`` from ``--coco DIR`` and/or explicit ``--annotations``/``--images``.
+
+    ``--coco DIR`` takes COCO's layout (``annotations/instances_<split>.json`` + ``<split>/``)
+    and the other common one: the single ``annotations/*.json`` (or the single
+    ``instances_*.json`` among several) with the images in ``images/``, ``<split>/`` or the
+    folder named after the file (``instances_train.json`` -> ``train/``).
+    """
     if coco_dir is None and (annotations is None or images is None):
         raise ConfigError("say where the dataset is: --coco DIR (COCO layout: annotations/instances_val2017.json "
-                          "and val2017/), or both --annotations FILE and --images DIR")
+                          "and val2017/, or annotations/*.json and images/), or both --annotations FILE and --images DIR")
     if coco_dir is not None:
         coco_dir = Path(coco_dir)
         if not coco_dir.is_dir():
             raise DatasetError(f"--coco {coco_dir}: no such folder")
-    ann = Path(annotations) if annotations is not None else Path(coco_dir) / "annotations" / f"instances_{split}.json"
-    img = Path(images) if images is not None else Path(coco_dir) / split
+    ann = Path(annotations) if annotations is not None else _find_annotations(Path(coco_dir), split)
+    img = Path(images) if images is not None else _find_images(Path(coco_dir), ann, split)
     return ann, img
+
+
+def _find_annotations(coco_dir: Path, split: str) -> Path:
+    standard = coco_dir / "annotations" / f"instances_{split}.json"
+    if standard.is_file():
+        return standard
+    found = sorted((coco_dir / "annotations").glob("*.json")) if (coco_dir / "annotations").is_dir() else []
+    instances = [p for p in found if p.name.startswith("instances_")]
+    if len(found) == 1:
+        return found[0]
+    if len(instances) == 1:
+        return instances[0]
+    if found:
+        raise DatasetError(f"--coco {coco_dir}: annotations/ holds {len(found)} JSON files "
+                           f"({', '.join(p.name for p in found[:6])}); say which with --annotations FILE")
+    return standard  # reported as not found, naming the layout expected
+
+
+def _find_images(coco_dir: Path, ann: Path, split: str) -> Path:
+    stem = ann.stem[len("instances_"):] if ann.stem.startswith("instances_") else ann.stem
+    for candidate in (coco_dir / split, coco_dir / stem, coco_dir / "images"):
+        if candidate.is_dir():
+            return candidate
+    return coco_dir / split
 
 
 def load_coco(coco_dir: Path | None = None, annotations: Path | None = None, images: Path | None = None,
@@ -171,7 +207,14 @@ def read_annotations(path: Path) -> dict[str, Any]:
 
 
 def coco_problems(data: Any, limit: int = 8) -> list[str]:
-    """What keeps ``data`` from being a COCO instances file (empty list = fine)."""
+    """What keeps ``data`` from being a COCO instances file (empty list = fine), each naming its entry.
+
+    Checked: the three lists; images with an integer id (unique), a file name (unique) and
+    positive integer width/height; categories with an integer id and a name (both unique,
+    names compared as the name mapping compares them); annotations with a unique id, an
+    image and a category that exist, a bbox of 4 finite numbers with non-negative size,
+    an ``iscrowd`` of 0 or 1 and a numeric ``area``.
+    """
     if not isinstance(data, dict):
         return [f"top level is a {type(data).__name__}, COCO wants an object with images, annotations, categories"]
     problems = []
@@ -180,31 +223,92 @@ def coco_problems(data: Any, limit: int = 8) -> list[str]:
             problems.append(f"no {key!r} list")
     if problems:
         return problems
-    image_ids = set()
+    from eval.labels import normalize
+
+    image_ids, file_names = set(), set()
     for i, img in enumerate(data["images"]):
         if not isinstance(img, dict) or any(k not in img for k in ("id", "file_name", "width", "height")):
             problems.append(f"images[{i}] lacks one of id, file_name, width, height")
+        elif not _is_int(img["id"]):
+            problems.append(f"images[{i}]: id {img['id']!r} is not an integer")
+        elif img["id"] in image_ids:
+            problems.append(f"images[{i}]: duplicate image id {img['id']}")
+        elif not isinstance(img["file_name"], str) or not img["file_name"]:
+            problems.append(f"images[{i}] (id {img['id']}): file_name {img['file_name']!r} is not a file name")
+        elif img["file_name"] in file_names:
+            problems.append(f"images[{i}] (id {img['id']}): file_name {img['file_name']!r} is listed twice")
+        elif not all(_is_int(img[k]) and img[k] > 0 for k in ("width", "height")):
+            problems.append(f"images[{i}] (id {img['id']}, {img['file_name']}): width/height "
+                            f"{img['width']!r} x {img['height']!r} are not positive integers")
         else:
-            if img["id"] in image_ids:
-                problems.append(f"images[{i}]: duplicate image id {img['id']}")
             image_ids.add(img["id"])
+            file_names.add(img["file_name"])
         if len(problems) >= limit:
             return problems
-    category_ids = set()
+    category_ids, names = set(), {}
     for i, cat in enumerate(data["categories"]):
         if not isinstance(cat, dict) or "id" not in cat:
             problems.append(f"categories[{i}] has no id")
+        elif not _is_int(cat["id"]):
+            problems.append(f"categories[{i}]: id {cat['id']!r} is not an integer")
+        elif cat["id"] in category_ids:
+            problems.append(f"categories[{i}]: duplicate category id {cat['id']}")
         else:
             category_ids.add(cat["id"])
+            if "name" in cat:
+                key = normalize(cat["name"]) if isinstance(cat["name"], str) else ""
+                if not key:
+                    problems.append(f"categories[{i}] (id {cat['id']}): name {cat['name']!r} is empty or not a string")
+                elif key in names:
+                    problems.append(f"categories[{i}] (id {cat['id']}): name {cat['name']!r} is the name of category "
+                                    f"id {names[key]} too (names are compared ignoring case and separators)")
+                else:
+                    names[key] = cat["id"]
+    if len(problems) >= limit:
+        return problems
+    annotation_ids = set()
     for i, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict) or any(k not in ann for k in ("id", "image_id", "category_id", "bbox", "area", "iscrowd")):
-            problems.append(f"annotations[{i}] lacks one of id, image_id, category_id, bbox, area, iscrowd")
-        elif ann["image_id"] not in image_ids:
-            problems.append(f"annotations[{i}] refers to image id {ann['image_id']}, which is not in images")
-        elif ann["category_id"] not in category_ids:
-            problems.append(f"annotations[{i}] has category id {ann['category_id']}, which is not in categories")
-        elif not (isinstance(ann["bbox"], list) and len(ann["bbox"]) == 4):
-            problems.append(f"annotations[{i}].bbox is not [x, y, w, h]")
+        problem = _annotation_problem(ann, image_ids, category_ids, annotation_ids)
+        if problem:
+            where = f"annotations[{i}]" + (f" (id {ann['id']})" if isinstance(ann, dict) and "id" in ann else "")
+            problems.append(f"{where} {problem}")
         if len(problems) >= limit:
             break
     return problems
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _annotation_problem(ann, image_ids: set, category_ids: set, annotation_ids: set) -> str | None:
+    if not isinstance(ann, dict) or any(k not in ann for k in ("id", "image_id", "category_id", "bbox", "area", "iscrowd")):
+        return "lacks one of id, image_id, category_id, bbox, area, iscrowd"
+    if ann["id"] in annotation_ids:
+        return f"duplicates annotation id {ann['id']}"
+    if _hashable(ann["id"]):
+        annotation_ids.add(ann["id"])
+    if not _hashable(ann["image_id"]) or ann["image_id"] not in image_ids:
+        return f"refers to image id {ann['image_id']!r}, which is not in images"
+    if not _hashable(ann["category_id"]) or ann["category_id"] not in category_ids:
+        return f"has category id {ann['category_id']!r}, which is not in categories"
+    bbox = ann["bbox"]
+    if not (isinstance(bbox, list) and len(bbox) == 4):
+        return f"bbox {bbox!r} is not [x, y, w, h]" + (f" ({len(bbox)} values)" if isinstance(bbox, list) else "")
+    if not all(_finite(v) for v in bbox):
+        return f"bbox {bbox!r} holds a value that is not a finite number"
+    if bbox[2] < 0 or bbox[3] < 0:
+        return f"bbox {bbox!r} has a negative width or height"
+    if ann["iscrowd"] not in (0, 1) or isinstance(ann["iscrowd"], bool):
+        return f"iscrowd {ann['iscrowd']!r} is not 0 or 1"
+    if not _finite(ann["area"]) or ann["area"] < 0:
+        return f"area {ann['area']!r} is not a non-negative number"
+    return None
+
+
+def _hashable(value) -> bool:
+    return isinstance(value, (int, str, float)) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))

@@ -50,11 +50,12 @@ from typing import Any, Iterator
 import numpy as np
 
 from core.contract import OUTPUT_NAMES, ModelContract
-from core.errors import ConfigError, DetbenchError, ProviderUnavailableError
+from core.errors import ClusterLostError, ConfigError, DetbenchError, ProviderUnavailableError
 from core.images import Placement
 from eval.coco import (EvalProgress, EvalResult, EvalSettings, ProgressCallback, eval_files, finish_evaluation,
                        model_contract, to_coco_detections)
 from eval.dataset import CocoImage, load_coco
+from eval.labels import label_mapping
 from eval.pipeline import DetectionCache, Prepared, prepare_image
 
 # Bounded, not Ray Data's default of unbounded: a model that kills its process on every
@@ -62,12 +63,23 @@ from eval.pipeline import DetectionCache, Prepared, prepare_image
 ACTOR_MAX_RESTARTS = 4
 ACTOR_MAX_TASK_RETRIES = 4
 TASK_MAX_RETRIES = 4
+# Times the pipeline is started again over the images not yet gathered after Ray lost a node
+# (or an actor or block it could not bring back); one more loss stops the run (ClusterLostError).
+PIPELINE_REISSUES = 3
+# After a loss, how long the GCS may take to mark the node dead (Ray's health check: by default
+# 5 missed checks of 3 s) before the surviving pool is sized.
+LOSS_SETTLE_S = 30.0
+# An inference pool whose actors cannot all be placed (the cluster shrank, or --ray-actors asks
+# for more than it holds) stops waiting after this long and is re-issued at a size that fits.
+ACTOR_START_TIMEOUT_S = 60.0
 # Decoding and resizing is about a tenth of inference time per image for the registry's
 # models: the prepare tasks ask for no logical CPU, so that the cluster's CPUs all go to
 # the sessions' threads (what the actors are sized by), and at most this many run at once
 # per actor.
 PREPARE_TASKS_PER_ACTOR = 2
 DEFAULT_BATCH_SIZE = 4
+# How long joining a cluster may take before the run stops saying so (--ray-timeout).
+CONNECT_TIMEOUT_S = 30.0
 # GPU providers take one device per actor.
 _GPU_PROVIDERS = ("cuda", "tensorrt", "tensorrt-rtx", "migraphx", "rocm")
 _PLACEMENT_FIELDS = tuple(f.name for f in fields(Placement))
@@ -83,18 +95,22 @@ class RaySettings:
     running cluster. ``actors``: the inference actor pool's size (default: as many as
     the cluster's CPUs allow at ``EvalSettings.threads`` per actor, or one per GPU for GPU
     backends). ``batch_size``: images per block, the unit that is prepared, inferred,
-    retried and cached at once.
+    retried and cached at once. ``connect_timeout``: seconds to wait for the cluster's
+    address to answer before the run stops (a dead address is refused at once).
     """
 
     address: str | None = None
     actors: int | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
+    connect_timeout: float = CONNECT_TIMEOUT_S
 
     def __post_init__(self):
         if self.actors is not None and self.actors < 1:
             raise ConfigError(f"--ray-actors {self.actors}: must be at least 1")
         if self.batch_size < 1:
             raise ConfigError(f"--ray-batch {self.batch_size}: must be at least 1")
+        if not (math.isfinite(self.connect_timeout) and self.connect_timeout > 0):
+            raise ConfigError(f"--ray-timeout {self.connect_timeout}: must be a number of seconds above 0")
         if self.address is not None and not self.address.strip():
             raise ConfigError("--ray-address is empty: give auto or HOST:PORT (or leave it out for a local instance)")
 
@@ -103,40 +119,131 @@ class RaySettings:
 
 
 @contextlib.contextmanager
-def ray_instance(address: str | None) -> Iterator[dict[str, float]]:
+def ray_instance(address: str | None, *, connect_timeout: float = CONNECT_TIMEOUT_S,
+                 resources: dict[str, float] | None = None) -> Iterator[dict[str, float]]:
     """Ray connected for the duration of the block; yields the cluster's resources.
 
-    See :class:`RaySettings` for ``address``. Raises :class:`ConfigError` when the
-    cluster cannot be reached.
+    See :class:`RaySettings` for ``address``; ``resources`` are custom resources a local
+    instance advertises. A local instance listens on the loopback interface only, and a
+    loopback ``address`` is connected to as given (:func:`loopback_only`). Raises
+    :class:`ConfigError` naming the address when nothing answers there within
+    ``connect_timeout`` seconds, or when the cluster cannot be joined.
     """
     import ray
 
-    started = False
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-                                      configure_logging=False)
-        if address is None:
-            root = str(Path(__file__).resolve().parent.parent)
-            pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-            kwargs.update(address="local", num_cpus=os.cpu_count() or 1, _node_ip_address="127.0.0.1",
-                          runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
-        else:
-            kwargs.update(address=address)
+    if ray.is_initialized():
+        yield ray.cluster_resources()
+        return
+    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+                                  configure_logging=False)
+    if address is None:
+        root = str(Path(__file__).resolve().parent.parent)
+        pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+        kwargs.update(address="local", num_cpus=os.cpu_count() or 1, _node_ip_address="127.0.0.1",
+                      runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, resources=dict(resources or {}))
+        loopback = True
+    else:
+        host = _probe_address(address, connect_timeout)
+        kwargs.update(address=address)
+        loopback = host is not None and _is_loopback(host)
+    with loopback_only(loopback):
         try:
             ray.init(**kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
+        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
             if address is None:
                 raise ConfigError(f"--ray: a local Ray instance did not start ({exc}); see Ray's logs under "
                                   f"{tempfile.gettempdir()}/ray/session_latest/logs") from exc
             raise ConfigError(f"--ray-address {address}: cannot join a Ray cluster there ({exc}); start one with "
                               "`ray start --head` on the head node, or leave --ray-address out to run on a local "
                               "instance") from exc
-        started = True
-    try:
-        yield ray.cluster_resources()
-    finally:
-        if started:
+        try:
+            yield ray.cluster_resources()
+        finally:
             ray.shutdown()
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _probe_address(address: str, timeout: float) -> str | None:
+    """The host of ``HOST:PORT`` once something accepts a TCP connection there (None for ``auto``).
+
+    Ray itself retries a dead address for minutes, in calls that do not see Ctrl-C; this
+    plain connect answers at once when nothing listens, within ``timeout`` seconds when
+    nothing answers at all, and is interruptible.
+    """
+    if address == "auto":
+        return None
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"--ray-address {address}: give auto or HOST:PORT (the head node's GCS address, "
+                          "6379 unless `ray start --head --port` said otherwise)")
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port_text)), timeout=timeout) as conn:
+            # A GCS is a gRPC server: it answers the HTTP/2 preface with a SETTINGS frame (type 4).
+            # Anything else listening there would keep Ray retrying for minutes.
+            conn.sendall(_HTTP2_PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            header = b""
+            while len(header) < 9:
+                chunk = conn.recv(9 - len(header))
+                if not chunk:
+                    break
+                header += chunk
+    except socket.timeout:
+        raise ConfigError(f"--ray-address {address}: nothing answered there within {timeout:g} s "
+                          "(--ray-timeout); check the head node's address and port and that a firewall lets "
+                          "them through") from None
+    except OSError as exc:
+        raise ConfigError(f"--ray-address {address}: no Ray cluster there ({exc.strerror or exc}); start one with "
+                          "`ray start --head` on that node (see docs/scale.md), or leave --ray-address out to run "
+                          "on a local instance") from None
+    if len(header) < 9 or header[3] != 4:
+        raise ConfigError(f"--ray-address {address}: something listens there but it is not a Ray cluster's GCS "
+                          "(it did not answer as a gRPC server); give the head node's GCS port (6379 unless "
+                          "`ray start --head --port` said otherwise)")
+    return host
+
+
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+@contextlib.contextmanager
+def loopback_only(on: bool = True) -> Iterator[None]:
+    """While ``on``: Ray keeps 127.0.0.1 as the node address instead of replacing it by the
+    machine's interface address, so a local instance's servers listen on loopback only.
+
+    Ray 2.60 decides this with one switch, ``ENABLE_RAY_CLUSTER`` (environment variable
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``, off by default only on Windows and macOS): off,
+    ``resolve_ip_for_localhost`` leaves a loopback address alone, and the GCS, raylet,
+    object manager and workers then bind to it. The module constant is read at each call
+    and the variable by the processes the instance starts, so both are set for the block.
+    """
+    if not on:
+        yield
+        return
+    from ray._private import ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved = (ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(name))
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ[name] = "0"
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved[0]
+        if saved[1] is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved[1]
 
 
 # --------------------------------------------------------------------------- the stages
@@ -236,6 +343,7 @@ class _Detector:
         self.contract = contract
         self.label_map = label_map
         self.host = socket.gethostname()
+        self.node = _node_id()
         self.failure = ""
         self.identity, self.load_seconds = "", 0.0
         hook = os.environ.get("DETBENCH_RAY_ACTOR_PIDS")
@@ -277,8 +385,16 @@ class _Detector:
         return {"image_id": batch["image_id"], "file_name": batch["file_name"], "error": batch["error"],
                 "detections": np.array(detections, dtype=object), "session_seconds": np.array(seconds),
                 "host": np.array([self.host] * n, dtype=object), "pid": np.full(n, os.getpid()),
+                "node": np.array([self.node] * n, dtype=object),
                 "identity": np.array([self.identity] * n, dtype=object),
                 "load_seconds": np.full(n, self.load_seconds), "failure": np.array([failure] * n, dtype=object)}
+
+
+def _node_id() -> str:
+    """The Ray node this process runs on (several nodes can share a host name)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 def _failure_text(exc: DetbenchError, host: str) -> str:
@@ -364,19 +480,23 @@ def evaluate_model_ray(path, settings: EvalSettings | None = None, *, ray_settin
     selection = dataset.select(settings.limit, settings.image_ids)
     check_calibration_overlap(contract, [img.id for img in selection], allow=settings.allow_calibration_overlap)
     dataset.check_images_present(selection)
-    label_map = dataset.label_map(contract.label_space)
+    mapping = label_mapping(dataset, contract.label_space, contract.labels)
+    label_map = mapping.table
     provider_name = get_backend(settings.provider).name
 
     skipped: list[dict[str, str]] = []
     skipped_ids: set[int] = set()
     session_seconds = 0.0
     hosts: set[str] = set()
+    image_nodes: dict[str, list[int]] = {}
+    reissues: list[str] = []
     load_seconds = 0.0
-    with ray_instance(cluster.address) as resources:
+    with ray_instance(cluster.address, connect_timeout=cluster.connect_timeout) as resources:
         import ray
 
         gpu = provider_name in _GPU_PROVIDERS
         actors = _pool_size(cluster, threads, resources, gpu)
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))  # nodes on one host share a node:IP resource
         model_ref = ray.put(model_bytes)
         probe = None
         if provider_name != REFERENCE:  # the cache of any other backend is keyed by the precision it runs
@@ -396,7 +516,6 @@ def evaluate_model_ray(path, settings: EvalSettings | None = None, *, ray_settin
         with DetectionCache(cache_path, fingerprint).open(settings.resume) as cache:
             selected_ids = {img.id for img in selection}
             resumed = sum(1 for i in cache.done if i in selected_ids)
-            todo = [img for img in selection if img.id not in cache.done]
             loop_start = time.perf_counter()
             finished = resumed
 
@@ -406,47 +525,70 @@ def evaluate_model_ray(path, settings: EvalSettings | None = None, *, ray_settin
                                           time.perf_counter() - loop_start, session_seconds))
 
             report(None)
-            if todo:
+
+            def gather(batch) -> None:
+                nonlocal finished, expected, session_seconds, load_seconds
+                for k in range(len(batch["image_id"])):
+                    if batch["failure"][k]:
+                        raise _failure(batch["failure"][k])
+                    image_id, name = int(batch["image_id"][k]), str(batch["file_name"][k])
+                    if image_id in cache.done or image_id in skipped_ids:
+                        continue  # a retried block delivered twice
+                    finished += 1
+                    if batch["error"][k]:
+                        skipped.append({"image_id": image_id, "file_name": name, "reason": str(batch["error"][k])})
+                        skipped_ids.add(image_id)
+                        report(name)
+                        continue
+                    identity = json.loads(batch["identity"][k])
+                    if expected is None:
+                        expected = identity
+                    elif identity != expected:
+                        raise ProviderUnavailableError(
+                            f"an actor on {batch['host'][k]} ran {identity}, where the others ran "
+                            f"{expected}; nodes must run the same backend the same way")
+                    spent = float(batch["session_seconds"][k])
+                    session_seconds += spent
+                    hosts.add(str(batch["host"][k]))
+                    image_nodes.setdefault(str(batch["node"][k]), []).append(image_id)
+                    load_seconds = max(load_seconds, float(batch["load_seconds"][k]))
+                    cache.add(image_id, json.loads(batch["detections"][k]), spent)
+                    report(name)
+
+            pool = actors
+            checked_nodes: set[str] = set()
+            while True:
+                todo = [img for img in selection if img.id not in cache.done and img.id not in skipped_ids]
+                if not todo:
+                    break
+                nodes_before = _alive_nodes()
+                _check_images_on_nodes(todo, nodes_before - checked_nodes)
+                checked_nodes |= nodes_before
                 batches = _detections(todo, model_ref, model_sha, settings.provider, threads, contract, label_map,
-                                      cluster, actors, gpu)
+                                      cluster, pool, gpu)
                 try:
                     for batch in batches:
-                        for k in range(len(batch["image_id"])):
-                            if batch["failure"][k]:
-                                raise _failure(batch["failure"][k])
-                            image_id, name = int(batch["image_id"][k]), str(batch["file_name"][k])
-                            if image_id in cache.done or image_id in skipped_ids:
-                                continue  # a retried block delivered twice
-                            finished += 1
-                            if batch["error"][k]:
-                                skipped.append({"image_id": image_id, "file_name": name,
-                                                "reason": str(batch["error"][k])})
-                                skipped_ids.add(image_id)
-                                report(name)
-                                continue
-                            identity = json.loads(batch["identity"][k])
-                            if expected is None:
-                                expected = identity
-                            elif identity != expected:
-                                raise ProviderUnavailableError(
-                                    f"an actor on {batch['host'][k]} ran {identity}, where the others ran "
-                                    f"{expected}; nodes must run the same backend the same way")
-                            spent = float(batch["session_seconds"][k])
-                            session_seconds += spent
-                            hosts.add(str(batch["host"][k]))
-                            load_seconds = max(load_seconds, float(batch["load_seconds"][k]))
-                            cache.add(image_id, json.loads(batch["detections"][k]), spent)
-                            report(name)
+                        gather(batch)
+                    break
                 except Exception as exc:
                     cause = _detbench_cause(exc)
                     if cause is not None and cause is not exc:
                         raise cause from None
-                    raise
+                    if cause is not None or not _lost_to_the_cluster(exc):
+                        raise
+                    # Ray lost a node, or an actor or block it could not bring back: what was gathered
+                    # stays in the cache, and the images still missing are issued again to a pool
+                    # sized for the nodes that remain.
+                    reissues.append(_loss_summary(exc))
+                    _settle(nodes_before)
+                    pool = _surviving_pool(actors, threads, gpu)
+                    if len(reissues) > PIPELINE_REISSUES or pool < 1:
+                        raise ClusterLostError(_stopped_message(reissues, pool, len(todo), path, settings,
+                                                                cluster, cache_path)) from None
                 finally:
                     batches.close()  # stops the pipeline (and frees the actors' CPUs) on any interruption
             loop_seconds = time.perf_counter() - loop_start
         del model_ref
-        nodes = sum(1 for key in resources if key.startswith("node:") and key != "node:__internal_head__")
 
     image_ids = settings.image_ids
     run_settings = {
@@ -454,9 +596,11 @@ def evaluate_model_ray(path, settings: EvalSettings | None = None, *, ray_settin
         "resume": settings.resume, "threads": threads, "overrides": dict(settings.overrides or {}),
         "backend": settings.backend, "session": probe["session"] if probe else None,
         "runtime": probe["runtime"] if probe else None, "precision": (expected or {}).get("precision"),
-        "parity": probe["parity"] if probe else None,
+        "parity": probe["parity"] if probe else None, "label_mapping": mapping.to_dict(),
         "ray": {"address": cluster.address or "local", "actors": actors, "threads_per_actor": threads,
                 "batch_size": cluster.batch_size, "nodes": nodes, "hosts": sorted(hosts),
+                "image_nodes": {node: sorted(ids) for node, ids in sorted(image_nodes.items())},
+                "reissued_after": reissues, "pipeline_reissues": PIPELINE_REISSUES,
                 "actor_max_restarts": ACTOR_MAX_RESTARTS, "actor_max_task_retries": ACTOR_MAX_TASK_RETRIES,
                 "task_max_retries": TASK_MAX_RETRIES},
     }
@@ -469,6 +613,122 @@ def evaluate_model_ray(path, settings: EvalSettings | None = None, *, ray_settin
         store=store)
 
 
+def _lost_to_the_cluster(exc: BaseException) -> bool:
+    """True when ``exc`` (or what it wraps) is Ray losing a process, node or object, not code failing."""
+    from ray import exceptions as rx
+
+    lost = (rx.ActorDiedError, rx.ActorUnavailableError, rx.ObjectLostError, rx.NodeDiedError,
+            rx.WorkerCrashedError, rx.OwnerDiedError, rx.RaySystemError, rx.LocalRayletDiedError)
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, lost) or isinstance(getattr(exc, "cause", None), lost):
+            return True
+        if isinstance(exc, rx.GetTimeoutError) and "starting actors" in str(exc):
+            return True  # the pool did not fit in ACTOR_START_TIMEOUT_S
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _images_missing_here(paths: list[str]) -> dict[str, Any]:
+    """On one node: how many of ``paths`` are not files there, and the first such."""
+    missing = [p for p in paths if not os.path.isfile(p)]
+    return {"missing": len(missing), "first": missing[0] if missing else None, "host": socket.gethostname(),
+            "ip": _node_ip()}
+
+
+def _node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def _check_images_on_nodes(todo: list[CocoImage], nodes: set[str]) -> None:
+    """Every node in ``nodes`` sees the images the driver sees, at the same paths (the prepare tasks
+    read them by path there); raises :class:`DatasetError` naming the first node that does not."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from core.errors import DatasetError
+
+    paths = [str(img.path) for img in todo if img.path.is_file()]  # what the driver lacks it reports itself
+    if not paths or not nodes:
+        return
+    check = ray.remote(_images_missing_here)
+    refs = {node: check.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+            .remote(paths) for node in sorted(nodes)}
+    for node, ref in refs.items():
+        try:
+            seen = ray.get(ref, timeout=ACTOR_START_TIMEOUT_S)
+        except Exception as exc:  # the node went away meanwhile: the pipeline's loss handling takes it from here
+            if _lost_to_the_cluster(exc) or isinstance(exc, ray.exceptions.GetTimeoutError):
+                continue
+            raise
+        if seen["missing"]:
+            folder = Path(seen["first"]).parent
+            raise DatasetError(
+                f"Ray node {node[:12]} ({seen['host']}, {seen['ip']}) lacks {seen['missing']} of the {len(paths)} "
+                f"images at the driver's paths (first: {seen['first']}): every node must see the COCO images at "
+                f"the same path ({folder}); mount or copy them there (docs/scale.md, cluster quick start)")
+
+
+def _alive_nodes() -> set[str]:
+    import ray
+
+    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+
+
+def _settle(before: set[str]) -> None:
+    """Wait (at most :data:`LOSS_SETTLE_S`) until the GCS has marked a lost node dead, so the
+    pool that takes over is sized for the nodes that really remain. An actor lost without
+    its node does not end the wait early; its pool may then be too large for a while, which
+    the actor start timeout (:data:`ACTOR_START_TIMEOUT_S`) turns into one more re-issue."""
+    deadline = time.monotonic() + LOSS_SETTLE_S
+    while before <= _alive_nodes() and time.monotonic() < deadline:
+        time.sleep(1.0)
+
+
+def _loss_summary(exc: BaseException) -> str:
+    """One line naming what Ray lost (the first line of its message)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
+
+
+def _surviving_pool(asked: int, threads: int, gpu: bool) -> int:
+    """Actors the nodes still alive can hold: the pool asked for, at most what their CPUs (or GPUs) fit."""
+    import ray
+
+    alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if gpu:
+        fit = sum(int(r.get("GPU", 0)) for r in alive)
+    else:
+        fit = sum(int(r.get("CPU", 0) // threads) for r in alive)
+    return min(asked, fit)
+
+
+def _stopped_message(reissues: list[str], pool: int, missing: int, path: Path, settings: EvalSettings,
+                     cluster: RaySettings, cache_path: Path) -> str:
+    why = (f"no node left in the cluster can hold an inference actor ({settings.threads or 1} CPU(s) each)"
+           if pool < 1 else f"the cluster lost work {len(reissues)} times (at most {PIPELINE_REISSUES} re-issues)")
+    resume = ["python", "cli.py", "eval", str(path)]
+    if settings.coco_dir is not None:
+        resume += ["--coco", str(settings.coco_dir)]
+    resume += ["--ray", "--resume", "--cache", str(cache_path)]
+    if settings.provider != "cpu":
+        resume += ["--provider", settings.provider]
+    if settings.threads is not None:
+        resume += ["--threads", str(settings.threads)]
+    if cluster.address:
+        resume += ["--ray-address", cluster.address]
+    if settings.limit is not None:
+        resume += ["--limit", str(settings.limit)]
+    if settings.results_file is not None:
+        resume += ["--out", str(settings.results_file)]
+    return (f"the Ray evaluation stopped with {missing} image(s) not evaluated: {why}; last loss: {reissues[-1]}. "
+            f"The images already evaluated are kept in the detection cache; once the cluster has nodes again, "
+            f"continue with: {' '.join(resume)}")
+
+
 def _detections(todo: list[CocoImage], model_ref, model_sha: str, provider: str, threads: int,
                 contract: ModelContract, label_map: np.ndarray, cluster: RaySettings, actors: int, gpu: bool):
     """The Ray Data pipeline over ``todo``: a generator of output batches (close it to stop the pipeline)."""
@@ -478,13 +738,15 @@ def _detections(todo: list[CocoImage], model_ref, model_sha: str, provider: str,
     from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
     context = DataContext.get_current()
-    saved = (context.enable_progress_bars, context.print_on_execution_start)
+    saved = (context.enable_progress_bars, context.print_on_execution_start, context.wait_for_min_actors_s)
+    context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     data_logger = logging.getLogger("ray.data")
     saved_level = data_logger.level
     # library code never prints: no progress bars, execution plans or per-run notices on the driver's terminal
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    data_logger.setLevel(logging.ERROR)
+    # ERROR would still print Ray Data's traceback of a lost actor that the caller survives or reports
+    data_logger.setLevel(logging.CRITICAL)
     records = [{"image_id": img.id, "file_name": img.file_name, "width": img.width, "height": img.height,
                 "path": str(img.path)} for img in todo]
     try:
@@ -512,5 +774,5 @@ def _detections(todo: list[CocoImage], model_ref, model_sha: str, provider: str,
             if close is not None:
                 close()
     finally:
-        context.enable_progress_bars, context.print_on_execution_start = saved
+        context.enable_progress_bars, context.print_on_execution_start, context.wait_for_min_actors_s = saved
         data_logger.setLevel(saved_level)

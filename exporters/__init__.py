@@ -16,6 +16,7 @@ from typing import Any, Callable
 from exporters.registry import ModelSpec
 from core.contract import ModelContract
 from core.errors import ConfigError
+from core.names import file_in
 
 
 
@@ -60,7 +61,7 @@ class ExportResult:
 def default_output(spec: ModelSpec, out_dir: Path, input_size: tuple[int, int] | None = None) -> Path:
     h, w = input_size or spec.input_size
     suffix = "" if (h, w) == spec.input_size else f"-{h}x{w}"
-    return Path(out_dir) / f"{spec.name}{suffix}.onnx"
+    return file_in(Path(out_dir), spec.name, f"{suffix}.onnx", where=f"model {spec.name!r}")
 
 
 def export_model(spec: ModelSpec, out: Path, *, weights: Path | None = None,

@@ -7,8 +7,8 @@ decision, and the detection lists then differ in a few detections. Detection lis
 sets (their order among near-tied scores is rounding too), so they are compared as sets:
 
 1. every detection of the source model is paired with one of the export: same label, score
-   within tolerance, box within tolerance (every coordinate within ``atol + rtol * |x|``,
-   or IoU at least ``1 - IOU_TOL``); pairs are formed nearest first;
+   within tolerance, box within tolerance (every coordinate within its tolerance, see
+   below, or IoU at least ``1 - IOU_TOL``); pairs are formed nearest first;
 2. every detection left unpaired, on either side, must be *explained* by a boundary that is
    visible in the outputs themselves, or the comparison fails:
 
@@ -32,8 +32,26 @@ The caller may add ``proposal set`` (two-stage detectors, exporters/torch_detect
 runtimes' RPN proposals differ only at the RPN's own cuts, and PyTorch's second stage on the
 export's proposals gives the export's detections.
 
-A systematic difference (a graph that resamples its input, a wrong layer) moves every box
-and leaves most detections unpaired at scores nowhere near a boundary: it still fails.
+Coordinates at the image's scale (``image_size`` given): a corner is decoded as a centre
+minus a half-size, ``(dx * w + cx) - exp(dw) * w / 2``, whose operands reach
+``exp(bbox_xform_clip) = 62.5`` times the reference box when the regression saturates; a box
+that meets the image after that was clipped to it. Its float32 rounding therefore follows the
+operands, not the corner's value (a corner at 0 px carries the rounding of 30 000 px operands):
+
+- every coordinate is within ``atol + rtol * |x| + COORDINATE_RTOL * side`` (the image side of
+  its axis), the budget the TensorFlow SSD validation uses for decoded boxes;
+- on an axis where either box touches the image border (it was clipped there), the operands
+  were up to ``SATURATED_SCALE`` times the side: that axis's budget is ``SATURATED_SCALE`` times
+  larger (0.5 px at 800 px);
+- a box thinner on an axis than that axis's tolerance is *degenerate* (seen: RPN proposals
+  0.002-0.004 px wide at the border, detections 0.2-0.4 px thick): its IoU is whatever the
+  rounding of its width makes it (0 to 1), so it is paired by label, score and the coordinates
+  it has, each within tolerance, and its IoU deficit is left out of ``max_iou_deficit`` (it
+  would widen the NMS boundary tolerance; counted as ``degenerate_pairs``).
+
+A systematic difference (a graph that resamples its input, a wrong layer, every box shifted
+by more than the budget) moves every box and leaves most detections unpaired at scores
+nowhere near a boundary: it still fails.
 """
 
 from __future__ import annotations
@@ -52,6 +70,13 @@ IOU_TOL = 1e-3
 BOUNDARY_IOU_TOL = 1e-4
 BOUNDARY_IOU_MAX = 1e-2
 
+# Rounding of a coordinate relative to the image side when its operands are of the image's
+# scale (exporters/validation.py, the SSD prior boxes): ~10 float32 operations and deltas that
+# already differ by ~1e-6 relative, with a margin; 0.008 px at 800 px.
+COORDINATE_RTOL = 1e-5
+# Operands of a saturated decode relative to the image: exp(bbox_xform_clip) = exp(log(1000 / 16)).
+SATURATED_SCALE = 1000.0 / 16
+
 RULES = ("cap", "score threshold", "nms boundary", "nms cascade", "nms tie", "proposal set")
 # A tie tolerance never below this many float32 steps at the score (rounding of one op).
 TIE_ULPS = 4
@@ -60,6 +85,30 @@ SIDES = {"ref": "the source model", "got": "ONNX"}
 
 def _close(a, b, atol: float, rtol: float):
     return np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)) <= atol + rtol * np.abs(np.asarray(a, np.float64))
+
+
+def coordinate_tolerance(boxes: np.ndarray, atol: float, rtol: float,
+                         image_size: tuple[int, int] | None) -> np.ndarray:
+    """Per-coordinate tolerance ``[N, 4]`` of ``boxes`` (x1, y1, x2, y2; module docstring)."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    tol = atol + rtol * np.abs(boxes)
+    if image_size is None:
+        return tol
+    height, width = image_size
+    for axis, side in ((0, float(width)), (1, float(height))):
+        lo, hi = boxes[:, axis], boxes[:, axis + 2]
+        clipped = (lo <= 0.0) | (hi >= side)
+        budget = COORDINATE_RTOL * side * np.where(clipped, SATURATED_SCALE, 1.0)
+        tol[:, axis] += budget
+        tol[:, axis + 2] += budget
+    return tol
+
+
+def _thin_axes(a: np.ndarray, b: np.ndarray, tol: np.ndarray) -> np.ndarray:
+    """``[N, 2]``: whether box ``a`` or any of ``b`` is thinner than the tolerance on x, y."""
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    widths = np.minimum(a[:, 2:] - a[:, :2], b[:, 2:] - b[:, :2])
+    return widths <= np.maximum(tol[:, :2], tol[:, 2:])
 
 
 def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -96,6 +145,7 @@ class Matching:
     max_iou_deficit: float = 0.0
     max_score_diff: float = 0.0
     max_box_diff: float = 0.0
+    degenerate_pairs: int = 0  # pairs of boxes thinner than their coordinate tolerance (docstring)
     boundary_tol: float = BOUNDARY_IOU_TOL
     tie_tol: float | None = None  # None: the ``nms tie`` rule was not applied
 
@@ -109,6 +159,8 @@ class Matching:
             "max_iou_deficit": self.max_iou_deficit, "max_score_diff": self.max_score_diff,
             "max_box_diff": self.max_box_diff, "unexplained": len(self.unexplained),
         }
+        if self.degenerate_pairs:
+            figures["degenerate_pairs"] = self.degenerate_pairs
         for rule in RULES:
             count = sum(1 for u in self.unpaired if u.rule == rule)
             if count:
@@ -121,7 +173,8 @@ class Matching:
                 f"(cap, score threshold, NMS){u.nearest}" for u in self.unexplained]
 
 
-def _pair(ref: dict, got: dict, atol: float, rtol: float) -> list[tuple[int, int]]:
+def _pair(ref: dict, got: dict, atol: float, rtol: float,
+          image_size: tuple[int, int] | None) -> list[tuple[int, int]]:
     """One-to-one pairs (same label, score and box within tolerance), nearest box first."""
     candidates = []
     for i in range(len(ref["scores"])):
@@ -130,7 +183,11 @@ def _pair(ref: dict, got: dict, atol: float, rtol: float) -> list[tuple[int, int
             continue
         js = np.nonzero(ok)[0]
         coords = np.abs(got["boxes"][js].astype(np.float64) - ref["boxes"][i].astype(np.float64))
-        within = np.all(coords <= atol + rtol * np.abs(ref["boxes"][i].astype(np.float64)), axis=1)
+        # Either side's tolerance: a box clipped by one runtime only was clipped all the same.
+        tol = np.maximum(coordinate_tolerance(np.repeat(ref["boxes"][i:i + 1], len(js), axis=0), atol, rtol,
+                                              image_size),
+                         coordinate_tolerance(got["boxes"][js], atol, rtol, image_size))
+        within = np.all(coords <= tol, axis=1)
         ious = _iou(ref["boxes"][i], got["boxes"][js])
         for j, inside, iou, dist in zip(js, within, ious, coords.max(axis=1)):
             if inside or iou >= 1.0 - IOU_TOL:
@@ -147,13 +204,20 @@ def _pair(ref: dict, got: dict, atol: float, rtol: float) -> list[tuple[int, int
 
 def match_detections(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], *, iou_threshold: float,
                      score_threshold: float, max_detections: int, atol: float, rtol: float,
-                     ties: bool = False) -> Matching:
-    """Pair ``ref`` (source model) with ``got`` (ONNX) and explain what stays unpaired (module docstring)."""
+                     ties: bool = False, image_size: tuple[int, int] | None = None) -> Matching:
+    """Pair ``ref`` (source model) with ``got`` (ONNX) and explain what stays unpaired (module docstring).
+
+    ``image_size`` (height, width of the input tensor) adds the coordinate budget at the image's
+    scale; None compares coordinates with ``atol + rtol * |x|`` only."""
     result = Matching(ref_count=len(ref["scores"]), got_count=len(got["scores"]))
-    result.pairs = _pair(ref, got, atol, rtol)
+    result.pairs = _pair(ref, got, atol, rtol, image_size)
     for i, j in result.pairs:
-        result.max_iou_deficit = max(result.max_iou_deficit,
-                                     float(1.0 - _iou(ref["boxes"][i], got["boxes"][j:j + 1])[0]))
+        a, b = ref["boxes"][i:i + 1], got["boxes"][j:j + 1]
+        tol = np.maximum(coordinate_tolerance(a, atol, rtol, image_size), coordinate_tolerance(b, atol, rtol, image_size))
+        if _thin_axes(a, b, tol).any():
+            result.degenerate_pairs += 1
+        else:
+            result.max_iou_deficit = max(result.max_iou_deficit, float(1.0 - _iou(a[0], b)[0]))
         result.max_score_diff = max(result.max_score_diff, abs(float(ref["scores"][i]) - float(got["scores"][j])))
         result.max_box_diff = max(result.max_box_diff, float(np.abs(
             ref["boxes"][i].astype(np.float64) - got["boxes"][j].astype(np.float64)).max()))

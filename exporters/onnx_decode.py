@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from exporters.onnx_describe import Description
+from exporters.onnx_describe import Description, describe_error
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
@@ -51,6 +51,8 @@ def decode(desc: Description, outputs: dict[str, np.ndarray]) -> dict[str, np.nd
     out, layout = desc.outputs, desc.outputs["layout"]
     t = desc.tensors
     masks = None
+    if layout == "queries":
+        return _queries(desc, outputs)
     if layout == "yolo_heads":
         boxes, scores = _yolo(desc, [outputs[t[f"head{i}"]] for i in range(len(out["heads"]))])
     elif layout == "packed":
@@ -90,9 +92,49 @@ def decode(desc: Description, outputs: dict[str, np.ndarray]) -> dict[str, np.nd
     return {"boxes": boxes_kept, "scores": scores_kept, "labels": map_labels(desc, classes_kept)}
 
 
+def cap(desc: Description) -> int:
+    """How many detections are kept at most: ``top_k`` for queries (never above ``max_detections``)."""
+    top_k = desc.outputs.get("top_k")
+    return min(desc.max_detections, top_k) if top_k else desc.max_detections
+
+
+def query_width(desc: Description) -> int:
+    """Score columns per query: the classes, plus DETR's no-object column."""
+    return desc.outputs["num_classes"] + int(desc.outputs["no_object_class"])
+
+
+def _queries(desc: Description, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out, t = desc.outputs, desc.tensors
+    classes, width = out["num_classes"], query_width(desc)
+    if "output" in t:
+        x = np.asarray(outputs[t["output"]], np.float64).reshape(-1, 4 + width)
+        raw_boxes, logits = x[:, :4], x[:, 4:]
+    else:
+        raw_boxes = np.asarray(outputs[t["boxes"]], np.float64).reshape(-1, 4)
+        logits = np.asarray(outputs[t["scores"]], np.float64).reshape(len(raw_boxes), width)
+    boxes = _to_xyxy(desc, raw_boxes)
+    probs = _activate(logits, out["score_activation"])[:, :classes]
+    if out["one_label_per_query"]:
+        query = np.arange(len(probs))
+        cls = probs.argmax(axis=1)
+        scores = probs[query, cls]
+    else:
+        flat = probs.reshape(-1)
+        query, cls, scores = np.arange(flat.size) // classes, np.arange(flat.size) % classes, flat
+    keep = np.nonzero(scores >= desc.score_threshold)[0]
+    order = keep[np.argsort(-scores[keep], kind="stable")][:cap(desc)]
+    return {"boxes": boxes[query[order]], "scores": scores[order], "labels": map_labels(desc, cls[order])}
+
+
 def map_labels(desc: Description, classes: np.ndarray) -> np.ndarray:
     table = desc.outputs["label_map"]
     if table is not None:
+        classes = np.asarray(classes, np.int64)
+        # numpy would wrap a negative class id round to the table's end and fail on a large one
+        if classes.size and (classes.min() < 0 or classes.max() >= len(table)):
+            raise describe_error(desc.path, "outputs.label_map", f"has {len(table)} entries (classes 0..{len(table) - 1}), "
+                                 f"but the file gave class id {int(classes.max() if classes.max() >= len(table) else classes.min())}; "
+                                 "give one label per class the file can output")
         return np.asarray(table, np.int64)[classes]
     return classes.astype(np.int64) + desc.outputs["label_offset"]
 

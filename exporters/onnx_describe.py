@@ -11,7 +11,10 @@ its sibling; the keys shared by both mean the same. Examples for common layouts 
     input_size = [416, 416]         # H, W of the contract input; a dynamic input size is fixed to it
     resize = "letterbox"            # how callers bring images to input_size: stretch | letterbox
     pad_value = 127.5               # optional: letterbox padding (0..255)
-    label_space = "coco80"          # labels after mapping: coco80 (0..79) | coco91 (COCO category ids)
+    label_space = "coco80"          # labels after mapping: coco80 (0..79) | coco91 (COCO category ids) |
+                                    # names (0..N-1 into labels; the default when labels are given)
+    labels = ["person", "car"]      # optional: the model's own class names (or labels_file = "x.names",
+                                    # one per line, relative to this file); eval maps them to a dataset by name
     score_threshold = 0.001         # optional: detections scoring below are dropped (NMS: at or below)
     iou_threshold = 0.45            # NMS threshold: applied when nms = true, else recorded as the file's own
     max_detections = 100            # optional: the wrapper keeps at most this many, best first
@@ -49,6 +52,14 @@ Output layouts (a leading batch axis of 1 is optional on every tensor):
 - ``packed``: one ``output`` tensor [N, 4 + C] (box, then C class scores), or
   [N, 5 + C] with ``objectness_column = true`` (box, objectness, classes);
   ``transposed = true`` for [4 + C, N]; ``num_classes``, ``score_activation`` as above.
+- ``queries`` (DETR, RT-DETR, Deformable DETR): a fixed set of queries, no NMS: ``boxes``
+  [Q, 4] and ``scores`` [Q, C'] (class logits or probabilities), or one ``output`` [Q, 4 + C']
+  (Ultralytics RT-DETR: [1, 300, 4 + C], cxcywh normalised, scores already sigmoid);
+  ``score_activation`` none | sigmoid | softmax; ``no_object_class = true``: the last of the
+  C' = C + 1 columns is DETR's "no object" (dropped after the softmax); each query keeps its
+  best class (``one_label_per_query = true``, default) or every (query, class) pair competes
+  (false, as Deformable DETR); the best ``top_k`` (default ``max_detections``) scoring at
+  least ``score_threshold`` are kept. ``nms`` is false.
 - ``yolo_heads``: raw YOLO heads ``heads`` = [names], each [A·(5 + C), gh, gw] with
   ``anchors`` = [[[w, h] x A] per head] in input pixels: x = (col + σ(tx)) · W / gw,
   w = anchor_w · exp(tw), objectness σ(to), classes ``score_activation`` (default
@@ -63,6 +74,7 @@ resized themselves, and models told the original size through an extra input fed
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,9 +82,10 @@ from typing import Any
 
 from core.contract import LABEL_SPACES, RESIZE_MODES
 from core.errors import ConfigError
+from core.names import NAME_RULE, name_problem
 
 INPUT_LAYOUTS = ("NCHW", "NHWC", "CHW", "HWC")
-OUTPUT_LAYOUTS = ("detections", "class_scores", "packed", "yolo_heads")
+OUTPUT_LAYOUTS = ("detections", "class_scores", "packed", "yolo_heads", "queries")
 BOX_FORMATS = ("xyxy", "yxyx", "xywh", "cxcywh")
 BOX_SPACES = ("pixels", "normalized")
 ACTIVATIONS = ("none", "sigmoid", "softmax")
@@ -80,7 +93,7 @@ EXTRA_DTYPES = ("float32", "float16", "int64", "int32")
 EXTRA_VALUES = ("input_hw", "input_wh")
 
 _TOP_KEYS = {"name", "family", "input_size", "resize", "pad_value", "label_space", "score_threshold",
-             "iou_threshold", "max_detections", "input", "extra_inputs", "outputs"}
+             "iou_threshold", "max_detections", "input", "extra_inputs", "outputs", "labels", "labels_file"}
 _INPUT_KEYS = {"name", "layout", "channel_order", "scale", "mean", "std"}
 _EXTRA_KEYS = {"value", "dtype", "shape"}
 _COMMON_OUTPUT_KEYS = {"layout", "box_format", "box_space", "label_offset", "label_map", "nms", "num_classes"}
@@ -90,12 +103,14 @@ _LAYOUT_TENSORS = {
     "class_scores": (("boxes", "scores"), ("objectness",)),
     "packed": (("output",), ()),
     "yolo_heads": ((), ()),
+    "queries": ((), ("output", "boxes", "scores")),  # output, or boxes + scores (checked below)
 }
 _LAYOUT_KEYS = {
     "detections": set(),
     "class_scores": {"score_activation"},
     "packed": {"score_activation", "objectness_column", "transposed"},
     "yolo_heads": {"heads", "anchors", "score_activation"},
+    "queries": {"score_activation", "no_object_class", "top_k", "one_label_per_query"},
 }
 
 
@@ -118,6 +133,7 @@ class Description:
     extra_inputs: dict[str, dict[str, Any]]
     outputs: dict[str, Any]
     tensors: dict[str, str] = field(default_factory=dict)  # role -> graph output name (yolo heads: head0, ...)
+    labels: tuple[str, ...] | None = None  # the model's own class names (label space "names")
 
     def bad(self, key: str, msg: str) -> ConfigError:
         return describe_error(self.path, key, msg)
@@ -153,23 +169,30 @@ def read_description(path: Path) -> Description:
         return value
 
     _unknown(doc, _TOP_KEYS, "", bad)
+    labels = _labels(doc, path, bad)
+    if labels is not None:
+        doc.setdefault("label_space", "names")
     for key in ("name", "input_size", "resize", "label_space", "iou_threshold", "outputs"):
         if key not in doc:
             raise bad(key, "missing")
-    if not isinstance(doc["name"], str) or not doc["name"]:
-        raise bad("name", f"must be a non-empty string, got {doc['name']!r}")
+    if name_problem(doc["name"]) is not None:  # the name becomes the file name <name>.onnx
+        raise bad("name", f"{doc['name']!r} {name_problem(doc['name'])}; {NAME_RULE}")
     size = doc["input_size"]
     if not (isinstance(size, list) and len(size) == 2 and all(type(v) is int and v > 0 for v in size)):
         raise bad("input_size", f"must be [height, width] in pixels, got {size!r}")
     _enum(doc["resize"], RESIZE_MODES, "resize", bad)
     _enum(doc["label_space"], LABEL_SPACES, "label_space", bad)
+    if (doc["label_space"] == "names") != (labels is not None):
+        raise bad("label_space", "'names' goes with the model's class names (labels or labels_file), and they with it")
     numbers = {}
     for key, default in (("score_threshold", 0.001), ("iou_threshold", None), ("max_detections", 100),
                          ("pad_value", 127.5)):
         value = doc.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad(key, f"must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad(key, f"must be a finite number, got {value!r}")
         numbers[key] = value
+    if not 0.0 <= numbers["score_threshold"] < 1.0:
+        raise bad("score_threshold", f"must lie in 0..1 (below 1: no score exceeds it), got {numbers['score_threshold']}")
     if not 0.0 <= numbers["iou_threshold"] <= 1.0:
         raise bad("iou_threshold", f"must lie in 0..1, got {numbers['iou_threshold']}")
     if type(numbers["max_detections"]) is not int or numbers["max_detections"] <= 0:
@@ -181,13 +204,14 @@ def read_description(path: Path) -> Description:
            "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], **inp}
     _enum(inp["layout"], INPUT_LAYOUTS, "input.layout", bad)
     _enum(inp["channel_order"], ("rgb", "bgr"), "input.channel_order", bad)
-    if isinstance(inp["scale"], bool) or not isinstance(inp["scale"], (int, float)) or inp["scale"] == 0:
-        raise bad("input.scale", f"must be a non-zero number, got {inp['scale']!r}")
+    if (isinstance(inp["scale"], bool) or not isinstance(inp["scale"], (int, float)) or inp["scale"] == 0
+            or not math.isfinite(inp["scale"])):
+        raise bad("input.scale", f"must be a finite non-zero number, got {inp['scale']!r}")
     for key in ("mean", "std"):
         v = inp[key]
         if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                               for x in v)):
-            raise bad(f"input.{key}", f"must be three numbers (one per channel), got {v!r}")
+                                                               and math.isfinite(x) for x in v)):
+            raise bad(f"input.{key}", f"must be three finite numbers (one per channel), got {v!r}")
     if any(x == 0 for x in inp["std"]):
         raise bad("input.std", f"holds a zero: {inp['std']!r}")
     if inp["name"] is not None and not isinstance(inp["name"], str):
@@ -205,8 +229,8 @@ def read_description(path: Path) -> Description:
         if isinstance(value, str):
             _enum(value, EXTRA_VALUES, where + ".value", bad)
         elif not (isinstance(value, list) and value and all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                            for x in value)):
-            raise bad(where + ".value", f"must be one of {EXTRA_VALUES} or a list of numbers, got {value!r}")
+                                                            and math.isfinite(x) for x in value)):
+            raise bad(where + ".value", f"must be one of {EXTRA_VALUES} or a list of finite numbers, got {value!r}")
         spec = {"dtype": "float32", "shape": None, **spec}
         _enum(spec["dtype"], EXTRA_DTYPES, where + ".dtype", bad)
         shape = spec["shape"]
@@ -232,13 +256,14 @@ def read_description(path: Path) -> Description:
                 raise bad(f"outputs.{key}", f"must be a graph output name, got {out[key]!r}")
             tensors[key] = out[key]
     out = {"box_format": "xyxy", "box_space": "pixels", "label_offset": 0, "label_map": None,
-           "nms": layout != "detections", "num_classes": None,
+           "nms": layout not in ("detections", "queries"), "num_classes": None,
            "score_activation": "sigmoid" if layout == "yolo_heads" else "none",
-           "objectness_column": False, "transposed": False, **out}
+           "objectness_column": False, "transposed": False, "no_object_class": False, "top_k": None,
+           "one_label_per_query": True, **out}
     _enum(out["box_format"], BOX_FORMATS, "outputs.box_format", bad)
     _enum(out["box_space"], BOX_SPACES, "outputs.box_space", bad)
     _enum(out["score_activation"], ACTIVATIONS, "outputs.score_activation", bad)
-    for key in ("nms", "objectness_column", "transposed"):
+    for key in ("nms", "objectness_column", "transposed", "no_object_class", "one_label_per_query"):
         if not isinstance(out[key], bool):
             raise bad(f"outputs.{key}", f"must be true or false, got {out[key]!r}")
     if type(out["label_offset"]) is not int:
@@ -252,7 +277,9 @@ def read_description(path: Path) -> Description:
     classes = out["num_classes"]
     if classes is not None and (type(classes) is not int or classes <= 0):
         raise bad("outputs.num_classes", f"must be a positive integer, got {classes!r}")
-    if layout != "detections" and not out["nms"]:
+    if layout == "queries":
+        _check_queries(out, tensors, bad)
+    elif layout != "detections" and not out["nms"]:
         raise bad("outputs.nms", f"layout {layout!r} holds candidates, not detections: NMS must run (nms = true)")
     if layout in ("packed", "yolo_heads") and classes is None:
         raise bad("outputs.num_classes", f"missing (layout {layout!r} needs it)")
@@ -270,7 +297,7 @@ def read_description(path: Path) -> Description:
             raise bad("outputs.anchors", f"must give one anchor list per head ({len(heads)}), got {anchors!r}")
         for i, per_head in enumerate(anchors):
             if not (isinstance(per_head, list) and per_head and all(
-                    isinstance(a, list) and len(a) == 2 and all(isinstance(x, (int, float)) and x > 0 for x in a)
+                    isinstance(a, list) and len(a) == 2 and all(isinstance(x, (int, float)) and 0 < x < math.inf for x in a)
                     for a in per_head)):
                 raise bad(f"outputs.anchors[{i}]", f"must be a list of [width, height] in input pixels, got {per_head!r}")
         for i, head in enumerate(heads):
@@ -279,7 +306,46 @@ def read_description(path: Path) -> Description:
         path=path, text=text, name=doc["name"], family=str(doc.get("family", "onnx")), input_size=(size[0], size[1]),
         resize=doc["resize"], pad_value=float(numbers["pad_value"]), label_space=doc["label_space"],
         score_threshold=float(numbers["score_threshold"]), iou_threshold=float(numbers["iou_threshold"]),
-        max_detections=int(numbers["max_detections"]), input=inp, extra_inputs=extras, outputs=out, tensors=tensors)
+        max_detections=int(numbers["max_detections"]), input=inp, extra_inputs=extras, outputs=out, tensors=tensors,
+        labels=labels)
+
+
+def _labels(doc: dict, path: Path, bad) -> tuple[str, ...] | None:
+    """The class names of ``labels = [...]`` or ``labels_file`` (relative to the describe file)."""
+    if "labels" in doc and "labels_file" in doc:
+        raise bad("labels_file", "give labels or labels_file, not both")
+    if "labels_file" in doc:
+        if not isinstance(doc["labels_file"], str) or not doc["labels_file"]:
+            raise bad("labels_file", f"must be a file name, got {doc['labels_file']!r}")
+        names_path = path.parent / doc["labels_file"]
+        try:
+            names = [n.strip() for n in names_path.read_text(encoding="utf-8").splitlines() if n.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise bad("labels_file", f"{names_path} cannot be read ({exc})") from None
+        if not names:
+            raise bad("labels_file", f"{names_path} holds no class names (one per line)")
+        return tuple(names)
+    if "labels" not in doc:
+        return None
+    names = doc["labels"]
+    if not (isinstance(names, list) and names and all(isinstance(n, str) and n.strip() for n in names)):
+        raise bad("labels", f"must be a non-empty list of class names, got {names!r}")
+    return tuple(n.strip() for n in names)
+
+
+def _check_queries(out: dict, tensors: dict, bad) -> None:
+    """DETR-style queries: ``output`` [Q, 4 + C (+1)] or ``boxes`` [Q, 4] + ``scores`` [Q, C (+1)], kept by top-k."""
+    if ("output" in tensors) == ("boxes" in tensors or "scores" in tensors):
+        raise bad("outputs.output", "layout 'queries' takes one packed tensor (output) or boxes and scores, not both")
+    if "output" not in tensors and not ("boxes" in tensors and "scores" in tensors):
+        raise bad("outputs.scores" if "boxes" in tensors else "outputs.boxes", "missing (queries need boxes and scores)")
+    if out["nms"]:
+        raise bad("outputs.nms", "queries are kept by top-k, without NMS (nms = false)")
+    if out["no_object_class"] and out["score_activation"] != "softmax":
+        raise bad("outputs.no_object_class", "a no-object class goes with score_activation = \"softmax\"")
+    top_k = out["top_k"]
+    if top_k is not None and (type(top_k) is not int or top_k <= 0):
+        raise bad("outputs.top_k", f"must be a positive integer, got {top_k!r}")
 
 
 def _unknown(table: dict, keys: set[str], where: str, bad, suffix: str = "") -> None:

@@ -25,6 +25,7 @@ decoded by :mod:`exporters.onnx_decode` on real COCO images) runs before anythin
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,12 +38,13 @@ from onnx import TensorProto, helper, numpy_helper
 from exporters import ExportResult
 from exporters.darknet_graph import PostProcess, _Graph, _postprocess
 from exporters.detection_ties import match_detections
-from exporters.onnx_decode import decode, extra_value, model_inputs
+from exporters.onnx_decode import cap, decode, extra_value, model_inputs, query_width
 from exporters.onnx_describe import Description, describe_error, read_description
 from exporters.tf_convert import cpu_session, validation_images
 from exporters.validation import Comparison
-from core.contract import INPUT_NAME, ModelContract, save_model, sha256_file
+from core.contract import INPUT_NAME, LABELS_KEY, ModelContract, save_model, sha256_file
 from core.errors import ConfigError, ExportError
+from core.names import file_in
 from core.images import load_rgb, prepare
 
 WRAPPER_VERSION = "1"
@@ -82,7 +84,7 @@ def wrap_onnx(onnx_file: Path, describe_file: Path, out: Path, *,
     started = time.perf_counter()
     desc = read_description(describe_file)
     onnx_file = Path(onnx_file)
-    target = Path(out) if Path(out).suffix == ".onnx" else Path(out) / f"{desc.name}.onnx"
+    target = Path(out) if Path(out).suffix == ".onnx" else file_in(Path(out), desc.name, where=f"--describe {desc.path}: name")
     progress(f"reading {onnx_file}")
     source = load_source(onnx_file)
     model, bound = bind(desc, source)
@@ -99,8 +101,11 @@ def wrap_onnx(onnx_file: Path, describe_file: Path, out: Path, *,
                "source_file": onnx_file.name, "source_producer": f"{source.producer_name} {source.producer_version}".strip(),
                "source_opset": str(bound.source_opset), "opset": str(bound.opset),
                "describe_file": Path(describe_file).name, "describe": desc.text,
+               **({LABELS_KEY: json.dumps(list(desc.labels))} if desc.labels else {}),
                "source_params_convention": PARAMS_CONVENTION,
-               "nms": "wrapper (ONNX NonMaxSuppression, class-aware)" if desc.outputs["nms"] else "the original file's own",
+               "nms": ("wrapper (ONNX NonMaxSuppression, class-aware)" if desc.outputs["nms"]
+                       else "none (queries kept by top-k)" if desc.outputs["layout"] == "queries"
+                       else "the original file's own"),
                "validated_against": "the original file in onnxruntime, outputs decoded by exporters.onnx_decode (numpy)"})
     progress(f"writing {target}")
     path = save_model(wrapped, target, contract)
@@ -277,6 +282,20 @@ def _check_output_shapes(desc: Description, bound: Bound) -> None:
         width = 4 + int(out["objectness_column"]) + out["num_classes"]
         what = f"4 box values{' + objectness' if out['objectness_column'] else ''} + num_classes = {width}"
         last("output", width, what, -2 if out["transposed"] else -1)
+    elif layout == "queries":
+        role = "output" if "output" in shapes else "scores"
+        rank(role, (2, 3))
+        extra = (4 if role == "output" else 0) + int(out["no_object_class"])
+        columns = shapes[role][-1] if shapes[role] else None
+        if out["num_classes"] is None:
+            if columns is None:
+                raise describe_error(desc.path, "outputs.num_classes", f"missing, and the class axis of "
+                                     f"{desc.tensors[role]!r} is dynamic")
+            out["num_classes"] = columns - extra  # read off the graph (the describe text in the metadata omits it)
+        if out["num_classes"] <= 0:
+            raise bad(role, "leaves no class columns")
+        last(role, out["num_classes"] + extra, f"{'4 box values + ' if role == 'output' else ''}num_classes = "
+             f"{out['num_classes']}{' + the no-object class' if out['no_object_class'] else ''}")
     elif layout == "yolo_heads":
         for i, anchors in enumerate(out["anchors"]):
             role = f"head{i}"
@@ -290,6 +309,11 @@ def _check_output_shapes(desc: Description, bound: Bound) -> None:
                 raise describe_error(desc.path, f"outputs.anchors[{i}]", f"{len(anchors)} anchors x (5 + num_classes "
                                      f"{out['num_classes']}) = {channels} channels, but head {desc.tensors[role]!r} "
                                      f"has {shape[-3]}")
+    table = out["label_map"]
+    if isinstance(table, list) and out["num_classes"] is not None and len(table) < out["num_classes"]:
+        raise describe_error(desc.path, "outputs.label_map", f"has {len(table)} entries for {out['num_classes']} classes "
+                             f"(num_classes{'' if 'num_classes' in desc.text else ', read off the graph'}); give one "
+                             "label per class")
 
 
 # ----------------------------------------------------------------------------- composing
@@ -318,6 +342,14 @@ def compose(desc: Description, model: onnx.ModelProto, bound: Bound) -> onnx.Mod
                                            name=desc.name)
     except (ValueError, onnx.checker.ValidationError) as exc:
         raise ExportError(f"composing {desc.name!r} with onnx.compose failed: {exc}") from exc
+    # merge_models concatenates the parts' opset imports: one entry per domain, or onnxruntime's
+    # quantizer (and other tools) cannot tell which default-domain version the graph uses.
+    merged: dict[str, int] = {}
+    for o in joined.opset_import:
+        domain = "" if o.domain == "ai.onnx" else o.domain
+        merged[domain] = max(merged.get(domain, 0), o.version)
+    del joined.opset_import[:]
+    joined.opset_import.extend(helper.make_opsetid(d, v) for d, v in merged.items())
     return joined
 
 
@@ -379,6 +411,9 @@ def _epilogue(desc: Description, bound: Bound) -> tuple[onnx.ModelProto, list[tu
         return g.node("Reshape", [x, g.const(f"{name}.shape", np.array(shape, np.int64))], name, name)
 
     classes = out["num_classes"]
+    if layout == "queries":
+        names = _queries(g, desc, take, reshape)
+        return _epilogue_model(g, desc, inputs, names, bound), mapping, names
     if layout == "yolo_heads":
         boxes, scores = [], []
         for i, anchors in enumerate(out["anchors"]):
@@ -520,6 +555,40 @@ def _yolo_head(g: _Graph, desc: Description, i: int, raw: str, shape: list[int],
     return box, score
 
 
+def _queries(g: _Graph, desc: Description, take, reshape) -> list[str]:
+    """DETR-style queries -> the best ``top_k`` (query, class) detections, no NMS."""
+    out = desc.outputs
+    classes, width = out["num_classes"], query_width(desc)
+    if "output" in desc.tensors:
+        rows = reshape(take("output"), [-1, 4 + width], "post.rows")
+        raw_boxes = _columns(g, rows, 0, 4, "post.box")
+        logits = _columns(g, rows, 4, 4 + width, "post.logits")
+    else:
+        raw_boxes = reshape(take("boxes"), [-1, 4], "post.box")
+        logits = reshape(take("scores"), [-1, width], "post.logits")
+    boxes = _to_xyxy(g, desc, raw_boxes)
+    probs = _activate(g, logits, out["score_activation"], "post.class")
+    if out["no_object_class"]:
+        probs = _columns(g, probs, 0, classes, "post.objects")
+    if out["one_label_per_query"]:
+        # ArgMax takes the first of equal maxima, as numpy's argmax does
+        ids = g.node("ArgMax", [probs], "post.best", "post.best", axis=1, keepdims=1)
+        scores = reshape(g.node("GatherElements", [probs, ids], "post.best.score", "post.best.score", axis=1), [-1],
+                         "post.score")
+        ids = reshape(ids, [-1], "post.class")
+    else:
+        # every (query, class) pair competes: row q * C + c
+        zeros = g.node("Mul", [probs, g.const("post.zero", np.array(0.0, np.float32))], "post.zeros", "post.zeros")
+        grid = g.node("Add", [zeros, g.const("post.class_index", np.arange(classes, dtype=np.float32)[None])],
+                      "post.class.grid", "post.class.grid")
+        ids = g.node("Cast", [reshape(grid, [-1], "post.class.flat")], "post.class", "post.class", to=TensorProto.INT64)
+        scores = reshape(probs, [-1], "post.score")
+        spread = g.node("Add", [reshape(boxes, [-1, 1, 4], "post.box.pair"),
+                                reshape(zeros, [-1, classes, 1], "post.zeros.pair")], "post.box.grid", "post.box.grid")
+        boxes = reshape(spread, [-1, 4], "post.box.flat")
+    return _select(g, desc, boxes, scores, ids, None, None)
+
+
 def _select(g: _Graph, desc: Description, boxes: str, scores: str, ids: str, masks: str | None,
             count: str | None) -> list[str]:
     """Detections the file already selected: drop those below the score threshold (and past
@@ -540,7 +609,7 @@ def _select(g: _Graph, desc: Description, boxes: str, scores: str, ids: str, mas
         if x is not None:
             kept[key] = g.node("Compress", [x, keep], f"post.kept.{key}", f"post.kept.{key}", axis=0)
     k = g.node("Min", [g.node("Shape", [kept["scores"]], "post.kept.count", "post.kept.count"),
-                       g.const("post.max_detections", np.array([desc.max_detections], np.int64))], "post.k", "post.k")
+                       g.const("post.max_detections", np.array([cap(desc)], np.int64))], "post.k", "post.k")
     _, order = g.node("TopK", [kept["scores"], k], ["scores", "post.order"], "post.topk", axis=0, largest=1, sorted=1)
     g.node("Gather", [kept["boxes"], order], "boxes", "post.boxes.sorted", axis=0)
     g.node("Gather", [kept["class"], order], "post.class.selected", "post.class.sorted", axis=0)
@@ -599,6 +668,8 @@ def validate(desc: Description, onnx_file: Path, wrapped: onnx.ModelProto, bound
         got = dict(zip(wrapped_names, session.run(wrapped_names, {INPUT_NAME: tensor})))
         compare(comparison, path.stem, reference, got, desc)
         counts.append(len(reference["scores"]))
+    comparison.nothing_detected(counts, f"score_threshold {desc.score_threshold} or the [input] scale/mean/std of "
+                                        f"{desc.path} may leave the model nothing to detect")
     comparison.raise_if_any(f"The wrapped file does not reproduce {onnx_file} as {desc.path} describes it; check the "
                             "describe file (box format and space, activations, label mapping, thresholds).")
     figures: dict[str, Any] = dict(comparison.figures)
@@ -616,7 +687,7 @@ def compare(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got:
     labels = np.asarray(got["labels"])
     if labels.dtype != np.int64:
         comparison.mismatches.append(f"{where}: labels are {labels.dtype}, the contract wants int64")
-    low, high = _LABEL_RANGES[desc.label_space]
+    low, high = (0, len(desc.labels) - 1) if desc.labels else _LABEL_RANGES[desc.label_space]
     if labels.size and (labels.min() < low or labels.max() > high):
         comparison.mismatches.append(f"{where}: labels {labels.min()}..{labels.max()} fall outside {desc.label_space} "
                                      f"({low}..{high}); fix outputs.label_offset or outputs.label_map")
@@ -630,7 +701,7 @@ def compare(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got:
     # leaves the NMS rules nothing to explain.
     iou_threshold = desc.iou_threshold if desc.outputs["nms"] else 2.0
     matching = match_detections(ref, got, iou_threshold=iou_threshold, score_threshold=desc.score_threshold,
-                                max_detections=desc.max_detections, atol=comparison.atol, rtol=comparison.rtol)
+                                max_detections=cap(desc), atol=comparison.atol, rtol=comparison.rtol)
     for key, value in matching.figures().items():
         comparison.figures[f"{where}:{key}"] = value
     comparison.mismatches.extend(matching.mismatches(where))

@@ -13,8 +13,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from core.contract import LABEL_SPACES, RESIZE_MODES
+from core.contract import COCO_LABEL_SPACES, RESIZE_MODES
 from core.errors import RegistryError
+from core.names import check_name
 from core.paths import models_toml
 
 FRAMEWORKS = ("darknet", "pytorch", "tensorflow")
@@ -87,6 +88,9 @@ def _fail(path: Path, name: str, msg: str) -> RegistryError:
 
 
 def _parse(name: str, raw: dict[str, Any], path: Path) -> ModelSpec:
+    check_name(name, f"{path}: [models.{name}]", RegistryError)
+    if not isinstance(raw, dict):
+        raise _fail(path, name, f"must be a table ([models.NAME]), got {type(raw).__name__}")
     unknown = set(raw) - _MODEL_KEYS
     if unknown:
         raise _fail(path, name, f"unknown key(s) {sorted(unknown)}; valid keys: {sorted(_MODEL_KEYS)}")
@@ -97,11 +101,18 @@ def _parse(name: str, raw: dict[str, Any], path: Path) -> ModelSpec:
         raise _fail(path, name, f"framework {raw['framework']!r} is not one of {FRAMEWORKS}")
     if raw["resize"] not in RESIZE_MODES:
         raise _fail(path, name, f"resize {raw['resize']!r} is not one of {RESIZE_MODES}")
-    if raw["label_space"] not in LABEL_SPACES:
-        raise _fail(path, name, f"label_space {raw['label_space']!r} is not one of {LABEL_SPACES}")
+    if raw["label_space"] not in COCO_LABEL_SPACES:
+        raise _fail(path, name, f"label_space {raw['label_space']!r} is not one of {COCO_LABEL_SPACES}")
     size = raw["input_size"]
     if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
         raise _fail(path, name, f"input_size must be [height, width] in pixels, got {size!r}")
+    for key in ("score_threshold", "iou_threshold"):
+        value = raw[key]
+        # ``not 0 <= v <= 1`` also refuses NaN (every comparison with it is False); TOML has nan and inf
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise _fail(path, name, f"{key} must be a number in 0..1, got {value!r}")
+    if type(raw["max_detections"]) is not int or raw["max_detections"] <= 0:
+        raise _fail(path, name, f"max_detections must be a positive integer, got {raw['max_detections']!r}")
     weights = dict(raw.get("weights", {"format": "none"}))
     unknown = set(weights) - _WEIGHTS_KEYS
     if unknown:
@@ -170,6 +181,8 @@ class Registry:
         """The named specs (all when ``names`` is empty), checking every name first."""
         if not names:
             return list(self)
+        for n in names:
+            check_name(n, "model name given", RegistryError)
         unknown = [n for n in names if n not in self._specs]
         if unknown:
             raise RegistryError(f"unknown model(s) {unknown}; registered models: {', '.join(self._specs)}")
@@ -188,4 +201,15 @@ def load_registry(path: Path | None = None) -> Registry:
     extra = set(doc) - {"models"}
     if extra:
         raise RegistryError(f"{path}: unknown top-level table(s) {sorted(extra)}; only [models.NAME] tables are allowed")
-    return Registry({name: _parse(name, raw, path) for name, raw in doc.get("models", {}).items()}, path)
+    models = doc.get("models", {})
+    if not isinstance(models, dict):
+        raise RegistryError(f"{path}: models must be tables [models.NAME], got {type(models).__name__}")
+    # Names become file names: two that differ only in case would share one file on a
+    # case-insensitive file system (and are one typo apart on any).
+    seen: dict[str, str] = {}
+    for name in models:
+        other = seen.setdefault(str(name).lower(), name)
+        if other != name:
+            raise RegistryError(f"{path}: models {other!r} and {name!r} differ only in case; rename one "
+                                "(their files would collide on a case-insensitive file system)")
+    return Registry({name: _parse(name, raw, path) for name, raw in models.items()}, path)

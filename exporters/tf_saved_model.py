@@ -36,6 +36,7 @@ returns ``boxes`` (x1, y1, x2, y2 input pixels), ``scores``, ``labels`` (int64).
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 import tomllib
 from pathlib import Path
@@ -45,8 +46,9 @@ from exporters import ExportResult
 from exporters.tf_convert import (compare_runs, convert_function, cpu_session, import_tensorflow, run_onnx, run_tf,
                                   validation_images, versions)
 from exporters.validation import Comparison
-from core.contract import DEFAULT_OPSET, LABEL_SPACES, OUTPUT_NAMES, RESIZE_MODES, ModelContract, save_model
+from core.contract import COCO_LABEL_SPACES, DEFAULT_OPSET, OUTPUT_NAMES, RESIZE_MODES, ModelContract, save_model
 from core.errors import ConfigError, ExportError
+from core.names import NAME_RULE, file_in, name_problem
 from core.images import load_rgb, prepare
 
 VALIDATION_IMAGES = 3
@@ -81,10 +83,20 @@ def read_description(path: Path) -> dict[str, Any]:
     size = doc["input_size"]
     if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
         raise bad(f"input_size must be [height, width], got {size!r}")
+    if name_problem(doc["name"]) is not None:  # the name becomes the file name <name>.onnx
+        raise bad(f"name {doc['name']!r} {name_problem(doc['name'])}; {NAME_RULE}")
+    for key, low, high in (("score_threshold", 0.0, 1.0), ("iou_threshold", 0.0, 1.0)):
+        value = doc.get(key, 0.0)
+        # ``not low <= v <= high`` also refuses NaN
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise bad(f"{key} must be a number in {low:g}..{high:g}, got {value!r}")
+    scale = doc["input"].get("scale", 1.0) if isinstance(doc["input"], dict) else None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
+        raise bad(f"[input] scale must be a finite non-zero number, got {scale!r}")
     if doc["resize"] not in RESIZE_MODES:
         raise bad(f"resize {doc['resize']!r} is not one of {RESIZE_MODES}")
-    if doc["label_space"] not in LABEL_SPACES:
-        raise bad(f"label_space {doc['label_space']!r} is not one of {LABEL_SPACES}")
+    if doc["label_space"] not in COCO_LABEL_SPACES:
+        raise bad(f"label_space {doc['label_space']!r} is not one of {COCO_LABEL_SPACES}")
     inp = {"dtype": "uint8", "layout": "NHWC", "channel_order": "rgb", "scale": 1.0, **doc["input"]}
     out = {"box_format": "yxyx", "boxes_normalized": True, "label_offset": 0, "num_detections": None, **doc["outputs"]}
     for key in ("name",):
@@ -180,7 +192,7 @@ def export_saved_model(saved_model: Path, description: Path, out: Path, *,
     progress = progress or (lambda _m: None)
     started = time.perf_counter()
     desc = read_description(description)
-    target = Path(out) if Path(out).suffix == ".onnx" else Path(out) / f"{desc['name']}.onnx"
+    target = Path(out) if Path(out).suffix == ".onnx" else file_in(Path(out), desc["name"], where=f"--describe {description}: name")
     progress(f"loading {saved_model}")
     loaded, signature = load_signature(saved_model, desc["signature"])
     function, spec = make_wrapper(signature, desc)
@@ -216,6 +228,8 @@ def _validate(function, proto, desc: dict[str, Any]) -> dict:
         reference = run_tf(function, tensor)
         compare_runs(comparison, path.stem, reference, run_onnx(session, tensor, OUTPUT_NAMES))
         counts.append(len(reference["scores"]))
+    comparison.nothing_detected(counts, f"score_threshold {desc['score_threshold']} or the [input] scale may leave "
+                                        "the model nothing to detect")
     comparison.raise_if_any("The ONNX graph differs from the SavedModel it was converted from (a tf2onnx problem).")
     figures = dict(comparison.figures)
     figures["detections_per_image"] = counts

@@ -375,7 +375,7 @@ def compare(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got:
         return None
     matching = match_detections(ref, got, iou_threshold=contract.iou_threshold,
                                 score_threshold=contract.score_threshold, max_detections=contract.max_detections,
-                                atol=comparison.atol, rtol=comparison.rtol)
+                                atol=comparison.atol, rtol=comparison.rtol, image_size=_image_size(contract))
     if rpn is not None and all(k in ref and k in got for k in PROPOSAL_OUTPUTS):
         _explain_by_proposals(comparison, where, ref, got, contract, matching, second_stage, rpn)
     for key, value in matching.figures().items():
@@ -385,6 +385,13 @@ def compare(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got:
         rows, cols = (list(x) for x in zip(*matching.pairs))
         compare_masks(comparison, where, ref["masks"][rows], got["masks"][cols])
     return matching
+
+
+def _image_size(contract: ModelContract) -> tuple[int, int] | None:
+    """The input tensor's (height, width): coordinates are compared at its scale
+    (exporters/detection_ties.py); None for a contract-like object without a size."""
+    height, width = getattr(contract, "input_height", None), getattr(contract, "input_width", None)
+    return (int(height), int(width)) if height and width else None
 
 
 def _as_proposals(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -399,7 +406,8 @@ def _explain_by_proposals(comparison: Comparison, where: str, ref: dict[str, np.
                           rpn: dict[str, float]) -> None:
     proposals = match_detections(_as_proposals(ref), _as_proposals(got), iou_threshold=rpn["nms_thresh"],
                                  score_threshold=rpn["score_thresh"], max_detections=int(rpn["post_nms_top_n"]),
-                                 atol=comparison.atol, rtol=comparison.rtol, ties=True)
+                                 atol=comparison.atol, rtol=comparison.rtol, ties=True,
+                                 image_size=_image_size(contract))
     for key, value in proposals.figures().items():
         comparison.figures[f"{where}:proposals:{key}"] = value
     if not matching.unexplained or second_stage is None:
@@ -410,7 +418,7 @@ def _explain_by_proposals(comparison: Comparison, where: str, ref: dict[str, np.
         return
     on_onnx = match_detections(second_stage(got["rpn_boxes"]), got, iou_threshold=contract.iou_threshold,
                                score_threshold=contract.score_threshold, max_detections=contract.max_detections,
-                               atol=comparison.atol, rtol=comparison.rtol)
+                               atol=comparison.atol, rtol=comparison.rtol, image_size=_image_size(contract))
     for key, value in on_onnx.figures().items():
         comparison.figures[f"{where}:on_onnx_proposals:{key}"] = value
     if on_onnx.unexplained:

@@ -110,6 +110,14 @@ class Comparison:
         for name in reference:
             self.arrays(where, name, reference[name], onnx_out[name])
 
+    def nothing_detected(self, counts: list[int], why: str) -> None:
+        """A mismatch when the reference detected nothing on any image (``counts`` per image; a
+        count the other side disagrees with is already a mismatch, and then this adds nothing): two empty outputs agree on
+        nothing, so the export would be "validated" without a single detection compared."""
+        if counts and not any(counts) and not self.mismatches:
+            self.mismatches.append(f"no detection on any of the {len(counts)} validation image(s) on either side: "
+                                   f"nothing was compared, so the file cannot be shown to reproduce its source ({why})")
+
     def raise_if_any(self, fix: str | None = None) -> None:
         if self.mismatches:
             raise ValidationError(self.model, self.mismatches, fix)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
+import math
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -41,12 +41,14 @@ from typing import Any, Iterator
 
 from core.contract import sha256_file
 from core.files import write_bytes_atomic
-from core.errors import ConfigError, DetbenchError
+from core.errors import ClusterLostError, ConfigError, DetbenchError
 
 BENCH_RESOURCE = "detbench_bench"
 # A worker process that dies (node lost, out of memory) has its task run again; a step's own
 # failure is not retried (it is recorded as the step's failure, as in a local run).
 TASK_MAX_RETRIES = 3
+# How often a waiting step checks that some live node can still run it.
+NODE_CHECK_SECONDS = 5.0
 
 
 class _Stopped(BaseException):
@@ -60,6 +62,7 @@ class RayRun:
     running cluster. A Ray instance this process already started is used as it is."""
 
     address: str | None = None
+    connect_timeout: float = 30.0  # seconds for the cluster's address to answer (--ray-timeout)
     bench_cpus: int = 0  # CPUs a timing task reserves: the smallest bench node's (found on connecting)
     _refs: dict = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -67,6 +70,8 @@ class RayRun:
     _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def __post_init__(self):
+        if not (math.isfinite(self.connect_timeout) and self.connect_timeout > 0):
+            raise ConfigError(f"--ray-timeout {self.connect_timeout}: must be a number of seconds above 0")
         if self.address is not None and not self.address.strip():
             raise ConfigError("--ray-address is empty: give auto or HOST:PORT (or leave it out for a local instance)")
 
@@ -77,39 +82,21 @@ class RayRun:
         """Ray connected for the block (started and stopped here when it was not running)."""
         import ray
 
-        started = False
-        if not ray.is_initialized():
-            kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-                                          configure_logging=False)
-            if self.address is None:
-                root = str(Path(__file__).resolve().parent.parent)
-                pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-                kwargs.update(address="local", num_cpus=os.cpu_count() or 1, resources={BENCH_RESOURCE: 1},
-                              _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
-            else:
-                kwargs.update(address=self.address)
+        from eval.ray_eval import ray_instance
+
+        with ray_instance(self.address, connect_timeout=self.connect_timeout, resources={BENCH_RESOURCE: 1}):
             try:
-                ray.init(**kwargs)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                where = "--ray: a local Ray instance did not start" if self.address is None else \
-                    f"--ray-address {self.address}: cannot join a Ray cluster there"
-                raise ConfigError(f"{where} ({exc}); start one with `ray start --head --resources "
-                                  f"'{{\"{BENCH_RESOURCE}\": 1}}'`, or leave --ray-address out") from exc
-            started = True
-        try:
-            cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes()
-                    if n.get("Alive") and n["Resources"].get(BENCH_RESOURCE)]
-            if not cpus:
-                raise ConfigError(f"no node of the Ray cluster advertises the {BENCH_RESOURCE} resource that bench "
-                                  f"steps hold; start bench nodes with `ray start ... --resources "
-                                  f"'{{\"{BENCH_RESOURCE}\": 1}}'`")
-            self.bench_cpus = max(1, int(min(cpus)))
-            self._stopping.clear()
-            yield
-        finally:
-            self._refs.clear()
-            if started:
-                ray.shutdown()
+                cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes()
+                        if n.get("Alive") and n["Resources"].get(BENCH_RESOURCE)]
+                if not cpus:
+                    raise ConfigError(f"no node of the Ray cluster advertises the {BENCH_RESOURCE} resource that "
+                                      f"bench steps hold; start bench nodes with `ray start ... --resources "
+                                      f"'{{\"{BENCH_RESOURCE}\": 1}}'`")
+                self.bench_cpus = max(1, int(min(cpus)))
+                self._stopping.clear()
+                yield
+            finally:
+                self._refs.clear()
 
     def run_targets(self, pipe, targets: list, backends: dict[str, str]) -> None:
         """Each model's targets in order on a driver thread of its own, the models side by side."""
@@ -152,7 +139,8 @@ class RayRun:
             options.update(num_cpus=self.bench_cpus, resources={BENCH_RESOURCE: 1})
         remote = ray.remote(_task).options(**options)
         with self._timing.timing() if exclusive else contextlib.nullcontext():
-            out = ray.get(remote.remote(fn, args, kwargs, model_arg, None if produces is None else str(produces)))
+            out = _wait(remote.remote(fn, args, kwargs, model_arg, None if produces is None else str(produces)),
+                        options, getattr(fn, "__name__", str(fn)))
         if "raise" in out:
             raise _rebuild(*out["raise"])
         if produces is not None:
@@ -176,6 +164,34 @@ class RayRun:
             if sha not in self._refs:
                 self._refs[sha] = ray.put(Path(path).read_bytes())
             return self._refs[sha]
+
+
+def _wait(ref, options: dict[str, Any], step: str) -> dict[str, Any]:
+    """The task's value. Ray runs a task whose node died again elsewhere (``max_retries``); when
+    no node still alive offers what it asks for, or the retries are spent, the run stops here
+    with :class:`ClusterLostError` instead of waiting for ever (the steps done are recorded)."""
+    import ray
+    from ray import exceptions as rx
+
+    needs = {"CPU": options.get("num_cpus", 1), **options.get("resources", {})}
+    while True:
+        ready, _ = ray.wait([ref], timeout=NODE_CHECK_SECONDS)
+        if ready:
+            try:
+                return ray.get(ref)
+            except (rx.WorkerCrashedError, rx.NodeDiedError, rx.ObjectLostError, rx.OwnerDiedError,
+                    rx.LocalRayletDiedError) as exc:
+                raise ClusterLostError(f"step {step}: Ray lost the worker running it {TASK_MAX_RETRIES + 1} times "
+                                       f"({type(exc).__name__}); {_RERUN}") from None
+        alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        if not any(all(res.get(k, 0) >= v for k, v in needs.items()) for res in alive):
+            ray.cancel(ref, force=True)
+            raise ClusterLostError(f"step {step}: no node left in the Ray cluster offers what it needs ({needs}); "
+                                   f"{_RERUN}")
+
+
+_RERUN = ("the steps already done are recorded: start nodes again and run the same `run` command, which continues "
+          "where this one stopped")
 
 
 # --------------------------------------------------------------------------- on the worker

@@ -50,7 +50,8 @@ from typing import Any, Callable
 from core import manifest as run_manifest
 from core import store
 from core.contract import RANDOM_INIT, read_contract, sha256_file
-from core.errors import ConfigError, DetbenchError
+from core.errors import ClusterLostError, ConfigError, DetbenchError
+from core.names import file_in
 from core.paths import PROJECT_ROOT, data_dir, results_dir
 
 STEPS = ("export", "profile", "bench", "images", "eval")
@@ -106,6 +107,16 @@ class RunSettings:
     all_models: bool = False  # no --models: the paper's configurations only (True: the whole registry)
     calibration_images: int = 32
     smoke: bool = False  # --quick: latency records are marked smoke, never VALID
+
+    def __post_init__(self):
+        # Checked before any step runs: a NaN budget would never run out.
+        for option, value in (("--bench-seconds", self.bench_seconds), ("per-image seconds", self.per_image_seconds)):
+            if value is not None and not 0 < value < float("inf"):
+                raise ConfigError(f"{option} {value}: must be a positive finite number of seconds")
+        if self.budget_minutes is not None and not 0 < self.budget_minutes < float("inf"):
+            raise ConfigError(f"--budget {self.budget_minutes}: must be a positive finite number of minutes")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads {self.threads}: must be at least 1")
 
     @property
     def scheduled(self) -> bool:
@@ -207,6 +218,7 @@ class RunSummary:
     providers: dict[str, str] = field(default_factory=dict)  # provider -> "" (usable) or the reason it is not
     # the timing budget's result (run --budget): pairs, VALID p50s, VALID p90s, and each pair not VALID with why
     latency_validity: dict[str, Any] = field(default_factory=dict)
+    store_note: str | None = None  # the store's lines that are not records, skipped when deciding what to re-run
 
     @property
     def failures(self) -> list[StepOutcome]:
@@ -278,7 +290,9 @@ class _Pipeline:
         self.manifest = run_manifest.Manifest(self.root)
         self.summary = RunSummary(results_dir=self.root)
         self.requested_providers = providers
-        self.have = {(r["kind"], r.get("model_sha256"), r.get("provider")) for r in store.load(root=self.root).records}
+        loaded = store.load(root=self.root)
+        self.have = {(r["kind"], r.get("model_sha256"), r.get("provider")) for r in loaded.records}
+        self.summary.store_note = loaded.skipped_note()
         self.steps_done = 0
         self.steps_total = 0
         self.exported: dict[str, Path] = {}  # spec name -> its float export at the registered size
@@ -346,6 +360,8 @@ class _Pipeline:
         except _Skip as exc:
             self.outcome(target, step, provider, "skipped", str(exc), key=key)
             return None
+        except ClusterLostError:
+            raise  # no node can run any step now: the run stops, the steps done stay recorded
         except DetbenchError as exc:
             self.outcome(target, step, provider, "failed", str(exc), time.perf_counter() - started, key=key)
             return None
@@ -432,7 +448,7 @@ class _Pipeline:
             version = source_version("exporters.onnx_wrap", "exporters.onnx_describe")
         except ImportError as exc:
             version = f"unavailable: {exc}"
-        out = self.root / "onnx" / f"{spec.name}.onnx"
+        out = file_in(self.root / "onnx", spec.name, where=f"--describe {spec.describe_file}: name")
         inputs = {"onnx_sha256": sha256_file(spec.onnx_file), "describe": spec.describe_file.read_text("utf-8"),
                   "wrapper": version}
 

@@ -15,6 +15,8 @@ from typing import Any
 from report import charts as _charts
 from report import claims as _claims
 from report.collect import ModelRow, collect
+from core import store
+from core.errors import ConfigError
 from core.paths import results_dir
 
 # (file stem, heading, caption, chart function): the paper's four charts first.
@@ -70,6 +72,7 @@ class ReportResult:
     csv: Path | None = None
     markdown: Path | None = None
     html: Path | None = None
+    skipped_lines: str | None = None  # the store's lines that are not records, said in words (None: none)
 
 
 def default_report_dir(root: Path | None = None) -> Path:
@@ -85,8 +88,11 @@ def build_report(out_dir: Path | None = None, *, root: Path | None = None, regis
     from report.table import write_csv, write_markdown
 
     out = Path(out_dir) if out_dir else default_report_dir(root)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder: the report is several files (charts, table.csv, "
+                          "table.md, report.html); give a folder (created when missing)")
     rows = collect(root=root, registry=registry, all_registered=all_registered)
-    result = ReportResult(out_dir=out, rows=rows)
+    result = ReportResult(out_dir=out, rows=rows, skipped_lines=store.load(root=root).skipped_note())
     for stem, _heading, _caption, fn in CHARTS:
         path = out / f"{stem}.png"
         result.chart_data[stem] = fn(rows, path)

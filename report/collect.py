@@ -103,6 +103,7 @@ class Evaluation:
     images: int | None
     image_ids: list[int] | None
     source: str
+    dataset: str | None = None  # a dataset other than COCO's categories (custom data), else None
 
 
 @dataclass
@@ -134,6 +135,7 @@ class ModelRow:
     precision: str = FLOAT32  # the file's detbench.precision ("int8" for a quantized file)
     quantized_from: str | None = None
     calibration: str | None = None  # calibration method and image count, as the contract says
+    dataset: str | None = None  # the headline accuracy's dataset when it is not COCO's categories
     evals: dict[str, Evaluation] = field(default_factory=dict)  # backend -> its largest evaluation
     eval_list: list[Evaluation] = field(default_factory=list)  # every evaluation of the file, oldest first
     images: dict[str, Any] | None = None  # the latest ``images`` record's data (per-image MACs and latency)
@@ -155,7 +157,9 @@ class ModelRow:
     @property
     def label(self) -> str:
         h, w = self.input_size
-        return self.name if self.in_registry and self.registered_size else f"{self.name} @{h}x{w}"
+        label = self.name if self.in_registry and self.registered_size else f"{self.name} @{h}x{w}"
+        # accuracy on custom data is never plotted as if it were COCO's without saying so
+        return label if self.dataset is None else f"{label} [on {self.dataset}]"
 
     @property
     def random_init(self) -> bool | None:
@@ -337,11 +341,13 @@ def _row(name: str, size: tuple[int, int], spec, records: list[dict[str, Any]],
             continue
         p, d = rec.get("provider") or REFERENCE_BACKEND, rec["data"]
         n = d.get("images_evaluated")
-        where = (f"measured here: {n} COCO val2017 images, annotations sha256 "
-                 f"{str(d.get('annotations_sha256', '?'))[:12]}, provider {p}")
+        dataset = _foreign_dataset(d)
+        where = (f"measured here: {n} {'COCO val2017 images' if dataset is None else f'images of dataset {dataset!r}'}"
+                 f"{'' if dataset is None else ' (its own classes: not comparable with COCO accuracy)'}, annotations "
+                 f"sha256 {str(d.get('annotations_sha256', '?'))[:12]}, provider {p}")
         ids = d.get("image_ids") or (rec.get("settings") or {}).get("image_ids")
         ev = Evaluation(p, 100.0 * float(d["map50"]), 100.0 * float(d["map"]), n,
-                        sorted(int(i) for i in ids) if ids else None, where)
+                        sorted(int(i) for i in ids) if ids else None, where, dataset)
         row.eval_list.append(ev)
         # an evaluation of the whole (limited) folder beats one restricted to chosen image ids (the
         # float model rerun on its INT8 row's images) of the same size
@@ -357,6 +363,7 @@ def _row(name: str, size: tuple[int, int], spec, records: list[dict[str, Any]],
         row.eval_images = headline.images
         row.map50 = Accuracy(headline.map50, MEASURED, headline.source)
         row.map = Accuracy(headline.map, MEASURED, headline.source)
+        row.dataset = headline.dataset
     elif spec is not None and row.registered_size and not row.quantized:
         for attr, key in (("map50", "map50"), ("map", "map")):
             pub = spec.published.get(key)
@@ -467,3 +474,12 @@ def providers(rows: list[ModelRow]) -> list[str]:
     A backend that ran nowhere is no column or series: :func:`provider_skips` says why, once."""
     seen = {p for r in rows for p in r.latency}
     return sorted(seen, key=lambda p: (p != "cpu", p))
+
+
+def _foreign_dataset(data: dict) -> str | None:
+    """The name of an eval record's dataset when its categories are not COCO's (None for COCO data
+    and for records written before datasets were named)."""
+    dataset = data.get("dataset") or {}
+    if dataset.get("coco_categories", True):
+        return None
+    return str(dataset.get("name") or dataset.get("annotations_file") or "custom data")

@@ -121,15 +121,8 @@ def read_records(source: str | Path) -> tuple[list[dict[str, Any]], list[int], P
         if path.name == store.STORE_NAME:
             loaded = store.load(root=path.parent)
             return loaded.records, loaded.corrupt_lines, path
-        records, corrupt = [], []
-        with open(path, encoding="utf-8") as fh:
-            for number, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        corrupt.append(number)
-        return records, corrupt, path
+        loaded = store.read_file(path)
+        return loaded.records, loaded.corrupt_lines, path
     raise ConfigError(f"{path}: no such results folder or file; give a results folder (as DETBENCH_RESULTS names "
                       "it) or its results.jsonl")
 
@@ -380,9 +373,13 @@ def parse_fraction(text: str, option: str) -> float:
 
 
 def compare_stores(a: str | Path, b: str | Path, *, max_slowdown: float = DEFAULT_MAX_SLOWDOWN,
-                   max_map_drop: float = DEFAULT_MAX_MAP_DROP, alpha: float = DEFAULT_ALPHA) -> Comparison:
-    """Compare store B against store A (A is the reference): see the module docstring."""
-    if max_slowdown < 0 or max_map_drop < 0:
+                   max_map_drop: float = DEFAULT_MAX_MAP_DROP, alpha: float = DEFAULT_ALPHA,
+                   allow_nothing_in_common: bool = False) -> Comparison:
+    """Compare store B against store A (A is the reference): see the module docstring.
+
+    A guard fails closed: when no (model, backend, precision, input size) is in both stores
+    nothing was compared, and that is a :class:`ConfigError` unless ``allow_nothing_in_common``."""
+    if not (0 <= max_slowdown < math.inf and 0 <= max_map_drop < math.inf):  # NaN fails every comparison
         raise ConfigError("--max-slowdown and --max-map-drop must be 0 or more")
     if not 0 < alpha < 1:
         raise ConfigError(f"--alpha {alpha}: must be between 0 and 1, e.g. 0.01")
@@ -391,7 +388,7 @@ def compare_stores(a: str | Path, b: str | Path, *, max_slowdown: float = DEFAUL
     notes: list[str] = []
     for name, file, corrupt in (("A", file_a, corrupt_a), ("B", file_b, corrupt_b)):
         if corrupt:
-            notes.append(f"{name} ({file}): {len(corrupt)} line(s) that do not parse were skipped "
+            notes.append(f"{name} ({file}): {len(corrupt)} line(s) that are not records were skipped "
                          f"(line {', '.join(map(str, corrupt[:5]))}{' ...' if len(corrupt) > 5 else ''})")
     for name, file, recs in (("A", file_a, recs_a), ("B", file_b, recs_b)):
         if not any(r.get("kind") in ("bench", "eval", "profile") for r in recs):
@@ -400,6 +397,14 @@ def compare_stores(a: str | Path, b: str | Path, *, max_slowdown: float = DEFAUL
     bench_a, bench_b = bench_sides(recs_a), bench_sides(recs_b)
     eval_a, eval_b = _newest(recs_a, "eval"), _newest(recs_b, "eval")
     keys_a, keys_b = set(bench_a) | set(eval_a), set(bench_b) | set(eval_b)
+    if not keys_a & keys_b and not allow_nothing_in_common:
+        def listing(keys):
+            shown = sorted(str(k) for k in keys)
+            return ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "") or "none"
+
+        raise ConfigError(f"A ({file_a}) and B ({file_b}) have no (model, backend, precision, input size) in common: "
+                          f"nothing was compared, so no regression can be ruled out. A has {listing(keys_a)}; B has "
+                          f"{listing(keys_b)}. Pass --allow-nothing-in-common to accept this.")
     rows: list[Row] = []
     regressions: list[str] = []
     for key in sorted(keys_a & keys_b):

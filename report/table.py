@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,22 @@ GOPS_COLUMN = "GOps (2xMACs, all ops)"
 # a backend absent from it has no accuracy for this file (the published figure is the float model's).
 MEASURED_PER_BACKEND_COLUMN = "mAP@0.5 measured per backend (%)"
 CONV_GOPS_COLUMN = "GOps conv-only (Darknet BFLOPs convention)"
+
+
+# What CommonMark reads as markup: a "<" opening a tag, comment or declaration, an "&" opening
+# an entity, "_" at a word's edge (inside a word it is literal, as in model names), a "]" that
+# would close a link's text (before "(", "[" or ":"; the tables' own "[1]" source markers stay
+# as they are), and backslash, code, emphasis and table-cell characters anywhere.
+_MARKDOWN_MARKUP = re.compile(r"<(?=[A-Za-z/!?])|&(?=[A-Za-z#])|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])|\](?=[(\[:])"
+                             r"|[\\`*|]")
+_HTML_ENTITIES = {"<": "&lt;", "&": "&amp;"}
+
+
+def md_text(value: Any) -> str:
+    """``value`` as literal Markdown text: what could open an HTML tag or entity escaped as the
+    HTML report escapes it, Markdown's own syntax backslash-escaped, so a model name or a reason
+    from the store is shown as typed and never runs as markup."""
+    return _MARKDOWN_MARKUP.sub(lambda m: _HTML_ENTITIES.get(m.group(), "\\" + m.group()), str(value))
 
 
 def _weights(row: ModelRow) -> str:
@@ -126,6 +143,8 @@ def display_rows(rows: list[ModelRow]) -> tuple[list[dict[str, str]], list[str]]
                 if src not in sources:
                     sources.append(src)
                 cells[f"{key} (%)"] += f" {line[f'{key} status']} [{sources.index(src) + 1}]"
+                if rows[len(out)].dataset is not None:
+                    cells[f"{key} (%)"] += f" on {rows[len(out)].dataset}"
         cells["network"] += " *" if line["paper"] else ""
         row = rows[len(out)]
         for p in providers(rows):
@@ -260,10 +279,10 @@ def backend_latency_markdown(rows: list[ModelRow]) -> str:
     for line in data["rows"]:
         cells = [line["network"]] + ([line["host"]] if show_host else [])
         cells += [backend_cell_text(line["cells"][b]) if b in line["cells"] else "—" for b in data["backends"]]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        lines.append("| " + " | ".join(md_text(c) for c in cells) + " |")
     lines += ["", BACKEND_LATENCY_NOTE]
     if data["notes"]:
-        lines += ["", "INVALID because:", ""] + [f"{i}. {n}" for i, n in enumerate(data["notes"], 1)]
+        lines += ["", "INVALID because:", ""] + [f"{i}. {md_text(n)}" for i, n in enumerate(data["notes"], 1)]
     return "\n".join(lines) + "\n"
 
 
@@ -363,7 +382,7 @@ def int8_markdown(rows: list[ModelRow]) -> str:
     if not data:
         return "No quantized model measured beside its float32 model yet.\n"
     lines = ["| " + " | ".join(INT8_COLUMNS) + " |", "|" + "|".join("---" for _ in INT8_COLUMNS) + "|"]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in int8_cells(d)) + " |" for d in data]
+    lines += ["| " + " | ".join(md_text(c) for c in int8_cells(d)) + " |" for d in data]
     lines += ["", INT8_NOTE]
     return "\n".join(lines) + "\n"
 
@@ -392,18 +411,19 @@ def markdown(rows: list[ModelRow]) -> str:
     cols = [c for c, _ in display_columns(rows)]
     cells, sources = display_rows(rows)
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(c[col].replace("|", "\\|") for col in cols) + " |" for c in cells]
+    lines += ["| " + " | ".join(md_text(c[col]) for col in cols) + " |" for c in cells]
     lines += ["", "`*` a configuration of Sheik, Chaurasia & Culurciello (2018). GOps = GFLOPs = 2 x GMACs counted by "
               "the analyzer; 'all ops' is every counted node of the exported graph, 'conv-only' the convolutions alone "
               "(Darknet's BFLOPs). MParams: trainable parameters / 1e6. Latency: p50 over the bench runs, batch 1. "
               "*measured* = here, with trained weights; *published* = models.toml (the model has no trained weights "
               "here, its export is random-init and only its cost is measured).", "", "Accuracy sources:", ""]
-    lines += [f"{i}. {s}" for i, s in enumerate(sources, 1)]
+    lines += [f"{i}. {md_text(s)}" for i, s in enumerate(sources, 1)]
     notes = [(c["network"], c["_notes"]) for c in cells if c["_notes"]]
     machine = provider_skips(rows)
     if notes or machine:
-        lines += ["", "Not measured, and why:", ""] + [f"- provider {p} (every model): {why}" for p, why in machine.items()]
-        lines += [f"- {n}: {why}" for n, why in notes]
+        lines += ["", "Not measured, and why:", ""] + [f"- provider {md_text(p)} (every model): {md_text(why)}"
+                                                        for p, why in machine.items()]
+        lines += [f"- {md_text(n)}: {md_text(why)}" for n, why in notes]
     lines += ["", "## Latency per backend", "", backend_latency_markdown(rows)]
     lines += ["## INT8 against float32", "", int8_markdown(rows)]
     from report.claims import diminishing_returns_data, per_image_data
@@ -416,9 +436,9 @@ def markdown(rows: list[ModelRow]) -> str:
     lines += ["", "Host and versions:", ""]
     for h in hosts(rows):
         versions = ", ".join(f"{k} {v}" for k, v in sorted(h["versions"].items()))
-        lines.append(f"- {h['host'].get('hostname')} — {h['host'].get('cpu')}, {h['host'].get('cores')} cores, "
-                     f"{h['host'].get('system')}, Python {h['host'].get('python')}; {versions} "
-                     f"(models: {', '.join(h['models'])})")
+        lines.append(md_text(f"{h['host'].get('hostname')} — {h['host'].get('cpu')}, {h['host'].get('cores')} cores, "
+                             f"{h['host'].get('system')}, Python {h['host'].get('python')}; {versions} "
+                             f"(models: {', '.join(h['models'])})").join(("- ", "")))
     return "\n".join(lines) + "\n"
 
 

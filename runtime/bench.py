@@ -47,6 +47,7 @@ dimension is symbolic is fed ``batch`` copies of the image.
 from __future__ import annotations
 
 import gc
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -95,8 +96,8 @@ class BenchSettings:
             raise ConfigError("give --runs or --seconds, not both")
         if self.runs is not None and self.runs < 1:
             raise ConfigError(f"--runs {self.runs}: must be at least 1")
-        if self.seconds is not None and self.seconds <= 0:
-            raise ConfigError(f"--seconds {self.seconds}: must be positive")
+        if self.seconds is not None and not 0 < self.seconds < math.inf:  # NaN too: the timed loop would never end
+            raise ConfigError(f"--seconds {self.seconds}: must be a positive finite number of seconds")
         if self.rounds < 1:
             raise ConfigError(f"--rounds {self.rounds}: must be at least 1")
         if self.batch < 1:

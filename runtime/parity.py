@@ -86,7 +86,7 @@ class Parity:
     images: list[str]
     tolerance: dict[str, Any]
     tolerance_text: str
-    verdict: str                      # "agree" | "disagree"
+    verdict: str                      # "agree" | "disagree" | NOTHING_COMPARED
     matched: int
     total: int                        # reference detections the rule requires to match
     reference_detections: int
@@ -111,6 +111,8 @@ class Parity:
 
 
 FLOOR_MARGIN = 1e-3
+# The verdict when neither side detected anything on any image: not an agreement.
+NOTHING_COMPARED = "nothing-compared"
 
 
 def _dets(out: dict[str, np.ndarray], floor: float = 0.0) -> dict[str, np.ndarray]:
@@ -210,9 +212,15 @@ def check_parity(runner, reference, images: list[Path], tensors: list[np.ndarray
     boxes = [f["max_box_px"] for f in per_image if f["max_box_px"] is not None]
     scores = [f["max_score"] for f in per_image if f["max_score"] is not None]
     reasons = [f"{f['image']}: {r}" for f in per_image for r in f["reasons"]]
+    verdict = "agree" if not reasons else "disagree"
+    if not reasons and not any(f["reference"] or f["backend"] for f in per_image):
+        # Two empty outputs agree on nothing: the backend's computation was never compared.
+        verdict = NOTHING_COMPARED
+        reasons = [f"no detection on either side on any of the {len(per_image)} image(s) "
+                   f"({', '.join(Path(i).name for i in images)}): nothing was compared"]
     return Parity(backend=runner.info.backend, reference=reference.info.backend, precision=runner.info.precision,
                   images=[Path(i).name for i in images], tolerance=asdict(tol), tolerance_text=tol.describe(),
-                  verdict="agree" if not reasons else "disagree",
+                  verdict=verdict,
                   matched=sum(f["matched"] for f in per_image), total=sum(f["required"] for f in per_image),
                   reference_detections=sum(f["reference"] for f in per_image),
                   backend_detections=sum(f["backend"] for f in per_image),

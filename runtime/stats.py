@@ -363,8 +363,8 @@ def time_runs(run: Callable[[], Any], rules: ValidityRules | None = None, *, war
         raise ConfigError("give --runs or --seconds, not both")
     if runs is not None and runs < 1:
         raise ConfigError(f"--runs {runs}: must be at least 1")
-    if seconds is not None and seconds <= 0:
-        raise ConfigError(f"--seconds {seconds}: must be positive")
+    if seconds is not None and not 0 < seconds < math.inf:  # NaN too: `clock() >= end` would never hold
+        raise ConfigError(f"--seconds {seconds}: must be a positive finite number of seconds")
     for _ in range(warmup):
         run()
     samples: list[float] = []

@@ -162,3 +162,80 @@ def test_the_tie_tolerance_is_twice_the_largest_score_difference_of_the_pairs():
     assert abs(m.tie_tol - 4e-4) < 1e-6 and [u.rule for u in m.unpaired] == ["nms tie", "nms tie"]
     ref = dets([(0.6002, 0, 50, 50, 60, 60), (0.5005, 0, *b)])
     assert [u.rule for u in match_detections(ref, got, **kwargs).unpaired] == [None, None]
+
+
+# Coordinates at the image's scale (image_size given). At 800 px: COORDINATE_RTOL * 800 = 0.008 px
+# on an axis the box does not touch the border of; 62.5 times that, 0.5 px, on an axis where it
+# was clipped (operands of a saturated decode reach exp(log(1000/16)) = 62.5 x the image).
+IMAGE = (800, 800)
+
+
+def match_at_800(ref, got, **kwargs):
+    kwargs = {"iou_threshold": 0.5, "score_threshold": 0.05, "max_detections": 100, **kwargs}
+    return match_detections(ref, got, atol=ATOL, rtol=RTOL, image_size=IMAGE, **kwargs)
+
+
+def test_the_coordinate_budget_at_800_px_by_hand():
+    from exporters.detection_ties import coordinate_tolerance
+
+    tol = coordinate_tolerance(np.array([[0.0, 100.0, 3.0, 300.0], [10.0, 20.0, 30.0, 800.0]]), ATOL, RTOL, IMAGE)
+    # box 0: x clipped (x1 = 0): 0.001 + 0.001 * |x| + 0.5; y inside: 0.001 + 0.001 * |y| + 0.008.
+    np.testing.assert_allclose(tol[0], [0.501, 0.109, 0.504, 0.309], atol=1e-12)
+    # box 1: x inside, y clipped (y2 = 800).
+    np.testing.assert_allclose(tol[1], [0.019, 0.521, 0.039, 1.301], atol=1e-12)
+    assert coordinate_tolerance(np.array([[0.0, 100.0, 3.0, 300.0]]), ATOL, RTOL, None).tolist() == \
+        [[0.001, 0.101, 0.004, 0.301]]
+
+
+def test_a_degenerate_box_at_the_border_pairs_by_its_coordinates():
+    # The RPN's proposals at the left border: 0.003 and 0.005 px wide (IoU 0.6, deficit 0.4),
+    # the right edge 0.002 px apart, more than 0.001 + 0.001 * 0.003: unpaired at the old tolerance.
+    ref = dets([(0.9, 1, 0.0, 100.0, 0.003, 300.0), (0.8, 2, 40, 40, 140, 140)])
+    got = dets([(0.9, 1, 0.0, 100.0, 0.005, 300.0), (0.8, 2, 40, 40, 140, 140)])
+    old = match(ref, got, max_detections=100)
+    assert [(u.side, u.index) for u in old.unexplained] == [("ref", 0), ("got", 0)]
+    m = match_at_800(ref, got)
+    assert m.pairs == [(0, 0), (1, 1)] and m.unexplained == []
+    # Its IoU deficit (0.4) is rounding of a width of nothing: counted apart, not widening the
+    # NMS boundary tolerance.
+    assert m.degenerate_pairs == 1 and m.max_iou_deficit == 0.0 and m.boundary_tol == BOUNDARY_IOU_TOL
+    assert m.figures()["degenerate_pairs"] == 1
+    # A detection 0.3 px thick at the bottom border, its clipped edge 0.1 px apart (IoU 2/3).
+    ref = dets([(0.7, 3, 200.0, 799.7, 600.0, 800.0)])
+    got = dets([(0.7, 3, 200.0, 799.8, 600.0, 800.0)])
+    m = match_at_800(ref, got)
+    assert m.pairs == [(0, 0)] and m.degenerate_pairs == 1
+
+
+def test_a_float32_rounding_difference_at_800_px_pairs():
+    # Box clipped at x = 0, right edge 3 px: two float32 steps at 50 000 px (the operands of a
+    # saturated decode at 800 px; np.spacing(np.float32(50000)) = 2**-8 = 0.0039) apart.
+    step = float(np.spacing(np.float32(50000.0)))
+    assert step == 2.0 ** -8
+    ref = dets([(0.9, 1, 0.0, 10.0, 3.0, 12.0)])
+    got = dets([(0.9, 1, 0.0, 10.0, 3.0 + 2 * step, 12.0)])
+    # Old tolerance 0.001 + 0.001 * 3 = 0.004 < 0.0078; IoU 3 / 3.0078, deficit 0.0026 > 1e-3.
+    assert len(match(ref, got, max_detections=100).unexplained) == 2
+    m = match_at_800(ref, got)
+    assert m.pairs == [(0, 0)] and m.unexplained == [] and m.degenerate_pairs == 0
+    assert abs(m.max_iou_deficit - 2 * step / (3 + 2 * step)) < 1e-6
+
+
+def test_a_systematic_shift_beyond_the_budget_still_fails_at_800_px():
+    # 30 boxes, some clipped at the border, some degenerate; every coordinate shifted by 1 px:
+    # beyond 0.001 + 0.001 * 800 + 0.008 on any axis the box does not touch the border of.
+    rng = np.random.default_rng(2)
+    x1, y1 = rng.uniform(0, 700, 30), rng.uniform(0, 600, 30)
+    w, h = rng.uniform(40, 150, 30), rng.uniform(40, 150, 30)
+    boxes = np.stack([x1, y1, np.minimum(x1 + w, 800), np.minimum(y1 + h, 800)], axis=1)
+    boxes[:5, 0], boxes[:5, 2] = 0.0, 0.003  # degenerate at the left border
+    boxes[5:10, 2] = 800.0  # clipped at the right border
+    rows = [(0.9 - 0.01 * k, 1 + k % 5, *boxes[k]) for k in range(30)]
+    ref = dets(rows)
+    assert match_at_800(ref, ref).unexplained == []
+    got = {**ref, "boxes": (ref["boxes"] + np.float32(1.0)).astype(np.float32)}
+    m = match_at_800(ref, got)
+    assert m.pairs == [] and len(m.unexplained) == 60, m.figures()
+    # Within the budget: 0.005 px on every coordinate pairs everything.
+    got = {**ref, "boxes": (ref["boxes"].astype(np.float64) + 0.005).astype(np.float32)}
+    assert len(match_at_800(ref, got).pairs) == 30

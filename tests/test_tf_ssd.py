@@ -301,27 +301,11 @@ def test_weights_of_another_network_are_rejected(torchvision_pair, registry, tmp
 # ---------------------------------------------------------------- SavedModel path
 
 
-DESCRIPTION = """
-name = "tiny-od-api"
-input_size = [320, 320]
-resize = "stretch"
-label_space = "coco91"
-score_threshold = 0.7
-iou_threshold = 0.5
-max_detections = 100
-
-[input]
-name = "input_tensor"
-dtype = "uint8"
-
-[outputs]
-boxes = "detection_boxes"
-box_format = "yxyx"
-boxes_normalized = true
-scores = "detection_scores"
-classes = "detection_classes"
-num_detections = "num_detections"
-"""
+# The describe preset for TF OD API SavedModels, pointed at the tiny model below.
+_PRESET = (Path(__file__).resolve().parent.parent / "exporters" / "describe_examples" / "tf_od_api_saved_model.toml")
+DESCRIPTION = (_PRESET.read_text().replace('name = "ssd-mobilenet-v2-320-od-api"', 'name = "tiny-od-api"')
+               .replace("score_threshold = 0.0", "score_threshold = 0.7"))
+assert "tiny-od-api" in DESCRIPTION and "score_threshold = 0.7" in DESCRIPTION
 TINY_PARAMS = 4 * 4 * 3 * 16 + 16 * 4 + 16 * 90  # stem, box head, class head (no biases)
 
 

@@ -17,6 +17,7 @@ reason, never replaced by another device's numbers under its name.
 from __future__ import annotations
 
 import abc
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +28,32 @@ from core.errors import ConfigError, ProviderUnavailableError
 
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "layout", "all")
 EXECUTION_MODES = ("sequential", "parallel")
+
+
+# More threads than this per usable CPU only contend for the cores (and thousands take minutes
+# to start before the first run): a typo, not an experiment.
+THREADS_PER_CPU = 4
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's or taskset's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_thread_count(option: str, value: int | None) -> None:
+    """A thread count from the user: at least 1, at most :data:`THREADS_PER_CPU` per usable CPU."""
+    if value is None:
+        return
+    if value < 1:
+        raise ConfigError(f"{option} {value}: must be at least 1")
+    cap = THREADS_PER_CPU * usable_cpus()
+    if value > cap:
+        raise ConfigError(f"{option} {value}: this machine lets detbench use {usable_cpus()} CPU(s); more than "
+                          f"{THREADS_PER_CPU} threads per CPU ({cap}) only contend for the cores, and thousands "
+                          f"take minutes to start. Give at most {cap} (default: the library's own choice).")
 
 
 @dataclass(frozen=True)
@@ -53,10 +80,8 @@ class BackendSettings:
     native_weights: str | None = None
 
     def __post_init__(self):
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--threads {self.threads}: must be at least 1")
-        if self.inter_threads is not None and self.inter_threads < 1:
-            raise ConfigError(f"--inter-threads {self.inter_threads}: must be at least 1")
+        for option, value in (("--threads", self.threads), ("--inter-threads", self.inter_threads)):
+            check_thread_count(option, value)
         if self.optimization not in OPTIMIZATION_LEVELS:
             raise ConfigError(f"--optimization {self.optimization!r}: use one of {', '.join(OPTIMIZATION_LEVELS)}")
         if self.execution_mode not in EXECUTION_MODES:
