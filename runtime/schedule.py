@@ -248,7 +248,8 @@ def schedule(pairs: list[PairSpec], timer: PairTimer, settings: ScheduleSettings
                     if left <= 0:
                         for q in state.values():
                             if work(q):
-                                q.gave_up = q.gave_up or f"budget spent before its {phase} was VALID"
+                                why = judged(q).verdicts[phase].reason if has_samples(q) else "never timed"
+                                q.gave_up = q.gave_up or f"budget spent before its {phase} was VALID ({why})"
                         return
                     lat = judged(p) if has_samples(p) else None
                     n, timed = (lat.n, lat.duration_s) if lat else (0, 0.0)
@@ -276,7 +277,7 @@ def schedule(pairs: list[PairSpec], timer: PairTimer, settings: ScheduleSettings
                     f"and 3 x {n50} runs) without a VALID p50: " + lat.verdicts["p50"].reason)
         more = max((n50 - lat.n) * run_s, rules.p50_min_duration_s - p.timed_s, 0.0)
         left = deadline - clock()
-        if more > left:
+        if more > 0 and more > left:  # (with nothing more needed but stability, the pair goes on until its cap)
             return (f"too slow for the budget: ~{more:.1f} s more timing needed at {1e3 * run_s:.0f} ms a run, "
                     f"{max(left, 0):.1f} s of the budget left")
         return ""

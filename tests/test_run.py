@@ -262,11 +262,13 @@ def test_budget_run_continues_from_an_earlier_smaller_budget(quick_run, models, 
 
     second = run_pipeline([trained.name], settings=settings(0.5), providers=["cpu"], report=False, strict=True)
     (bench2,) = [o for o in second.outcomes if o.step == "bench"]
-    assert "cpu: p50 VALID" in bench2.reason, bench2.reason
     rec2 = _records(root, "bench", trained.name, "cpu", size=trained.input_size)[-1]
     sched = rec2["data"]["schedule"]
-    assert rec2["data"]["latency_validity"]["verdicts"]["p50"]["verdict"] == "VALID"
-    assert sched["earlier_runs"] == rec1["data"]["runs"]
+    valid = rec2["data"]["latency_validity"]["verdicts"]["p50"]["verdict"] == "VALID"
+    # a quiet machine makes it VALID (11 runs of ~0.1 s); a loaded one may not: then the record says why
+    assert ("cpu: p50 VALID" in bench2.reason) == valid and sched["p50_valid"] == valid
+    assert valid or sched["reason"]
+    assert sched["earlier_runs"] == rec1["data"]["runs"] and sched["new_runs"] >= 1
     if sched["pooling"].startswith("pooled"):
         assert rec2["data"]["samples_ms"][:sched["earlier_runs"]] == rec1["data"]["samples_ms"]
         assert rec2["data"]["runs"] == sched["earlier_runs"] + sched["new_runs"]
