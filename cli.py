@@ -414,7 +414,9 @@ def bench(
 @app.command()
 @reports_errors
 def run(
-    models: Optional[str] = typer.Option(None, "--models", help="Comma-separated registered names (default: the whole registry)."),
+    models: Optional[str] = typer.Option(None, "--models", help="Comma-separated registered names, or `all` for the "
+                                         "whole registry (default: the paper's eleven configurations; the other "
+                                         "models are cross-checks)."),
     quick: bool = typer.Option(False, "--quick", help="Bounded smoke run: 1 warm-up + 3 timed bench runs per "
                                "backend, 2 images per model for the per-image step, 8 COCO images per eval, "
                                "4 calibration images (results are marked smoke, not valid)."),
@@ -423,19 +425,27 @@ def run(
     providers: Optional[List[str]] = typer.Option(None, "--provider", "-p", help="Backends to bench (repeat; see "
                                                   "`python cli.py backends`). Default: cpu, every other provider "
                                                   "onnxruntime lists, openvino and openvino-bf16, each probed first."),
-    bench_runs: Optional[int] = typer.Option(None, "--bench-runs", min=1, help="Timed bench runs per model x backend "
-                                             "(default: as many as fit in --bench-seconds)."),
-    bench_seconds: Optional[float] = typer.Option(None, "--bench-seconds", min=0.1, help="Timed seconds per model x "
-                                                  "backend (default 2; short runs are recorded INVALID for the "
-                                                  "percentiles they cannot support)."),
+    budget: Optional[float] = typer.Option(None, "--budget", min=0.1, help="Minutes of bench timing for the whole "
+                                           "run (default 8; opening models included): every model x backend pair "
+                                           "first reaches a VALID p50 (11 runs, 1 s, median's 95 % interval within "
+                                           "5 %), then the rest buys VALID p90s (64 runs, 10 s), cheapest first. "
+                                           "A second run with a larger budget continues from the first one's runs."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads of bench, the per-image "
+                                          "step and evaluation (local and --ray actors); default: this machine's "
+                                          "CPUs. Every record states the count."),
+    bench_runs: Optional[int] = typer.Option(None, "--bench-runs", min=1, help="Instead of --budget: timed bench runs "
+                                             "per model x backend, each row on its own."),
+    bench_seconds: Optional[float] = typer.Option(None, "--bench-seconds", min=0.1, help="Instead of --budget: timed "
+                                                  "seconds per model x backend, each row on its own (short runs are "
+                                                  "recorded INVALID for the figures they cannot support)."),
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", min=1, help="Evaluate at most N COCO images per model."),
     int8: Optional[str] = typer.Option(None, "--int8", help="Models that get an INT8 row (NAME@int8): "
-                                       "comma-separated names, `all` or `none`. Default: yolov3-tiny, yolov3-416, "
-                                       "ssd300 (the others quantize too, behind --int8 all: longer)."),
+                                       "comma-separated names, `all` or `none`. Default: yolov3-tiny, ssd300 "
+                                       "(the others quantize too, behind --int8 all: longer)."),
     sizes: bool = typer.Option(True, "--sizes/--no-sizes", help="Also the further input sizes models.toml lists "
                                "under run_sizes (yolov3-tiny at 320, 512, 608)."),
     per_image: Optional[int] = typer.Option(None, "--per-image", min=0, help="COCO images per model for the "
-                                            "per-image operations/latency step (default 3, at most 12 s a model; "
+                                            "per-image operations/latency step (default 2, at most 8 s a model; "
                                             "0 turns it off)."),
     onnx_files: List[Path] = typer.Option([], "--onnx", help="A foreign ONNX detector to add to the run (repeatable; "
                                            "each with a --describe file, in the same order; see `export --onnx`)."),
@@ -466,6 +476,10 @@ def run(
     if len(onnx_files) != len(describe):
         raise ConfigError(f"give one --describe per --onnx file ({len(onnx_files)} --onnx, {len(describe)} --describe)")
     settings = RunSettings.quick() if quick else RunSettings()
+    if budget is not None:
+        settings = dataclasses.replace(settings, budget_minutes=budget, bench_runs=None, bench_seconds=None)
+    if threads is not None:
+        settings = dataclasses.replace(settings, threads=threads)
     if bench_seconds is not None:
         settings = dataclasses.replace(settings, bench_seconds=bench_seconds, bench_runs=None)
     if bench_runs is not None:
@@ -510,6 +524,12 @@ def run(
     counts = ", ".join(f"{summary.count(s)} {s}" for s in colours)
     console.print(f"[bold]run finished in {summary.wall_seconds:.1f} s[/]: {counts} step(s); results in "
                   f"{t(summary.results_dir)}", highlight=False)
+    lv = summary.latency_validity
+    if lv:
+        console.print(f"latency: {lv['p50_valid']}/{lv['pairs']} model x backend pairs with a VALID p50, "
+                      f"{lv['p90_valid']} with a VALID p90 (timing {lv['seconds']:.0f} s)", highlight=False)
+        for pair, why in lv["p50_invalid"].items():
+            console.print(f"[yellow]p50 INVALID[/] {t(pair)}: {t(why)}", highlight=False, soft_wrap=True)
     if summary.store_note:
         print_error(summary.store_note, "warning:")
     for provider, reason in summary.providers.items():

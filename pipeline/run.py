@@ -39,6 +39,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import os
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -59,6 +61,7 @@ DATA_DEPENDENT_OPS = frozenset({"RoiAlign", "MaxRoiPool"})
 EXTRA_BACKENDS = ("openvino", "openvino-bf16")
 RANDOM_INIT_CALIBRATION_IMAGES = 4
 INT8 = "int8"
+DEFAULT_BUDGET_MINUTES = 8.0
 
 
 @dataclass(frozen=True)
@@ -66,33 +69,42 @@ class RunSettings:
     """How much work each step does (defaults keep `run` over the registry near 20 minutes on
     a 2-core CPU; ``quick`` bounds it further for smoke runs and CI).
 
-    bench: ``bench_warmup`` untimed runs, then timed runs for ``bench_seconds`` per backend
-    (at least one run; ``bench_runs`` instead fixes the count), split in ``bench_rounds``
-    blocks with the backends alternating; ``parity_images`` COCO images compared with
-    onnxruntime CPU first; ``nodes``/``node_runs``: per-layer profile. Short runs are what
-    keeps the whole registry within the time budget: their latency records say INVALID
-    with the reason (too few runs for p90/p99) rather than pretending otherwise.
+    bench: ``bench_warmup`` untimed runs, then, by default, one timing budget of
+    ``budget_minutes`` (wall time, opening models included) for every (row, backend) pair of
+    the run (:mod:`runtime.schedule`: a VALID p50 for every pair first, then p90 for as many
+    as the rest of the budget holds, pairs of all rows interleaved; a pair timed more than
+    ``pair_cap_seconds`` without a VALID p50 gives up as unstable). ``bench_seconds`` (per
+    backend) or ``bench_runs`` instead time each row on its own for that long / that many runs,
+    in ``bench_rounds`` blocks with the backends alternating. ``parity_images`` COCO images
+    compared with onnxruntime CPU first; ``nodes``/``node_runs``: per-layer profile.
+    ``threads``: the intra-op threads of bench, the per-image step and evaluation (local or
+    Ray), stated in every record; None means this machine's CPU count.
     images: ``per_image`` COCO images per target, at most ``per_image_seconds`` per target.
     eval: ``eval_limit`` images (None: all); ``eval_backends`` for the registered-size row of
     a trained model (other rows: onnxruntime CPU, and OpenVINO for INT8 rows).
-    ``sizes``: also the ``run_sizes`` of models.toml. ``int8_models``: which models get an
+    ``sizes``: also the ``run_sizes`` of models.toml. ``all_models``: without a model list, the
+    whole registry rather than the paper's configurations. ``int8_models``: which models get an
     INT8 row (None: every model), calibrated on ``calibration_images`` COCO images (entropy;
     random-init models: MinMax on 4, as their accuracy is not measured).
     """
 
     bench_warmup: int = 1
     bench_runs: int | None = None
-    bench_seconds: float | None = 2.0
+    bench_seconds: float | None = None
     bench_rounds: int = 2
+    budget_minutes: float | None = DEFAULT_BUDGET_MINUTES  # timing budget of every bench pair (runtime.schedule)
+    pair_cap_seconds: float = 30.0  # timing per pair without a VALID p50 before it is called unstable
+    threads: int | None = None  # intra-op threads of every step; None: this machine's CPUs
     parity_images: int = 1
     node_runs: int = 1
     nodes: bool = True
-    per_image: int = 3
-    per_image_seconds: float = 12.0
+    per_image: int = 2
+    per_image_seconds: float = 8.0
     eval_limit: int | None = None  # None: every image of the dataset
     eval_backends: tuple[str, ...] = ("cpu", "openvino", "openvino-bf16")
     sizes: bool = True
-    int8_models: tuple[str, ...] | None = ("yolov3-tiny", "yolov3-416", "ssd300")
+    int8_models: tuple[str, ...] | None = ("yolov3-tiny", "ssd300")
+    all_models: bool = False  # no --models: the paper's configurations only (True: the whole registry)
     calibration_images: int = 32
     smoke: bool = False  # --quick: latency records are marked smoke, never VALID
 
@@ -101,6 +113,15 @@ class RunSettings:
         for option, value in (("--bench-seconds", self.bench_seconds), ("per-image seconds", self.per_image_seconds)):
             if value is not None and not 0 < value < float("inf"):
                 raise ConfigError(f"{option} {value}: must be a positive finite number of seconds")
+        if self.budget_minutes is not None and not 0 < self.budget_minutes < float("inf"):
+            raise ConfigError(f"--budget {self.budget_minutes}: must be a positive finite number of minutes")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads {self.threads}: must be at least 1")
+
+    @property
+    def scheduled(self) -> bool:
+        """Timing by one budget over all pairs (the default) rather than per row."""
+        return self.budget_minutes is not None and self.bench_runs is None and self.bench_seconds is None
 
     @classmethod
     def quick(cls) -> "RunSettings":
@@ -195,6 +216,8 @@ class RunSummary:
     report: Any = None  # report.ReportResult
     wall_seconds: float = 0.0
     providers: dict[str, str] = field(default_factory=dict)  # provider -> "" (usable) or the reason it is not
+    # the timing budget's result (run --budget): pairs, VALID p50s, VALID p90s, and each pair not VALID with why
+    latency_validity: dict[str, Any] = field(default_factory=dict)
     store_note: str | None = None  # the store's lines that are not records, skipped when deciding what to re-run
 
     @property
@@ -277,6 +300,7 @@ class _Pipeline:
         # the lock keeps the manifest, the store and the events single-writer on the driver.
         self.ray = None
         self.lock = threading.RLock()
+        self.pending: list[tuple] = []  # bench pairs deferred to the run's one timing budget
 
     # ------------------------------------------------------------------ events
 
@@ -516,19 +540,90 @@ class _Pipeline:
         # per-node times need the analyzer's MACs: a bench done without it is redone once it lands
         inputs = {"onnx_sha256": onnx_sha, "backends": usable, "warmup": s.bench_warmup, "runs": s.bench_runs,
                   "seconds": s.bench_seconds, "rounds": s.bench_rounds, "parity_images": s.parity_images,
-                  "nodes": s.nodes and analyzer, "node_runs": s.node_runs, "runtime": version}
+                  "nodes": s.nodes and analyzer, "node_runs": s.node_runs, "runtime": version, "threads": s.threads}
         label = "+".join(usable)
+        settings = {"warmup": s.bench_warmup, "runs": s.bench_runs, "seconds": s.bench_seconds,
+                    "rounds": s.bench_rounds, "nodes": inputs["nodes"], "node_runs": s.node_runs,
+                    "parity_images": s.parity_images, "smoke": s.smoke}
+        if s.scheduled:
+            # the budget is not part of the key: a second run with more budget continues from these samples
+            key = run_manifest.input_key({k: v for k, v in inputs.items() if k not in ("runs", "seconds")})
+            prior = self.prior_samples(onnx_sha, usable, key)
+            if all(prior.get(n) and _fully_valid(prior[n]) for n in usable):
+                self.outcome(target, "bench", label, "reused", "p50 and p90 VALID on every backend in earlier runs")
+                return
+            if self.ray is None:  # timed with every other row at the end of the run (bench_pending)
+                self.pending.append((target, path, onnx_sha, usable, macs, key, prior, settings))
+                return
+            share = 60.0 * s.budget_minutes / max(1, len(self.targets))
+            settings = {**settings, "schedule": {"budget_s": share, "pair_cap_s": s.pair_cap_seconds,
+                                                 "key": key, "prior": prior}}
 
         def run():
-            settings = {"warmup": s.bench_warmup, "runs": s.bench_runs, "seconds": s.bench_seconds,
-                        "rounds": s.bench_rounds, "nodes": inputs["nodes"], "node_runs": s.node_runs,
-                        "parity_images": s.parity_images, "smoke": s.smoke}
             self.emit("update", target.label, "bench", label, "side by side: " + ", ".join(usable))
-            p50 = self.measure(_bench_file, usable, settings, macs, model=path, exclusive=True)
+            p50 = self.measure(_bench_file, usable, settings, macs, s.threads, model=path, exclusive=True)
             return p50, {"onnx_sha256": onnx_sha, "p50_ms": p50}
 
         self.step(target, "bench", label, inputs, run,
                   lambda e: all(("bench", onnx_sha, n) in self.have for n in usable))
+
+    def prior_samples(self, onnx_sha: str, backends: list[str], key: str) -> dict[str, list[float]]:
+        """Per backend, the samples of the latest bench record of this file timed under the same
+        settings key by an earlier run (what runtime.schedule reuses)."""
+        out: dict[str, list[float]] = {}
+        if not any(("bench", onnx_sha, b) in self.have for b in backends):
+            return out
+        for rec in store.load(root=self.root).records:
+            if (rec["kind"] == "bench" and rec.get("model_sha256") == onnx_sha and rec.get("provider") in backends
+                    and (rec.get("settings") or {}).get("schedule_key") == key):
+                out[rec["provider"]] = list(rec["data"].get("samples_ms") or [])
+        return out
+
+    def bench_pending(self) -> None:
+        """Every deferred bench pair of the run under one timing budget (runtime.schedule), then
+        one record per pair timed and one bench outcome per row."""
+        if not self.pending:
+            return
+        s = self.settings
+        bench_scheduled = _importable("runtime.bench", "bench_scheduled")
+        scheduled_model = _importable("runtime.bench", "ScheduledModel")
+        bench_settings = _importable("runtime.bench", "BenchSettings")
+        backend_settings = _importable("runtime.backends", "BackendSettings")
+        schedule_settings = _importable("runtime.schedule", "ScheduleSettings")
+        models = [scheduled_model(key=t.label, path=path, backends=usable, macs=macs, prior=prior)
+                  for t, path, _sha, usable, macs, _key, prior, _st in self.pending]
+        first = self.pending[0][7]
+        timing = schedule_settings(budget_s=60.0 * s.budget_minutes, pair_cap_s=s.pair_cap_seconds,
+                                   memory_mb=_memory_allowance_mb())
+        self.emit("start", "all rows", "bench", None)
+        started = time.perf_counter()
+        results, outcomes, failed = bench_scheduled(
+            models, bench_settings(**{k: v for k, v in first.items() if k not in ("runs", "seconds")}),
+            backend_settings(threads=s.threads), timing,
+            progress=lambda msg: self.emit("update", "all rows", "bench", None, msg))
+        seconds = time.perf_counter() - started
+        self.summary.latency_validity = {
+            "pairs": len(outcomes), "p50_valid": sum(o.p50_valid for o in outcomes.values()),
+            "p90_valid": sum(o.p90_valid for o in outcomes.values()), "seconds": seconds,
+            "p50_invalid": {f"{m} on {b}": o.reason for (m, b), o in outcomes.items() if not o.p50_valid}}
+        for target, _path, onnx_sha, usable, _macs, key, _prior, _st in self.pending:
+            label = "+".join(usable)
+            for r in results.get(target.label, []):
+                r.settings["schedule_key"] = key
+                self.write("bench", r.to_record(), model=r.model, model_sha256=r.model_sha256, provider=r.provider,
+                           settings=r.settings, contract=r.contract)
+            if target.label in failed:
+                self.outcome(target, "bench", label, "failed", failed[target.label], seconds, key=key)
+                continue
+            said = []
+            for b in usable:
+                o = outcomes[(target.label, b)]
+                said.append(f"{b}: p50 {'VALID' if o.p50_valid else 'INVALID'}"
+                            + (", p90 VALID" if o.p90_valid else "") + (f" ({o.reason})" if o.reason else ""))
+            self.outcome(target, "bench", label, "done", "; ".join(said), seconds, key=key, onnx_sha256=onnx_sha,
+                         p50_ms={b: (statistics.median(outcomes[(target.label, b)].samples)
+                                     if outcomes[(target.label, b)].samples else None) for b in usable})
+        self.pending = []
 
     def per_image(self, target: Target, path: Path, onnx_sha: str) -> None:
         s = self.settings
@@ -539,14 +634,15 @@ class _Pipeline:
         except ImportError as exc:
             version = f"unavailable: {exc}"
         inputs = {"onnx_sha256": onnx_sha, "images": s.per_image, "seconds": s.per_image_seconds,
-                  "coco": str(self.coco_dir), "code": version}
+                  "coco": str(self.coco_dir), "code": version, "threads": s.threads}
 
         def run():
             if self.coco_dir is None:
                 raise _Skip("no COCO images: pass --coco DIR")
             images = _coco_images(self.coco_dir, s.per_image)
             count = self.measure(_images_file, images, s.per_image_seconds, target.name, onnx_sha,
-                                 {"images": s.per_image, "seconds": s.per_image_seconds}, model=path, exclusive=True,
+                                 {"images": s.per_image, "seconds": s.per_image_seconds, "threads": s.threads},
+                                 s.threads, model=path, exclusive=True,
                                  progress=lambda done, total, name: self.emit(
                                      "update", target.label, "images", "cpu", name, completed=done, total=total))
             return count, {"onnx_sha256": onnx_sha, "images": count}
@@ -563,6 +659,7 @@ class _Pipeline:
         except ImportError as exc:
             version = f"unavailable: {exc}"
         inputs = {"onnx_sha256": onnx_sha, "coco": str(coco), "limit": s.eval_limit, "provider": backend,
+                  "threads": s.threads,
                   "annotations": [ann.stat().st_size, ann.stat().st_mtime_ns] if ann and ann.is_file() else None,
                   "eval": version}
 
@@ -588,7 +685,7 @@ class _Pipeline:
             # scoring here)
             evaluate = self.ray.evaluate if self.ray is not None else evaluate_model
             result = evaluate(path, coco_dir=coco, provider=backend, limit=s.eval_limit, image_ids=image_ids,
-                              resume=True, progress=on_image)
+                              resume=True, progress=on_image, threads=s.threads)
             self.have.add(("eval", result.model_sha256, result.provider))
             extra = {}
             source = self.exported.get(target.spec.name)
@@ -596,7 +693,7 @@ class _Pipeline:
                 # the float model on exactly these images: the accuracy change is measured, not inferred
                 # from two different image sets
                 float_result = evaluate(source, coco_dir=coco, provider=backend, limit=s.eval_limit,
-                                        image_ids=image_ids, resume=True, progress=on_image)
+                                        image_ids=image_ids, resume=True, progress=on_image, threads=s.threads)
                 extra["float_map50_same_images"] = float_result.scores["map50"]
             return result, {"onnx_sha256": onnx_sha, "map50": result.scores["map50"],
                             "images": result.images_evaluated, **extra}
@@ -706,22 +803,63 @@ def _profile_file(path: Path, name: str, onnx_sha: str, contract_props: dict, in
                                                      settings={"shapes": mode, "allow_unknown": False})]
 
 
-def _bench_file(path: Path, backends: list[str], settings: dict, macs, progress=None):
-    """Returns p50 ms per backend."""
-    bench_side_by_side = _importable("runtime.bench", "bench_side_by_side")
+def _bench_file(path: Path, backends: list[str], settings: dict, macs, threads: int | None = None, progress=None):
+    """Returns p50 ms per backend. With ``settings["schedule"]`` (``run --ray``: one row's share of
+    the budget) the row's pairs are timed by runtime.schedule, else for the fixed runs/seconds."""
     settings_cls = _importable("runtime.bench", "BenchSettings")
-    results = bench_side_by_side(path, backends, settings_cls(**settings), macs=macs)
+    backend_settings = _importable("runtime.backends", "BackendSettings")(threads=threads)
+    settings = dict(settings)
+    plan = settings.pop("schedule", None)
+    if plan is None:
+        bench_side_by_side = _importable("runtime.bench", "bench_side_by_side")
+        results = bench_side_by_side(path, backends, settings_cls(**settings), backend_settings, macs=macs)
+    else:
+        from runtime.bench import ScheduledModel, bench_scheduled
+        from runtime.schedule import ScheduleSettings
+
+        model = ScheduledModel(key=str(path), path=Path(path), backends=backends, macs=macs, prior=plan["prior"])
+        timed, _outcomes, failed = bench_scheduled(
+            [model], settings_cls(**{k: v for k, v in settings.items() if k not in ("runs", "seconds")}),
+            backend_settings, ScheduleSettings(budget_s=plan["budget_s"], pair_cap_s=plan["pair_cap_s"]))
+        if failed:
+            raise DetbenchError(next(iter(failed.values())))
+        results = timed.get(str(path), [])
+        for r in results:
+            r.settings["schedule_key"] = plan["key"]
     records = [dict(kind="bench", data=r.to_record(), model=r.model, model_sha256=r.model_sha256, provider=r.provider,
                     settings=r.settings, contract=r.contract) for r in results]
     return {r.provider: r.latency.p50 for r in results}, records
 
 
+def _fully_valid(samples: list[float]) -> bool:
+    """p50 and p90 both VALID on these samples (runtime.stats' default rules)."""
+    from runtime.stats import Latency
+
+    if not samples:
+        return False
+    verdicts = Latency.of(samples).verdicts
+    return verdicts["p50"].valid and verdicts["p90"].valid
+
+
+def _memory_allowance_mb() -> float | None:
+    """How much memory the timing may keep in open models: half of what is available now, at most
+    8 GiB (the machine is shared; None when /proc/meminfo cannot be read: no limit)."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return min(0.5 * int(line.split()[1]) / 1024, 8192.0)
+    except OSError:
+        return None
+    return None
+
+
 def _images_file(path: Path, images: list[Path], seconds: float, name: str, onnx_sha: str, settings: dict,
-                 progress=None):
+                 threads: int | None = None, progress=None):
     """Returns the number of images measured."""
     _importable("counting.per_image", "ImageCounter")  # the operation counts need the analyzer
     measure_images = _importable("runtime.per_image", "measure_images")
-    result = measure_images(path, images, budget_seconds=seconds, progress=progress)
+    result = measure_images(path, images, budget_seconds=seconds, progress=progress, threads=threads)
     return len(result.images), [dict(kind="images", data=result.to_record(), model=name, model_sha256=onnx_sha,
                                      provider="cpu", settings=settings, contract=read_contract(path).to_props())]
 
@@ -786,8 +924,8 @@ def run_pipeline(models: list[str] | None = None, *, quick: bool = False, settin
                  coco_dir: Path | None = None, providers: list[str] | None = None, report: bool = True,
                  progress: Progress | None = None, registry=None, strict: bool = False,
                  foreign: list[tuple[Path, Path]] | None = None, ray=None) -> RunSummary:
-    """Export, validate, quantize, profile, bench and evaluate ``models`` (default: the whole
-    registry), then write the report; results go to the results folder (``DETBENCH_RESULTS``).
+    """Export, validate, quantize, profile, bench and evaluate ``models`` (default: the paper's
+    configurations; ``["all"]``: the whole registry), then write the report; results go to the results folder (``DETBENCH_RESULTS``).
 
     ``coco_dir`` defaults to :func:`default_coco_dir`; ``providers`` (backend names) defaults
     to cpu plus every provider onnxruntime lists and OpenVINO, each probed before use. ``strict``
@@ -801,13 +939,25 @@ def run_pipeline(models: list[str] | None = None, *, quick: bool = False, settin
 
     started = time.perf_counter()
     registry = registry if registry is not None else load_registry()
-    specs = registry.select(models) if (models or not foreign) else []
+    if models == ["all"]:
+        specs = registry.select(None)
+    elif models or foreign:
+        specs = registry.select(models) if models else []
+    else:  # the default rows: the paper's configurations (the cross-check models behind --models all)
+        specs = registry.select(None) if settings and settings.all_models else [s for s in registry if s.paper]
     specs += foreign_specs(foreign or [])
     if coco_dir is not None and not Path(coco_dir).is_dir():
         raise ConfigError(f"--coco {coco_dir}: no such folder (expected COCO's layout: annotations/"
                           "instances_val2017.json and val2017/)")
     coco = Path(coco_dir) if coco_dir is not None else default_coco_dir()
     settings = settings or (RunSettings.quick() if quick else RunSettings())
+    if settings.threads is None:  # one explicit count for every step, so every record states what ran
+        settings = dataclasses.replace(settings, threads=len(os.sched_getaffinity(0)) if hasattr(
+            os, "sched_getaffinity") else (os.cpu_count() or 1))
+    elif settings.threads < 1:
+        raise ConfigError(f"--threads {settings.threads}: must be at least 1")
+    if settings.budget_minutes is not None and settings.budget_minutes <= 0:
+        raise ConfigError(f"--budget {settings.budget_minutes:g}: must be positive (minutes)")
     if settings.int8_models is not None:
         unknown = [n for n in settings.int8_models if n not in registry]
         if unknown:
@@ -824,6 +974,7 @@ def run_pipeline(models: list[str] | None = None, *, quick: bool = False, settin
     if ray is None:
         for target in targets:
             pipe.run_target(target, usable)
+        pipe.bench_pending()
     else:
         with ray.connected():
             pipe.ray = ray
@@ -842,7 +993,7 @@ def run_pipeline(models: list[str] | None = None, *, quick: bool = False, settin
     pipe.manifest.doc.setdefault("runs", []).append({
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_seconds": pipe.summary.wall_seconds,
         "models": [s.name for s in specs], "rows": [t.label for t in targets],
-        "settings": dataclasses.asdict(settings), "coco": str(coco),
+        "settings": dataclasses.asdict(settings), "coco": str(coco), "latency_validity": pipe.summary.latency_validity,
         "outcomes": {k: pipe.summary.count(k) for k in ("done", "reused", "skipped", "failed")}})
     pipe.manifest.save()
     pipe.emit("finished", message=f"{pipe.summary.wall_seconds:.1f} s")

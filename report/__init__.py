@@ -33,12 +33,13 @@ CHARTS = (
      "mAP@0.5 (%) divided by GOps (2 x GMACs, whole graph). Hatched: published accuracy over measured operations.",
      _charts.map50_per_gops_per_network),
     ("accuracy_vs_latency", "Accuracy vs measured latency, every (model, backend) pair",
-     "Measured p50 latency at batch 1 on each backend against mAP@0.5, with the Pareto front over all (model, "
-     "backend) pairs (no other pair is both faster and more accurate). Colour: backend; marker: precision the pair "
-     "computes in (float32 circle, bf16 square, int8 triangle); hollow: published accuracy of the float model; a "
-     "cross: p50 INVALID. A pair's accuracy is its backend's own COCO evaluation, else onnxruntime cpu's only when "
-     "the backend's outputs agree with cpu's (parity); pairs without an applicable accuracy are listed under the "
-     "chart.", _charts.accuracy_vs_latency),
+     "Measured p50 latency at batch 1 on each backend against mAP@0.5 measured for that file on that backend, "
+     "with the Pareto front over those pairs whose p50 is VALID (no other such pair is both faster and more "
+     "accurate). Colour: backend; marker: precision the pair computes in (float32 circle, bf16 square, int8 "
+     "triangle); a cross: p50 INVALID (off the front). Only a backend's own COCO evaluation of the file gives a "
+     "pair its accuracy; pairs without one are listed under the chart. Grey hollow diamonds: the published mAP "
+     "of a float model (models.toml) at its measured cpu p50 — a separate layer, never on the front.",
+     _charts.accuracy_vs_latency),
     ("input_size_scaling", "Cost and accuracy against input size",
      "The same network at several input sizes: GOps (2 × GMACs, analyzer), measured p50 latency per backend, "
      "mAP@0.5 measured here (filled) or published (hollow; e.g. YOLOv3 320/416/608 from models.toml); float32 and "

@@ -222,8 +222,8 @@ def pair_precision(row: ModelRow, provider: str) -> str:
 
 
 def accuracy_latency_points(rows: list[ModelRow]) -> tuple[list[dict], list[str]]:
-    """Every (model, backend) pair with a p50 and an accuracy that applies on that backend
-    (:meth:`ModelRow.accuracy_on`), and the pairs left out with the reason."""
+    """Every (model, backend) pair with a p50 and an accuracy measured for that file on that
+    backend (:meth:`ModelRow.accuracy_on`), and the pairs left out with the reason."""
     points, left_out = [], []
     for r in rows:
         for prov, lat in r.latency.items():
@@ -238,28 +238,49 @@ def accuracy_latency_points(rows: list[ModelRow]) -> tuple[list[dict], list[str]
     return points, left_out
 
 
-def accuracy_vs_latency(rows: list[ModelRow], path: Path) -> dict[str, Any]:
-    """x = measured p50 latency (ms, batch 1), y = mAP@0.5, one point per (model, backend) pair,
-    with the Pareto front over all pairs (no other pair is both faster and more accurate).
+def published_points(rows: list[ModelRow]) -> list[dict]:
+    """The published layer: a float row's published mAP@0.5 (models.toml) at its measured float32
+    p50 on onnxruntime cpu; drawn apart and never part of the measured front."""
+    out = []
+    for r in rows:
+        pub = r.published_accuracy()
+        lat = r.latency.get("cpu")
+        if pub is None or lat is None or r.quantized or pair_precision(r, "cpu") != "float32":
+            continue
+        out.append({"id": f"{r.label} (published)", "label": r.label, "backend": "cpu", "latency_ms": lat.p50_ms,
+                    "map50": pub.value, "status": PUBLISHED, "source": pub.source, "precision": "float32",
+                    "valid": lat.verdict != "INVALID"})
+    return out
 
-    Colour = backend, marker = precision (float32 circle, bf16 square, int8 triangle), hollow =
-    published accuracy, a cross over the point = p50 INVALID (runtime.stats). A pair's accuracy is
-    its backend's own evaluation, else onnxruntime CPU's only when the backend agrees with it
-    (parity); a disagreeing backend without its own evaluation is left out, and said so.
+
+def accuracy_vs_latency(rows: list[ModelRow], path: Path) -> dict[str, Any]:
+    """x = measured p50 latency (ms, batch 1), y = mAP@0.5 MEASURED for that (file, backend) pair,
+    with the Pareto front over those pairs whose p50 is VALID (no other such pair is both faster
+    and more accurate).
+
+    Colour = backend, marker = precision (float32 circle, bf16 square, int8 triangle), a cross
+    over the point = p50 INVALID (runtime.stats; off the front). A pair's accuracy is its own
+    backend's evaluation of its file, nothing else; pairs without one are left out, and said so.
+    Published float accuracies form a separate, hollow, grey layer at the float model's measured
+    cpu p50: marked published, never joined to the front.
 
     Returns ``{"points": [{"id", "label", "backend", "latency_ms", "map50", "status", "basis",
-    "precision", "valid", "parity"}], "pareto": [ids by latency], "left_out": [reasons],
-    "per_backend": {backend: {"points": [...], "pareto": [labels by latency]}}}``.
+    "precision", "valid", "parity"}], "pareto": [ids by latency], "published": [{"id", "label",
+    "latency_ms", "map50", "source"}], "left_out": [reasons], "per_backend": {backend: {"points":
+    [...], "pareto": [labels by latency]}}}``.
     """
     from report.collect import provider_skips
 
     points, left_out = accuracy_latency_points(rows)
-    front = pareto_front(points, "latency_ms", "map50")
+    published = published_points(rows)
+    front = pareto_front([p for p in points if p["valid"]], "latency_ms", "map50")
     per_backend: dict[str, dict] = {}
     for prov in sorted({p["backend"] for p in points}, key=lambda p: (p != "cpu", p)):
         mine = [p for p in points if p["backend"] == prov]
-        per_backend[prov] = {"points": mine, "pareto": [p["label"] for p in pareto_front(mine, "latency_ms", "map50")]}
-    result = {"points": points, "pareto": [p["id"] for p in front], "left_out": left_out, "per_backend": per_backend}
+        per_backend[prov] = {"points": mine, "pareto": [p["label"] for p in pareto_front(
+            [p for p in mine if p["valid"]], "latency_ms", "map50")]}
+    result = {"points": points, "pareto": [p["id"] for p in front], "published": published, "left_out": left_out,
+              "per_backend": per_backend}
 
     cmap = plt.get_cmap("tab10")
     colors = {b: cmap(i % 10) for i, b in enumerate(per_backend)}
@@ -271,15 +292,19 @@ def accuracy_vs_latency(rows: list[ModelRow], path: Path) -> dict[str, Any]:
                    facecolor="none" if p["status"] == PUBLISHED else c, edgecolor=c, linewidth=1.8, zorder=3)
         if not p["valid"]:
             ax.scatter(p["latency_ms"], p["map50"], s=40, marker="x", color="black", linewidth=1, zorder=4)
+    for p in published:
+        ax.scatter(p["latency_ms"], p["map50"], s=55, marker="D", facecolor="none", edgecolor="0.55",
+                   linewidth=1.2, linestyle=":", zorder=2)
     if front:
         ax.step([p["latency_ms"] for p in front], [p["map50"] for p in front], where="post", color="crimson",
                 lw=1.3, ls="--", zorder=2)
         _place_labels(ax, [(p["id"], p["latency_ms"], p["map50"]) for p in front], fontsize=7.5)
     ax.set_xscale("log")
-    if points:
-        lats = [p["latency_ms"] for p in points]
+    drawn = points + published
+    if drawn:
+        lats = [p["latency_ms"] for p in drawn]
         ax.set_xlim(min(lats) / 1.6, max(lats) * 1.6)
-        ax.set_ylim(min(p["map50"] for p in points) - 5, max(p["map50"] for p in points) + 5)
+        ax.set_ylim(min(p["map50"] for p in drawn) - 5, max(p["map50"] for p in drawn) + 5)
         _plain_log_ticks(ax.xaxis)
     else:
         ax.text(0.5, 0.5, "no latency with an applicable accuracy yet", transform=ax.transAxes, ha="center",
@@ -290,16 +315,17 @@ def accuracy_vs_latency(rows: list[ModelRow], path: Path) -> dict[str, Any]:
     handles = [Line2D([], [], marker="o", ls="", color=colors[b], label=f"backend {b}") for b in per_backend]
     handles += [Line2D([], [], marker=m, ls="", markerfacecolor="0.35", markeredgecolor="0.35", label=prec)
                 for prec, m in PRECISION_MARKERS.items()]
-    handles += [Line2D([], [], marker="o", ls="", markerfacecolor="0.35", markeredgecolor="0.35", label="measured mAP"),
-                Line2D([], [], marker="o", ls="", markerfacecolor="none", markeredgecolor="0.35",
-                       label="published mAP (float model)"),
-                Line2D([], [], marker="x", ls="", color="black", label="p50 INVALID (see table)"),
-                Line2D([], [], color="crimson", ls="--", label="Pareto front, all pairs (labelled)")]
+    handles += [Line2D([], [], marker="o", ls="", markerfacecolor="0.35", markeredgecolor="0.35",
+                       label="mAP measured for that file on that backend"),
+                Line2D([], [], marker="D", ls="", markerfacecolor="none", markeredgecolor="0.55",
+                       label="published mAP (float model, models.toml) at its cpu p50: not measured, not on the front"),
+                Line2D([], [], marker="x", ls="", color="black", label="p50 INVALID (see table; off the front)"),
+                Line2D([], [], color="crimson", ls="--", label="Pareto front, measured pairs with VALID p50")]
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("mAP@0.5 vs measured p50 latency, every (model, backend) pair", fontsize=12)
     notes = [f"{p} not measured: {' '.join(why.split())}"[:170] for p, why in provider_skips(rows).items()][:3]
     if left_out:
-        notes.append(("Left out (no applicable accuracy): " + "; ".join(left_out))[:400])
+        notes.append(("Left out (accuracy not measured for that file on that backend): " + "; ".join(left_out))[:400])
     _footnote(fig, notes)
     _save(fig, path)
     return result

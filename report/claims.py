@@ -59,6 +59,7 @@ def _series(group: list[ModelRow], status: str) -> list[dict]:
             continue
         p = {"label": r.label, "size": _fmt_size(r), "gops": r.gops, "map50": r.map50.value,
              "latency_ms": r.latency["cpu"].p50_ms if "cpu" in r.latency else None,
+             "latency_valid": r.latency["cpu"].verdict != "INVALID" if "cpu" in r.latency else None,
              "images": r.eval_images if status == MEASURED else None, "source": r.map50.source}
         if p["size"] not in by_size or (p["images"] or 0) > (by_size[p["size"]]["images"] or 0):
             by_size[p["size"]] = p
@@ -110,7 +111,8 @@ def diminishing_returns_data(rows: list[ModelRow]) -> dict[str, Any]:
 
 def _describe_series(s: dict, measured: bool) -> str:
     pts = ", ".join(f"{p['map50']:.1f} % at {p['size']} ({p['gops']:.2f} GOps"
-                    + (f", {p['latency_ms']:.1f} ms p50 on cpu" if p.get("latency_ms") is not None else "") + ")"
+                    + (f", {p['latency_ms']:.1f} ms p50 on cpu" + ("" if p.get("latency_valid") else " (INVALID)")
+                       if p.get("latency_ms") is not None else "") + ")"
                     for p in s["points"])
     steps = ", ".join(f"{st['from']}→{st['to']}: {st['d_map50']:+.2f} points for {st['d_gops']:+.2f} GOps = "
                       f"{st['gain_per_gops']:+.3f} points/GOps" for st in s["steps"] if st["gain_per_gops"] is not None)

@@ -21,7 +21,8 @@ says ``detbench.precision = int8``). Registry facts (family, framework, paper) c
 ``NAME``; published accuracy never does, since it describes the float model. Latency is kept
 per backend with its validity verdict (``runtime.stats``) and its parity with onnxruntime
 CPU (``runtime.parity``); accuracy is kept per backend too (an ``eval`` record per backend),
-and :meth:`ModelRow.accuracy_on` says which figure applies to a backend and why.
+and :meth:`ModelRow.accuracy_on` gives a (file, backend) pair only the accuracy measured for
+that pair: never another backend's, never a published one.
 """
 
 from __future__ import annotations
@@ -80,6 +81,11 @@ class Latency:
     cold_start: dict[str, Any] | None = None
     backend: dict[str, Any] = field(default_factory=dict)
     hostname: str | None = None
+    p90_ms: float | None = None  # only where p90's own verdict is VALID
+    fraction_of_peak: float | None = None
+    peak_precision: str | None = None  # the precision whose measured peak fraction_of_peak refers to
+    peak_note: str = ""
+    threads: int | None = None
 
     @property
     def disagrees(self) -> bool:
@@ -189,25 +195,25 @@ class ModelRow:
         return self.map50.value / self.gops
 
     def accuracy_on(self, provider: str) -> tuple[Accuracy | None, Accuracy | None, str]:
-        """(mAP@0.5, mAP@[.5:.95], basis) that apply to this row run on ``provider``.
-
-        That backend's own evaluation when there is one; otherwise the row's headline figure
-        (onnxruntime CPU's measured one, or the published one) only when the backend's outputs
-        agree with onnxruntime CPU's (parity), since only then is it the same computation.
-        """
+        """(mAP@0.5, mAP@[.5:.95], basis) measured for THIS file on ``provider`` (its precision), or
+        (None, None, why not). Only that backend's own evaluation counts: another backend's figure,
+        even one whose outputs agree within tolerance, is not a measurement of this pair, and a
+        published figure describes the float model on onnxruntime-independent test data, never a
+        (file, backend precision) pair measured here (see :meth:`published_accuracy`)."""
         ev = self.evals.get(provider) if self.random_init is False else None
         if ev is not None:
             return (Accuracy(ev.map50, MEASURED, ev.source), Accuracy(ev.map, MEASURED, ev.source),
                     f"measured on {provider} ({ev.images} images)")
-        if self.map50 is None and self.map is None:
-            return None, None, "no accuracy measured or published"
-        lat = self.latency.get(provider)
-        verdict = lat.parity_verdict if lat else None
-        what = "published" if (self.map50 or self.map).status == PUBLISHED else f"measured on {REFERENCE_BACKEND}"
-        if provider == REFERENCE_BACKEND or verdict in AGREEING:
-            how = "" if provider == REFERENCE_BACKEND else f"; {provider} agrees with {REFERENCE_BACKEND} (parity)"
-            return self.map50, self.map, what + how
-        return None, None, (f"{provider} parity {verdict or 'not recorded'}: the {what} accuracy does not carry over")
+        if self.random_init:
+            return None, None, "not measured (random-init weights)"
+        if self.weights is None:
+            return None, None, "not measured (not exported here)"
+        return None, None, f"not measured on {provider}"
+
+    def published_accuracy(self) -> Accuracy | None:
+        """The published mAP@0.5 of the float model at its registered size, when that is what the row
+        carries (the row has no measured accuracy): a separate layer, never a measured point."""
+        return self.map50 if self.map50 is not None and self.map50.status == PUBLISHED else None
 
 
 def contract_fields(record: dict[str, Any]) -> dict[str, str]:
@@ -433,13 +439,23 @@ def _latency(rec: dict[str, Any]) -> Latency:
     parity_verdict = d.get("parity_verdict") or (parity or {}).get("verdict")
     if parity_verdict is None and provider == REFERENCE_BACKEND:
         parity_verdict = "reference"
+    p90_verdict = (validity.get("verdicts") or {}).get("p90") or {}
+    schedule = d.get("schedule") if isinstance(d.get("schedule"), dict) else {}
+    p50_reason = p50_verdict.get("reason") or ""
+    if p50_verdict.get("verdict") == "INVALID" and schedule.get("reason") and not schedule.get("p50_valid"):
+        # why the timing budget did not buy a VALID p50 (too slow for the budget, capped as unstable)
+        p50_reason = f"{schedule['reason']} ({p50_reason})" if p50_reason else schedule["reason"]
+    p90 = lat.get("p90") if p90_verdict.get("verdict") == "VALID" else None
     return Latency(provider, float(lat["p50"]), float(lat["mean"]), float(lat["std"]),
                    int(d.get("runs", validity.get("n", 0)) or 0), list(d.get("providers_ran") or []), d.get("nodes"),
                    n=validity.get("n", d.get("runs")), rsd=validity.get("rsd"),
-                   verdict=p50_verdict.get("verdict"), verdict_reason=p50_verdict.get("reason") or "",
+                   verdict=p50_verdict.get("verdict"), verdict_reason=p50_reason,
                    smoke=bool(validity.get("smoke")), precision=precision, parity_verdict=parity_verdict,
                    parity=parity, ratio_to_cpu=d.get("ratio_to_cpu"), cold_start=d.get("cold_start"),
-                   backend=backend, hostname=(rec.get("host") or {}).get("hostname"))
+                   backend=backend, hostname=(rec.get("host") or {}).get("hostname"),
+                   p90_ms=None if p90 is None else float(p90), fraction_of_peak=d.get("fraction_of_peak"),
+                   peak_precision=d.get("peak_precision"), peak_note=d.get("peak_note") or "",
+                   threads=d.get("threads", backend.get("threads")))
 
 
 def validation_flagged(value: str | None) -> bool:
@@ -466,9 +482,9 @@ def provider_skips(rows: list[ModelRow]) -> dict[str, str]:
 
 
 def providers(rows: list[ModelRow]) -> list[str]:
-    """Every provider measured or attempted in ``rows``; cpu first, then by name."""
+    """Every provider with a latency measured on some row of ``rows``; cpu first, then by name.
+    A backend that ran nowhere is no column or series: :func:`provider_skips` says why, once."""
     seen = {p for r in rows for p in r.latency}
-    seen |= {k.split(":", 1)[1] for r in rows for k in r.skipped if k.startswith("bench:")}
     return sorted(seen, key=lambda p: (p != "cpu", p))
 
 

@@ -18,6 +18,9 @@ from report.collect import (AGREEING, REFERENCE_BACKEND, ModelRow, multi_host, p
                             validation_flagged)
 
 GOPS_COLUMN = "GOps (2xMACs, all ops)"
+# The accuracy of a (file, backend) pair is only ever its own evaluation: this column lists them;
+# a backend absent from it has no accuracy for this file (the published figure is the float model's).
+MEASURED_PER_BACKEND_COLUMN = "mAP@0.5 measured per backend (%)"
 CONV_GOPS_COLUMN = "GOps conv-only (Darknet BFLOPs convention)"
 
 
@@ -46,7 +49,8 @@ def _weights(row: ModelRow) -> str:
 def columns(rows: list[ModelRow]) -> list[str]:
     cols = ["network", "paper", "input HxW", "weights", "MParams", "params source", GOPS_COLUMN, CONV_GOPS_COLUMN,
             "profile shapes", "published GOps (source convention)", "mAP@0.5 (%)", "mAP@0.5 status", "mAP@0.5 source",
-            "mAP@[.5:.95] (%)", "mAP@[.5:.95] status", "mAP@[.5:.95] source", "eval images"]
+            "mAP@[.5:.95] (%)", "mAP@[.5:.95] status", "mAP@[.5:.95] source", "eval images",
+            MEASURED_PER_BACKEND_COLUMN]
     cols += [f"p50 latency {p} (ms)" for p in providers(rows)]
     cols += [f"p50 verdict {p}" for p in providers(rows)]
     cols += [f"parity {p}" for p in providers(rows)]
@@ -66,6 +70,10 @@ def table_rows(rows: list[ModelRow]) -> list[dict[str, Any]]:
             "published GOps (source convention)": (f"{r.published_gflops.value:g} ({r.published_gflops.convention}; "
                                                    f"{r.published_gflops.source})" if r.published_gflops else None),
             "eval images": r.eval_images, "onnx sha256": r.onnx_sha256,
+            MEASURED_PER_BACKEND_COLUMN: "; ".join(
+                f"{p} {acc.value:.2f} ({basis.split('(', 1)[-1].rstrip(')')})"
+                for p in sorted(r.evals, key=lambda p: (p != REFERENCE_BACKEND, p))
+                for acc, _m, basis in [r.accuracy_on(p)] if acc is not None) or None,
         }
         for key, acc in (("mAP@0.5", r.map50), ("mAP@[.5:.95]", r.map)):
             line[f"{key} (%)"] = acc.value if acc else None
@@ -218,7 +226,9 @@ def backend_latency(rows: list[ModelRow]) -> dict[str, Any]:
                 figures = (f"{par.get('matched', '?')}/{par.get('total', '?')} matched, max |box| "
                            f"{'n/a' if box is None else format(box, '.2g')} px, max |score| "
                            f"{'n/a' if score is None else format(score, '.2g')}")
-            cells[p] = {"p50_ms": lat.p50_ms, "ratio": ratio, "ratio_basis": basis, "verdict": lat.verdict,
+            cells[p] = {"p90_ms": lat.p90_ms, "fraction_of_peak": lat.fraction_of_peak,
+                        "peak_precision": lat.peak_precision, "peak_note": lat.peak_note, "threads": lat.threads,
+                        "p50_ms": lat.p50_ms, "ratio": ratio, "ratio_basis": basis, "verdict": lat.verdict,
                         "reason": lat.verdict_reason, "note": note, "n": lat.n, "rsd": lat.rsd,
                         "precision": lat.precision, "parity": lat.parity_verdict, "parity_figures": figures,
                         "cold_start": lat.cold_start, "host": lat.hostname}
@@ -232,6 +242,12 @@ def backend_cell_text(cell: dict[str, Any]) -> str:
         text += f" ×{cell['ratio']:.2f}" + ("" if cell["ratio_basis"] == "side by side" else " (separate runs)")
     if cell["verdict"]:
         text += f" {'✓' if cell['verdict'] == 'VALID' else '✗'}" + (f"[{cell['note']}]" if cell["note"] else "")
+    if cell.get("p90_ms") is not None:
+        text += f"; p90 {cell['p90_ms']:.1f} ms ✓"
+    if cell.get("fraction_of_peak") is not None:
+        text += f"; {100 * cell['fraction_of_peak']:.0f} % of {cell.get('peak_precision') or 'fp32'} peak"
+    elif cell.get("peak_precision") and cell.get("peak_note"):
+        text += f"; {cell['peak_precision']} peak: {cell['peak_note']}"
     if cell["parity"] == "disagree":
         text += " DISAGREES with cpu"
     elif cell["parity"] not in (None, "reference", "agree"):
@@ -241,9 +257,13 @@ def backend_cell_text(cell: dict[str, Any]) -> str:
     return text
 
 
-BACKEND_LATENCY_NOTE = ("p50 latency at batch 1 per backend; ×R = p50 / onnxruntime cpu p50, measured side by side in "
-                        "one process with the backends alternating, unless marked (separate runs). ✓ p50 VALID, "
-                        "✗[n] INVALID with reason n (runtime.stats: MLPerf LoadGen-style rules). DISAGREES with cpu: "
+BACKEND_LATENCY_NOTE = ("p50 latency at batch 1 per backend (only backends that ran here are columns); ×R = p50 / "
+                        "onnxruntime cpu p50, measured side by side in one process with the backends alternating, "
+                        "unless marked (separate runs). ✓ p50 VALID, ✗[n] p50 INVALID with reason n (p50's own rule, "
+                        "runtime.stats: 11 runs, 1 s, the median's 95 % interval within ±5 %); p90 is shown only where "
+                        "its own rule (64 runs, 10 s, LoadGen early-stopping estimate) holds. '% of P peak': achieved "
+                        "ops (2 × MACs / p50) over this machine's measured peak of the row's own precision P (fp32 "
+                        "SGEMM/conv, int8 MLAS integer kernels; bf16 only where the CPU has a bf16 unit). DISAGREES with cpu: "
                         "the backend's detections are outside the stated tolerance of onnxruntime cpu's (parity on "
                         "real COCO images): its time is not that of an equivalent computation. [bf16]: the "
                         "precision the backend computed in, when not float32.")

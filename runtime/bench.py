@@ -265,6 +265,9 @@ class BenchResult:
     nodes: dict[str, Any] | None = None
     nodes_note: str = ""
     peak: dict[str, Any] | None = None
+    peak_precision: str | None = None  # the precision whose peak fraction_of_peak refers to
+    peak_note: str = ""
+    schedule: dict[str, Any] | None = None  # run --budget's scheduler: pooling, rounds, why not VALID
     macs_full: tuple[dict[str, int], int, str] | None = field(default=None, repr=False)
 
     @property
@@ -315,7 +318,9 @@ class BenchResult:
             "backend": self.backend, "precision": self.precision, "parity": self.parity,
             "parity_verdict": self.parity_verdict, "ratio_to_cpu": self.ratio_to_cpu,
             "machine_peak_gflops": self.machine_peak_gflops, "achieved_gflops": self.achieved_gflops,
-            "fraction_of_peak": self.fraction_of_peak, "macs": self.macs, "macs_note": self.macs_note,
+            "fraction_of_peak": self.fraction_of_peak, "peak_precision": self.peak_precision,
+            "peak_note": self.peak_note, "schedule": self.schedule,
+            "threads": self.backend.get("threads"), "macs": self.macs, "macs_note": self.macs_note,
             "native": self.native, "nodes": self.nodes, "nodes_note": self.nodes_note, "image": self.image,
             "detections": self.detections, "samples_ms": self.samples_ms, "peak": self.peak, "path": self.path,
             "random_init": self.contract.get("detbench.weights") == "random-init",
@@ -410,58 +415,213 @@ def bench_side_by_side(path, backends: list[str], settings: BenchSettings | None
         raise ConfigError("name at least one --provider")
     for name in names:
         get_backend(name).require(backend_settings)
-    path = Path(path)
-    contract = read_contract(path)
-    image = Path(settings.image) if settings.image is not None else default_image()
     if "native" in names and settings.batch != 1:
         raise ConfigError(f"--native compares single images: use --batch 1 with --native (got --batch {settings.batch})")
-    tensor = input_tensor(contract, image, settings.batch, model_input_shape(path), str(path))
-
-    runners: dict[str, Any] = {}
-    opened: dict[str, dict[str, Any]] = {}
+    model = OpenModel(path, names, settings, backend_settings, macs=macs)
     try:
-        for name in names:
+        samples = _alternate(model.calls, settings)
+        results = model.results(samples)
+    finally:
+        model.close()
+    _relate(results)
+    return results
+
+
+class OpenModel:
+    """One ONNX file open on several backends side by side: each backend opened (cold start and
+    peak RSS measured), checked against onnxruntime CPU (parity), warmed up and, with
+    ``settings.nodes``, profiled per layer, all before any timing. ``calls`` are the bound runs
+    to time; :meth:`close` releases the backends and :meth:`reopen` opens them again (warmed up;
+    cold start, parity and the per-layer profile stay those of the first opening), so a timing
+    scheduler can keep only some models in memory; :meth:`results` turns samples into results."""
+
+    def __init__(self, path, names: list[str], settings: BenchSettings, backend_settings: BackendSettings,
+                 *, macs: tuple[dict[str, int], int, str] | None = None):
+        self.path, self.names, self.settings, self.backend_settings = Path(path), list(names), settings, backend_settings
+        self.contract = read_contract(self.path)
+        self.image = Path(settings.image) if settings.image is not None else default_image()
+        self.tensor = input_tensor(self.contract, self.image, settings.batch, model_input_shape(self.path),
+                                   str(self.path))
+        self.macs = macs
+        self.runners: dict[str, Any] = {}
+        self.calls: dict[str, Callable[[], Any]] = {}
+        self.opened: dict[str, dict[str, Any]] = {}
+        self.parity: dict[str, Any] = {}
+        self.nodes: dict[str, tuple[Any, str]] = {}
+        self.info: dict[str, Any] = {}
+        self.detections: dict[str, int] = {}
+        self.sha256 = sha256_file(self.path)
+        try:
+            self._open(first=True)
+            if settings.parity and any(n != REFERENCE or self.runners[n].info.fell_back for n in self.names):
+                self.parity = _parities(self.path, self.contract, self.runners, backend_settings,
+                                        settings.parity_images)
+            if settings.nodes:
+                if self.macs is None:
+                    self.macs = model_macs(self.path, self.image)
+                for name, runner in self.runners.items():
+                    times = runner.layer_profile(self.tensor, self.macs[0], runs=settings.node_runs,
+                                                 warmup=max(1, min(settings.warmup, 2)))
+                    self.nodes[name] = ((None, f"backend {name!r} has no per-layer profiler") if times is None
+                                        else (times.to_dict(), ""))
+            self._warm()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def rss_mb(self) -> float:
+        """Resident memory the backends took when opened (MB; 0 when unknown)."""
+        return sum(o.get("rss") or 0.0 for o in self.opened.values())
+
+    def _open(self, first: bool) -> None:
+        for name in self.names:
             gc.collect()
             with _PeakRss() as rss:
-                runner = get_backend(name).open(path, backend_settings)
-                runners[name] = runner
-                call = runner.bind(tensor)
+                runner = get_backend(name).open(self.path, self.backend_settings)
+                self.runners[name] = runner
+                call = runner.bind(self.tensor)
                 start = time.perf_counter()
                 call()  # the first inference: part of the cold start, reported apart
                 first_ms = (time.perf_counter() - start) * 1e3
-            opened[name] = {"call": call, "first_ms": first_ms, "rss": rss.mb}
+            self.calls[name] = call
+            if first:
+                self.opened[name] = {"first_ms": first_ms, "rss": rss.mb}
+                self.info[name] = runner.info
+                self.detections[name] = runner.detections()
 
-        parity: dict[str, Any] = {}
-        if settings.parity and any(n != REFERENCE or runners[n].info.fell_back for n in names):
-            parity = _parities(path, contract, runners, backend_settings, settings.parity_images)
+    def _warm(self) -> None:
+        for name in self.names:
+            for _ in range(max(0, self.settings.warmup - 1)):  # the first inference was one warm-up run
+                self.calls[name]()
 
-        for name in names:
-            for _ in range(max(0, settings.warmup - 1)):  # the first inference was one warm-up run
-                opened[name]["call"]()
-        samples = _alternate({n: opened[n]["call"] for n in names}, settings)
-        results = []
-        for name in names:
-            runner = runners[name]
-            info = runner.info
-            results.append(BenchResult(
-                model=contract.name, path=str(path), model_sha256=sha256_file(path), contract=contract.to_props(),
-                provider=name, providers_ran=list(info.detail.get("providers_ran")
-                                                  or [f"{info.library} {info.device} ({info.precision})"]),
-                fell_back=info.fell_back,
-                settings={"provider": name, **backend_settings.to_dict(), **settings.to_dict(), "image": str(image),
-                          "session": info.detail.get("session")},
-                latency=Latency.of(samples[name]), samples_ms=samples[name], session_seconds=info.load_seconds,
-                peak_rss_mb=opened[name]["rss"], warmup=settings.warmup, batch=settings.batch, image=str(image),
-                detections=runner.detections(), backend=info.to_dict(), first_run_ms=opened[name]["first_ms"],
-                parity=parity.get(name), rounds=min(settings.rounds, settings.runs) if settings.runs else settings.rounds
-                if settings.seconds is None else settings.rounds))
-        if settings.nodes or settings.peak:
-            _add_macs_and_peak(results, runners, path, image, tensor, settings, backend_settings, macs)
-    finally:
-        for runner in runners.values():
+    def reopen(self) -> None:
+        if not self.runners:
+            self._open(first=False)
+            self._warm()
+
+    def close(self) -> None:
+        for runner in self.runners.values():
             runner.close()
-    _relate(results)
-    return results
+        self.runners, self.calls = {}, {}
+
+    def results(self, samples: dict[str, list[float]], rounds: int | None = None,
+                schedule: dict[str, dict[str, Any]] | None = None) -> list[BenchResult]:
+        """One result per backend of ``samples`` (milliseconds per run)."""
+        settings, backend_settings = self.settings, self.backend_settings
+        results = []
+        for name in [n for n in self.names if n in samples]:
+            info = self.info[name]
+            result = BenchResult(
+                model=self.contract.name, path=str(self.path), model_sha256=self.sha256,
+                contract=self.contract.to_props(), provider=name,
+                providers_ran=list(info.detail.get("providers_ran") or [f"{info.library} {info.device} ({info.precision})"]),
+                fell_back=info.fell_back,
+                settings={"provider": name, **backend_settings.to_dict(), **settings.to_dict(), "image": str(self.image),
+                          "session": info.detail.get("session")},
+                latency=Latency.of(samples[name]), samples_ms=list(samples[name]), session_seconds=info.load_seconds,
+                peak_rss_mb=self.opened[name]["rss"], warmup=settings.warmup, batch=settings.batch,
+                image=str(self.image), detections=self.detections[name], backend=info.to_dict(),
+                first_run_ms=self.opened[name]["first_ms"], parity=self.parity.get(name),
+                rounds=rounds if rounds is not None else (min(settings.rounds, settings.runs) if settings.runs
+                                                          else settings.rounds))
+            if name in self.nodes:
+                result.nodes, result.nodes_note = self.nodes[name]
+            if schedule is not None:
+                result.schedule = schedule.get(name)
+            results.append(result)
+        if settings.peak:
+            _add_macs_and_peak(results, self.info, self.path, self.image, settings, backend_settings, self.macs)
+        elif self.macs is not None:
+            for r in results:
+                r.macs, r.macs_note, r.macs_full = self.macs[1], self.macs[2], self.macs
+        return results
+
+
+@dataclass
+class ScheduledModel:
+    """One ONNX file for :func:`bench_scheduled`: its backends, the analyzer's MACs when known and,
+    per backend, the samples an earlier process recorded (reused per :mod:`runtime.schedule`)."""
+
+    key: str
+    path: Path
+    backends: list[str]
+    macs: tuple[dict[str, int], int, str] | None = None
+    prior: dict[str, list[float]] = field(default_factory=dict)
+
+
+class _ModelTimer:
+    """:class:`runtime.schedule.PairTimer` over open models (pair key = (model key, backend))."""
+
+    def __init__(self, models: dict[str, ScheduledModel], settings: BenchSettings, backend_settings: BackendSettings,
+                 progress: Callable[[str], None]):
+        self.models, self.settings, self.backend_settings, self.say = models, settings, backend_settings, progress
+        self.open_models: dict[str, OpenModel] = {}
+
+    def open(self, group: str) -> float:
+        model = self.open_models.get(group)
+        if model is None:
+            spec = self.models[group]
+            self.say(f"{group}: opening {', '.join(spec.backends)} (parity, warm-up)")
+            model = OpenModel(spec.path, spec.backends, self.settings, self.backend_settings, macs=spec.macs)
+            self.open_models[group] = model
+        else:
+            self.say(f"{group}: reopening")
+            model.reopen()
+        return model.rss_mb
+
+    def close(self, group: str) -> None:
+        if group in self.open_models:
+            self.open_models[group].close()
+
+    def run(self, key, seconds: float) -> list[float]:
+        call = self.open_models[key[0]].calls[key[1]]
+        clock, out = time.perf_counter, []
+        end = clock() + seconds
+        while True:
+            start = clock()
+            call()
+            out.append((clock() - start) * 1e3)
+            if clock() >= end:
+                return out
+
+
+def bench_scheduled(models: list[ScheduledModel], settings: BenchSettings, backend_settings: BackendSettings,
+                    schedule_settings, progress: Callable[[str], None] | None = None):
+    """Time every (model, backend) pair of ``models`` within one budget (:func:`runtime.schedule.schedule`:
+    VALID p50 first, then p90; pairs of different models interleaved; earlier samples reused).
+
+    Returns ``({model key: [BenchResult of each backend timed in this process]}, {(model key, backend):
+    PairOutcome}, {model key: why it could not be opened})``; a pair not timed again (its earlier
+    record already VALID) has no new result. Each result's ``schedule`` holds its pair's outcome
+    and the schedule's settings; its samples are the pooled ones the verdicts judge."""
+    from runtime.schedule import PairSpec, schedule
+
+    say = progress or (lambda _m: None)
+    by_key = {m.key: m for m in models}
+    pairs = []
+    for m in models:
+        estimate = 3.0 * Path(m.path).stat().st_size / 1e6 + 150.0  # weights copied per backend, plus arenas
+        for b in m.backends:
+            pairs.append(PairSpec(key=(m.key, b), group=m.key, prior=tuple(m.prior.get(b) or ()),
+                                  memory_mb=estimate * len(m.backends)))
+    timer = _ModelTimer(by_key, settings, backend_settings, say)
+    try:
+        outcomes = schedule(pairs, timer, schedule_settings, progress=say)
+        results: dict[str, list[BenchResult]] = {}
+        for key, model in timer.open_models.items():
+            timed = [b for b in model.names if outcomes[(key, b)].new_samples]
+            if not timed:
+                continue
+            samples = {b: outcomes[(key, b)].samples for b in timed}
+            info = {b: {**outcomes[(key, b)].to_dict(), "settings": schedule_settings.to_dict()} for b in timed}
+            results[key] = model.results(samples, rounds=max(outcomes[(key, b)].rounds for b in timed), schedule=info)
+            _relate(results[key])
+    finally:
+        for model in timer.open_models.values():
+            model.close()
+    failed = {m: o.reason for (m, _b), o in outcomes.items() if o.reason.startswith("failed to open")}
+    return results, outcomes, failed
 
 
 def _parities(path: Path, contract, runners: dict, backend_settings: BackendSettings, count: int) -> dict[str, Any]:
@@ -484,39 +644,28 @@ def _parities(path: Path, contract, runners: dict, backend_settings: BackendSett
             reference.close()
 
 
-def _add_macs_and_peak(results, runners, path, image, tensor, settings: BenchSettings,
+def _add_macs_and_peak(results, infos, path, image, settings: BenchSettings,
                        backend_settings: BackendSettings, macs) -> None:
-    if settings.nodes and macs is None:
-        macs = model_macs(path, image)
-    if settings.peak and macs is None:
+    if macs is None:
         try:
             macs = model_macs(path, image)
         except AnalyzerMissing as exc:  # latency stays valid without the analyzer; the record says why
             for r in results:
                 r.macs_note = str(exc)
-    measured = None
-    if settings.peak:
-        from runtime.peak import measure_peak
+    from runtime.peak import measure_peak, peak_for
 
-        measured = measure_peak(backend_settings.threads)
+    measured = measure_peak(backend_settings.threads)
     for r in results:
-        runner = runners[r.provider]
+        info = infos[r.provider]
         if macs is not None:
             r.macs, r.macs_note, r.macs_full = macs[1], macs[2], macs
-        if measured is not None:
-            r.peak = {k: v for k, v in measured.to_dict().items() if k != "samples"}
-            r.machine_peak_gflops = measured.for_device(runner.info.device)
-            if r.macs:
-                r.achieved_gflops = 2.0 * r.macs * r.batch / (r.latency.p50 / 1e3) / 1e9
-                if r.machine_peak_gflops:
-                    r.fraction_of_peak = r.achieved_gflops / r.machine_peak_gflops
-        if settings.nodes:
-            times = runner.layer_profile(tensor, macs[0], runs=settings.node_runs,
-                                         warmup=max(1, min(settings.warmup, 2)))
-            if times is None:
-                r.nodes_note = f"backend {r.provider!r} has no per-layer profiler"
-            else:
-                r.nodes = times.to_dict()
+        r.peak = {k: v for k, v in measured.to_dict().items() if k != "samples"}
+        r.machine_peak_gflops, r.peak_precision, r.peak_note = peak_for(measured, info.device, r.precision,
+                                                                        r.contract, backend_settings.threads)
+        if r.macs:
+            r.achieved_gflops = 2.0 * r.macs * r.batch / (r.latency.p50 / 1e3) / 1e9
+            if r.machine_peak_gflops:
+                r.fraction_of_peak = r.achieved_gflops / r.machine_peak_gflops
 
 
 def _relate(results: list[BenchResult]) -> None:
@@ -586,5 +735,6 @@ def bench_model(path, backend: str = "cpu", settings: BenchSettings | None = Non
     return bench_side_by_side(path, names, settings, backend_settings, macs=macs)[0]
 
 
-__all__ = ["BenchResult", "BenchSettings", "Latency", "bench_model", "bench_models", "bench_side_by_side",
+__all__ = ["BenchResult", "BenchSettings", "Latency", "OpenModel", "ScheduledModel", "bench_model", "bench_models",
+           "bench_scheduled", "bench_side_by_side",
            "default_image", "model_macs", "split_options", "time_runs"]

@@ -191,3 +191,158 @@ def measure_peak(threads: int | None = None, size: int = DEFAULT_SIZE, repeats: 
     return PeakResult(cpu_gflops=cpu, gpu_gflops=gpu_rate, size=size, repeats=repeats, threads=threads,
                       by_backend=best, samples=samples,
                       medians={k: statistics.median(v) for k, v in samples.items()})
+
+
+# --------------------------------------------------------------------------- per precision
+# A bf16 or INT8 row is set against the peak of ITS precision: the fp32 SGEMM rate would flatter an
+# INT8 row (whose kernels do 2-4x the operations per cycle) and say nothing for bf16.
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    """The instruction-set flags of the first CPU in /proc/cpuinfo (empty when unreadable)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@dataclass(frozen=True)
+class PrecisionPeak:
+    """The best rate of one precision's library kernels (GOP/s, 1 MAC = 2 ops), or None with ``note``."""
+
+    precision: str  # "int8" | "bf16"
+    gops: float | None
+    kernel: str  # which kernel of which library, or "" when not measured
+    library: str
+    threads: int | None
+    by_kernel: dict[str, float] = field(default_factory=dict)
+    medians: dict[str, float] = field(default_factory=dict)
+    units: list[str] = field(default_factory=list)  # the CPU's flags for this precision
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _int8_matmul_model(n: int) -> bytes:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b"], ["c"], name="u8s8gemm")], "u8s8gemm",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n]),
+         helper.make_tensor_value_info("b", TensorProto.INT8, [n, n])],
+        [helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _qlinear_conv_model() -> bytes:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+    weight = rng.integers(-127, 128, size=(CONV_CHANNELS, CONV_CHANNELS, 3, 3), dtype=np.int8)
+    inits = [numpy_helper.from_array(weight, "w"),
+             numpy_helper.from_array(np.array(0.02, np.float32), "xs"), numpy_helper.from_array(np.array(128, np.uint8), "xz"),
+             numpy_helper.from_array(np.array(0.01, np.float32), "ws"), numpy_helper.from_array(np.array(0, np.int8), "wz"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "ys"), numpy_helper.from_array(np.array(128, np.uint8), "yz")]
+    graph = helper.make_graph(
+        [helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"], name="qconv3x3",
+                          pads=[1, 1, 1, 1])], "qconv",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, CONV_CHANNELS, CONV_SIDE, CONV_SIDE])],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, CONV_CHANNELS, CONV_SIDE, CONV_SIDE])],
+        initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+@functools.lru_cache(maxsize=8)
+def measure_int8_peak(threads: int | None = None, size: int = DEFAULT_SIZE, repeats: int = DEFAULT_REPEATS,
+                      flags: frozenset | None = None) -> PrecisionPeak:
+    """The int8 rate of this CPU through onnxruntime's MLAS integer kernels: ``MatMulInteger``
+    (u8 x s8 -> s32 GEMM) and a 3x3 ``QLinearConv``, the kernels an INT8 (QDQ) detector runs on.
+    MLAS picks its int8 kernel from the CPU: AMX, AVX-512 VNNI / AVX-VNNI (vpdpbusd) when present,
+    else AVX2 (vpmaddubsw + vpmaddwd), which is what runs on a CPU without VNNI."""
+    import onnxruntime as ort
+
+    from runtime.backends.onnxruntime import create_session
+
+    have = cpu_flags() if flags is None else set(flags)
+    units = sorted(f for f in INT8_FLAGS if f in have)
+    path = ("AMX-INT8" if "amx_int8" in have else "AVX-512 VNNI" if "avx512_vnni" in have else "AVX-VNNI"
+            if "avx_vnni" in have else "AVX2 u8s8 (vpmaddubsw; no VNNI on this CPU)" if "avx2" in have
+            else "SSE/scalar")
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, size=(size, size), dtype=np.uint8)
+    b = rng.integers(-128, 128, size=(size, size), dtype=np.int8)
+    samples: dict[str, list[float]] = {}
+    gemm, _ = create_session(_int8_matmul_model(size), "cpu", threads=threads)
+    samples["MatMulInteger"] = _rates(lambda: gemm.run(None, {"a": a, "b": b}), 2.0 * size ** 3, repeats)
+    conv, _ = create_session(_qlinear_conv_model(), "cpu", threads=threads)
+    x = rng.integers(0, 256, size=(1, CONV_CHANNELS, CONV_SIDE, CONV_SIDE), dtype=np.uint8)
+    conv_ops = 2.0 * CONV_CHANNELS * CONV_CHANNELS * 9 * CONV_SIDE * CONV_SIDE
+    samples["QLinearConv"] = _rates(lambda: conv.run(None, {"x": x}), conv_ops, repeats)
+    best = {k: max(v) for k, v in samples.items()}
+    kernel = max(best, key=best.get)
+    return PrecisionPeak(precision="int8", gops=best[kernel], kernel=f"{kernel} (MLAS {path})",
+                         library=f"onnxruntime {ort.__version__}", threads=threads, by_kernel=best,
+                         medians={k: statistics.median(v) for k, v in samples.items()}, units=units,
+                         note="best of repeats; 1 MAC = 2 ops")
+
+
+@functools.lru_cache(maxsize=8)
+def measure_bf16_peak(threads: int | None = None, size: int = DEFAULT_SIZE, repeats: int = DEFAULT_REPEATS,
+                      flags: frozenset | None = None) -> PrecisionPeak:
+    """The bf16 rate through OpenVINO's CPU plugin (oneDNN: AMX-BF16 / AVX512-BF16 kernels) on a
+    square MatMul compiled with ``INFERENCE_PRECISION_HINT=bf16``, only where the CPU has a bf16
+    unit: without one, bf16 is emulated in fp32 and no bf16 peak exists (``gops`` None, ``note`` says
+    so) — a number there would be an fp32 rate under a bf16 name."""
+    have = cpu_flags() if flags is None else set(flags)
+    units = sorted(f for f in BF16_FLAGS if f in have)
+    if not units:
+        return PrecisionPeak(precision="bf16", gops=None, kernel="", library="", threads=threads, units=[],
+                             note="no bf16 unit on this CPU (neither avx512_bf16 nor amx_bf16 in /proc/cpuinfo)")
+    import openvino as ov
+
+    core = ov.Core()
+    config = {"INFERENCE_PRECISION_HINT": "bf16"}
+    if threads is not None:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = core.compile_model(core.read_model(_matmul_model(size), b""), "CPU", config)
+    ran = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    request = compiled.create_infer_request()
+    rng = np.random.default_rng(0)
+    feeds = {"a": rng.standard_normal((size, size), dtype=np.float32),
+             "b": rng.standard_normal((size, size), dtype=np.float32)}
+    rates = _rates(lambda: request.infer(feeds), 2.0 * size ** 3, repeats)
+    return PrecisionPeak(precision="bf16", gops=max(rates), kernel=f"MatMul (oneDNN, {'/'.join(units)}; "
+                         f"compiled precision {ran})", library=f"openvino {ov.__version__}", threads=threads,
+                         by_kernel={"MatMul": max(rates)}, medians={"MatMul": statistics.median(rates)}, units=units,
+                         note="best of repeats; 1 MAC = 2 ops")
+
+
+def peak_for(peak: PeakResult, device: str, precision: str | None, contract: dict[str, Any] | None,
+             threads: int | None) -> tuple[float | None, str, str]:
+    """(peak GOP/s, its precision, note) a bench row's fraction of peak refers to: an INT8 file
+    (contract ``detbench.precision``) against the int8 peak, a backend computing in bf16 against the
+    bf16 peak (none where the CPU has no bf16 unit), else fp32 against :func:`measure_peak`'s."""
+    file_precision = (contract or {}).get("detbench.precision") or (contract or {}).get("precision")
+    if device != "cuda" and file_precision == "int8":
+        p = measure_int8_peak(threads)
+        return p.gops, "int8", f"{p.kernel}, {p.library}"
+    if device != "cuda" and (precision or "").lower() in ("bf16", "bfloat16"):
+        p = measure_bf16_peak(threads)
+        return p.gops, "bf16", (f"{p.kernel}, {p.library}" if p.gops else p.note)
+    return peak.for_device(device), "fp32", "best of SGEMM / 3x3 conv (onnxruntime MLAS) and numpy BLAS"

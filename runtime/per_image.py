@@ -41,7 +41,7 @@ class PerImage:
 
 def measure_images(path, images: list[Path], *, backend: str = "cpu", repeats: int = 1,
                    budget_seconds: float | None = None, min_images: int = 2,
-                   progress: Callable[[int, int, str], None] | None = None) -> PerImage:
+                   progress: Callable[[int, int, str], None] | None = None, threads: int | None = None) -> PerImage:
     """MACs and latency of ``path`` on each of ``images`` (see the module docstring).
 
     ``budget_seconds`` stops after the image that crosses it, once ``min_images`` are done
@@ -59,7 +59,7 @@ def measure_images(path, images: list[Path], *, backend: str = "cpu", repeats: i
     started = time.perf_counter()
     counter = ImageCounter(path)
     result = PerImage(model=contract.name, backend=backend)
-    with get_backend(backend).open(path, BackendSettings()) as runner:
+    with get_backend(backend).open(path, BackendSettings(threads=threads)) as runner:
         for i, image in enumerate(images):
             tensor, _ = prepare_for(load_rgb(image), contract)
             runner.run(tensor)  # untimed: the first run of an input shape pays one-off allocation

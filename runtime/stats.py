@@ -18,12 +18,22 @@ exists. That gives the minimum run counts LoadGen publishes: 64 for p90 and 662 
 p50 is reported as the sample median (a central value, not a bound), p90 and p99 as the
 early-stopping estimates; the plain empirical percentiles are kept beside them.
 
-Per figure, a :class:`Verdict` says VALID or INVALID with every reason that applies:
-too few runs (overall or for that percentile), a run shorter than the minimum duration,
-timing stopped by the upper time bound ("capped"), a relative standard deviation above the
-stated bound (judged for the mean and p50: a central figure from so dispersed a sample
-would move between runs; tail percentiles describe the dispersion, so it does not void
-them), or a smoke run (``--quick``: sized for speed, never a measurement).
+Per figure, a :class:`Verdict` says VALID or INVALID with every reason that applies to
+THAT figure, so a p50 is never voided because a p90 it does not show lacks runs:
+
+- p50: at least :func:`queries_needed` (0.5) = 11 runs, ``p50_min_duration_s`` of timing (so a
+  median is never judged from a burst shorter than a few scheduler quanta and warm caches of
+  a single moment), and *stability*: the distribution-free ``p50_ci_confidence`` confidence
+  interval of the median (order statistics from Binomial(n, 1/2)) lies within
+  ``p50_max_ci`` of the median. This is the stability measure of a median: an occasional
+  scheduler hiccup inflates the standard deviation but does not move the median or its
+  interval, while a bimodal or drifting sample widens the interval and stays INVALID until
+  enough runs pin the median down;
+- p90/p99: ``min_queries`` runs and ``min_duration_s`` seconds (the upper time bound reached
+  first: "capped"), and the early-stopping estimate's own run count (64 / 662);
+- mean: ``min_queries`` runs, ``min_duration_s`` and a relative standard deviation within
+  ``max_rsd`` (a mean moves with every outlier);
+- any figure of a smoke run (``--quick``: sized for speed, never a measurement).
 """
 
 from __future__ import annotations
@@ -59,6 +69,9 @@ class ValidityRules:
     max_rsd: float = 0.10
     confidence: float = 0.99
     above: int = 1
+    p50_min_duration_s: float = 1.0
+    p50_ci_confidence: float = 0.95
+    p50_max_ci: float = 0.05
 
     def __post_init__(self):
         if self.min_queries < 1:
@@ -74,6 +87,12 @@ class ValidityRules:
             raise ConfigError(f"confidence {self.confidence}: must be in [0.5, 1), e.g. 0.99")
         if self.above < 0:
             raise ConfigError(f"above {self.above}: must be 0 or more")
+        if self.p50_min_duration_s < 0:
+            raise ConfigError(f"p50_min_duration_s {self.p50_min_duration_s}: must be 0 or more")
+        if not 0.5 <= self.p50_ci_confidence < 1:
+            raise ConfigError(f"p50_ci_confidence {self.p50_ci_confidence}: must be in [0.5, 1), e.g. 0.95")
+        if self.p50_max_ci <= 0:
+            raise ConfigError(f"p50_max_ci {self.p50_max_ci}: must be positive (e.g. 0.05 for 5 %)")
 
     def describe(self) -> str:
         """One sentence for ``--help`` and report notes."""
@@ -82,12 +101,16 @@ class ValidityRules:
                 f"early-stopping estimates ({100 * self.confidence:g} % upper bounds, reported from "
                 f"{queries_needed(0.90, self.confidence, self.above)} / "
                 f"{queries_needed(0.99, self.confidence, self.above)} "
-                f"runs on); mean and p50 need RSD <= {100 * self.max_rsd:g} %")
+                f"runs on); mean needs RSD <= {100 * self.max_rsd:g} %; p50 is VALID from "
+                f"{queries_needed(0.5, self.confidence, self.above)} runs and {self.p50_min_duration_s:g} s when the "
+                f"{100 * self.p50_ci_confidence:g} % confidence interval of the median is within "
+                f"+/-{100 * self.p50_max_ci:g} % of it")
 
     def to_dict(self) -> dict[str, Any]:
         return {"min_queries": self.min_queries, "min_duration_s": self.min_duration_s,
                 "max_duration_s": self.max_duration_s, "max_rsd": self.max_rsd, "confidence": self.confidence,
-                "above": self.above}
+                "above": self.above, "p50_min_duration_s": self.p50_min_duration_s,
+                "p50_ci_confidence": self.p50_ci_confidence, "p50_max_ci": self.p50_max_ci}
 
 
 # --------------------------------------------------------------------------- the binomial model
@@ -133,6 +156,29 @@ def queries_needed(q: float, confidence: float = 0.99, above: int = 1) -> int:
     while upper_tail(n, q, n - above) > 1 - confidence:
         n += 1
     return n
+
+
+def median_ci_ranks(n: int, confidence: float = 0.95) -> tuple[int, int]:
+    """1-based ranks (l, n - l + 1) of the distribution-free ``confidence`` interval of the median:
+    the largest l with P(Binomial(n, 1/2) <= l - 1) <= (1 - confidence) / 2 (at least 1)."""
+    alpha = (1 - confidence) / 2
+    logs = _log_binomial_pmf(n, 0.5)
+    top = logs.max()
+    cdf = np.cumsum(np.exp(logs - top)) * math.exp(top)  # cdf[j] = P(Binomial(n, 1/2) <= j)
+    ok = np.nonzero(cdf[: (n + 1) // 2] <= alpha)[0]
+    lo = int(ok[-1]) + 1 if ok.size else 1
+    return min(lo, (n + 1) // 2), n - min(lo, (n + 1) // 2) + 1
+
+
+def median_ci_halfwidth(samples, confidence: float = 0.95) -> float:
+    """The larger distance from the median to either end of its confidence interval, relative to
+    the median (0.05: the true median lies within +/-5 % at that confidence)."""
+    ordered = np.sort(np.asarray(list(samples), dtype=np.float64))
+    med = float(np.median(ordered))
+    if med <= 0:
+        return 0.0
+    lo, hi = median_ci_ranks(ordered.size, confidence)
+    return max(med - ordered[lo - 1], ordered[hi - 1] - med) / med
 
 
 # --------------------------------------------------------------------------- the figures
@@ -228,9 +274,9 @@ class Latency:
             percentiles[name] = Percentile(q=q, empirical=float(np.percentile(arr, 100 * q)), reported=reported,
                                            rank=rank if supported else None, needed=needed)
 
+        smoke_reason = ["smoke run (--quick): sized for speed, not a measurement"] if smoke else []
+        # the long-run rules: the tail percentiles and the mean
         common: list[str] = []
-        if smoke:
-            common.append("smoke run (--quick): sized for speed, not a measurement")
         if capped:
             common.append(f"capped: timing stopped at the {rules.max_duration_s:g} s bound after {n} runs")
         if n < rules.min_queries:
@@ -241,11 +287,19 @@ class Latency:
 
         verdicts: dict[str, Verdict] = {}
         for figure in FIGURES:
-            reasons = list(common)
+            reasons = list(smoke_reason) + ([] if figure == "p50" else list(common))
             if figure in percentiles and percentiles[figure].reported is None:
                 reasons.append(f"{n} runs cannot support {figure}: {percentiles[figure].needed} needed "
                                f"(early-stopping estimate at {100 * rules.confidence:g} % confidence)")
-            if dispersed and figure in ("mean", "p50"):
+            if figure == "p50":
+                if duration < rules.p50_min_duration_s:
+                    reasons.append(f"timed {duration:.2f} s < {rules.p50_min_duration_s:g} s required for p50")
+                if percentiles["p50"].reported is not None:
+                    ci = median_ci_halfwidth(arr, rules.p50_ci_confidence)
+                    if ci > rules.p50_max_ci:
+                        reasons.append(f"unstable: the {100 * rules.p50_ci_confidence:g} % confidence interval of the "
+                                       f"median spans +/-{100 * ci:.1f} % > {100 * rules.p50_max_ci:g} % bound")
+            if dispersed and figure == "mean":
                 reasons.append(dispersed)
             verdicts[figure] = Verdict(valid=not reasons, reasons=tuple(reasons))
 
@@ -342,4 +396,4 @@ def time_runs(run: Callable[[], Any], rules: ValidityRules | None = None, *, war
 
 
 __all__ = ["FIGURES", "Latency", "Percentile", "Timing", "ValidityRules", "Verdict", "conservative_rank",
-           "queries_needed", "time_runs", "upper_tail"]
+           "median_ci_halfwidth", "median_ci_ranks", "queries_needed", "time_runs", "upper_tail"]

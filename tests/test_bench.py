@@ -396,3 +396,25 @@ def test_default_timing_alternates_until_every_backend_meets_the_validity_rules(
                                     ValidityRules(min_queries=1000, min_duration_s=0.1, max_duration_s=0.3),
                                     slice_seconds=0.05)
     assert 0.3 <= sum(capped["slow"]) / 1e3 < 1.0 and len(capped["slow"]) < 1000  # stopped by the cap
+
+
+def test_bench_scheduled_times_a_real_model_within_its_budget(tiny):
+    """runtime.bench.bench_scheduled on a real file: the schedule's outcome travels in the record,
+    the record's samples are the ones the verdict judges, and the thread count that ran is stated."""
+    from runtime.backends import BackendSettings
+    from runtime.bench import BenchSettings, ScheduledModel, bench_scheduled
+    from runtime.schedule import ScheduleSettings
+
+    results, outcomes, failed = bench_scheduled(
+        [ScheduledModel(key="tiny", path=tiny, backends=["cpu"])], BenchSettings(warmup=1, peak=False, parity=False),
+        BackendSettings(threads=1), ScheduleSettings(budget_s=3.0, p90=False))
+    assert failed == {}
+    (r,) = results["tiny"]
+    o = outcomes[("tiny", "cpu")]
+    record = r.to_record()
+    assert record["samples_ms"] == o.samples and record["runs"] == len(o.samples) >= 1
+    assert record["schedule"]["p50_valid"] == o.p50_valid
+    assert (record["latency_validity"]["verdicts"]["p50"]["verdict"] == "VALID") == o.p50_valid
+    assert record["threads"] == 1 and record["schedule"]["settings"]["budget_s"] == 3.0
+    if not o.p50_valid:  # a loaded machine: the reason is said, never a silent INVALID
+        assert o.reason

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import statistics
 
+import pytest
+
 from runtime.peak import measure_peak
 
 
@@ -19,3 +21,48 @@ def test_peak_is_the_best_of_every_recorded_timing():
     # so no single timing of the reference itself stands above 100 % of the peak
     assert all(r / peak.cpu_gflops <= 1.0 for r in usable)
     assert peak.cpu_gflops >= max(peak.medians.get("numpy", 0.0), peak.medians["onnxruntime-cpu"])
+
+
+# --------------------------------------------------------------------------- per-precision peaks
+
+def test_int8_peak_runs_mlas_integer_kernels_and_names_them():
+    from runtime.peak import measure_int8_peak
+
+    p = measure_int8_peak(threads=1, size=512, repeats=2)
+    assert p.precision == "int8" and p.gops and p.gops > 0
+    assert set(p.by_kernel) == {"MatMulInteger", "QLinearConv"} and p.gops == max(p.by_kernel.values())
+    assert p.library.startswith("onnxruntime") and "MLAS" in p.kernel
+    flags = __import__("runtime.peak", fromlist=["cpu_flags"]).cpu_flags()
+    if "avx2" in flags and not {"avx512_vnni", "avx_vnni", "amx_int8"} & flags:
+        assert "AVX2 u8s8" in p.kernel and p.units == []
+
+
+def test_bf16_peak_is_absent_without_a_bf16_unit():
+    from runtime.peak import measure_bf16_peak
+
+    p = measure_bf16_peak(threads=1, size=256, repeats=1, flags=frozenset({"avx2", "fma"}))
+    assert p.gops is None and "no bf16 unit on this CPU" in p.note
+
+
+def test_bf16_peak_measured_where_the_cpu_has_a_bf16_unit():
+    from runtime.peak import BF16_FLAGS, cpu_flags, measure_bf16_peak
+
+    if not set(BF16_FLAGS) & cpu_flags():
+        pytest.skip("this CPU has no bf16 unit (no avx512_bf16 / amx_bf16 in /proc/cpuinfo)")
+    pytest.importorskip("openvino", reason="openvino not installed")
+    p = measure_bf16_peak(threads=1, size=512, repeats=2)
+    assert p.gops and p.gops > 0 and p.library.startswith("openvino") and "bf16" in p.kernel
+
+
+def test_a_row_is_set_against_the_peak_of_its_own_precision(monkeypatch):
+    import runtime.peak as peak
+    from runtime.peak import PeakResult, peak_for
+
+    small = peak.measure_int8_peak
+    monkeypatch.setattr(peak, "measure_int8_peak", lambda threads: small(threads, size=256, repeats=1))
+
+    fp32 = PeakResult(cpu_gflops=100.0, gpu_gflops=None, size=8, repeats=1, threads=1)
+    gops, precision, _ = peak_for(fp32, "cpu", "f32", {"detbench.precision": "fp32"}, 1)
+    assert (gops, precision) == (100.0, "fp32")
+    gops, precision, note = peak_for(fp32, "cpu", "f32", {"detbench.precision": "int8"}, 1)
+    assert precision == "int8" and gops != 100.0 and "MLAS" in note

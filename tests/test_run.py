@@ -237,3 +237,40 @@ def test_bad_options_are_typed_errors(tmp_path, monkeypatch):
         run_pipeline(["no-such-model"], quick=True)
     with pytest.raises(ConfigError, match="--coco"):
         run_pipeline(None, quick=True, coco_dir=tmp_path / "missing")
+
+
+def test_budget_run_continues_from_an_earlier_smaller_budget(quick_run, models, tmp_path, monkeypatch):
+    """`run --budget` twice: the first budget is too small for a VALID p50 (it says so), the second
+    completes it, judging the earlier runs with the new ones when the two processes' medians agree."""
+    from pipeline.run import run_pipeline
+
+    root = tmp_path / "results"
+    shutil.copytree(quick_run[0], root)
+    monkeypatch.setenv("DETBENCH_RESULTS", str(root))
+    trained, _ = models
+
+    def settings(minutes):
+        return _single_row(bench_runs=None, budget_minutes=minutes, smoke=False, nodes=False, per_image=0,
+                           eval_limit=8, threads=1)
+
+    first = run_pipeline([trained.name], settings=settings(0.005), providers=["cpu"], report=False, strict=True)
+    (bench1,) = [o for o in first.outcomes if o.step == "bench"]
+    assert bench1.status == "done" and "p50 INVALID" in bench1.reason and "budget" in bench1.reason
+    rec1 = _records(root, "bench", trained.name, "cpu", size=trained.input_size)[-1]
+    assert rec1["data"]["latency_validity"]["verdicts"]["p50"]["verdict"] == "INVALID"
+    assert rec1["data"]["threads"] == 1 and rec1["settings"]["threads"] == 1  # the count that ran, stated
+
+    second = run_pipeline([trained.name], settings=settings(0.5), providers=["cpu"], report=False, strict=True)
+    (bench2,) = [o for o in second.outcomes if o.step == "bench"]
+    rec2 = _records(root, "bench", trained.name, "cpu", size=trained.input_size)[-1]
+    sched = rec2["data"]["schedule"]
+    valid = rec2["data"]["latency_validity"]["verdicts"]["p50"]["verdict"] == "VALID"
+    # a quiet machine makes it VALID (11 runs of ~0.1 s); a loaded one may not: then the record says why
+    assert ("cpu: p50 VALID" in bench2.reason) == valid and sched["p50_valid"] == valid
+    assert valid or sched["reason"]
+    assert sched["earlier_runs"] == rec1["data"]["runs"] and sched["new_runs"] >= 1
+    if sched["pooling"].startswith("pooled"):
+        assert rec2["data"]["samples_ms"][:sched["earlier_runs"]] == rec1["data"]["samples_ms"]
+        assert rec2["data"]["runs"] == sched["earlier_runs"] + sched["new_runs"]
+    else:  # the machine changed between the two processes beyond the measured spread: not mixed
+        assert sched["pooling"].startswith("not pooled") and rec2["data"]["runs"] == sched["new_runs"]

@@ -65,7 +65,9 @@ def test_twenty_runs_support_neither_p90_nor_p99():
     assert lat.p99 is None and lat.p90 is None
     assert not lat.verdicts["p99"].valid and "662 needed" in lat.verdicts["p99"].reason
     assert not lat.verdicts["p90"].valid and "64 needed" in lat.verdicts["p90"].reason
-    assert "20 runs < 64 required" in lat.verdicts["p50"].reason
+    # p50's verdict is its own: the 64-run rule of p90 never voids it; 20 runs of ~11 ms are too short a timing
+    assert "20 runs < 64 required" in lat.verdicts["p90"].reason
+    assert "runs <" not in lat.verdicts["p50"].reason and "0.22 s < 1 s required for p50" in lat.verdicts["p50"].reason
     assert not lat.valid
     assert lat.percentiles["p99"].empirical == pytest.approx(np.percentile(samples, 99))  # kept, never reported
 
@@ -88,14 +90,14 @@ def test_enough_runs_but_too_short_is_invalid():
     assert lat.p90 == 5.0  # supported by the count, still INVALID for the duration
 
 
-def test_rsd_above_the_bound_voids_mean_and_median_not_the_tail():
+def test_rsd_above_the_bound_voids_the_mean_a_wide_median_interval_the_median():
     samples = [100.0, 140.0] * 50  # mean 120, std 20.1 (ddof 1): RSD 16.8 % > 10 %
     lat = Latency.of(samples, duration_s=12.0)
     assert lat.rsd == pytest.approx(math.sqrt(100 * 20 ** 2 / 99) / 120)
     assert not lat.verdicts["mean"].valid and "RSD 16.8 % > 10 % bound" in lat.verdicts["mean"].reason
-    assert not lat.verdicts["p50"].valid
+    assert not lat.verdicts["p50"].valid and "unstable" in lat.verdicts["p50"].reason  # two modes 40 % apart
     assert lat.verdicts["p90"].valid and lat.p90 == 140.0
-    loose = Latency.of(samples, ValidityRules(max_rsd=0.2), duration_s=12.0)
+    loose = Latency.of(samples, ValidityRules(max_rsd=0.2, p50_max_ci=0.2), duration_s=12.0)
     assert loose.verdicts["mean"].valid and loose.valid
 
 
@@ -170,7 +172,8 @@ def test_time_runs_caps_a_slow_model_and_says_so():
     timing = time_runs(slow.run, clock=slow)
     assert timing.capped and len(timing.samples_ms) == 60
     lat = timing.latency()
-    assert lat.capped and not lat.valid and "capped" in lat.verdicts["p50"].reason
+    assert lat.capped and not lat.valid and "capped" in lat.verdicts["p90"].reason
+    assert lat.verdicts["p50"].valid  # 60 steady runs over 60 s: the median holds whatever the p90 lacks
     assert lat.duration_s == pytest.approx(60.0)
 
 
@@ -183,3 +186,30 @@ def test_time_runs_explicit_runs_and_seconds():
         time_runs(c.run, runs=5, seconds=1.0, clock=c)
     with pytest.raises(ConfigError):
         time_runs(c.run, runs=0, clock=c)
+
+
+# --------------------------------------------------------------------------- p50's own rules
+
+def test_median_confidence_interval_ranks_match_the_binomial_table():
+    """Ranks of the distribution-free 95 % interval of the median, as tabulated (e.g. Conover,
+    Practical Nonparametric Statistics, table A3): n=11 -> (2, 10), n=20 -> (6, 15), n=64 -> (24, 41)."""
+    from runtime.stats import median_ci_ranks
+
+    assert median_ci_ranks(11, 0.95) == (2, 10)
+    assert median_ci_ranks(20, 0.95) == (6, 15)
+    assert median_ci_ranks(64, 0.95) == (24, 41)
+    assert median_ci_ranks(11, 0.99) == (1, 11)
+
+
+def test_p50_valid_at_eleven_steady_runs_despite_one_hiccup():
+    samples = [50.0, 50.5, 49.8, 50.2, 50.1, 49.9, 50.3, 150.0, 50.0, 49.7, 50.4]  # one 3x scheduler hiccup
+    lat = Latency.of(samples, duration_s=1.5)
+    assert lat.verdicts["p50"].valid, lat.verdicts["p50"].reason
+    assert not lat.verdicts["mean"].valid  # the hiccup moves the mean (RSD > 10 %), not the median
+    assert not lat.verdicts["p90"].valid and lat.p90 is None
+
+
+def test_p50_invalid_below_eleven_runs_and_when_bimodal():
+    assert not Latency.of([50.0] * 10, duration_s=5.0).verdicts["p50"].valid
+    bimodal = Latency.of([40.0, 60.0] * 10)
+    assert "unstable" in bimodal.verdicts["p50"].reason
