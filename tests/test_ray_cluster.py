@@ -254,7 +254,7 @@ def _marked_step(mark: str, seconds: float, progress=None):
 
 @pytest.fixture
 def ray_run(cluster):
-    import cloudpickle
+    from ray import cloudpickle  # Ray pickles with its own copy
 
     from pipeline.ray_run import RayRun
 
