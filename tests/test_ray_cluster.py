@@ -247,14 +247,14 @@ def _marked_step(mark: str, seconds: float, progress=None):
 
     node = ray.get_runtime_context().get_node_id()
     with open(mark, "a", encoding="utf-8") as fh:
-        fh.write(node + "\n")
+        fh.write(f"{node} {os.getpid()}\n")
     time.sleep(seconds)
     return node, []
 
 
 @pytest.fixture
 def ray_run(cluster):
-    import cloudpickle
+    from ray import cloudpickle  # Ray pickles with its own copy
 
     from pipeline.ray_run import RayRun
 
@@ -298,13 +298,17 @@ def test_a_run_step_whose_node_died_runs_again_elsewhere(cluster, ray_run, tmp_p
     deadline = time.monotonic() + 60
     while not (mark.exists() and mark.read_text().strip()) and time.monotonic() < deadline:
         time.sleep(0.2)
-    first = mark.read_text().split()[0]
+    first, pid = mark.read_text().split()[:2]
+    # a machine lost: its raylet and the worker running the step (which would otherwise still
+    # hand its value to the driver directly)
     cluster.kill_raylet(nodes[first])
+    os.kill(int(pid), signal.SIGKILL)
     thread.join(timeout=120)
     assert out, "the step did not return"
     value, records, host = out[0]
-    started = mark.read_text().split()
+    started = [line.split()[0] for line in mark.read_text().splitlines()]
     assert started[0] == first and value != first and value in nodes  # run again, on the node that remained
+    assert started[-1] == value
     assert records == [] and host["hostname"]
 
 
