@@ -230,17 +230,42 @@ def quantize(
     per_channel: bool = typer.Option(True, "--per-channel/--no-per-channel", help="One weight scale per output channel."),
     quant_format: str = typer.Option("qdq", "--format", help="qdq (Quantize/DequantizeLinear pairs) or qoperator."),
     out: Optional[Path] = typer.Option(None, "--out", help="INT8 file to write. Default: <model folder>/<stem>@int8.onnx."),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Accuracy budget in mAP points: the larger of the "
+                                             "mAP@0.5 and mAP@[.5:.95] drops on selection images may not exceed it; "
+                                             "the most sensitive layers stay float until it holds. Needs trained "
+                                             "weights and COCO data (--calibration, split 16/32/rest by --seed)."),
+    seed: int = typer.Option(0, "--seed", help="With --max-drop: the seed of the calibration/selection/evaluation split."),
 ) -> None:
     """Static INT8 quantization (onnxruntime) calibrated on COCO images; NMS and box decoding stay float.
 
-    The calibration image ids are recorded in the file: `eval` refuses to score the model on them.
+    The calibration (and, with --max-drop, selection) image ids are recorded in the file: `eval` refuses to score
+    the model on them.
     """
     from exporters.quantize import QuantizeSettings, quantize_model
 
     settings = QuantizeSettings(calibration=calibration, images=images, method=method, per_channel=per_channel,
                                 format=quant_format, out=out)
-    with console.status(f"quantizing {t(model)}") as status:
-        result = quantize_model(model, settings, progress=lambda msg: status.update(t(msg)))
+    try:
+        with console.status(f"quantizing {t(model)}") as status:
+            if max_drop is not None:
+                from quantization.budget import BudgetSettings, check_budget, quantize_within_budget
+
+                budget = BudgetSettings(max_drop=check_budget(max_drop), coco_dir=calibration, seed=seed,
+                                        quantize=settings)
+                outcome = quantize_within_budget(model, budget, progress=lambda msg: status.update(t(msg)))
+            else:
+                result = quantize_model(model, settings, progress=lambda msg: status.update(t(msg)))
+    except KeyboardInterrupt:
+        print_error("interrupted: nothing was written (the INT8 file is written in one step at the end)")
+        raise typer.Exit(130) from None
+    if max_drop is not None:
+        kept = ", ".join(outcome.kept_float) or "none"
+        console.print(f"[green]✓[/] {t(model)} -> {t(outcome.path)}: {outcome.split.describe()}; selection drop "
+                      f"{outcome.drop:.2f} point (budget {max_drop}, all INT8 {outcome.all_int8_drop:.2f}; larger of "
+                      f"mAP@0.5 and mAP@[.5:.95]); layers kept float for accuracy: {t(kept)}. "
+                      f"Evaluate on the other images: eval refuses calibration and selection ids.",
+                      highlight=False, soft_wrap=True)
+        return
     ids = result.calibration_ids
     shown = ", ".join(map(str, ids[:8])) + (" ..." if len(ids) > 8 else "")
     console.print(f"[green]✓[/] {t(result.contract.name)} -> {t(result.path)} in {result.seconds:.1f} s: "
