@@ -276,6 +276,55 @@ def quantize(
 
 @app.command()
 @reports_errors
+def tune(
+    model: Path = typer.Argument(..., help="Exported float32 ONNX detector."),
+    max_drop: float = typer.Option(..., "--max-drop", help="Accuracy budget in mAP points (larger of the mAP@0.5 and "
+                                   "mAP@[.5:.95] drops against onnxruntime CPU float32, selection images)."),
+    coco: Optional[Path] = typer.Option(None, "--coco", help="COCO folder. Default: the shared COCO val2017 subset."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the calibration/selection/evaluation split."),
+    providers: Optional[List[str]] = typer.Option(None, "--provider", "-p", help="Backends to try (default: every "
+                                                  "backend that runs here)."),
+    threads: Optional[List[int]] = typer.Option(None, "--threads", help="Thread settings to try (default: 1 .. cores)."),
+    seconds: Optional[float] = typer.Option(None, "--seconds", help="Timed seconds per configuration (default: until "
+                                            "the p50 is VALID, as bench)."),
+    int8: Optional[Path] = typer.Option(None, "--int8", help="Use this INT8 file (made by quantize --max-drop) "
+                                        "instead of quantizing."),
+) -> None:
+    """Fastest backend x precision x threads within an accuracy budget, with the Pareto table (latency vs drop)."""
+    from rich.table import Table
+
+    from quantization.tune import TuneSettings
+    from quantization.tune import tune as run_tune
+
+    settings = TuneSettings(max_drop=max_drop, coco_dir=coco, seed=seed, backends=tuple(providers or ()) or None,
+                            threads=tuple(threads or ()) or None, bench_seconds=seconds, int8=int8)
+    with console.status(f"tuning {t(model)}") as status:
+        result = run_tune(model, settings, progress=lambda msg: status.update(t(msg)))
+    table = Table(title=f"tune {t(model)}: p50 latency vs accuracy drop (points, selection images)")
+    for column in ("backend", "precision", "threads", "p50 ms", "valid", "mAP@0.5", "mAP@[.5:.95]", "drop",
+                   "within budget", "Pareto"):
+        table.add_column(column)
+    for p in sorted(result.points, key=lambda p: p.p50_ms):
+        fmt = (lambda v: "-" if v is None else f"{v:.2f}")
+        table.add_row(t(p.backend), p.precision, str(p.threads), f"{p.p50_ms:.1f}", "VALID" if p.valid else "INVALID",
+                      fmt(p.map50), fmt(p.map), fmt(p.drop),
+                      "-" if p.within_budget is None else ("yes" if p.within_budget else "no"),
+                      "*" if p.pareto else "")
+    console.print(table)
+    for note in result.notes:
+        console.print(f"[dim]-[/] {t(note)}", highlight=False, soft_wrap=True)
+    if result.chosen is None:
+        console.print(f"[yellow]no configuration is within --max-drop {max_drop}[/]")
+        return
+    what = "within the budget" if result.accuracy_measured else "(speed only: accuracy not measured)"
+    ratio = f", {result.speedup:.2f}x onnxruntime CPU float32 ({result.reference.threads} threads)" \
+        if result.speedup else ""
+    console.print(f"[green]✓[/] fastest {what}: {t(result.chosen.label)} p50 {result.chosen.p50_ms:.1f} ms"
+                  f"{ratio}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@reports_errors
 def fetch(
     names: List[str] = typer.Argument(None, help="Registered model names (see `list`)."),
     all_models: bool = typer.Option(False, "--all", help="Fetch the files of every registered model."),

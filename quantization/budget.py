@@ -68,6 +68,12 @@ class BudgetResult:
     layers: int
 
 
+def default_coco() -> Path:
+    from core.paths import data_dir
+
+    return data_dir() / "coco-val2017-subset"
+
+
 def check_budget(max_drop: float) -> float:
     if max_drop is None or not math.isfinite(max_drop) or max_drop < 0:
         raise ConfigError(f"--max-drop {max_drop}: give a finite, non-negative number of mAP points (e.g. 0.5)")
@@ -83,10 +89,10 @@ def quantize_within_budget(path, settings: BudgetSettings, progress: ProgressFn 
     if contract.random_init:
         raise ConfigError(f"{path} has no trained weights ({contract.weights}): its accuracy cannot be measured, "
                           "so no accuracy budget can be checked. Quantize without --max-drop (speed only).")
-    dataset = load_coco(settings.coco_dir)
+    coco_dir = Path(settings.coco_dir) if settings.coco_dir is not None else default_coco()
+    dataset = load_coco(coco_dir)
     split = split_ids(dataset.images, settings.seed, settings.calibration_images, settings.selection_images)
     out = Path(settings.quantize.out) if settings.quantize.out is not None else default_output(path)
-    coco_dir = settings.coco_dir if settings.coco_dir is not None else dataset.annotations_path.parent.parent
 
     with tempfile.TemporaryDirectory(prefix="detbench-budget-") as tmp:
         tmp = Path(tmp)
