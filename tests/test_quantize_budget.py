@@ -189,3 +189,36 @@ def test_bootstrap_matches_pycocotools_and_brackets_a_change(coco_dir):
     assert same["map"].delta == 0 and same["map"].low == 0 == same["map"].high and same["map"].within_noise
     with pytest.raises(ConfigError):
         paired_change(detections, worse, gt, ids[:1])
+
+
+def test_compare_calls_a_drop_within_the_noise_one(coco_dir, tmp_path):
+    """compare's mAP change carries the paired interval: one image's detections dropped out of
+    twelve is a drop within the noise; every box shifted is a loss."""
+    from report.compare import compare_accuracy
+
+    annotations = coco_dir / "annotations" / "instances_val2017.json"
+    gt = json.loads(annotations.read_text())
+    ids = sorted(int(i["id"]) for i in gt["images"])[:12]
+    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 0.9, "bbox": a["bbox"]}
+            for a in gt["annotations"] if a["image_id"] in ids and not a.get("iscrowd")]
+    lost_one = [d for d in dets if d["image_id"] != ids[3]]
+    shifted = [dict(d, bbox=[d["bbox"][0] + 0.3 * d["bbox"][2], *d["bbox"][1:]]) for d in dets]
+
+    def record(results, name):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(results))
+        from eval.coco import score_results
+
+        scores = score_results(results, gt, image_ids=ids)
+        return {"map50": scores["map50"], "map": scores["map"], "images_evaluated": len(ids),
+                "annotations_sha256": "same", "results_file": str(path),
+                "dataset": {"annotations_file": str(annotations)}}
+
+    base = record(dets, "a")
+    noisy = compare_accuracy(base, record(lost_one, "b"), 0.1, settings={"image_ids": ids})
+    assert noisy.delta_map_points < -0.1 and noisy.verdict == "within the noise", noisy
+    assert noisy.intervals["map"]["low"] < 0 < noisy.intervals["map"]["high"] + 1e-12
+    loss = compare_accuracy(base, record(shifted, "c"), 0.1, settings={"image_ids": ids})
+    assert loss.verdict == "less accurate" and loss.intervals["map"]["high"] < 0
+    gone = compare_accuracy(base, {**record(shifted, "d"), "results_file": str(tmp_path / "missing.json")}, 0.1)
+    assert gone.verdict == "less accurate" and not gone.intervals and "no interval" in gone.interval_note
