@@ -222,3 +222,37 @@ def test_compare_calls_a_drop_within_the_noise_one(coco_dir, tmp_path):
     assert loss.verdict == "less accurate" and loss.intervals["map"]["high"] < 0
     gone = compare_accuracy(base, {**record(shifted, "d"), "results_file": str(tmp_path / "missing.json")}, 0.1)
     assert gone.verdict == "less accurate" and not gone.intervals and "no interval" in gone.interval_note
+
+
+def test_quantize_cli_interrupt_and_escaping_external_data(tmp_path, coco_dir, monkeypatch):
+    """Ctrl-C during `quantize` says nothing was written (exit 130); a file whose external data
+    points outside its folder is a contract error (exit 5) as for profile/bench/eval, not a traceback."""
+    from typer.testing import CliRunner
+
+    import cli
+    import exporters.quantize as quantize_module
+
+    model = _chain(tmp_path / "m.onnx")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(quantize_module, "quantize_model", interrupted)
+        result = CliRunner().invoke(cli.app, ["quantize", str(model), "--calibration", str(coco_dir)])
+    assert result.exit_code == 130
+    assert "nothing was written" in result.output and not (tmp_path / "m@int8.onnx").exists()
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (tmp_path / "secret.bin").write_bytes(np.zeros(4 * 3 * 3 * 3 * 4, np.uint8).tobytes())
+    escaping = onnx.load(str(model))
+    weight = next(i for i in escaping.graph.initializer if i.name == "w0")
+    weight.ClearField("raw_data")
+    weight.data_location = TensorProto.EXTERNAL
+    entry = weight.external_data.add()
+    entry.key, entry.value = "location", "../secret.bin"
+    onnx.save(escaping, str(folder / "escaping.onnx"))
+    result = CliRunner().invoke(cli.app, ["quantize", str(folder / "escaping.onnx"), "--calibration", str(coco_dir)])
+    assert result.exit_code == 5, result.output
+    assert "Traceback" not in result.output and "escaping.onnx" in result.output
