@@ -275,8 +275,12 @@ class Plan:
     postprocess: list[str] = field(default_factory=list)
 
 
-def plan(model, chain: bool = True) -> Plan:
-    """Decide from the graph's structure what to quantize (see the module docstring)."""
+def plan(model, chain: bool = True, exclude: frozenset[str] = frozenset()) -> Plan:
+    """Decide from the graph's structure what to quantize (see the module docstring).
+
+    ``exclude``: learned layers kept float by choice; the chain ops that read only them stay
+    float too (a chain op is quantized only when every data input comes from a quantized node),
+    so a layer kept float is float up to the next quantized convolution."""
     graph = model.graph
     parts = graph_parts(graph)
     consts = {i.name for i in graph.initializer}
@@ -300,6 +304,8 @@ def plan(model, chain: bool = True) -> Plan:
         if parts[i] != NETWORK:
             continue
         if node.op_type in LINEAR_OPS:
+            if node.name in exclude:
+                continue
             if len(node.input) > 1 and node.input[1] not in consts:
                 continue  # weights computed at run time: nothing to pre-quantize
             if read_by_postprocess(i):
@@ -321,13 +327,6 @@ def plan(model, chain: bool = True) -> Plan:
                             if i not in quantized and n.op_type != "Constant"],
                 boundary=[names[i] for i in boundary],
                 postprocess=[names[i] for i in range(len(names)) if parts[i] != NETWORK])
-
-
-def exclude_nodes(chosen: Plan, names: set[str]) -> Plan:
-    """``chosen`` with the nodes ``names`` kept float too."""
-    return Plan(quantize=[n for n in chosen.quantize if n not in names],
-                keep_float=chosen.keep_float + [n for n in chosen.quantize if n in names],
-                boundary=chosen.boundary, postprocess=chosen.postprocess)
 
 
 def quantizable_layers(path) -> list[tuple[str, str]]:
@@ -392,7 +391,7 @@ def quantize_model(path, settings: QuantizeSettings | None = None,
             unknown = sorted(set(settings.exclude) - set(chosen_plan.quantize))
             if unknown:
                 raise ConfigError(f"nodes to keep float are not quantized nodes of {path}: {', '.join(unknown[:5])}")
-            chosen_plan = exclude_nodes(chosen_plan, set(settings.exclude))
+            chosen_plan = plan(prepared, chain=settings.chain, exclude=frozenset(settings.exclude))
         if not chosen_plan.quantize:
             raise ExportError(f"{path}: the network holds no Conv/MatMul/Gemm with constant weights outside the "
                               "nodes post-processing reads; there is nothing to quantize")
