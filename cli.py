@@ -230,23 +230,97 @@ def quantize(
     per_channel: bool = typer.Option(True, "--per-channel/--no-per-channel", help="One weight scale per output channel."),
     quant_format: str = typer.Option("qdq", "--format", help="qdq (Quantize/DequantizeLinear pairs) or qoperator."),
     out: Optional[Path] = typer.Option(None, "--out", help="INT8 file to write. Default: <model folder>/<stem>@int8.onnx."),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Accuracy budget in mAP points: the larger of the "
+                                             "mAP@0.5 and mAP@[.5:.95] drops on selection images may not exceed it; "
+                                             "the most sensitive layers stay float until it holds. Needs trained "
+                                             "weights and COCO data (--calibration, split 16/32/rest by --seed)."),
+    seed: int = typer.Option(0, "--seed", help="With --max-drop: the seed of the calibration/selection/evaluation split."),
 ) -> None:
     """Static INT8 quantization (onnxruntime) calibrated on COCO images; NMS and box decoding stay float.
 
-    The calibration image ids are recorded in the file: `eval` refuses to score the model on them.
+    The calibration (and, with --max-drop, selection) image ids are recorded in the file: `eval` refuses to score
+    the model on them.
     """
     from exporters.quantize import QuantizeSettings, quantize_model
 
     settings = QuantizeSettings(calibration=calibration, images=images, method=method, per_channel=per_channel,
                                 format=quant_format, out=out)
-    with console.status(f"quantizing {t(model)}") as status:
-        result = quantize_model(model, settings, progress=lambda msg: status.update(t(msg)))
+    try:
+        with console.status(f"quantizing {t(model)}") as status:
+            if max_drop is not None:
+                from quantization.budget import BudgetSettings, check_budget, quantize_within_budget
+
+                budget = BudgetSettings(max_drop=check_budget(max_drop), coco_dir=calibration, seed=seed,
+                                        quantize=settings)
+                outcome = quantize_within_budget(model, budget, progress=lambda msg: status.update(t(msg)))
+            else:
+                result = quantize_model(model, settings, progress=lambda msg: status.update(t(msg)))
+    except KeyboardInterrupt:
+        print_error("interrupted: nothing was written (the INT8 file is written in one step at the end)")
+        raise typer.Exit(130) from None
+    if max_drop is not None:
+        kept = ", ".join(outcome.kept_float) or "none"
+        console.print(f"[green]✓[/] {t(model)} -> {t(outcome.path)}: {outcome.split.describe()}; selection drop "
+                      f"{outcome.drop:.2f} point (budget {max_drop}, all INT8 {outcome.all_int8_drop:.2f}; larger of "
+                      f"mAP@0.5 and mAP@[.5:.95]); layers kept float for accuracy: {t(kept)}. "
+                      f"Evaluate on the other images: eval refuses calibration and selection ids.",
+                      highlight=False, soft_wrap=True)
+        return
     ids = result.calibration_ids
     shown = ", ".join(map(str, ids[:8])) + (" ..." if len(ids) > 8 else "")
     console.print(f"[green]✓[/] {t(result.contract.name)} -> {t(result.path)} in {result.seconds:.1f} s: "
                   f"{len(result.quantized_nodes)} node(s) int8 ({result.activation_type} activations, "
                   f"{result.weight_type} weights), {len(result.float_nodes)} kept float; calibrated ({t(method)}) on "
                   f"{len(result.calibration_files)} image(s), ids {t(shown)}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@reports_errors
+def tune(
+    model: Path = typer.Argument(..., help="Exported float32 ONNX detector."),
+    max_drop: float = typer.Option(..., "--max-drop", help="Accuracy budget in mAP points (larger of the mAP@0.5 and "
+                                   "mAP@[.5:.95] drops against onnxruntime CPU float32, selection images)."),
+    coco: Optional[Path] = typer.Option(None, "--coco", help="COCO folder. Default: the shared COCO val2017 subset."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the calibration/selection/evaluation split."),
+    providers: Optional[List[str]] = typer.Option(None, "--provider", "-p", help="Backends to try (default: every "
+                                                  "backend that runs here)."),
+    threads: Optional[List[int]] = typer.Option(None, "--threads", help="Thread settings to try (default: 1 .. cores)."),
+    seconds: Optional[float] = typer.Option(None, "--seconds", help="Timed seconds per configuration (default: until "
+                                            "the p50 is VALID, as bench)."),
+    int8: Optional[Path] = typer.Option(None, "--int8", help="Use this INT8 file (made by quantize --max-drop) "
+                                        "instead of quantizing."),
+) -> None:
+    """Fastest backend x precision x threads within an accuracy budget, with the Pareto table (latency vs drop)."""
+    from rich.table import Table
+
+    from quantization.tune import TuneSettings
+    from quantization.tune import tune as run_tune
+
+    settings = TuneSettings(max_drop=max_drop, coco_dir=coco, seed=seed, backends=tuple(providers or ()) or None,
+                            threads=tuple(threads or ()) or None, bench_seconds=seconds, int8=int8)
+    with console.status(f"tuning {t(model)}") as status:
+        result = run_tune(model, settings, progress=lambda msg: status.update(t(msg)))
+    table = Table(title=f"tune {t(model)}: p50 latency vs accuracy drop (points, selection images)")
+    for column in ("backend", "precision", "threads", "p50 ms", "valid", "mAP@0.5", "mAP@[.5:.95]", "drop",
+                   "within budget", "Pareto"):
+        table.add_column(column)
+    for p in sorted(result.points, key=lambda p: p.p50_ms):
+        fmt = (lambda v: "-" if v is None else f"{v:.2f}")
+        table.add_row(t(p.backend), p.precision, str(p.threads), f"{p.p50_ms:.1f}", "VALID" if p.valid else "INVALID",
+                      fmt(p.map50), fmt(p.map), fmt(p.drop),
+                      "-" if p.within_budget is None else ("yes" if p.within_budget else "no"),
+                      "*" if p.pareto else "")
+    console.print(table)
+    for note in result.notes:
+        console.print(f"[dim]-[/] {t(note)}", highlight=False, soft_wrap=True)
+    if result.chosen is None:
+        console.print(f"[yellow]no configuration is within --max-drop {max_drop}[/]")
+        return
+    what = "within the budget" if result.accuracy_measured else "(speed only: accuracy not measured)"
+    ratio = f", {result.speedup:.2f}x onnxruntime CPU float32 ({result.reference.threads} threads)" \
+        if result.speedup else ""
+    console.print(f"[green]✓[/] fastest {what}: {t(result.chosen.label)} p50 {result.chosen.p50_ms:.1f} ms"
+                  f"{ratio}", highlight=False, soft_wrap=True)
 
 
 @app.command()

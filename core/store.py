@@ -29,7 +29,7 @@ from core.errors import WriteError
 from core.paths import results_dir
 
 STORE_NAME = "results.jsonl"
-KINDS = ("export", "quantize", "profile", "bench", "eval", "images")
+KINDS = ("export", "quantize", "profile", "bench", "eval", "images", "tune")
 _VERSIONED = ("onnx", "onnxruntime-gpu", "onnxruntime", "torch", "torchvision", "tensorflow-cpu", "tf2onnx",
               "opencv-python-headless", "pycocotools", "faster-coco-eval", "numpy", "openvino", "ray")
 

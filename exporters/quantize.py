@@ -38,7 +38,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from core.contract import INPUT_NAME, OUTPUT_NAMES, PREFIX, ModelContract, read_contract, save_model, sha256_file
+from core.contract import (INPUT_NAME, OUTPUT_NAMES, PREFIX, ModelContract, load_checked, read_contract, save_model,
+                           sha256_file)
 from core.errors import ConfigError, DatasetError, ExportError
 from core.images import load_rgb, prepare_for
 from counting.analyzer import NETWORK, graph_parts
@@ -47,6 +48,7 @@ METHODS = ("minmax", "entropy", "percentile")
 FORMATS = ("qdq", "qoperator")
 PRECISION_KEY = "precision"
 CALIBRATION_IDS_KEY = "calibration_image_ids"
+SELECTION_IDS_KEY = "selection_image_ids"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 
 # Learned ops quantized by default (their weights become int8).
@@ -79,7 +81,12 @@ class QuantizeSettings:
     ``chain``: also quantize the network ops between convolutions (see the module docstring);
     ``symmetric_activations``: int8 activations with zero point 0 instead of uint8;
     ``symmetric_weights``: int8 weights with zero point 0 (onnxruntime's default);
-    ``out``: the file to write (default :func:`default_output`).
+    ``out``: the file to write (default :func:`default_output`); ``exclude``: further network
+    nodes (names in the optimized graph, as :func:`plan` lists them) kept float;
+    ``selection_ids``: the images an accuracy-driven choice was made on, recorded so that
+    evaluation refuses them too; ``ranges_cache``: a file holding (or receiving) the calibration
+    ranges, so that several variants of one calibration are quantized without re-calibrating;
+    ``metadata``: further ``(key, value)`` pairs recorded in the file.
     """
 
     calibration: Path | None = None
@@ -93,6 +100,10 @@ class QuantizeSettings:
     percentile: float = 99.999
     image_ids: tuple[int, ...] | None = None
     out: Path | None = None
+    exclude: tuple[str, ...] = ()
+    selection_ids: tuple[int, ...] | None = None
+    ranges_cache: Path | None = None
+    metadata: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -189,23 +200,46 @@ def calibration_ids(contract: ModelContract) -> list[int]:
         raise ExportError(f"model {contract.name!r}: malformed {PREFIX}{CALIBRATION_IDS_KEY} ({exc})") from exc
 
 
+def selection_ids(contract: ModelContract) -> list[int]:
+    """The COCO image ids accuracy-driven choices (layers kept float) were made on (empty if none)."""
+    raw = contract.extra.get(SELECTION_IDS_KEY)
+    if not raw:
+        return []
+    try:
+        return [int(i) for i in json.loads(raw)]
+    except (ValueError, TypeError) as exc:
+        raise ExportError(f"model {contract.name!r}: malformed {PREFIX}{SELECTION_IDS_KEY} ({exc})") from exc
+
+
 def calibration_overlap(contract: ModelContract, image_ids: Iterable[int]) -> list[int]:
-    """The ids among ``image_ids`` the model was calibrated on (sorted; empty = disjoint)."""
-    own = set(calibration_ids(contract))
+    """The ids among ``image_ids`` the model was calibrated or tuned on (sorted; empty = disjoint)."""
+    own = set(calibration_ids(contract)) | set(selection_ids(contract))
     return sorted(own & {int(i) for i in image_ids})
 
 
 def check_calibration_overlap(contract: ModelContract, image_ids: Iterable[int], allow: bool = False) -> list[int]:
-    """Raise :class:`ConfigError` when a model would be scored on its own calibration images
-    (unless ``allow``); returns the overlap."""
+    """Raise :class:`ConfigError` when a model would be scored on the images it was calibrated on or
+    whose accuracy chose its recipe (unless ``allow``); returns the overlap."""
     overlap = calibration_overlap(contract, image_ids)
     if overlap and not allow:
-        shown = ", ".join(map(str, overlap[:8])) + (" ..." if len(overlap) > 8 else "")
+        wanted = {int(i) for i in image_ids}
+        calibrated = sorted(set(calibration_ids(contract)) & wanted)
+        selected = sorted(set(selection_ids(contract)) & wanted)
+        parts = []
+        if calibrated:
+            parts.append(f"calibrated on {len(calibrated)} of the {len(wanted)} images selected for evaluation "
+                         f"(ids {_shown(calibrated)})")
+        if selected:
+            parts.append(f"had its float layers chosen on {len(selected)} of the {len(wanted)} images selected for "
+                         f"evaluation (selection ids {_shown(selected)})")
         raise ConfigError(
-            f"model {contract.name!r} was calibrated on {len(overlap)} of the {len(set(image_ids))} images selected "
-            f"for evaluation (ids {shown}); its accuracy on them is biased. Select other images (--image-ids) or "
-            "pass --allow-calibration-overlap to score it anyway.")
+            f"model {contract.name!r} was {' and '.join(parts)}; its accuracy on them is biased. Select other "
+            "images (--image-ids) or pass --allow-calibration-overlap to score it anyway.")
     return overlap
+
+
+def _shown(ids: list[int]) -> str:
+    return ", ".join(map(str, ids[:8])) + (" ..." if len(ids) > 8 else "")
 
 
 def cpu_int8_types() -> tuple[str, str, str]:
@@ -241,8 +275,12 @@ class Plan:
     postprocess: list[str] = field(default_factory=list)
 
 
-def plan(model, chain: bool = True) -> Plan:
-    """Decide from the graph's structure what to quantize (see the module docstring)."""
+def plan(model, chain: bool = True, exclude: frozenset[str] = frozenset()) -> Plan:
+    """Decide from the graph's structure what to quantize (see the module docstring).
+
+    ``exclude``: learned layers kept float by choice; the chain ops that read only them stay
+    float too (a chain op is quantized only when every data input comes from a quantized node),
+    so a layer kept float is float up to the next quantized convolution."""
     graph = model.graph
     parts = graph_parts(graph)
     consts = {i.name for i in graph.initializer}
@@ -266,6 +304,8 @@ def plan(model, chain: bool = True) -> Plan:
         if parts[i] != NETWORK:
             continue
         if node.op_type in LINEAR_OPS:
+            if node.name in exclude:
+                continue
             if len(node.input) > 1 and node.input[1] not in consts:
                 continue  # weights computed at run time: nothing to pre-quantize
             if read_by_postprocess(i):
@@ -287,6 +327,16 @@ def plan(model, chain: bool = True) -> Plan:
                             if i not in quantized and n.op_type != "Constant"],
                 boundary=[names[i] for i in boundary],
                 postprocess=[names[i] for i in range(len(names)) if parts[i] != NETWORK])
+
+
+def quantizable_layers(path) -> list[tuple[str, str]]:
+    """``[(node name, op type)]`` of the learned layers (Conv/MatMul/Gemm) :func:`quantize_model`
+    quantizes in the float model at ``path``, named as ``QuantizeSettings.exclude`` expects."""
+    with tempfile.TemporaryDirectory(prefix="detbench-quant-") as tmp:
+        model, _ = load_checked(path, load_weights=True)
+        prepared = _optimize(model, Path(tmp) / "optimized.onnx")
+    by_name = {n.name: n.op_type for n in prepared.graph.node}
+    return [(n, by_name[n]) for n in plan(prepared).quantize if by_name[n] in LINEAR_OPS]
 
 
 # --------------------------------------------------------------------------- quantization
@@ -313,7 +363,9 @@ def quantize_model(path, settings: QuantizeSettings | None = None,
     if settings.format not in FORMATS:
         raise ConfigError(f"--format {settings.format!r}: use one of {', '.join(FORMATS)}")
     contract = read_contract(path)
-    model = onnx.load(str(path))
+    # the same loader (and ContractError) as every other command: external data outside the
+    # model's folder is refused there, never followed
+    model, _ = load_checked(path, load_weights=True)
     why = is_quantized(model)
     if why:
         raise ConfigError(f"{path} is already quantized: {why}. Quantize the float32 export instead "
@@ -335,6 +387,11 @@ def quantize_model(path, settings: QuantizeSettings | None = None,
         prepared = _optimize(model, Path(tmp) / "optimized.onnx")
         del model
         chosen_plan = plan(prepared, chain=settings.chain)
+        if settings.exclude:
+            unknown = sorted(set(settings.exclude) - set(chosen_plan.quantize))
+            if unknown:
+                raise ConfigError(f"nodes to keep float are not quantized nodes of {path}: {', '.join(unknown[:5])}")
+            chosen_plan = plan(prepared, chain=settings.chain, exclude=frozenset(settings.exclude))
         if not chosen_plan.quantize:
             raise ExportError(f"{path}: the network holds no Conv/MatMul/Gemm with constant weights outside the "
                               "nodes post-processing reads; there is nothing to quantize")
@@ -365,11 +422,14 @@ def quantize_model(path, settings: QuantizeSettings | None = None,
         "quantization_tool": f"onnxruntime.quantization {_ort_version()} quantize_static",
         "calibration_images": str(len(chosen)),
         CALIBRATION_IDS_KEY: json.dumps(ids),
+        SELECTION_IDS_KEY: json.dumps(sorted(int(i) for i in settings.selection_ids or ())),
+        "kept_float_by_accuracy": json.dumps(sorted(settings.exclude)),
         "calibration_files_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest(),
         "float_nodes": json.dumps(float_nodes),
     })
     if settings.method == "percentile":
         extra["quantization_percentile"] = str(settings.percentile)
+    extra.update(dict(settings.metadata))
     new_contract = ModelContract(**{**_fields(contract), "name": f"{contract.name}@int8", "extra": extra})
     say(f"writing {out}")
     save_model(quantized, out, new_contract)
@@ -484,7 +544,7 @@ def _quantize_static(model, target: Path, tensors, chosen: Plan, settings: Quant
     ranges reach ``quantize_static`` through its calibration cache file.
     """
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantType
     from onnxruntime.quantization.calibrate import TensorsData, create_calibrator, save_tensors_data
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -506,6 +566,12 @@ def _quantize_static(model, target: Path, tensors, chosen: Plan, settings: Quant
     try:
         model_path = target.with_name("prepared.onnx")
         onnx.save_model(model, str(model_path))
+        cache = Path(settings.ranges_cache) if settings.ranges_cache is not None else target.with_name("ranges.json")
+        if settings.ranges_cache is not None and cache.is_file():
+            step = "quantization"
+            _quantize_with_ranges(model_path, target, cache, chosen, settings, op_types, types[act_name],
+                                  types[weight_name], methods[settings.method], extra)
+            return
         with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress
             calibrator = create_calibrator(model_path, op_types, augmented_model_path=str(target.with_name("aug.onnx")),
                                            calibrate_method=methods[settings.method], extra_options=calib_options)
@@ -520,17 +586,10 @@ def _quantize_static(model, target: Path, tensors, chosen: Plan, settings: Quant
         if not isinstance(ranges, TensorsData):
             raise ExportError(f"calibration returned {type(ranges).__name__}, not tensor ranges")
         del calibrator
-        cache = target.with_name("ranges.json")
         save_tensors_data(ranges, cache)
         step = "quantization"
-        quantize_static(
-            str(model_path), str(target), None,
-            quant_format=QuantFormat.QDQ if settings.format == "qdq" else QuantFormat.QOperator,
-            op_types_to_quantize=op_types, nodes_to_quantize=list(chosen.quantize),
-            per_channel=settings.per_channel, reduce_range=False,
-            activation_type=types[act_name], weight_type=types[weight_name],
-            calibrate_method=methods[settings.method], extra_options=extra, calibration_cache_path=str(cache),
-        )
+        _quantize_with_ranges(model_path, target, cache, chosen, settings, op_types, types[act_name],
+                              types[weight_name], methods[settings.method], extra)
     except ExportError:
         raise
     except Exception as exc:  # the quantizer raises ValueError, RuntimeError, KeyError, onnx errors...
@@ -538,6 +597,20 @@ def _quantize_static(model, target: Path, tensors, chosen: Plan, settings: Quant
                           f"operators selected for quantization: {', '.join(op_types)}") from exc
     finally:
         logger.setLevel(level)
+
+
+def _quantize_with_ranges(model_path: Path, target: Path, cache: Path, chosen: Plan, settings: QuantizeSettings,
+                          op_types: list[str], act_type, weight_type, method, extra: dict) -> None:
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    quantize_static(
+        str(model_path), str(target), None,
+        quant_format=QuantFormat.QDQ if settings.format == "qdq" else QuantFormat.QOperator,
+        op_types_to_quantize=op_types, nodes_to_quantize=list(chosen.quantize),
+        per_channel=settings.per_channel, reduce_range=False,
+        activation_type=act_type, weight_type=weight_type,
+        calibrate_method=method, extra_options=extra, calibration_cache_path=str(cache),
+    )
 
 
 def _restore_float_inputs(model, postprocess: set[str]) -> int:

@@ -104,6 +104,7 @@ class Evaluation:
     image_ids: list[int] | None
     source: str
     dataset: str | None = None  # a dataset other than COCO's categories (custom data), else None
+    record: dict | None = None  # the eval record's data (results file, dataset) for intervals
 
 
 @dataclass
@@ -136,6 +137,7 @@ class ModelRow:
     quantized_from: str | None = None
     calibration: str | None = None  # calibration method and image count, as the contract says
     dataset: str | None = None  # the headline accuracy's dataset when it is not COCO's categories
+    kept_float: list[str] | None = None  # layers an accuracy budget kept float (quantize --max-drop)
     evals: dict[str, Evaluation] = field(default_factory=dict)  # backend -> its largest evaluation
     eval_list: list[Evaluation] = field(default_factory=list)  # every evaluation of the file, oldest first
     images: dict[str, Any] | None = None  # the latest ``images`` record's data (per-image MACs and latency)
@@ -305,6 +307,8 @@ def _row(name: str, size: tuple[int, int], spec, records: list[dict[str, Any]],
         ids = _json_list(c.get("calibration_image_ids"))
         if method or ids:
             row.calibration = f"{method or '?'} on {len(ids) if ids else '?'} COCO image(s)"
+        if c.get("kept_float_by_accuracy") is not None:
+            row.kept_float = [str(n) for n in _json_list(c.get("kept_float_by_accuracy"))]
         row.validation = c.get("validation")
         row.structure_warnings = [str(w) for w in _json_list(c.get("structure_warnings"))]
         if current["kind"] in ("export", "quantize"):
@@ -359,7 +363,7 @@ def _row(name: str, size: tuple[int, int], spec, records: list[dict[str, Any]],
                  f"sha256 {str(d.get('annotations_sha256', '?'))[:12]}, provider {p}")
         ids = d.get("image_ids") or (rec.get("settings") or {}).get("image_ids")
         ev = Evaluation(p, 100.0 * float(d["map50"]), 100.0 * float(d["map"]), n,
-                        sorted(int(i) for i in ids) if ids else None, where, dataset)
+                        sorted(int(i) for i in ids) if ids else None, where, dataset, record=d)
         row.eval_list.append(ev)
         # an evaluation of the whole (limited) folder beats one restricted to chosen image ids (the
         # float model rerun on its INT8 row's images) of the same size

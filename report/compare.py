@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from core import store
-from core.errors import ConfigError
+from core.errors import ConfigError, DetbenchError
 from report.collect import scenario_of
 
 DEFAULT_MAX_SLOWDOWN = 0.05
@@ -241,8 +241,10 @@ class AccuracyChange:
     map50_b: float
     map_a: float
     map_b: float
-    verdict: str  # less accurate / more accurate / unchanged / not comparable
+    verdict: str  # less accurate / more accurate / unchanged / within the noise / not comparable
     note: str = ""
+    intervals: dict[str, Any] = field(default_factory=dict)  # metric -> eval.bootstrap.Change.to_dict()
+    interval_note: str = ""  # why there is no interval
 
     @property
     def delta_map50_points(self) -> float:
@@ -294,6 +296,7 @@ class Comparison:
                 return None
             return {"map50_a": c.map50_a, "map50_b": c.map50_b, "map_a": c.map_a, "map_b": c.map_b,
                     "delta_map50_points": c.delta_map50_points, "delta_map_points": c.delta_map_points,
+                    "intervals": c.intervals, "interval_note": c.interval_note,
                     "verdict": c.verdict, "note": c.note}
 
         return {
@@ -340,9 +343,40 @@ def compare_latency(a_ms, b_ms, max_slowdown: float = DEFAULT_MAX_SLOWDOWN,
     return LatencyChange(int(a.size), int(b.size), med_a, med_b, ratio, ci, u, p_slower, p_faster, verdict, note)
 
 
+def accuracy_intervals(a: dict[str, Any], b: dict[str, Any], settings: dict[str, Any] | None = None
+                       ) -> tuple[dict[str, Any], str]:
+    """Paired bootstrap intervals (``eval.bootstrap``) of B's mAPs against A's from the two eval
+    records' COCO results files, or ``({}, why not)`` when the files are gone."""
+    from eval.bootstrap import paired_change
+    from eval.dataset import read_annotations
+
+    files = [a.get("results_file"), b.get("results_file")]
+    annotations = (a.get("dataset") or {}).get("annotations_file")
+    if not all(files) or not annotations or not all(Path(f).is_file() for f in [*files, annotations]):
+        return {}, "no interval: the results files of both evaluations are needed (kept under results/eval)"
+    try:
+        gt = read_annotations(Path(annotations))
+        results = [json.loads(Path(f).read_text(encoding="utf-8")) for f in files]
+    except (OSError, ValueError, DetbenchError) as exc:
+        return {}, f"no interval: {exc}"
+    ids = (settings or {}).get("image_ids") or sorted(int(i["id"]) for i in gt["images"])
+    limit = (settings or {}).get("limit")
+    ids = sorted(int(i) for i in ids)[:limit] if limit else sorted(int(i) for i in ids)
+    skipped = {int(s.get("image_id")) for rec in (a, b) for s in rec.get("images_skipped") or [] if "image_id" in s}
+    ids = [i for i in ids if i not in skipped]
+    if len(ids) < 2:
+        return {}, "no interval: fewer than 2 images"
+    return {m: c.to_dict() for m, c in paired_change(results[0], results[1], gt, ids).items()}, ""
+
+
 def compare_accuracy(a: dict[str, Any], b: dict[str, Any],
-                     max_map_drop: float = DEFAULT_MAX_MAP_DROP) -> AccuracyChange:
-    """mAP verdict of B's eval record against A's (``data`` dicts of the store's eval records)."""
+                     max_map_drop: float = DEFAULT_MAX_MAP_DROP, *, intervals: bool = True,
+                     settings: dict[str, Any] | None = None) -> AccuracyChange:
+    """mAP verdict of B's eval record against A's (``data`` dicts of the store's eval records).
+
+    With ``intervals`` and both results files on disk, each change carries a paired bootstrap
+    interval over images; a drop beyond ``max_map_drop`` whose interval holds 0 is reported
+    as within the noise, not as a loss."""
     change = AccuracyChange(float(a["map50"]), float(b["map50"]), float(a["map"]), float(b["map"]), "unchanged")
     same_images = (a.get("annotations_sha256") == b.get("annotations_sha256")
                    and a.get("images_evaluated") == b.get("images_evaluated"))
@@ -355,12 +389,27 @@ def compare_accuracy(a: dict[str, Any], b: dict[str, Any],
     drops = [name for name, d in (("mAP@0.5", change.delta_map50_points), ("mAP@[.5:.95]", change.delta_map_points))
              if -d > max_map_drop]
     gains = [d for d in (change.delta_map50_points, change.delta_map_points) if d > max_map_drop]
+    if intervals:
+        change.intervals, change.interval_note = accuracy_intervals(a, b, settings)
     if drops:
-        change.verdict = "less accurate"
-        change.note = ", ".join(drops)
+        noisy = [n for n in drops if change.intervals.get(_METRIC_OF[n], {}).get("within_noise")]
+        if change.intervals and len(noisy) == len(drops):
+            change.verdict = "within the noise"
+            change.note = "; ".join(_interval_text(change.intervals[_METRIC_OF[n]]) for n in drops)
+        else:
+            change.verdict = "less accurate"
+            change.note = ", ".join(drops)
     elif gains:
         change.verdict = "more accurate"
     return change
+
+
+_METRIC_OF = {"mAP@0.5": "map50", "mAP@[.5:.95]": "map"}
+
+
+def _interval_text(c: dict[str, Any]) -> str:
+    return (f"{c['metric']} {c['delta']:+.2f} point, {100 * c['confidence']:.0f} % interval "
+            f"[{c['low']:+.2f}, {c['high']:+.2f}] over {c['images']} images")
 
 
 def parse_fraction(text: str, option: str) -> float:
@@ -430,7 +479,7 @@ def compare_stores(a: str | Path, b: str | Path, *, max_slowdown: float = DEFAUL
                                    f"for more than {100 * threshold:.3g} % slower)")
         if key in eval_a and key in eval_b:
             row.accuracy = compare_accuracy(eval_a[key].get("data") or {}, eval_b[key].get("data") or {},
-                                            max_map_drop)
+                                            max_map_drop, settings=eval_b[key].get("settings"))
             if row.accuracy.verdict == "less accurate":
                 c = row.accuracy
                 regressions.append(f"{key}: less accurate, mAP@0.5 {100 * c.map50_a:.2f} -> {100 * c.map50_b:.2f}, "

@@ -331,6 +331,7 @@ def int8_rows(rows: list[ModelRow]) -> list[dict[str, Any]]:
                 "map_float": None, "map_int8": None, "d_map": None, "images_float": None, "images_int8": None,
                 "same_images": None, "eval_backend": None,
             }
+            line["kept_float"] = q.kept_float
             if q.random_init or f.random_init:
                 line["accuracy_note"] = "accuracy of random weights not measured"
             else:
@@ -345,7 +346,16 @@ def int8_rows(rows: list[ModelRow]) -> list[dict[str, Any]]:
                              None: "image sets not recorded, may differ"}[same]
                     line["accuracy_note"] = (f"evaluated on {eval_backend}: float {ev_f.images} images, int8 "
                                              f"{ev_q.images} images ({where}; int8 images exclude its calibration "
-                                             "images)")
+                                             "and selection images)")
+                    if same and ev_f.record and ev_q.record:
+                        from report.compare import accuracy_intervals
+
+                        intervals, why = accuracy_intervals(ev_f.record, ev_q.record, {"image_ids": ev_q.image_ids})
+                        line["intervals"] = intervals
+                        line["accuracy_note"] += "; " + ("; ".join(
+                            f"{'mAP@0.5' if m == 'map50' else 'mAP@[.5:.95]'} 95 % paired bootstrap interval "
+                            f"[{c['low']:+.2f}, {c['high']:+.2f}]" + (" (within the noise)" if c["within_noise"] else "")
+                            for m, c in intervals.items()) if intervals else why)
                 else:
                     line["accuracy_note"] = (f"no evaluation of {'the int8 file' if ev_q is None else 'the float file'}"
                                              f" on {eval_backend} yet")
@@ -358,7 +368,8 @@ def _mb(v) -> str:
 
 
 INT8_COLUMNS = ("int8 model", "backend", "float32 p50 (ms)", "int8 p50 (ms)", "speed-up",
-                "mAP@0.5 float → int8 (Δ)", "mAP@[.5:.95] float → int8 (Δ)", "accuracy basis", "GOps float / int8",
+                "mAP@0.5 float → int8 (Δ)", "mAP@[.5:.95] float → int8 (Δ)", "accuracy basis",
+                "layers kept float (accuracy budget)", "GOps float / int8",
                 "weight MB float / int8", "file MB float / int8")
 
 
@@ -372,7 +383,9 @@ def int8_cells(d: dict[str, Any]) -> list[str]:
             f"{d['speedup']:.2f}x" + ("" if valid else " (INVALID p50)")
             + (" DISAGREES with cpu" if d["int8_parity"] == "disagree" else ""),
             acc(d["map50_float"], d["map50_int8"], d["d_map50"]), acc(d["map_float"], d["map_int8"], d["d_map"]),
-            d["accuracy_note"], f"{_fmt(d['float_gops'], 2)} / {_fmt(d['int8_gops'], 2)}",
+            d["accuracy_note"],
+            "—" if d.get("kept_float") is None else (", ".join(d["kept_float"]) or "none"),
+            f"{_fmt(d['float_gops'], 2)} / {_fmt(d['int8_gops'], 2)}",
             f"{_mb(d['float_weight_bytes'])} / {_mb(d['int8_weight_bytes'])}",
             f"{_mb(d['float_file_bytes'])} / {_mb(d['int8_file_bytes'])}"]
 

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # lowest first; a package may import only those before it
-LAYERS = ["core", "counting", "exporters", "runtime", "eval", "report", "pipeline"]
+LAYERS = ["core", "counting", "exporters", "runtime", "eval", "quantization", "report", "pipeline"]
 NOT_PACKAGES = {"tests", "benchmarks", "docs", "results", "build"}
 
 

@@ -1,0 +1,258 @@
+"""Accuracy-aware quantization (quantization.budget), the disjoint image sets, `tune`'s Pareto
+choice, and the paired bootstrap interval (eval.bootstrap) against pycocotools."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from core.contract import ModelContract, attach, read_contract
+from core.errors import ConfigError, DatasetError, ExportError
+from quantization import budget as budget_module
+from quantization.budget import BudgetSettings, quantize_within_budget
+from quantization.splits import split_ids
+from quantization.tune import Point, TuneSettings, choose, pareto_front, tune
+
+TRAINED = "sha256:" + "ab" * 32  # looks like trained weights: accuracy is expected to be measurable
+
+
+def _chain(path: Path, weights: str = TRAINED, convs: int = 4) -> Path:
+    """Conv x ``convs`` (Relu between) then a head Conv -> boxes/scores/labels, 8x8 input."""
+    rng = np.random.default_rng(0)
+    inits, nodes, prev, channels = [], [], "images", 3
+    for k in range(convs):
+        inits.append(numpy_helper.from_array(rng.normal(0, .4, (4, channels, 3, 3)).astype(np.float32), f"w{k}"))
+        nodes += [helper.make_node("Conv", [prev, f"w{k}"], [f"c{k}"], name=f"conv{k}", pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{k}"], [f"r{k}"], name=f"relu{k}")]
+        prev, channels = f"r{k}", 4
+    inits += [numpy_helper.from_array(rng.normal(0, .4, (4, 4, 1, 1)).astype(np.float32), "wh"),
+              numpy_helper.from_array(np.array([-1, 4], np.int64), "shape")]
+    nodes += [helper.make_node("Conv", [prev, "wh"], ["head"], name="head"),
+              helper.make_node("Transpose", ["head"], ["t"], name="tr", perm=[0, 2, 3, 1]),
+              helper.make_node("Reshape", ["t", "shape"], ["boxes"], name="rs"),
+              helper.make_node("ReduceMax", ["boxes"], ["scores"], name="rm", axes=[1], keepdims=0),
+              helper.make_node("ArgMax", ["boxes"], ["labels"], name="am", axis=1, keepdims=0)]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [None, 4]),
+                               helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None]),
+                               helper.make_tensor_value_info("labels", TensorProto.INT64, [None])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    attach(model, ModelContract(name="chain", family="test", framework="onnx", input_height=8, input_width=8,
+                                resize="stretch", label_space="coco80", score_threshold=0.0, iou_threshold=0.5,
+                                max_detections=64, weights=weights, source_params=0))
+    onnx.save(model, str(path))
+    return path
+
+
+def _fake_scores(per_layer: float, all_int8: float):
+    """A scorer whose drop shrinks by ``per_layer`` for each layer the file keeps float."""
+    def score(path, coco_dir, ids, stem):
+        extra = read_contract(path).extra
+        if extra.get("precision") != "int8":
+            return {"map50": 40.0, "map": 20.0}
+        kept = len(json.loads(extra.get("kept_float_by_accuracy", "[]")))
+        drop = max(0.0, all_int8 - per_layer * kept)
+        return {"map50": 40.0 - drop, "map": 20.0 - drop / 2}
+    return score
+
+
+def test_splits_are_disjoint_and_seeded():
+    ids = list(range(1000, 1144))
+    a, b = split_ids(ids, seed=0), split_ids(ids, seed=1)
+    for s in (a, b):
+        assert (len(s.calibration), len(s.selection), len(s.evaluation)) == (16, 32, 96)
+        sets = [set(s.calibration), set(s.selection), set(s.evaluation)]
+        assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+        assert sets[0] | sets[1] | sets[2] == set(ids)
+    assert a == split_ids(ids, seed=0) and a.selection != b.selection
+    with pytest.raises(DatasetError, match="cannot give"):
+        split_ids(ids[:40])
+
+
+def test_max_drop_keeps_the_most_sensitive_layers_float(tmp_path, coco_dir, monkeypatch):
+    monkeypatch.setattr(budget_module, "_score", _fake_scores(per_layer=0.4, all_int8=1.0))
+    model = _chain(tmp_path / "chain.onnx")
+    out = tmp_path / "chain@int8.onnx"
+    settings = BudgetSettings(max_drop=0.3, coco_dir=coco_dir, calibration_images=2, selection_images=4,
+                              sensitivity_images=2, quantize=budget_module.QuantizeSettings(method="minmax", out=out))
+    result = quantize_within_budget(model, settings)
+    # all INT8 loses 1.0 > 0.3; one layer float 0.6, two 0.2: two layers, the two most sensitive
+    assert result.all_int8_drop == pytest.approx(1.0)
+    assert result.kept_float == [name for name, _ in result.sensitivity[:2]]
+    assert result.drop == pytest.approx(0.2) and result.drop <= 0.3
+    extra = read_contract(out).extra
+    assert json.loads(extra["kept_float_by_accuracy"]) == sorted(result.kept_float)
+    assert json.loads(extra["selection_image_ids"]) == list(result.split.selection)
+    assert json.loads(extra["calibration_image_ids"]) == list(result.split.calibration)
+    assert float(extra["accuracy_budget_selection_drop"]) == pytest.approx(0.2)
+    # kept-float layers really have float weights in the written file
+    written = onnx.load(str(out))
+    by_name = {n.name: n for n in written.graph.node}
+    inits = {i.name: i for i in written.graph.initializer}
+    for name in result.kept_float:
+        assert inits[by_name[name].input[1]].data_type == TensorProto.FLOAT
+    # evaluation refuses selection images (and calibration ones) before running anything
+    from eval.coco import evaluate_model
+
+    with pytest.raises(ConfigError, match="float layers chosen on 1 .*--allow-calibration-overlap"):
+        evaluate_model(out, coco_dir=coco_dir, image_ids=[result.split.selection[0]], store=False)
+    with pytest.raises(ConfigError, match="calibrated on 1 "):
+        evaluate_model(out, coco_dir=coco_dir, image_ids=[result.split.calibration[0]], store=False)
+    from exporters.quantize import calibration_overlap
+
+    assert calibration_overlap(read_contract(out), result.split.evaluation) == []
+
+
+def test_budget_that_cannot_be_met_writes_nothing(tmp_path, coco_dir, monkeypatch):
+    monkeypatch.setattr(budget_module, "_score", _fake_scores(per_layer=0.0, all_int8=1.0))
+    out = tmp_path / "never.onnx"
+    settings = BudgetSettings(max_drop=0.1, coco_dir=coco_dir, calibration_images=2, selection_images=4,
+                              sensitivity_images=1, quantize=budget_module.QuantizeSettings(method="minmax", out=out))
+    with pytest.raises(ExportError, match="no INT8 file found within --max-drop 0.1.*nothing was written"):
+        quantize_within_budget(_chain(tmp_path / "chain.onnx", convs=2), settings)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("bad", [-0.5, math.nan, math.inf])
+def test_bad_budget_is_refused(tmp_path, coco_dir, bad):
+    with pytest.raises(ConfigError, match="--max-drop"):
+        quantize_within_budget(_chain(tmp_path / "m.onnx"), BudgetSettings(max_drop=bad, coco_dir=coco_dir))
+    with pytest.raises(ConfigError, match="--max-drop"):
+        tune(_chain(tmp_path / "m.onnx"), TuneSettings(max_drop=bad, coco_dir=coco_dir))
+
+
+def test_no_coco_data_and_no_trained_weights(tmp_path, coco_dir):
+    with pytest.raises(DatasetError):
+        quantize_within_budget(_chain(tmp_path / "m.onnx"), BudgetSettings(max_drop=0.5, coco_dir=tmp_path / "none"))
+    with pytest.raises(DatasetError):
+        tune(_chain(tmp_path / "m.onnx"), TuneSettings(max_drop=0.5, coco_dir=tmp_path / "none", record=False))
+    random = _chain(tmp_path / "r.onnx", weights="random-init")
+    with pytest.raises(ConfigError, match="accuracy cannot be measured"):
+        quantize_within_budget(random, BudgetSettings(max_drop=0.5, coco_dir=coco_dir))
+    # tune offers speed only: float32 on onnxruntime CPU, no drop, the fastest named as speed only
+    result = tune(random, TuneSettings(max_drop=0.5, coco_dir=tmp_path / "none", backends=("cpu",), threads=(1,),
+                                       bench_seconds=0.3, record=False))
+    assert not result.accuracy_measured
+    assert any("accuracy cannot be measured" in n for n in result.notes)
+    assert {p.precision for p in result.points} == {"f32"} and all(p.drop is None for p in result.points)
+    assert result.chosen is not None and result.chosen.drop is None
+
+
+def test_pareto_and_choice_on_fake_measurements():
+    pts = [Point("cpu", "f32", 2, "m.onnx", 40.0, True, drop=0.0),
+           Point("cpu", "f32", 1, "m.onnx", 70.0, True, drop=0.0),       # slower, same drop: dominated
+           Point("cpu", "int8", 2, "q.onnx", 25.0, True, drop=0.4),
+           Point("openvino", "int8", 2, "q.onnx", 20.0, True, drop=0.9),  # fastest but over budget
+           Point("openvino", "f32", 2, "m.onnx", 30.0, False, drop=0.05),
+           Point("cpu", "int8", 1, "q.onnx", 26.0, True, drop=0.5)]      # dominated by cpu int8 2t
+    front = pareto_front(pts)
+    assert [p.label for p in front] == ["openvino int8 2t", "cpu int8 2t", "openvino f32 2t", "cpu f32 2t"]
+    chosen, speedup = choose(pts, 0.5, reference=pts[0])
+    assert chosen.label == "cpu int8 2t" and speedup == pytest.approx(40.0 / 25.0)
+    assert [p.within_budget for p in pts] == [True, True, True, False, True, True]
+    # an INVALID latency is chosen only when no VALID one is within budget
+    chosen, _ = choose(pts, 0.1, reference=pts[0])
+    assert chosen.label == "cpu f32 2t"
+    assert choose(pts, 0.0, reference=None)[0].label == "cpu f32 2t"
+    assert choose([Point("cpu", "int8", 1, "q", 5.0, True, drop=1.0)], 0.5, None) == (None, None)
+
+
+def test_bootstrap_matches_pycocotools_and_brackets_a_change(coco_dir):
+    """With every image once, the bootstrap's mAPs are pycocotools' own; a model against itself
+    changes by exactly 0; a shifted copy loses, and its interval holds the measured change."""
+    from eval.bootstrap import paired_change
+    from eval.coco import score_results
+
+    gt = json.loads((coco_dir / "annotations" / "instances_val2017.json").read_text())
+    ids = sorted(int(i["id"]) for i in gt["images"])[:12]
+    rng = np.random.default_rng(0)
+    by_id = {i: [a for a in gt["annotations"] if a["image_id"] == i] for i in ids}
+    detections = [{"image_id": i, "category_id": a["category_id"], "score": float(rng.uniform(0.3, 1.0)),
+                   "bbox": [a["bbox"][0] + float(rng.normal(0, 2)), a["bbox"][1] + float(rng.normal(0, 2)), *a["bbox"][2:]]}
+                  for i in ids for a in by_id[i] if not a.get("iscrowd")]
+    worse = [dict(d, bbox=[d["bbox"][0] + 0.15 * d["bbox"][2], *d["bbox"][1:]]) for d in detections]
+    change = paired_change(detections, worse, gt, ids, resamples=30)
+    ref_a, ref_b = score_results(detections, gt, image_ids=ids), score_results(worse, gt, image_ids=ids)
+    for metric in ("map50", "map"):
+        assert change[metric].a == pytest.approx(100 * ref_a[metric], abs=1e-9)
+        assert change[metric].b == pytest.approx(100 * ref_b[metric], abs=1e-9)
+        assert change[metric].low <= change[metric].delta <= change[metric].high
+    assert change["map"].delta < 0 and not change["map"].within_noise
+    same = paired_change(detections, detections, gt, ids, resamples=10)
+    assert same["map"].delta == 0 and same["map"].low == 0 == same["map"].high and same["map"].within_noise
+    with pytest.raises(ConfigError):
+        paired_change(detections, worse, gt, ids[:1])
+
+
+def test_compare_calls_a_drop_within_the_noise_one(coco_dir, tmp_path):
+    """compare's mAP change carries the paired interval: one image's detections dropped out of
+    twelve is a drop within the noise; every box shifted is a loss."""
+    from report.compare import compare_accuracy
+
+    annotations = coco_dir / "annotations" / "instances_val2017.json"
+    gt = json.loads(annotations.read_text())
+    ids = sorted(int(i["id"]) for i in gt["images"])[:12]
+    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 0.9, "bbox": a["bbox"]}
+            for a in gt["annotations"] if a["image_id"] in ids and not a.get("iscrowd")]
+    lost_one = [d for d in dets if d["image_id"] != ids[3]]
+    shifted = [dict(d, bbox=[d["bbox"][0] + 0.3 * d["bbox"][2], *d["bbox"][1:]]) for d in dets]
+
+    def record(results, name):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(results))
+        from eval.coco import score_results
+
+        scores = score_results(results, gt, image_ids=ids)
+        return {"map50": scores["map50"], "map": scores["map"], "images_evaluated": len(ids),
+                "annotations_sha256": "same", "results_file": str(path),
+                "dataset": {"annotations_file": str(annotations)}}
+
+    base = record(dets, "a")
+    noisy = compare_accuracy(base, record(lost_one, "b"), 0.1, settings={"image_ids": ids})
+    assert noisy.delta_map_points < -0.1 and noisy.verdict == "within the noise", noisy
+    assert noisy.intervals["map"]["low"] < 0 < noisy.intervals["map"]["high"] + 1e-12
+    loss = compare_accuracy(base, record(shifted, "c"), 0.1, settings={"image_ids": ids})
+    assert loss.verdict == "less accurate" and loss.intervals["map"]["high"] < 0
+    gone = compare_accuracy(base, {**record(shifted, "d"), "results_file": str(tmp_path / "missing.json")}, 0.1)
+    assert gone.verdict == "less accurate" and not gone.intervals and "no interval" in gone.interval_note
+
+
+def test_quantize_cli_interrupt_and_escaping_external_data(tmp_path, coco_dir, monkeypatch):
+    """Ctrl-C during `quantize` says nothing was written (exit 130); a file whose external data
+    points outside its folder is a contract error (exit 5) as for profile/bench/eval, not a traceback."""
+    from typer.testing import CliRunner
+
+    import cli
+    import exporters.quantize as quantize_module
+
+    model = _chain(tmp_path / "m.onnx")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(quantize_module, "quantize_model", interrupted)
+        result = CliRunner().invoke(cli.app, ["quantize", str(model), "--calibration", str(coco_dir)])
+    assert result.exit_code == 130
+    assert "nothing was written" in result.output and not (tmp_path / "m@int8.onnx").exists()
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (tmp_path / "secret.bin").write_bytes(np.zeros(4 * 3 * 3 * 3 * 4, np.uint8).tobytes())
+    escaping = onnx.load(str(model))
+    weight = next(i for i in escaping.graph.initializer if i.name == "w0")
+    weight.ClearField("raw_data")
+    weight.data_location = TensorProto.EXTERNAL
+    entry = weight.external_data.add()
+    entry.key, entry.value = "location", "../secret.bin"
+    onnx.save(escaping, str(folder / "escaping.onnx"))
+    result = CliRunner().invoke(cli.app, ["quantize", str(folder / "escaping.onnx"), "--calibration", str(coco_dir)])
+    assert result.exit_code == 5, result.output
+    assert "Traceback" not in result.output and "escaping.onnx" in result.output
