@@ -32,7 +32,7 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -242,13 +242,27 @@ def _shown(ids: list[int]) -> str:
     return ", ".join(map(str, ids[:8])) + (" ..." if len(ids) > 8 else "")
 
 
-def cpu_int8_types() -> tuple[str, str, str]:
-    """(activation type, weight type, why): what onnxruntime recommends for this CPU."""
+@dataclass(frozen=True)
+class Int8Types:
+    """The integer types a quantized file uses, and why: what suits this CPU's int8 kernels."""
+
+    activation: str
+    weight: str
+    reduce_range: bool  # weights in 7 bits
+    why: str
+
+
+def cpu_int8_types() -> Int8Types:
+    """What onnxruntime recommends for this CPU. Without VNNI, MLAS's u8s8 kernels use
+    VPMADDUBSW, whose int16 pair sums saturate with 8-bit weights (255 * 127 * 2 > 32767):
+    weights keep 7 bits there (``reduce_range``), which cannot saturate."""
     flags = _cpu_flags()
     vnni = sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
     if vnni:
-        return "uint8", "int8", f"x86 CPU with {', '.join(vnni)}: uint8 activations, int8 weights, full range"
-    return "uint8", "int8", "x86 CPU without VNNI: uint8 activations, int8 weights (reduce_range advised)"
+        return Int8Types("uint8", "int8", False,
+                         f"x86 CPU with {', '.join(vnni)}: uint8 activations, int8 weights, full range")
+    return Int8Types("uint8", "int8", True, "x86 CPU without VNNI: uint8 activations, int8 weights in 7 bits "
+                     "(reduce_range: VPMADDUBSW's int16 sums saturate with 8-bit weights)")
 
 
 def _cpu_flags() -> set[str]:
@@ -378,9 +392,10 @@ def quantize_model(path, settings: QuantizeSettings | None = None,
     say(f"preparing {len(chosen)} calibration image(s) from {calibration}")
     tensors = [prepare_for(load_rgb(p), contract)[0] for _, p in chosen]
     source_sha = sha256_file(path)
-    act_name, weight_name, why_types = cpu_int8_types()
+    int8_types = cpu_int8_types()
     if settings.symmetric_activations:
-        act_name, why_types = "int8", why_types + "; int8 symmetric activations asked for"
+        int8_types = replace(int8_types, activation="int8", why=int8_types.why + "; int8 symmetric activations asked for")
+    act_name, weight_name, why_types = int8_types.activation, int8_types.weight, int8_types.why
 
     with tempfile.TemporaryDirectory(prefix="detbench-quant-") as tmp:
         say("optimizing the float graph (onnxruntime basic level: BatchNorm folded into Conv, constants folded)")
@@ -397,7 +412,7 @@ def quantize_model(path, settings: QuantizeSettings | None = None,
                               "nodes post-processing reads; there is nothing to quantize")
         say(f"calibrating ({settings.method}) and quantizing {len(chosen_plan.quantize)} node(s)")
         quant_path = Path(tmp) / "quantized.onnx"
-        _quantize_static(prepared, quant_path, tensors, chosen_plan, settings, act_name, weight_name)
+        _quantize_static(prepared, quant_path, tensors, chosen_plan, settings, int8_types)
         quantized = onnx.load(str(quant_path))
         _restore_float_inputs(quantized, set(chosen_plan.postprocess))
         onnx.save_model(quantized, str(quant_path))
@@ -418,6 +433,7 @@ def quantize_model(path, settings: QuantizeSettings | None = None,
         "quantization_chain": str(settings.chain).lower(),
         "quantization_activation_type": act_name,
         "quantization_weight_type": weight_name,
+        "quantization_reduce_range": str(int8_types.reduce_range).lower(),
         "quantization_types_why": why_types,
         "quantization_tool": f"onnxruntime.quantization {_ort_version()} quantize_static",
         "calibration_images": str(len(chosen)),
@@ -534,7 +550,7 @@ class _Reader:
 
 
 def _quantize_static(model, target: Path, tensors, chosen: Plan, settings: QuantizeSettings,
-                     act_name: str, weight_name: str) -> None:
+                     int8_types: Int8Types) -> None:
     """Calibrate, then quantize with onnxruntime.
 
     Calibration runs through ``create_calibrator`` rather than inside ``quantize_static``,
@@ -556,6 +572,7 @@ def _quantize_static(model, target: Path, tensors, chosen: Plan, settings: Quant
         "percentile": {"num_bins": 2048, "percentile": settings.percentile, "symmetric": False},
     }[settings.method]
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    qtypes = (types[int8_types.activation], types[int8_types.weight], int8_types.reduce_range)
     by_name = {n.name: n for n in model.graph.node}
     op_types = sorted({by_name[n].op_type for n in chosen.quantize})
     extra = {"ActivationSymmetric": settings.symmetric_activations, "WeightSymmetric": settings.symmetric_weights}
@@ -569,8 +586,8 @@ def _quantize_static(model, target: Path, tensors, chosen: Plan, settings: Quant
         cache = Path(settings.ranges_cache) if settings.ranges_cache is not None else target.with_name("ranges.json")
         if settings.ranges_cache is not None and cache.is_file():
             step = "quantization"
-            _quantize_with_ranges(model_path, target, cache, chosen, settings, op_types, types[act_name],
-                                  types[weight_name], methods[settings.method], extra)
+            _quantize_with_ranges(model_path, target, cache, chosen, settings, op_types, qtypes,
+                                  methods[settings.method], extra)
             return
         with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress
             calibrator = create_calibrator(model_path, op_types, augmented_model_path=str(target.with_name("aug.onnx")),
@@ -588,8 +605,8 @@ def _quantize_static(model, target: Path, tensors, chosen: Plan, settings: Quant
         del calibrator
         save_tensors_data(ranges, cache)
         step = "quantization"
-        _quantize_with_ranges(model_path, target, cache, chosen, settings, op_types, types[act_name],
-                              types[weight_name], methods[settings.method], extra)
+        _quantize_with_ranges(model_path, target, cache, chosen, settings, op_types, qtypes,
+                              methods[settings.method], extra)
     except ExportError:
         raise
     except Exception as exc:  # the quantizer raises ValueError, RuntimeError, KeyError, onnx errors...
@@ -600,14 +617,16 @@ def _quantize_static(model, target: Path, tensors, chosen: Plan, settings: Quant
 
 
 def _quantize_with_ranges(model_path: Path, target: Path, cache: Path, chosen: Plan, settings: QuantizeSettings,
-                          op_types: list[str], act_type, weight_type, method, extra: dict) -> None:
+                          op_types: list[str], qtypes: tuple, method, extra: dict) -> None:
     from onnxruntime.quantization import QuantFormat, quantize_static
+
+    act_type, weight_type, reduce_range = qtypes
 
     quantize_static(
         str(model_path), str(target), None,
         quant_format=QuantFormat.QDQ if settings.format == "qdq" else QuantFormat.QOperator,
         op_types_to_quantize=op_types, nodes_to_quantize=list(chosen.quantize),
-        per_channel=settings.per_channel, reduce_range=False,
+        per_channel=settings.per_channel, reduce_range=reduce_range,
         activation_type=act_type, weight_type=weight_type,
         calibrate_method=method, extra_options=extra, calibration_cache_path=str(cache),
     )

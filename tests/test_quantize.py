@@ -240,3 +240,14 @@ def test_operator_the_quantizer_cannot_handle(tmp_path, coco_dir):
         quantize_model(model, QuantizeSettings(calibration=coco_dir, images=2, method="minmax"))
     assert not (tmp_path / "old@int8.onnx").exists()
     assert not list(tmp_path.glob("*.part"))
+
+
+@pytest.mark.parametrize("flags, reduce_range", [({"avx2", "fma"}, True), ({"avx2", "avx512_vnni"}, False),
+                                                 ({"avx2", "avx_vnni"}, False), ({"amx_int8"}, False)])
+def test_weights_keep_7_bits_where_u8s8_kernels_can_saturate(monkeypatch, flags, reduce_range):
+    # VPMADDUBSW adds two u8*s8 products into int16: 255*127*2 = 64770 overflows; 255*63*2 = 32130 does not
+    from exporters import quantize as q
+
+    monkeypatch.setattr(q, "_cpu_flags", lambda: set(flags))
+    types = q.cpu_int8_types()
+    assert (types.activation, types.weight, types.reduce_range) == ("uint8", "int8", reduce_range)
