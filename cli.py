@@ -390,7 +390,7 @@ def bench(
                                   execution_mode=execution_mode, provider_options=options,
                                   allow_fallback=allow_fallback, trt_cache_dir=trt_cache_dir,
                                   include_copies=include_copies, native_weights=native_weights)
-        backends = list(providers) + (["native"] if native and "native" not in providers else [])
+        backends = list(dict.fromkeys(list(providers) + (["native"] if native else [])))
         results = bench_models(list(models), backends, timing, opening)
     render_bench(console, results, top)
 

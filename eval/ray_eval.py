@@ -68,8 +68,6 @@ TASK_MAX_RETRIES = 4
 # per actor.
 PREPARE_TASKS_PER_ACTOR = 2
 DEFAULT_BATCH_SIZE = 4
-# GPU providers take one device per actor.
-_GPU_PROVIDERS = ("cuda", "tensorrt", "tensorrt-rtx", "migraphx", "rocm")
 _PLACEMENT_FIELDS = tuple(f.name for f in fields(Placement))
 
 
@@ -375,7 +373,7 @@ def evaluate_model_ray(path, settings: EvalSettings | None = None, *, ray_settin
     with ray_instance(cluster.address) as resources:
         import ray
 
-        gpu = provider_name in _GPU_PROVIDERS
+        gpu = get_backend(provider_name).capabilities.on_accelerator  # one device per actor
         actors = _pool_size(cluster, threads, resources, gpu)
         model_ref = ray.put(model_bytes)
         probe = None

@@ -411,7 +411,7 @@ def bench_side_by_side(path, backends: list[str], settings: BenchSettings | None
     path = Path(path)
     contract = read_contract(path)
     image = Path(settings.image) if settings.image is not None else default_image()
-    if "native" in names and settings.batch != 1:
+    if any(get_backend(n).capabilities.native for n in names) and settings.batch != 1:
         raise ConfigError(f"--native compares single images: use --batch 1 with --native (got --batch {settings.batch})")
     tensor = input_tensor(contract, image, settings.batch, model_input_shape(path), str(path))
 
@@ -450,7 +450,9 @@ def bench_side_by_side(path, backends: list[str], settings: BenchSettings | None
                           "session": info.detail.get("session")},
                 latency=Latency.of(samples[name]), samples_ms=samples[name], session_seconds=info.load_seconds,
                 peak_rss_mb=opened[name]["rss"], warmup=settings.warmup, batch=settings.batch, image=str(image),
-                detections=runner.detections(), backend=info.to_dict(), first_run_ms=opened[name]["first_ms"],
+                detections=runner.detections(),
+                backend={**info.to_dict(), "capabilities": get_backend(name).capabilities.to_dict()},
+                first_run_ms=opened[name]["first_ms"],
                 parity=parity.get(name), rounds=min(settings.rounds, settings.runs) if settings.runs else settings.rounds
                 if settings.seconds is None else settings.rounds))
         if settings.nodes or settings.peak:
@@ -524,7 +526,7 @@ def _relate(results: list[BenchResult]) -> None:
     if reference is not None and not reference.fell_back:
         for r in results:
             r.ratio_to_cpu = r.latency.p50 / reference.latency.p50
-    native = by_name.get("native")
+    native = next((r for r in results if get_backend(r.provider).capabilities.native), None)
     if native is not None:
         for r in results:
             if r is native:

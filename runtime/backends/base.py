@@ -76,6 +76,39 @@ class BackendSettings:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend declares about itself, so that code outside ``runtime/backends/`` asks
+    these questions instead of testing a backend's name.
+
+    ``device``: where it computes (``cpu``, ``cuda``, ``gpu``: anything but ``cpu`` takes a
+    device of its own, e.g. one GPU per Ray actor); ``precision``: what it computes in
+    (``f32``, ``bf16``, ``fp16``): a reduced-precision hint that does not apply to an int8
+    graph; ``postprocess``: whether it runs the detection post-processing ops (NMS, TopK, ...)
+    itself, otherwise the network part runs on it and the rest on onnxruntime CPU (see
+    :mod:`runtime.backends.split`); ``converts``: it runs an artifact converted from the .onnx,
+    cached under ``<results>/converted/<backend>/`` (see :mod:`runtime.backends.convert`);
+    ``layer_profiler``: it has a per-layer profiler (``bench --nodes``); ``native``: it runs
+    the model in its source framework (the ``--native`` comparison); ``passive_wait``: its
+    idle threads sleep between runs instead of spinning (fair alternation, see the README).
+    """
+
+    device: str = "cpu"
+    precision: str = "f32"
+    postprocess: bool = True
+    converts: bool = False
+    layer_profiler: bool = False
+    native: bool = False
+    passive_wait: bool = True
+
+    @property
+    def on_accelerator(self) -> bool:
+        return self.device != "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass
 class RunnerInfo:
     """What really ran: ``backend`` (registered name), ``library`` and ``version``,
@@ -148,6 +181,7 @@ class Backend(abc.ABC):
 
     name: str
     description: str
+    capabilities: Capabilities = Capabilities()
     # whether allow_fallback lets this backend run on something else (onnxruntime's CPU provider)
     can_fall_back: bool = False
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from core.contract import INPUT_NAME
 from core.errors import ConfigError, ContractError, ProviderUnavailableError
-from runtime.backends.base import (EXECUTION_MODES, Backend, BackendSettings, Runner, RunnerInfo,
+from runtime.backends.base import (EXECUTION_MODES, Backend, BackendSettings, Capabilities, Runner, RunnerInfo,
                                    tiny_model_bytes)
 
 # short name -> onnxruntime provider name. Any other provider onnxruntime knows is
@@ -393,9 +393,10 @@ class OrtBackend(Backend):
 
     can_fall_back = True
 
-    def __init__(self, name: str, provider: str, description: str):
+    def __init__(self, name: str, provider: str, description: str, device: str = "cpu"):
         super().__init__()
         self.name, self.provider, self.description = name, provider, description
+        self.capabilities = Capabilities(device=device, layer_profiler=True, passive_wait=False)
 
     def _probe(self) -> tuple[bool, str]:
         import onnxruntime as ort
