@@ -56,6 +56,7 @@ import numpy as np
 
 from core.contract import read_contract, sha256_file
 from core.errors import ConfigError
+from runtime.backends.convert import ConversionFailed
 from runtime.backends import REFERENCE, BackendSettings, get_backend
 from runtime.inputs import busiest_images, default_image, input_tensor, model_input_shape
 
@@ -264,6 +265,9 @@ class BenchResult:
     nodes: dict[str, Any] | None = None
     nodes_note: str = ""
     peak: dict[str, Any] | None = None
+    parts: dict[str, Any] | None = None  # network / post-processing latency when run in parts
+    # backends of this side-by-side run whose conversion of this model failed: name -> operator/reason
+    conversion_failures: dict[str, str] = field(default_factory=dict)
     macs_full: tuple[dict[str, int], int, str] | None = field(default=None, repr=False)
 
     @property
@@ -317,6 +321,7 @@ class BenchResult:
             "native": self.native, "nodes": self.nodes, "nodes_note": self.nodes_note, "image": self.image,
             "detections": self.detections, "samples_ms": self.samples_ms, "peak": self.peak, "path": self.path,
             "random_init": self.contract.get("detbench.weights") == "random-init",
+            "latency_parts_ms": self.parts, "conversion_failures": self.conversion_failures,
         }
 
 
@@ -417,11 +422,17 @@ def bench_side_by_side(path, backends: list[str], settings: BenchSettings | None
 
     runners: dict[str, Any] = {}
     opened: dict[str, dict[str, Any]] = {}
+    failures: dict[str, str] = {}
     try:
-        for name in names:
+        for name in list(names):
             gc.collect()
             with _PeakRss() as rss:
-                runner = get_backend(name).open(path, backend_settings)
+                try:
+                    runner = get_backend(name).open(path, backend_settings)
+                except ConversionFailed as exc:  # a per-model outcome of a converting backend, not the run's end
+                    failures[name] = str(exc)
+                    names.remove(name)
+                    continue
                 runners[name] = runner
                 call = runner.bind(tensor)
                 start = time.perf_counter()
@@ -453,15 +464,31 @@ def bench_side_by_side(path, backends: list[str], settings: BenchSettings | None
                 detections=runner.detections(),
                 backend={**info.to_dict(), "capabilities": get_backend(name).capabilities.to_dict()},
                 first_run_ms=opened[name]["first_ms"],
-                parity=parity.get(name), rounds=min(settings.rounds, settings.runs) if settings.runs else settings.rounds
+                parity=parity.get(name), parts=_parts(runner, len(samples[name])), rounds=min(settings.rounds, settings.runs) if settings.runs else settings.rounds
                 if settings.seconds is None else settings.rounds))
         if settings.nodes or settings.peak:
             _add_macs_and_peak(results, runners, path, image, tensor, settings, backend_settings, macs)
     finally:
         for runner in runners.values():
             runner.close()
+    if not names:
+        raise ConversionFailed("; ".join(f"{n}: {why}" for n, why in failures.items()))
+    for r in results:
+        r.conversion_failures = dict(failures)
     _relate(results)
     return results
+
+
+def _parts(runner, n: int) -> dict[str, Any] | None:
+    """Network and post-processing latency of the last ``n`` (the timed) calls of a runner that runs
+    the graph in parts; total = the timed call (the two parts plus the hand-over between them)."""
+    parts = runner.part_samples()
+    if not parts or n == 0:
+        return None
+    out: dict[str, Any] = {k: Latency.of(v[-n:]).to_dict() for k, v in parts.items() if len(v) >= n}
+    out["note"] = (runner.info.detail.get("split", {}).get("method", "") +
+                   "; network on the backend, postprocess on onnxruntime CPU, total = latency_ms")
+    return out
 
 
 def _parities(path: Path, contract, runners: dict, backend_settings: BackendSettings, count: int) -> dict[str, Any]:
@@ -477,8 +504,14 @@ def _parities(path: Path, contract, runners: dict, backend_settings: BackendSett
         reference = get_backend(REFERENCE).open(path, replace(backend_settings, allow_fallback=False, provider_options={},
                                                               trt_cache_dir=None))
     try:
-        return {name: check_parity(runner, reference, images, tensors).to_dict()
-                for name, runner in runners.items() if name != REFERENCE or runner.info.fell_back}
+        out = {}
+        for name, runner in runners.items():
+            if name != REFERENCE or runner.info.fell_back:
+                out[name] = check_parity(runner, reference, images, tensors).to_dict()
+                network = runner.network_parity(tensors)
+                if network is not None:  # run in parts: the network outputs are compared too
+                    out[name]["network"] = network
+        return out
     finally:
         if own:
             reference.close()

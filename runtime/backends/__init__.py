@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from core.errors import ConfigError
 from runtime.backends.base import Backend, BackendSettings, Capabilities, Runner, RunnerInfo
+from runtime.backends.mnn import MnnBackend
 from runtime.backends.native import NativeBackend
 from runtime.backends.onnxruntime import OrtBackend
 from runtime.backends.openvino import OpenVinoBackend
+from runtime.backends.torch_onnx import TorchOnnxBackend
 
 REFERENCE = "cpu"  # the backend every other one is compared with (parity, latency ratio)
 
@@ -44,6 +46,12 @@ register(OrtBackend("qnn", "QNNExecutionProvider", "onnxruntime, QNN provider (Q
 register(OrtBackend("webgpu", "WebGpuExecutionProvider", "onnxruntime, WebGPU provider"))
 register(OpenVinoBackend("openvino", "f32", "OpenVINO runtime reading the .onnx, CPU, float32 inference"))
 register(OpenVinoBackend("openvino-bf16", "bf16", "OpenVINO runtime reading the .onnx, CPU, bfloat16 inference"))
+register(MnnBackend("mnn", "MNN runtime (CPU, float32) on the network part converted by mnnconvert; "
+                    "post-processing on onnxruntime CPU"))
+register(TorchOnnxBackend("onnx2torch", False, "PyTorch eager (CPU, float32) on the network part converted by "
+                          "onnx2torch; post-processing on onnxruntime CPU"))
+register(TorchOnnxBackend("onnx2torch-compile", True, "PyTorch torch.compile (Inductor, CPU, float32) on the network "
+                          "part converted by onnx2torch; post-processing on onnxruntime CPU"))
 register(NativeBackend("native", "the model's source framework: OpenCV DNN (Darknet), PyTorch eager, TensorFlow"))
 
 # other spellings accepted for a registered name

@@ -165,6 +165,15 @@ class Runner(abc.ABC):
         or None when this backend has no per-layer profiler."""
         return None
 
+    def part_samples(self) -> dict[str, list[float]] | None:
+        """Milliseconds of each part of every call so far (``network``, ``postprocess``) when the
+        backend runs the graph in parts (:mod:`runtime.backends.split`), else None."""
+        return None
+
+    def network_parity(self, tensors: list[np.ndarray]) -> dict[str, Any] | None:
+        """Differences of the network part's outputs from onnxruntime CPU's, when run in parts."""
+        return None
+
     def close(self) -> None:
         """Release the model (sessions and compiled models go with their last reference)."""
 
@@ -224,3 +233,45 @@ def tiny_model_bytes() -> bytes:
     model.ir_version = 10
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+class _Captured:
+    text: str = ""
+
+
+import contextlib  # noqa: E402  (kept beside its only user)
+
+
+@contextlib.contextmanager
+def native_output_captured():
+    """Capture what native libraries write straight to file descriptors 1 and 2 (MNN prints its
+    CPU features and precision on load): library code never prints, and the text is kept for errors."""
+    import os
+    import sys
+    import tempfile
+
+    captured = _Captured()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = (os.dup(1), os.dup(2))
+    except (OSError, ValueError):  # no real descriptors (embedded interpreters): nothing to capture
+        yield captured
+        return
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 1)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except ValueError:
+                    pass
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            tmp.seek(0)
+            captured.text = tmp.read().decode("utf-8", "replace")

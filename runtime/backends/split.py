@@ -25,11 +25,11 @@ from typing import Callable
 import numpy as np
 
 from core.contract import INPUT_NAME
-from core.errors import ContractError
 from runtime.backends.base import Runner, RunnerInfo
+from runtime.backends.convert import ConversionFailed
 
 
-class NoSplit(ContractError):
+class NoSplit(ConversionFailed):
     """The graph has no network/post-processing cut a network-only runtime can take."""
 
 
@@ -42,6 +42,7 @@ class Split:
     post_ops: list[str]            # op types of the post-processing part (what the runtime does not run)
     network_nodes: int
     post_nodes: int
+    input_shape: list[int]         # the images input (symbolic dimensions as 1)
 
     def describe(self) -> dict:
         return {"cut": self.cut, "post_ops": self.post_ops, "network_nodes": self.network_nodes,
@@ -116,7 +117,9 @@ def split_model(path: Path) -> Split:
     post_nodes = [graph.node[i] for i in post]
     if passthrough:
         raise NoSplit(f"{path}: contract output(s) {', '.join(passthrough)} come straight from the network part")
-    return Split(network=part(network, image_input, net_outputs, "network"),
+    dims = [d.dim_value if d.HasField("dim_value") else 1 for d in image_input[0].type.tensor_type.shape.dim] \
+        if image_input else []
+    return Split(input_shape=dims, network=part(network, image_input, net_outputs, "network"),
                  post=part(post, post_inputs, post_outputs, "post"), cut=cut, cut_shapes=shapes,
                  post_ops=sorted({n.op_type for n in post_nodes}), network_nodes=len(network), post_nodes=len(post))
 
