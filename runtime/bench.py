@@ -419,6 +419,8 @@ def bench_side_by_side(path, backends: list[str], settings: BenchSettings | None
     if any(get_backend(n).capabilities.native for n in names) and settings.batch != 1:
         raise ConfigError(f"--native compares single images: use --batch 1 with --native (got --batch {settings.batch})")
     tensor = input_tensor(contract, image, settings.batch, model_input_shape(path), str(path))
+    if backend_settings.passive_wait is None:  # alternating backends: an idle one must not spin on the cores
+        backend_settings = replace(backend_settings, passive_wait=len(names) > 1)
 
     runners: dict[str, Any] = {}
     opened: dict[str, dict[str, Any]] = {}

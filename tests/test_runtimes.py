@@ -98,7 +98,7 @@ def _usable(name: str):
         pytest.skip(f"backend {name} does not run here: {why.splitlines()[0]}")
 
 
-@pytest.mark.parametrize("name", [n for n in CONVERTING if not get_backend(n).__dict__.get("compile")])
+@pytest.mark.parametrize("name", CONVERTING)
 def test_converting_backend_matches_onnxruntime_and_caches(name, tiny):
     _usable(name)
     backend = get_backend(name)

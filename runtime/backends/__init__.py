@@ -48,10 +48,8 @@ register(OpenVinoBackend("openvino", "f32", "OpenVINO runtime reading the .onnx,
 register(OpenVinoBackend("openvino-bf16", "bf16", "OpenVINO runtime reading the .onnx, CPU, bfloat16 inference"))
 register(MnnBackend("mnn", "MNN runtime (CPU, float32) on the network part converted by mnnconvert; "
                     "post-processing on onnxruntime CPU"))
-register(TorchOnnxBackend("onnx2torch", False, "PyTorch eager (CPU, float32) on the network part converted by "
-                          "onnx2torch; post-processing on onnxruntime CPU"))
-register(TorchOnnxBackend("onnx2torch-compile", True, "PyTorch torch.compile (Inductor, CPU, float32) on the network "
-                          "part converted by onnx2torch; post-processing on onnxruntime CPU"))
+register(TorchOnnxBackend("onnx2torch", "PyTorch (CPU, float32) on the network part converted by onnx2torch, eager, "
+                          "or torch.compile with --provider-option compile=1; post-processing on onnxruntime CPU"))
 register(NativeBackend("native", "the model's source framework: OpenCV DNN (Darknet), PyTorch eager, TensorFlow"))
 
 # other spellings accepted for a registered name

@@ -39,7 +39,8 @@ class BackendSettings:
     OpenVINO compile properties); ``allow_fallback``: run even when the library replaced
     the requested device (the runner's info says what ran); ``trt_cache_dir``: TensorRT
     engine cache; ``include_copies``: on a CUDA device, time host<->device copies too;
-    ``native_weights``: the weights file the native framework needs for a trained export.
+    ``native_weights``: the weights file the native framework needs for a trained export;
+    ``passive_wait``: idle threads sleep rather than spin (see the README's fair alternation).
     """
 
     threads: int | None = None
@@ -51,6 +52,9 @@ class BackendSettings:
     trt_cache_dir: str | None = None
     include_copies: bool = False
     native_weights: str | None = None
+    # idle threads sleep instead of spinning between runs (onnxruntime: session.intra_op/inter_op
+    # allow_spinning=0); None = only while several backends alternate in one process (bench)
+    passive_wait: bool | None = None
 
     def __post_init__(self):
         if self.threads is not None and self.threads < 1:

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from core.contract import INPUT_NAME
-from runtime.backends.base import Runner, RunnerInfo
+from runtime.backends.base import BackendSettings, Runner, RunnerInfo
 from runtime.backends.convert import ConversionFailed
 
 
@@ -130,12 +130,13 @@ class SplitRunner(Runner):
     described in ``info.detail["split"]``."""
 
     def __init__(self, path: Path, split: Split, network: Callable[[np.ndarray], dict[str, np.ndarray]],
-                 info: RunnerInfo, threads: int | None):
+                 info: RunnerInfo, settings: BackendSettings):
         super().__init__()
         from runtime.backends.onnxruntime import create_session
 
         self.path, self.split, self.network, self.info = Path(path), split, network, info
-        self.post, _ = create_session(split.post, "cpu", threads=threads)
+        threads = settings.threads
+        self.post, _ = create_session(split.post, "cpu", threads=threads, passive=bool(settings.passive_wait))
         self.post_inputs = [i.name for i in self.post.get_inputs()]
         self.post_outputs = [o.name for o in self.post.get_outputs()]
         self.parts: dict[str, list[float]] = {"network": [], "postprocess": []}

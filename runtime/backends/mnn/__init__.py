@@ -87,7 +87,7 @@ class MnnBackend(Backend):
     def __init__(self, name: str, description: str):
         super().__init__()
         self.name, self.description = name, description
-        self.capabilities = Capabilities(postprocess=False, converts=True)
+        self.capabilities = Capabilities(postprocess=False, converts=True, passive_wait=False)
 
     def _probe(self) -> tuple[bool, str]:
         try:
@@ -120,4 +120,4 @@ class MnnBackend(Backend):
                           threads=own.threads or 2, load_seconds=seconds,
                           detail={"conversion": conv.to_dict(), "settings": own.__dict__,
                                   "part": "network part on MNN, post-processing on onnxruntime CPU"})
-        return SplitRunner(path, split, network, info, settings.threads)
+        return SplitRunner(path, split, network, info, settings)

@@ -1,10 +1,10 @@
-"""``onnx2torch`` / ``onnx2torch-compile``: PyTorch running the network part rebuilt from the ONNX graph.
+"""``onnx2torch``: PyTorch running the network part rebuilt from the ONNX graph.
 
 ``onnx2torch`` turns the network part of the contract graph (:mod:`runtime.backends.split`)
 into a ``torch.fx.GraphModule``; it is cached (``torch.save``) under the results folder
-(:mod:`runtime.backends.convert`). ``onnx2torch`` runs it eagerly, ``onnx2torch-compile`` through
+(:mod:`runtime.backends.convert`). It runs eagerly, or with ``--provider-option compile=1`` through
 ``torch.compile`` (Inductor; the compilation happens at open, so its seconds count as load time,
-never as latency). Post-processing runs on onnxruntime CPU: onnx2torch's NonMaxSuppression is a
+never as latency: 3-34 s unloaded, minutes on a loaded machine, hence an option, not the default). Post-processing runs on onnxruntime CPU: onnx2torch's NonMaxSuppression is a
 per-class Python loop (about 46x the network's time on yolov3-416), which would measure Python,
 not PyTorch. An operator onnx2torch has no converter for is a per-model conversion failure
 naming that operator.
@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from core.contract import INPUT_NAME
+from core.errors import ConfigError
 from runtime.backends.base import Backend, BackendSettings, Capabilities, RunnerInfo, tiny_model_bytes
 from runtime.backends.convert import ConversionFailed, converted
 
@@ -30,6 +31,16 @@ class TorchSettings:
 
     threads: int | None = None
     compile: bool = False
+
+    @classmethod
+    def of(cls, settings: BackendSettings) -> "TorchSettings":
+        flag = settings.provider_options.get("compile", "0").strip().lower()
+        if flag not in ("0", "1", "true", "false"):
+            raise ConfigError(f"--provider-option compile={flag!r}: use compile=1 (torch.compile) or compile=0 (eager)")
+        unknown = set(settings.provider_options) - {"compile"}
+        if unknown:
+            raise ConfigError(f"--provider-option {', '.join(sorted(unknown))}: onnx2torch takes only compile=0|1")
+        return cls(threads=settings.threads, compile=flag in ("1", "true"))
 
 
 def _versions() -> str:
@@ -70,10 +81,10 @@ class TorchNetwork:
 
 
 class TorchOnnxBackend(Backend):
-    def __init__(self, name: str, compile: bool, description: str):
+    def __init__(self, name: str, description: str):
         super().__init__()
-        self.name, self.compile, self.description = name, compile, description
-        self.capabilities = Capabilities(postprocess=False, converts=True)
+        self.name, self.description = name, description
+        self.capabilities = Capabilities(postprocess=False, converts=True, passive_wait=False)
 
     def _probe(self) -> tuple[bool, str]:
         try:
@@ -97,9 +108,9 @@ class TorchOnnxBackend(Backend):
     def open(self, path: Path, settings: BackendSettings):
         from runtime.backends.split import SplitRunner, split_model
 
-        own = TorchSettings(threads=settings.threads, compile=self.compile)
+        own = TorchSettings.of(settings)
         split = split_model(Path(path))
-        conv = converted(self.name.split("-")[0], split.network, "onnx2torch", _versions(), {}, convert_onnx)
+        conv = converted(self.name, split.network, "onnx2torch", _versions(), {}, convert_onnx)
         start = time.perf_counter()
         network = TorchNetwork(Path(conv.artifact) / "module.pt", split.cut, own)
         if own.compile:  # torch.compile compiles at the first call: part of opening, not of the latency
@@ -112,5 +123,5 @@ class TorchOnnxBackend(Backend):
                           detail={"conversion": conv.to_dict(), "settings": own.__dict__,
                                   "part": "network part on PyTorch " + ("(torch.compile)" if own.compile else "(eager)")
                                           + ", post-processing on onnxruntime CPU"})
-        return SplitRunner(path, split, network, info, settings.threads)
+        return SplitRunner(path, split, network, info, settings)
 
