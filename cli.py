@@ -475,7 +475,7 @@ def bench(
                                   execution_mode=execution_mode, provider_options=options,
                                   allow_fallback=allow_fallback, trt_cache_dir=trt_cache_dir,
                                   include_copies=include_copies, native_weights=native_weights)
-        backends = list(providers) + (["native"] if native and "native" not in providers else [])
+        backends = list(dict.fromkeys(list(providers) + (["native"] if native else [])))
         chosen = ScenarioSettings(scenario=scenario, p99_ms=p99_ms, streams=streams,
                                   threads_per_stream=threads_per_stream, seed=seed)
         results = bench_scenario(list(models), backends, chosen, timing, opening)

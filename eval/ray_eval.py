@@ -80,8 +80,6 @@ PREPARE_TASKS_PER_ACTOR = 2
 DEFAULT_BATCH_SIZE = 4
 # How long joining a cluster may take before the run stops saying so (--ray-timeout).
 CONNECT_TIMEOUT_S = 30.0
-# GPU providers take one device per actor.
-_GPU_PROVIDERS = ("cuda", "tensorrt", "tensorrt-rtx", "migraphx", "rocm")
 _PLACEMENT_FIELDS = tuple(f.name for f in fields(Placement))
 
 
@@ -494,7 +492,7 @@ def evaluate_model_ray(path, settings: EvalSettings | None = None, *, ray_settin
     with ray_instance(cluster.address, connect_timeout=cluster.connect_timeout) as resources:
         import ray
 
-        gpu = provider_name in _GPU_PROVIDERS
+        gpu = get_backend(provider_name).capabilities.on_accelerator  # one device per actor
         actors = _pool_size(cluster, threads, resources, gpu)
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))  # nodes on one host share a node:IP resource
         model_ref = ray.put(model_bytes)

@@ -525,7 +525,9 @@ class _Pipeline:
                 self.outcome(target, "bench", name, "skipped", reason)
         usable = [n for n, r in backends.items() if not r]
         if target.precision == INT8:  # bf16 hints do not apply to a graph whose convolutions are int8
-            usable = [n for n in usable if not n.endswith("-bf16")]
+            from runtime.backends import get_backend
+
+            usable = [n for n in usable if get_backend(n).capabilities.precision == "f32"]
         if not usable:
             return
         try:

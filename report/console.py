@@ -140,7 +140,10 @@ def render_bench(console, results, top: int) -> None:
             notes.append(f"{r.model}: {r.nodes_note}")
     runtimes = sorted({f"{r.provider}: {r.backend.get('library')} {r.backend.get('version')}" for r in results})
     notes.append("backends: " + "; ".join(runtimes))
-    natives = sorted({r.backend["detail"]["runtime"] for r in results if r.provider == "native"})
+    for failed in sorted({(n, why) for r in results for n, why in r.conversion_failures.items()}):
+        notes.append(f"not measured on {failed[0]}: conversion failed: {failed[1]}")
+    natives = sorted({r.backend["detail"]["runtime"] for r in results
+                      if (r.backend.get("capabilities") or {}).get("native")})
     if natives:
         notes.append("native = " + "; ".join(natives))
     for note in notes:

@@ -57,6 +57,7 @@ import numpy as np
 
 from core.contract import read_contract, sha256_file
 from core.errors import ConfigError
+from runtime.backends.convert import ConversionFailed
 from runtime.backends import REFERENCE, BackendSettings, get_backend
 from runtime.inputs import busiest_images, default_image, input_tensor, model_input_shape
 
@@ -268,6 +269,9 @@ class BenchResult:
     peak_precision: str | None = None  # the precision whose peak fraction_of_peak refers to
     peak_note: str = ""
     schedule: dict[str, Any] | None = None  # run --budget's scheduler: pooling, rounds, why not VALID
+    parts: dict[str, Any] | None = None  # network / post-processing latency when run in parts
+    # backends of this side-by-side run whose conversion of this model failed: name -> operator/reason
+    conversion_failures: dict[str, str] = field(default_factory=dict)
     macs_full: tuple[dict[str, int], int, str] | None = field(default=None, repr=False)
 
     @property
@@ -324,6 +328,7 @@ class BenchResult:
             "native": self.native, "nodes": self.nodes, "nodes_note": self.nodes_note, "image": self.image,
             "detections": self.detections, "samples_ms": self.samples_ms, "peak": self.peak, "path": self.path,
             "random_init": self.contract.get("detbench.weights") == "random-init",
+            "latency_parts_ms": self.parts, "conversion_failures": self.conversion_failures,
         }
 
 
@@ -415,8 +420,10 @@ def bench_side_by_side(path, backends: list[str], settings: BenchSettings | None
         raise ConfigError("name at least one --provider")
     for name in names:
         get_backend(name).require(backend_settings)
-    if "native" in names and settings.batch != 1:
+    if any(get_backend(n).capabilities.native for n in names) and settings.batch != 1:
         raise ConfigError(f"--native compares single images: use --batch 1 with --native (got --batch {settings.batch})")
+    if backend_settings.passive_wait is None:  # alternating backends: an idle one must not spin on the cores
+        backend_settings = replace(backend_settings, passive_wait=len(names) > 1)
     model = OpenModel(path, names, settings, backend_settings, macs=macs)
     try:
         samples = _alternate(model.calls, settings)
@@ -450,9 +457,13 @@ class OpenModel:
         self.nodes: dict[str, tuple[Any, str]] = {}
         self.info: dict[str, Any] = {}
         self.detections: dict[str, int] = {}
+        # backends whose conversion of this model failed: name -> operator/reason (a per-model outcome)
+        self.failures: dict[str, str] = {}
         self.sha256 = sha256_file(self.path)
         try:
             self._open(first=True)
+            if not self.names:
+                raise ConversionFailed("; ".join(f"{n}: {why}" for n, why in self.failures.items()))
             if settings.parity and any(n != REFERENCE or self.runners[n].info.fell_back for n in self.names):
                 self.parity = _parities(self.path, self.contract, self.runners, backend_settings,
                                         settings.parity_images)
@@ -475,10 +486,17 @@ class OpenModel:
         return sum(o.get("rss") or 0.0 for o in self.opened.values())
 
     def _open(self, first: bool) -> None:
-        for name in self.names:
+        for name in list(self.names):
             gc.collect()
             with _PeakRss() as rss:
-                runner = get_backend(name).open(self.path, self.backend_settings)
+                try:
+                    runner = get_backend(name).open(self.path, self.backend_settings)
+                except ConversionFailed as exc:
+                    if not first:  # converted once already: the cached artifact must open again
+                        raise
+                    self.failures[name] = str(exc)
+                    self.names.remove(name)
+                    continue
                 self.runners[name] = runner
                 call = runner.bind(self.tensor)
                 start = time.perf_counter()
@@ -521,8 +539,11 @@ class OpenModel:
                           "session": info.detail.get("session")},
                 latency=Latency.of(samples[name]), samples_ms=list(samples[name]), session_seconds=info.load_seconds,
                 peak_rss_mb=self.opened[name]["rss"], warmup=settings.warmup, batch=settings.batch,
-                image=str(self.image), detections=self.detections[name], backend=info.to_dict(),
+                image=str(self.image), detections=self.detections[name],
+                backend={**info.to_dict(), "capabilities": get_backend(name).capabilities.to_dict()},
                 first_run_ms=self.opened[name]["first_ms"], parity=self.parity.get(name),
+                parts=_parts(self.runners[name], len(samples[name])) if name in self.runners else None,
+                conversion_failures=dict(self.failures),
                 rounds=rounds if rounds is not None else (min(settings.rounds, settings.runs) if settings.runs
                                                           else settings.rounds))
             if name in self.nodes:
@@ -598,6 +619,8 @@ def bench_scheduled(models: list[ScheduledModel], settings: BenchSettings, backe
     from runtime.schedule import PairSpec, schedule
 
     say = progress or (lambda _m: None)
+    if backend_settings.passive_wait is None:  # pairs alternate: an idle backend must not spin on the cores
+        backend_settings = replace(backend_settings, passive_wait=True)
     by_key = {m.key: m for m in models}
     pairs = []
     for m in models:
@@ -624,6 +647,18 @@ def bench_scheduled(models: list[ScheduledModel], settings: BenchSettings, backe
     return results, outcomes, failed
 
 
+def _parts(runner, n: int) -> dict[str, Any] | None:
+    """Network and post-processing latency of the last ``n`` (the timed) calls of a runner that runs
+    the graph in parts; total = the timed call (the two parts plus the hand-over between them)."""
+    parts = runner.part_samples()
+    if not parts or n == 0:
+        return None
+    out: dict[str, Any] = {k: Latency.of(v[-n:]).to_dict() for k, v in parts.items() if len(v) >= n}
+    out["note"] = (runner.info.detail.get("split", {}).get("method", "") +
+                   "; network on the backend, postprocess on onnxruntime CPU, total = latency_ms")
+    return out
+
+
 def _parities(path: Path, contract, runners: dict, backend_settings: BackendSettings, count: int) -> dict[str, Any]:
     """Parity of every non-reference runner against onnxruntime CPU (opened here when not benched)."""
     from core.images import load_rgb, prepare_for
@@ -637,8 +672,14 @@ def _parities(path: Path, contract, runners: dict, backend_settings: BackendSett
         reference = get_backend(REFERENCE).open(path, replace(backend_settings, allow_fallback=False, provider_options={},
                                                               trt_cache_dir=None))
     try:
-        return {name: check_parity(runner, reference, images, tensors).to_dict()
-                for name, runner in runners.items() if name != REFERENCE or runner.info.fell_back}
+        out = {}
+        for name, runner in runners.items():
+            if name != REFERENCE or runner.info.fell_back:
+                out[name] = check_parity(runner, reference, images, tensors).to_dict()
+                network = runner.network_parity(tensors)
+                if network is not None:  # run in parts: the network outputs are compared too
+                    out[name]["network"] = network
+        return out
     finally:
         if own:
             reference.close()
@@ -675,7 +716,7 @@ def _relate(results: list[BenchResult]) -> None:
     if reference is not None and not reference.fell_back:
         for r in results:
             r.ratio_to_cpu = r.latency.p50 / reference.latency.p50
-    native = by_name.get("native")
+    native = next((r for r in results if get_backend(r.provider).capabilities.native), None)
     if native is not None:
         for r in results:
             if r is native:

@@ -70,11 +70,22 @@ BF16 = Tolerance(rule="iou", box_px=float("inf"), score=0.05, iou=0.5, score_flo
 INT8 = Tolerance(rule="iou", box_px=float("inf"), score=0.05, iou=0.5, score_floor=0.3, min_matched=0.9)
 
 
-def tolerance_for(precision: str, model_precision: str = "float32") -> Tolerance:
-    """The rule for a backend computing in ``precision`` on a model stored in ``model_precision``."""
+# float32 on a network converted to another runtime's format (MNN, ncnn, PyTorch from ONNX): the
+# converter refolds and reorders arithmetic (Winograd convolutions, fused layouts), so the network
+# outputs move by ~1e-4 relative (MNN on yolov3-tiny: 2.5e-3 absolute on logits up to 18.5) and the
+# detections by up to 0.01 px and 1.5e-4 in score on the shared images; bounds with margin. Wrong
+# conversions (a channel flip turned into a one-channel select) move values by whole units.
+CONVERTED = Tolerance(rule="index", box_px=0.25, score=2e-3)
+
+
+def tolerance_for(precision: str, model_precision: str = "float32", converted: bool = False) -> Tolerance:
+    """The rule for a backend computing in ``precision`` on a model stored in ``model_precision``
+    (``converted``: the backend runs an artifact converted from the .onnx)."""
     if precision in ("bf16", "f16"):
         return BF16
-    return INT8 if model_precision == "int8" else F32
+    if model_precision == "int8":
+        return INT8
+    return CONVERTED if converted else F32
 
 
 @dataclass
@@ -202,7 +213,8 @@ def check_parity(runner, reference, images: list[Path], tensors: list[np.ndarray
     contract = read_contract(runner.path)
     if tensors is None:
         tensors = [prepare_for(load_rgb(image), contract)[0] for image in images]
-    tol = tolerance_for(runner.info.precision, contract.extra.get("precision", "float32"))
+    tol = tolerance_for(runner.info.precision, contract.extra.get("precision", "float32"),
+                        converted="conversion" in runner.info.detail)
     floor = float(runner.info.detail.get("min_score", 0.0) or 0.0)
     per_image = []
     for image, tensor in zip(images, tensors):

@@ -51,8 +51,8 @@ class PeakResult:
     statistic: str = "best of repeats (max GFLOP/s)"
 
     def for_device(self, device: str) -> float | None:
-        """The peak matching the device a backend ran on (GPU peak for ``cuda``, else CPU)."""
-        return self.gpu_gflops if device == "cuda" else self.cpu_gflops
+        """The peak matching the device a backend ran on (GPU peak off the CPU, else CPU)."""
+        return self.cpu_gflops if device == "cpu" else self.gpu_gflops
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

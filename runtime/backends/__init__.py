@@ -1,17 +1,21 @@
 """Backends: whatever executes an exported detector, behind one interface (:mod:`runtime.backends.base`).
 
-The registry below is the one list of backend names; a new backend is one module with a
-:class:`~runtime.backends.base.Backend` subclass and one registration line here. Names are
+The registry below is the one list of backend names; a new backend is one subpackage (one folder)
+with a :class:`~runtime.backends.base.Backend` subclass declaring its
+:class:`~runtime.backends.base.Capabilities`, and one registration line here. Code outside this
+package asks a backend's capabilities, never tests its name. Names are
 what ``--provider/-p`` accepts and what result records store under ``provider``.
 """
 
 from __future__ import annotations
 
 from core.errors import ConfigError
-from runtime.backends.base import Backend, BackendSettings, Runner, RunnerInfo
+from runtime.backends.base import Backend, BackendSettings, Capabilities, Runner, RunnerInfo
+from runtime.backends.mnn import MnnBackend
 from runtime.backends.native import NativeBackend
 from runtime.backends.onnxruntime import OrtBackend
 from runtime.backends.openvino import OpenVinoBackend
+from runtime.backends.torch_onnx import TorchOnnxBackend
 
 REFERENCE = "cpu"  # the backend every other one is compared with (parity, latency ratio)
 
@@ -26,14 +30,15 @@ def register(backend: Backend) -> Backend:
 
 
 register(OrtBackend("cpu", "CPUExecutionProvider", "onnxruntime, CPU execution provider (MLAS kernels), float32"))
-register(OrtBackend("cuda", "CUDAExecutionProvider", "onnxruntime, CUDA execution provider (NVIDIA GPU)"))
-register(OrtBackend("tensorrt", "TensorrtExecutionProvider", "onnxruntime, TensorRT execution provider (NVIDIA GPU)"))
-register(OrtBackend("tensorrt-rtx", "NvTensorRTRTXExecutionProvider", "onnxruntime, TensorRT for RTX provider"))
+register(OrtBackend("cuda", "CUDAExecutionProvider", "onnxruntime, CUDA execution provider (NVIDIA GPU)", "cuda"))
+register(OrtBackend("tensorrt", "TensorrtExecutionProvider", "onnxruntime, TensorRT execution provider (NVIDIA GPU)",
+                    "cuda"))
+register(OrtBackend("tensorrt-rtx", "NvTensorRTRTXExecutionProvider", "onnxruntime, TensorRT for RTX provider", "cuda"))
 register(OrtBackend("ort-openvino", "OpenVINOExecutionProvider", "onnxruntime's OpenVINO execution provider "
                     "(the onnxruntime-openvino build)"))
 register(OrtBackend("dnnl", "DnnlExecutionProvider", "onnxruntime, oneDNN execution provider"))
-register(OrtBackend("migraphx", "MIGraphXExecutionProvider", "onnxruntime, MIGraphX provider (AMD GPU)"))
-register(OrtBackend("rocm", "ROCMExecutionProvider", "onnxruntime, ROCm provider (AMD GPU)"))
+register(OrtBackend("migraphx", "MIGraphXExecutionProvider", "onnxruntime, MIGraphX provider (AMD GPU)", "gpu"))
+register(OrtBackend("rocm", "ROCMExecutionProvider", "onnxruntime, ROCm provider (AMD GPU)", "gpu"))
 register(OrtBackend("directml", "DmlExecutionProvider", "onnxruntime, DirectML provider (Windows)"))
 register(OrtBackend("coreml", "CoreMLExecutionProvider", "onnxruntime, CoreML provider (macOS)"))
 register(OrtBackend("xnnpack", "XnnpackExecutionProvider", "onnxruntime, XNNPACK provider"))
@@ -41,6 +46,10 @@ register(OrtBackend("qnn", "QNNExecutionProvider", "onnxruntime, QNN provider (Q
 register(OrtBackend("webgpu", "WebGpuExecutionProvider", "onnxruntime, WebGPU provider"))
 register(OpenVinoBackend("openvino", "f32", "OpenVINO runtime reading the .onnx, CPU, float32 inference"))
 register(OpenVinoBackend("openvino-bf16", "bf16", "OpenVINO runtime reading the .onnx, CPU, bfloat16 inference"))
+register(MnnBackend("mnn", "MNN runtime (CPU, float32) on the network part converted by mnnconvert; "
+                    "post-processing on onnxruntime CPU"))
+register(TorchOnnxBackend("onnx2torch", "PyTorch (CPU, float32) on the network part converted by onnx2torch, eager, "
+                          "or torch.compile with --provider-option compile=1; post-processing on onnxruntime CPU"))
 register(NativeBackend("native", "the model's source framework: OpenCV DNN (Darknet), PyTorch eager, TensorFlow"))
 
 # other spellings accepted for a registered name
@@ -78,5 +87,10 @@ def provider_usable(name: str) -> tuple[bool, str]:
     return ok, (reason.splitlines()[0] if reason else "")
 
 
-__all__ = ["Backend", "BackendSettings", "REFERENCE", "Runner", "RunnerInfo", "backend_names", "get_backend",
+def capabilities(name: str) -> Capabilities:
+    """What the backend ``name`` declares (device, precision, post-processing, conversion, ...)."""
+    return get_backend(name).capabilities
+
+
+__all__ = ["Backend", "BackendSettings", "Capabilities", "capabilities", "REFERENCE", "Runner", "RunnerInfo", "backend_names", "get_backend",
            "list_backends", "provider_usable", "register"]

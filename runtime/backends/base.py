@@ -66,7 +66,8 @@ class BackendSettings:
     OpenVINO compile properties); ``allow_fallback``: run even when the library replaced
     the requested device (the runner's info says what ran); ``trt_cache_dir``: TensorRT
     engine cache; ``include_copies``: on a CUDA device, time host<->device copies too;
-    ``native_weights``: the weights file the native framework needs for a trained export.
+    ``native_weights``: the weights file the native framework needs for a trained export;
+    ``passive_wait``: idle threads sleep rather than spin (see the README's fair alternation).
     """
 
     threads: int | None = None
@@ -78,6 +79,9 @@ class BackendSettings:
     trt_cache_dir: str | None = None
     include_copies: bool = False
     native_weights: str | None = None
+    # idle threads sleep instead of spinning between runs (onnxruntime: session.intra_op/inter_op
+    # allow_spinning=0); None = only while several backends alternate in one process (bench)
+    passive_wait: bool | None = None
 
     def __post_init__(self):
         for option, value in (("--threads", self.threads), ("--inter-threads", self.inter_threads)):
@@ -96,6 +100,39 @@ class BackendSettings:
     @classmethod
     def names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend declares about itself, so that code outside ``runtime/backends/`` asks
+    these questions instead of testing a backend's name.
+
+    ``device``: where it computes (``cpu``, ``cuda``, ``gpu``: anything but ``cpu`` takes a
+    device of its own, e.g. one GPU per Ray actor); ``precision``: what it computes in
+    (``f32``, ``bf16``, ``fp16``): a reduced-precision hint that does not apply to an int8
+    graph; ``postprocess``: whether it runs the detection post-processing ops (NMS, TopK, ...)
+    itself, otherwise the network part runs on it and the rest on onnxruntime CPU (see
+    :mod:`runtime.backends.split`); ``converts``: it runs an artifact converted from the .onnx,
+    cached under ``<results>/converted/<backend>/`` (see :mod:`runtime.backends.convert`);
+    ``layer_profiler``: it has a per-layer profiler (``bench --nodes``); ``native``: it runs
+    the model in its source framework (the ``--native`` comparison); ``passive_wait``: its
+    idle threads sleep between runs instead of spinning (fair alternation, see the README).
+    """
+
+    device: str = "cpu"
+    precision: str = "f32"
+    postprocess: bool = True
+    converts: bool = False
+    layer_profiler: bool = False
+    native: bool = False
+    passive_wait: bool = True
+
+    @property
+    def on_accelerator(self) -> bool:
+        return self.device != "cpu"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,6 +194,15 @@ class Runner(abc.ABC):
         or None when this backend has no per-layer profiler."""
         return None
 
+    def part_samples(self) -> dict[str, list[float]] | None:
+        """Milliseconds of each part of every call so far (``network``, ``postprocess``) when the
+        backend runs the graph in parts (:mod:`runtime.backends.split`), else None."""
+        return None
+
+    def network_parity(self, tensors: list[np.ndarray]) -> dict[str, Any] | None:
+        """Differences of the network part's outputs from onnxruntime CPU's, when run in parts."""
+        return None
+
     def close(self) -> None:
         """Release the model (sessions and compiled models go with their last reference)."""
 
@@ -173,6 +219,7 @@ class Backend(abc.ABC):
 
     name: str
     description: str
+    capabilities: Capabilities = Capabilities()
     # whether allow_fallback lets this backend run on something else (onnxruntime's CPU provider)
     can_fall_back: bool = False
 
@@ -228,3 +275,45 @@ def tiny_model_bytes() -> bytes:
     model.ir_version = 10
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+class _Captured:
+    text: str = ""
+
+
+import contextlib  # noqa: E402  (kept beside its only user)
+
+
+@contextlib.contextmanager
+def native_output_captured():
+    """Capture what native libraries write straight to file descriptors 1 and 2 (MNN prints its
+    CPU features and precision on load): library code never prints, and the text is kept for errors."""
+    import os
+    import sys
+    import tempfile
+
+    captured = _Captured()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = (os.dup(1), os.dup(2))
+    except (OSError, ValueError):  # no real descriptors (embedded interpreters): nothing to capture
+        yield captured
+        return
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 1)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except ValueError:
+                    pass
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            tmp.seek(0)
+            captured.text = tmp.read().decode("utf-8", "replace")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from core.contract import read_contract
-from runtime.backends.base import Backend, BackendSettings, Runner, RunnerInfo
+from runtime.backends.base import Backend, BackendSettings, Capabilities, Runner, RunnerInfo
 
 
 class NativeRunner(Runner):
@@ -37,6 +37,7 @@ class NativeBackend(Backend):
     def __init__(self, name: str, description: str):
         super().__init__()
         self.name, self.description = name, description
+        self.capabilities = Capabilities(native=True, passive_wait=False)
 
     def _probe(self) -> tuple[bool, str]:
         # which framework runs depends on the model opened; each one says what it lacks when opened

@@ -28,7 +28,7 @@ import numpy as np
 
 from core.contract import INPUT_NAME
 from core.errors import ConfigError, ContractError, ProviderUnavailableError
-from runtime.backends.base import (EXECUTION_MODES, Backend, BackendSettings, Runner, RunnerInfo,
+from runtime.backends.base import (EXECUTION_MODES, Backend, BackendSettings, Capabilities, Runner, RunnerInfo,
                                    tiny_model_bytes)
 
 # short name -> onnxruntime provider name. Any other provider onnxruntime knows is
@@ -139,7 +139,7 @@ class SessionInfo:
 
 
 def session_options(*, threads: int | None = None, inter_threads: int | None = None, optimization: str = "all",
-                    execution_mode: str = "sequential", profile_prefix: str | None = None):
+                    execution_mode: str = "sequential", profile_prefix: str | None = None, passive: bool = False):
     """``onnxruntime.SessionOptions`` from detbench's settings (validated, ConfigError on bad values)."""
     import onnxruntime as ort
 
@@ -167,6 +167,9 @@ def session_options(*, threads: int | None = None, inter_threads: int | None = N
         raise ConfigError(f"--execution-mode {execution_mode!r}: use one of {', '.join(EXECUTION_MODES)}")
     opts.execution_mode = (ort.ExecutionMode.ORT_SEQUENTIAL if execution_mode == "sequential"
                            else ort.ExecutionMode.ORT_PARALLEL)
+    if passive:  # an idle session's threads would otherwise busy-wait on the cores another backend is timed on
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if profile_prefix is not None:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
@@ -176,7 +179,8 @@ def session_options(*, threads: int | None = None, inter_threads: int | None = N
 def create_session(path, provider: str = "cpu", *, threads: int | None = None, inter_threads: int | None = None,
                    optimization: str = "all", execution_mode: str = "sequential",
                    provider_options: dict[str, Any] | None = None, allow_fallback: bool = False,
-                   trt_cache_dir: str | Path | None = None, profile_prefix: str | None = None):
+                   trt_cache_dir: str | Path | None = None, profile_prefix: str | None = None,
+                   passive: bool = False):
     """An ``InferenceSession`` on ``provider`` and its :class:`SessionInfo`.
 
     ``path`` is an ONNX file (or serialized model bytes). ``provider_options`` go to the
@@ -192,7 +196,7 @@ def create_session(path, provider: str = "cpu", *, threads: int | None = None, i
 
     requested = resolve_provider(provider)
     opts = session_options(threads=threads, inter_threads=inter_threads, optimization=optimization,
-                           execution_mode=execution_mode, profile_prefix=profile_prefix)
+                           execution_mode=execution_mode, profile_prefix=profile_prefix, passive=passive)
     options = dict(provider_options or {})
     if trt_cache_dir is not None:
         if requested not in ("TensorrtExecutionProvider", "NvTensorRTRTXExecutionProvider"):
@@ -206,7 +210,7 @@ def create_session(path, provider: str = "cpu", *, threads: int | None = None, i
         "provider": short_name(requested), "provider_ort": requested, "threads": threads,
         "inter_threads": inter_threads, "optimization": optimization, "execution_mode": execution_mode,
         "provider_options": {k: str(v) for k, v in options.items()}, "allow_fallback": allow_fallback,
-        "trt_cache_dir": str(trt_cache_dir) if trt_cache_dir is not None else None,
+        "trt_cache_dir": str(trt_cache_dir) if trt_cache_dir is not None else None, "passive_wait": passive,
     }
     available = ort.get_available_providers()
     if requested not in available and not allow_fallback:
@@ -393,9 +397,10 @@ class OrtBackend(Backend):
 
     can_fall_back = True
 
-    def __init__(self, name: str, provider: str, description: str):
+    def __init__(self, name: str, provider: str, description: str, device: str = "cpu"):
         super().__init__()
         self.name, self.provider, self.description = name, provider, description
+        self.capabilities = Capabilities(device=device, layer_profiler=True, passive_wait=True)
 
     def _probe(self) -> tuple[bool, str]:
         import onnxruntime as ort
@@ -415,5 +420,6 @@ class OrtBackend(Backend):
                                        inter_threads=settings.inter_threads, optimization=settings.optimization,
                                        execution_mode=settings.execution_mode,
                                        provider_options=settings.provider_options or None,
-                                       allow_fallback=settings.allow_fallback, trt_cache_dir=settings.trt_cache_dir)
+                                       allow_fallback=settings.allow_fallback, trt_cache_dir=settings.trt_cache_dir,
+                                       passive=bool(settings.passive_wait))
         return OrtRunner(self.name, path, session, info, settings)

@@ -27,7 +27,7 @@ import numpy as np
 
 from core.contract import INPUT_NAME
 from core.errors import ConfigError, ContractError, ProviderUnavailableError
-from runtime.backends.base import Backend, BackendSettings, Runner, RunnerInfo, tiny_model_bytes
+from runtime.backends.base import Backend, BackendSettings, Capabilities, Runner, RunnerInfo, tiny_model_bytes
 
 # what we ask for -> what OpenVINO's INFERENCE_PRECISION_HINT reads back as
 PRECISIONS = {"f32": "f32", "bf16": "bf16"}
@@ -161,6 +161,7 @@ class OpenVinoBackend(Backend):
         if precision not in PRECISIONS:
             raise ValueError(precision)
         self.name, self.precision, self.description = name, precision, description
+        self.capabilities = Capabilities(precision=precision, layer_profiler=True, passive_wait=False)
 
     def _probe(self) -> tuple[bool, str]:
         try:

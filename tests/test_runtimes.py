@@ -1,0 +1,148 @@
+"""Backends that run a converted artifact: the conversion cache, the network/post-processing
+split, each converting backend against onnxruntime CPU, and a conversion failure kept per model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+from core.contract import read_contract, save_model
+from runtime.backends import BackendSettings, get_backend, list_backends
+from runtime.backends.base import tiny_model_bytes
+from runtime.backends.convert import RECORD, ConversionFailed, converted
+from runtime.backends.split import split_model
+from tests.test_bench import tiny_detector
+
+CONVERTING = [b.name for b in list_backends() if b.capabilities.converts]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return tiny_detector(tmp_path_factory.mktemp("tiny-rt") / "tiny.onnx")
+
+
+def _images(n: int = 3) -> list[np.ndarray]:
+    # bright, structured inputs: the tiny head's sigmoid scores pass its 0.55 threshold on some cells
+    rng = np.random.default_rng(3)
+    return [(rng.random((1, 3, 32, 32)) ** 0.3 * 255).astype(np.float32) for _ in range(n)]
+
+
+def _whole(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, {"images": x})))
+
+
+# --------------------------------------------------------------------------- the cache
+
+def test_conversion_cache_hit_miss_and_failure(tmp_path):
+    calls = []
+
+    def build(onnx_file: Path, out: Path):
+        calls.append(onnx_file.read_bytes())
+        (out / "artifact.bin").write_bytes(b"converted:" + onnx_file.read_bytes()[:8])
+        return {"note": "test"}
+
+    source = tiny_model_bytes()
+    first = converted("fake", source, "fakeconv", "1.0", {"o": 1}, build, tmp_path)
+    again = converted("fake", source, "fakeconv", "1.0", {"o": 1}, build, tmp_path)
+    assert len(calls) == 1 and not first.cached and again.cached
+    assert again.artifact == first.artifact and again.artifact_sha256 == first.artifact_sha256
+    assert again.seconds == first.seconds and again.source_sha256 == first.source_sha256
+    record = json.loads((Path(first.artifact) / RECORD).read_text())
+    assert record["converter_version"] == "1.0" and record["artifact_sha256"] == first.artifact_sha256
+    # another converter version or other options: a miss, in a folder of its own
+    other = converted("fake", source, "fakeconv", "1.1", {"o": 1}, build, tmp_path)
+    options = converted("fake", source, "fakeconv", "1.0", {"o": 2}, build, tmp_path)
+    assert len(calls) == 3 and len({first.artifact, other.artifact, options.artifact}) == 3
+
+    def failing(onnx_file: Path, out: Path):
+        raise ConversionFailed("fakeconv cannot convert Foo")
+
+    for _ in range(2):  # nothing is cached for a failure: the converter is asked again
+        with pytest.raises(ConversionFailed, match="Foo"):
+            converted("fake", source + b"", "fakeconv", "2.0", {}, failing, tmp_path)
+    assert not list((tmp_path / "fake").glob("*.partial"))
+
+
+# --------------------------------------------------------------------------- the split
+
+def test_split_parts_on_onnxruntime_equal_the_whole_graph(tiny):
+    split = split_model(tiny)
+    assert split.cut == ["feat_raw"] and split.cut_shapes == {"feat_raw": [1, 4, 32, 32]}
+    assert "NonMaxSuppression" in split.post_ops
+    net = ort.InferenceSession(split.network, providers=["CPUExecutionProvider"])
+    post = ort.InferenceSession(split.post, providers=["CPUExecutionProvider"])
+    assert [i.name for i in post.get_inputs()] == ["feat_raw"]
+    found = 0
+    for x in _images():
+        cut = dict(zip(split.cut, net.run(split.cut, {"images": x})))
+        parts = dict(zip([o.name for o in post.get_outputs()], post.run(None, cut)))
+        whole = _whole(tiny, x)
+        for name in ("boxes", "scores", "labels"):
+            np.testing.assert_array_equal(parts[name], whole[name])
+        found += len(whole["scores"])
+    assert found > 0  # the comparison covered real detections
+
+
+# --------------------------------------------------------------------------- each converting backend
+
+def _usable(name: str):
+    ok, why = get_backend(name).probe()
+    if not ok:
+        pytest.skip(f"backend {name} does not run here: {why.splitlines()[0]}")
+
+
+@pytest.mark.parametrize("name", CONVERTING)
+def test_converting_backend_matches_onnxruntime_and_caches(name, tiny):
+    _usable(name)
+    backend = get_backend(name)
+    assert not backend.capabilities.postprocess
+    with backend.open(tiny, BackendSettings(threads=1)) as runner:
+        conversion = runner.info.detail["conversion"]
+        assert conversion["converter_version"] and len(conversion["artifact_sha256"]) == 64
+        for x in _images():
+            got, want = runner.run(x), _whole(tiny, x)
+            assert len(got["scores"]) == len(want["scores"])
+            np.testing.assert_allclose(got["boxes"], want["boxes"], atol=1e-3)
+            np.testing.assert_allclose(got["scores"], want["scores"], atol=1e-4)
+            np.testing.assert_array_equal(got["labels"], want["labels"])
+        parts = runner.part_samples()
+        assert len(parts["network"]) == len(parts["postprocess"]) == 3
+        network = runner.network_parity(_images(1))
+        assert network["outputs"] == ["feat_raw"] and network["max_rel"] < 1e-4
+    with backend.open(tiny, BackendSettings(threads=1)) as again:  # the second open reuses the artifact
+        assert again.info.detail["conversion"]["cached"]
+        assert again.info.detail["conversion"]["artifact"] == conversion["artifact"]
+
+
+@pytest.fixture(scope="module")
+def unconvertible(tmp_path_factory, tiny) -> Path:
+    """The tiny detector with a Shrink (onnx2torch has no converter for it) in its network part."""
+    model = onnx.load(str(tiny))
+    nodes = list(model.graph.node)
+    conv = next(i for i, n in enumerate(nodes) if n.op_type == "Conv")
+    nodes[conv].input[0] = "x_shrunk"
+    nodes.insert(conv, helper.make_node("Shrink", ["x01"], ["x_shrunk"], name="shrink", lambd=0.0, bias=0.0))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return save_model(model, tmp_path_factory.mktemp("bad") / "tiny-shrink.onnx", read_contract(tiny))
+
+
+def test_conversion_failure_is_a_per_model_result(unconvertible):
+    from runtime.bench import BenchSettings, bench_side_by_side
+
+    _usable("onnx2torch")
+    with pytest.raises(ConversionFailed, match="Shrink"):
+        get_backend("onnx2torch").open(unconvertible, BackendSettings())
+    results = bench_side_by_side(unconvertible, ["cpu", "onnx2torch"],
+                                 BenchSettings(runs=3, rounds=1, warmup=1, peak=False, parity=False),
+                                 BackendSettings(threads=1))
+    assert [r.provider for r in results] == ["cpu"]  # onnxruntime CPU still measured
+    assert "Shrink" in results[0].conversion_failures["onnx2torch"]
+    assert "Shrink" in results[0].to_record()["conversion_failures"]["onnx2torch"]
