@@ -902,12 +902,12 @@ def _graph_ops(path: Path) -> set[str]:
 
 
 def _bench_macs(profile, mode: str):
-    """The analyzer's figures in the form ``runtime.bench`` takes (``macs=``)."""
-    nodes = getattr(profile, "nodes", None)
-    if nodes is None:
+    """The analyzer's figures in the form ``runtime.bench`` takes (``macs=``), counted as ``bench --nodes`` counts them."""
+    from runtime.bench import node_macs
+
+    if getattr(profile, "nodes", None) is None:
         return None
-    note = f"counting.profile_model ({mode} shapes); 1 MAC = 2 FLOPs"
-    return {n.name: int(n.macs or 0) for n in nodes}, int(profile.macs), note
+    return node_macs(profile, mode)
 
 
 def targets_of(specs, settings: RunSettings) -> list[Target]:

@@ -215,10 +215,16 @@ def model_macs(path: Path, image: Path) -> tuple[dict[str, int], int, str]:
     if profile.unresolved:  # data-dependent shapes (two-stage detectors): count what this image produces
         profile = profile_model(path, shapes="measured", image=image, allow_unknown=True)
         mode = f"measured on {image.name}"
+    return node_macs(profile, mode)
+
+
+def node_macs(profile, mode: str) -> tuple[dict[str, int], int, str]:
+    """A :class:`counting.ModelProfile` in the form per-layer attribution takes: MACs per top-level
+    node for every execution (If/Loop bodies run inside their parent's kernel, so their MACs, times
+    their executions, go to the top-level parent), total MACs, and how they were counted."""
     top_level = {n.name for n in profile.nodes if not n.subgraph}
     per_node: dict[str, int] = {}
     for n in profile.nodes:
-        # If/Loop bodies run inside their parent's kernel: their MACs go to the top-level parent
         key = n.name if not n.subgraph else max((t for t in top_level if n.name.startswith(t + "/")),
                                                 key=len, default=n.name)
         per_node[key] = per_node.get(key, 0) + int(n.total_macs)
