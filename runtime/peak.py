@@ -339,10 +339,10 @@ def peak_for(peak: PeakResult, device: str, precision: str | None, contract: dic
     (contract ``detbench.precision``) against the int8 peak, a backend computing in bf16 against the
     bf16 peak (none where the CPU has no bf16 unit), else fp32 against :func:`measure_peak`'s."""
     file_precision = (contract or {}).get("detbench.precision") or (contract or {}).get("precision")
-    if device != "cuda" and file_precision == "int8":
+    if device == "cpu" and file_precision == "int8":  # CPU kernels: an accelerator has peaks of its own
         p = measure_int8_peak(threads)
         return p.gops, "int8", f"{p.kernel}, {p.library}"
-    if device != "cuda" and (precision or "").lower() in ("bf16", "bfloat16"):
+    if device == "cpu" and (precision or "").lower() in ("bf16", "bfloat16"):
         p = measure_bf16_peak(threads)
         return p.gops, "bf16", (f"{p.kernel}, {p.library}" if p.gops else p.note)
     return peak.for_device(device), "fp32", "best of SGEMM / 3x3 conv (onnxruntime MLAS) and numpy BLAS"

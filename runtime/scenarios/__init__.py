@@ -42,7 +42,7 @@ def bench_scenario(paths: list[Path], backends: list[str], scenario: ScenarioSet
         if not Path(p).is_file():
             raise ConfigError(f"no ONNX file at {p}")
     for name in names:
-        if name == "native":
+        if get_backend(name).capabilities.native:
             raise ConfigError(f"--scenario {scenario.scenario}: the native backend runs SingleStream only")
         get_backend(name).require(backend_settings)
     measure = offline if scenario.scenario == OFFLINE else server
