@@ -146,3 +146,24 @@ def test_conversion_failure_is_a_per_model_result(unconvertible):
     assert [r.provider for r in results] == ["cpu"]  # onnxruntime CPU still measured
     assert "Shrink" in results[0].conversion_failures["onnx2torch"]
     assert "Shrink" in results[0].to_record()["conversion_failures"]["onnx2torch"]
+
+
+def test_mnn_conversion_loads_no_usage_logger(tmp_path, monkeypatch):
+    # The MNN wheel's Python converter wrapper imports a logger that pip-installs its client at
+    # import time and posts every conversion to a remote service: detbench must not go through it.
+    pytest.importorskip("MNN", reason="MNN is not installed")
+    from runtime.backends.mnn import convert_onnx
+
+    trap = tmp_path / "trap"
+    (trap / "aliyun").mkdir(parents=True)
+    marker = tmp_path / "logger-imported"
+    (trap / "aliyun" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise ImportError('trap')\n")
+    monkeypatch.setenv("PYTHONPATH", str(trap))
+    monkeypatch.setenv("PATH", str(tmp_path / "no-pip"))  # an `os.system("pip install ...")` finds no pip
+    model = tmp_path / "relu.onnx"
+    model.write_bytes(tiny_model_bytes())
+    out = tmp_path / "out"
+    out.mkdir()
+    convert_onnx(model, out)
+    assert (out / "model.mnn").stat().st_size > 0
+    assert not marker.exists(), "the conversion imported MNN's usage logger"

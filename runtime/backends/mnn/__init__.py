@@ -25,7 +25,11 @@ from runtime.backends.base import (Backend, BackendSettings, Capabilities, Runne
                                    tiny_model_bytes)
 from runtime.backends.convert import ConversionFailed, converted, first_reason
 
-_CONVERT = ("import sys\nfrom MNN.tools.mnnconvert import main\nsys.argv = ['mnnconvert'] + sys.argv[1:]\nmain()")
+# The converter's C entry point, called directly: the wheel's ``MNN.tools.mnnconvert`` wrapper imports
+# a usage logger that runs ``pip install -U aliyun-log-python-sdk`` when that is missing (which
+# downgrades protobuf below what onnx needs) and posts each conversion to a remote log service.
+# detbench sends nothing anywhere and installs nothing at run time.
+_CONVERT = "import sys\nimport _tools\n_tools.mnnconvert(['mnnconvert'] + sys.argv[1:])"
 
 
 @dataclass(frozen=True)
