@@ -1,0 +1,57 @@
+"""A converter that accepts a graph but loses tensors (MNN on a QDQ INT8 file printed shape errors and
+returned no cut tensors) is a failed conversion of that file, not a crash: the split runner names the
+missing tensors and a side-by-side opening drops that backend with the reason, keeping the others."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtime.backends import BackendSettings, get_backend
+from runtime.backends.base import RunnerInfo
+from runtime.backends.convert import ConversionFailed
+from runtime.backends.split import SplitRunner, split_model
+
+
+@pytest.fixture(scope="module")
+def tiny_trained(exported, darknet_dir):
+    return exported("yolov3-tiny", weights=darknet_dir / "yolov3-tiny.weights")
+
+
+def _lossy_runner(path):
+    split = split_model(path)
+    info = RunnerInfo(backend="lossy", library="lossy", version="0", device="cpu", precision="f32", threads=1,
+                      load_seconds=0.0)
+    return SplitRunner(path, split, lambda images: {}, info, BackendSettings(threads=1)), split
+
+
+def test_split_runner_names_the_tensors_a_conversion_lost(tiny_trained):
+    runner, split = _lossy_runner(tiny_trained.path)
+    lost = [n for n in runner.post_inputs if n != "images"]
+    assert lost  # the post-processing part does read cut tensors
+    with pytest.raises(ConversionFailed, match=lost[0]):
+        runner.run(__import__("numpy").zeros(split.input_shape, dtype="float32"))
+    runner.close()
+
+
+def test_side_by_side_opening_drops_a_backend_whose_first_run_shows_a_lost_conversion(tiny_trained, monkeypatch):
+    import runtime.bench as bench
+
+    real = bench.get_backend
+
+    class Lossy:
+        name = "lossy"
+
+        def open(self, path, settings):
+            return _lossy_runner(path)[0]
+
+    monkeypatch.setattr(bench, "get_backend", lambda name: Lossy() if name == "lossy" else real(name))
+    model = bench.OpenModel(tiny_trained.path, ["cpu", "lossy"], bench.BenchSettings(warmup=1, parity=False,
+                                                                                      peak=False),
+                            BackendSettings(threads=1))
+    try:
+        assert model.names == ["cpu"]
+        assert "does not produce" in model.failures["lossy"]
+        assert set(model.calls) == {"cpu"}
+    finally:
+        model.close()
+    assert get_backend("cpu").name == "cpu"
