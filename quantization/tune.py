@@ -167,7 +167,15 @@ def tune(path, settings: TuneSettings, progress: ProgressFn | None = None) -> Tu
             say(f"timing {precision} on {', '.join(opened)} with {t} thread(s)")
             timing = BenchSettings(warmup=3, seconds=settings.bench_seconds, rounds=4, peak=False,
                                    parity=True, parity_images=1)
-            results = bench_side_by_side(file, opened, timing, BackendSettings(threads=t))
+            try:
+                results = bench_side_by_side(file, opened, timing, BackendSettings(threads=t))
+            except DetbenchError:  # one backend refuses this file (e.g. native on an INT8 file): find it, go on
+                refused = _refusing(file, opened, BackendSettings(threads=t))
+                if not refused:
+                    raise
+                notes.extend(f"{name}: not tried on the {precision} file ({why})" for name, why in refused.items())
+                opened = [name for name in opened if name not in refused]
+                results = bench_side_by_side(file, opened, timing, BackendSettings(threads=t))
             timed = [r.provider for r in results]
             notes.extend(f"{name}: not tried on the {precision} file (it does not run it: "
                          f"{_failure(results, name)})" for name in opened if name not in timed)
@@ -213,3 +221,19 @@ def _failure(results, name: str) -> str:
         if reason:
             return reason
     return "it could not be opened"
+
+
+def _refusing(path, names: list[str], backend_settings) -> dict[str, str]:
+    """The backends among ``names`` that cannot open and run ``path`` once, with their reasons."""
+    from runtime.backends import get_backend
+    from runtime.inputs import default_image, input_tensor, model_input_shape
+
+    tensor = input_tensor(read_contract(path), default_image(), 1, model_input_shape(path), str(path))
+    refused = {}
+    for name in names:
+        try:
+            with get_backend(name).open(path, backend_settings) as runner:
+                runner.run(tensor)
+        except DetbenchError as exc:
+            refused[name] = str(exc).splitlines()[0]
+    return refused

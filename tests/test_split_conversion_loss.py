@@ -55,3 +55,23 @@ def test_side_by_side_opening_drops_a_backend_whose_first_run_shows_a_lost_conve
     finally:
         model.close()
     assert get_backend("cpu").name == "cpu"
+
+
+def test_tune_finds_the_backend_that_refuses_a_file(tiny_trained, monkeypatch):
+    """`tune` on an INT8 file: a backend that refuses it (the native framework knows no INT8 model) is
+    named with its reason; one that runs it is not."""
+    import runtime.backends as backends
+    from core.errors import RegistryError
+    from quantization.tune import _refusing
+
+    real = backends.get_backend
+
+    class Refuses:
+        name = "refuses"
+
+        def open(self, path, settings):
+            raise RegistryError("unknown model 'yolov3-tiny@int8'")
+
+    monkeypatch.setattr(backends, "get_backend", lambda name: Refuses() if name == "refuses" else real(name))
+    refused = _refusing(tiny_trained.path, ["cpu", "refuses"], BackendSettings(threads=1))
+    assert refused == {"refuses": "unknown model 'yolov3-tiny@int8'"}
