@@ -182,7 +182,7 @@ def tune(path, settings: TuneSettings, progress: ProgressFn | None = None) -> Tu
             opened = [name for name in opened if name in timed]
             for r in results:
                 judged = r.judged
-                points.append(Point(backend=r.provider, precision=r.precision, threads=t, file=str(file),
+                points.append(Point(backend=r.provider, precision=_precision(precision, r.precision), threads=t, file=str(file),
                                     p50_ms=float(r.latency.p50), valid=bool(judged.verdicts["p50"].valid)))
                 if settings.record:
                     from core import store
@@ -237,3 +237,8 @@ def _refusing(path, names: list[str], backend_settings) -> dict[str, str]:
         except DetbenchError as exc:
             refused[name] = str(exc).splitlines()[0]
     return refused
+
+
+def _precision(file_kind: str, computed: str) -> str:
+    """The table's precision: the INT8 file is int8 whatever float type its backend reports computing in."""
+    return "int8" if file_kind == "int8" else computed

@@ -75,3 +75,11 @@ def test_tune_finds_the_backend_that_refuses_a_file(tiny_trained, monkeypatch):
     monkeypatch.setattr(backends, "get_backend", lambda name: Refuses() if name == "refuses" else real(name))
     refused = _refusing(tiny_trained.path, ["cpu", "refuses"], BackendSettings(threads=1))
     assert refused == {"refuses": "unknown model 'yolov3-tiny@int8'"}
+
+
+def test_tune_labels_the_int8_file_int8():
+    """onnxruntime reports f32 for a QDQ file; tune's table must still say which row is the INT8 file."""
+    from quantization.tune import _precision
+
+    assert _precision("int8", "f32") == "int8"
+    assert _precision("f32", "bf16") == "bf16"
