@@ -162,14 +162,27 @@ def tune(path, settings: TuneSettings, progress: ProgressFn | None = None) -> Tu
     points: list[Point] = []
     scores: dict[tuple[str, str], dict] = {}
     for precision, file in files.items():
+        opened = list(runnable)  # a backend whose conversion of this file fails is dropped, with a note
         for t in threads:
-            say(f"timing {precision} on {', '.join(runnable)} with {t} thread(s)")
+            say(f"timing {precision} on {', '.join(opened)} with {t} thread(s)")
             timing = BenchSettings(warmup=3, seconds=settings.bench_seconds, rounds=4, peak=False,
                                    parity=True, parity_images=1)
-            results = bench_side_by_side(file, runnable, timing, BackendSettings(threads=t))
+            try:
+                results = bench_side_by_side(file, opened, timing, BackendSettings(threads=t))
+            except DetbenchError:  # one backend refuses this file (e.g. native on an INT8 file): find it, go on
+                refused = _refusing(file, opened, BackendSettings(threads=t))
+                if not refused:
+                    raise
+                notes.extend(f"{name}: not tried on the {precision} file ({why})" for name, why in refused.items())
+                opened = [name for name in opened if name not in refused]
+                results = bench_side_by_side(file, opened, timing, BackendSettings(threads=t))
+            timed = [r.provider for r in results]
+            notes.extend(f"{name}: not tried on the {precision} file (it does not run it: "
+                         f"{_failure(results, name)})" for name in opened if name not in timed)
+            opened = [name for name in opened if name in timed]
             for r in results:
                 judged = r.judged
-                points.append(Point(backend=r.provider, precision=r.precision, threads=t, file=str(file),
+                points.append(Point(backend=r.provider, precision=_precision(precision, r.precision), threads=t, file=str(file),
                                     p50_ms=float(r.latency.p50), valid=bool(judged.verdicts["p50"].valid)))
                 if settings.record:
                     from core import store
@@ -177,7 +190,7 @@ def tune(path, settings: TuneSettings, progress: ProgressFn | None = None) -> Tu
                     store.append("bench", r.to_record(), model=r.model, model_sha256=r.model_sha256,
                                  provider=r.provider, settings={**r.settings, "tune": True}, contract=r.contract)
         if accuracy:
-            for name in runnable:
+            for name in opened:
                 say(f"scoring {precision} on {name} (selection images)")
                 result = evaluate_model(file, coco_dir=coco_dir, image_ids=selection, provider=name,
                                         store=settings.record, allow_calibration_overlap=True)
@@ -200,3 +213,32 @@ def tune(path, settings: TuneSettings, progress: ProgressFn | None = None) -> Tu
         store.append("tune", {**result.to_dict(), "max_drop": max_drop}, model=contract.name,
                      model_sha256=None, provider=None, settings=asdict(settings), contract=contract.to_props())
     return result
+
+
+def _failure(results, name: str) -> str:
+    for r in results:
+        reason = r.conversion_failures.get(name)
+        if reason:
+            return reason
+    return "it could not be opened"
+
+
+def _refusing(path, names: list[str], backend_settings) -> dict[str, str]:
+    """The backends among ``names`` that cannot open and run ``path`` once, with their reasons."""
+    from runtime.backends import get_backend
+    from runtime.inputs import default_image, input_tensor, model_input_shape
+
+    tensor = input_tensor(read_contract(path), default_image(), 1, model_input_shape(path), str(path))
+    refused = {}
+    for name in names:
+        try:
+            with get_backend(name).open(path, backend_settings) as runner:
+                runner.run(tensor)
+        except DetbenchError as exc:
+            refused[name] = str(exc).splitlines()[0]
+    return refused
+
+
+def _precision(file_kind: str, computed: str) -> str:
+    """The table's precision: the INT8 file is int8 whatever float type its backend reports computing in."""
+    return "int8" if file_kind == "int8" else computed

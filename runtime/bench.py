@@ -495,19 +495,22 @@ class OpenModel:
         for name in list(self.names):
             gc.collect()
             with _PeakRss() as rss:
+                runner = None
                 try:
                     runner = get_backend(name).open(self.path, self.backend_settings)
-                except ConversionFailed as exc:
+                    call = runner.bind(self.tensor)
+                    start = time.perf_counter()
+                    call()  # the first inference: part of the cold start, reported apart
+                    first_ms = (time.perf_counter() - start) * 1e3
+                except ConversionFailed as exc:  # also raised by a first run that shows the conversion broken
+                    if runner is not None:
+                        runner.close()
                     if not first:  # converted once already: the cached artifact must open again
                         raise
                     self.failures[name] = str(exc)
                     self.names.remove(name)
                     continue
                 self.runners[name] = runner
-                call = runner.bind(self.tensor)
-                start = time.perf_counter()
-                call()  # the first inference: part of the cold start, reported apart
-                first_ms = (time.perf_counter() - start) * 1e3
             self.calls[name] = call
             if first:
                 self.opened[name] = {"first_ms": first_ms, "rss": rss.mb}

@@ -148,6 +148,10 @@ class SplitRunner(Runner):
         start = clock()
         cut = self.network(images)
         middle = clock()
+        missing = [n for n in self.post_inputs if n != INPUT_NAME and n not in cut]
+        if missing:  # a converter that accepted the graph but lost tensors (e.g. MNN on a QDQ INT8 file)
+            raise ConversionFailed(f"{self.path}: the converted network ({self.info.backend}, {self.info.library}) does not produce "
+                                   f"{', '.join(missing)}, which the post-processing needs")
         feeds = {n: (images if n == INPUT_NAME else np.ascontiguousarray(cut[n], dtype=np.float32)
                      if cut[n].dtype != np.int64 else cut[n]) for n in self.post_inputs}
         values = self.post.run(self.post_outputs, feeds)
