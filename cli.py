@@ -500,9 +500,10 @@ def run(
                                                   "`python cli.py backends`). Default: cpu, every other provider "
                                                   "onnxruntime lists, openvino and openvino-bf16, each probed first."),
     budget: Optional[float] = typer.Option(None, "--budget", min=0.1, help="Minutes of bench timing for the whole "
-                                           "run (default 8; opening models included): every model x backend pair "
-                                           "first reaches a VALID p50 (11 runs, 1 s, median's 95 % interval within "
-                                           "5 %), then the rest buys VALID p90s (64 runs, 10 s), cheapest first. "
+                                           "run (default 7; each model's first opening is extra): every model x backend pair "
+                                           "first gets 11 runs and 1 s, then unstable pairs more runs until a VALID "
+                                           "p50 (median's 95 % interval within 5 %), then the rest buys VALID p90s "
+                                           "(64 runs, 10 s), cheapest first. "
                                            "A second run with a larger budget continues from the first one's runs."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads of bench, the per-image "
                                           "step and evaluation (local and --ray actors); default: this machine's "

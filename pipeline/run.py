@@ -61,7 +61,7 @@ DATA_DEPENDENT_OPS = frozenset({"RoiAlign", "MaxRoiPool"})
 EXTRA_BACKENDS = ("openvino", "openvino-bf16")
 RANDOM_INIT_CALIBRATION_IMAGES = 4
 INT8 = "int8"
-DEFAULT_BUDGET_MINUTES = 8.0
+DEFAULT_BUDGET_MINUTES = 7.0
 
 
 @dataclass(frozen=True)

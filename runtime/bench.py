@@ -631,12 +631,18 @@ def bench_scheduled(models: list[ScheduledModel], settings: BenchSettings, backe
     if backend_settings.passive_wait is None:  # pairs alternate: an idle backend must not spin on the cores
         backend_settings = replace(backend_settings, passive_wait=True)
     by_key = {m.key: m for m in models}
+    with_macs = all(m.macs for m in models)
+
+    def cost(m: ScheduledModel) -> float:
+        """Orders the models slowest first: the analyzer's MACs when every model has them, else file sizes."""
+        return float(m.macs[1]) if with_macs else float(Path(m.path).stat().st_size)
+
     pairs = []
     for m in models:
         estimate = 3.0 * Path(m.path).stat().st_size / 1e6 + 150.0  # weights copied per backend, plus arenas
         for b in m.backends:
             pairs.append(PairSpec(key=(m.key, b), group=m.key, prior=tuple(m.prior.get(b) or ()),
-                                  memory_mb=estimate * len(m.backends)))
+                                  memory_mb=estimate * len(m.backends), cost=cost(m)))
     timer = _ModelTimer(by_key, settings, backend_settings, say)
     try:
         outcomes = schedule(pairs, timer, schedule_settings, progress=say)

@@ -9,7 +9,13 @@ check, per-layer profile: a fixed cost of the row whatever the budget) extends i
 
 1. **p50**: rounds over every pair still without a VALID p50 (:mod:`runtime.stats`: 11 runs,
    ``p50_min_duration_s``, the median's confidence interval within its bound), each pair
-   running for one slice (``slice_s``, at least one run) per round. Rounds go over the
+   running for one slice (``slice_s``, at least one run) per round. It runs in two passes:
+   first every pair gets the runs and seconds the rule needs at least (pairs that have them
+   wait, and their models may be closed to make room), and only then does the budget buy
+   more runs for pairs whose median is not yet stable. Without the first pass, a few fast but
+   noisy pairs kept their models open and took runs until their caps while the slowest models,
+   opened last, were left with one run each (seen on a full ``run``). Groups open in
+   decreasing ``PairSpec.cost`` (a model's operations), so the slowest start first. Rounds go over the
    pairs of every open model in turn, the models' and the backends' order rotating from round
    to round, so a drift of the machine (other load, clocks) spreads over all pairs alike
    instead of falling on whichever was timed last. A pair stops when its p50 is VALID, or
@@ -74,6 +80,7 @@ class PairSpec:
     group: Hashable
     prior: tuple[float, ...] = ()  # an earlier process's samples (ms)
     memory_mb: float = 0.0  # estimate before the group is opened
+    cost: float = 0.0  # any measure of a run's time known before opening (operations): larger opens first
 
 
 @dataclass(frozen=True)
@@ -153,7 +160,7 @@ def schedule(pairs: list[PairSpec], timer: PairTimer, settings: ScheduleSettings
     deadline = clock() + settings.budget_s
     state = {p.key: _Pair(p) for p in pairs}
     groups: dict[Hashable, list[_Pair]] = {}
-    for p in state.values():
+    for p in sorted(state.values(), key=lambda q: -q.spec.cost):  # stable: equal costs keep their order
         groups.setdefault(p.spec.group, []).append(p)
     opened: dict[Hashable, float] = {}  # group -> memory MB
     failed: dict[Hashable, str] = {}  # group -> why it could not be opened
@@ -266,6 +273,15 @@ def schedule(pairs: list[PairSpec], timer: PairTimer, settings: ScheduleSettings
     def needs_p50(p: _Pair) -> bool:
         return not p.gave_up and not p50_ok(p)
 
+    def lacks_minimum(p: _Pair) -> bool:
+        """Fewer runs or seconds than the p50 rule needs whatever the spread (pass one)."""
+        if not needs_p50(p):
+            return False
+        if not has_samples(p):
+            return True
+        lat = judged(p)
+        return lat.n < n50 or lat.duration_s < rules.p50_min_duration_s
+
     def p50_stop(p: _Pair) -> str:
         if p50_ok(p):
             return ""
@@ -282,6 +298,7 @@ def schedule(pairs: list[PairSpec], timer: PairTimer, settings: ScheduleSettings
                     f"{max(left, 0):.1f} s of the budget left")
         return ""
 
+    rounds(lacks_minimum, p50_stop, "p50")
     rounds(needs_p50, p50_stop, "p50")
 
     # ---- phase 2: p90 for the cheapest pairs the left-over budget holds

@@ -151,3 +151,39 @@ def test_first_opening_is_off_the_budget_reopening_on_it():
     timer = FakeTimer({("a", "cpu"): steady(10.0)}, open_s=100.0)  # a slow first open (compile, parity, profile)
     out = schedule(_pairs(timer), timer, ScheduleSettings(budget_s=5.0, p90=False), clock=timer.clock)
     assert out[("a", "cpu")].p50_valid  # the 100 s opening did not eat the 5 s of timing
+
+
+def test_every_pair_gets_its_minimum_before_noisy_pairs_buy_stability():
+    """Seen on a full ``run``: fast pairs whose median never settles kept their models open and
+    took runs until their caps, while the slowest model, opened last for lack of memory, was left
+    with one run per backend ("too slow for the budget"). Every pair's 11 runs and 1 s fit in the
+    budget here (4 x 1 s + 2 x 11 x 2 s = 48 s of 60 s), so the slow pairs must reach a VALID p50;
+    the noisy ones are INVALID with their reason."""
+    def noisy(i):  # alternates 10 / 15 ms: the median's interval never gets within +/-5 %
+        return 10.0 if i % 2 else 15.0
+
+    latency = {(g, b): noisy for g in ("f1", "f2") for b in ("cpu", "ov")}
+    latency.update({("slow", "cpu"): steady(2000.0), ("slow", "ov"): steady(2000.0)})
+    timer = FakeTimer(latency, memory={"f1": 1.0, "f2": 1.0, "slow": 1.0})
+    pairs = [PairSpec(key=k, group=k[0], memory_mb=1.0, cost={"slow": 100.0}.get(k[0], 1.0)) for k in latency]
+    out = schedule(pairs, timer, ScheduleSettings(budget_s=60.0, memory_mb=2.0, p90=False), clock=timer.clock)
+    assert out[("slow", "cpu")].p50_valid and out[("slow", "ov")].p50_valid, \
+        {k: o.reason for k, o in out.items()}
+    assert not any(out[(g, b)].p50_valid for g in ("f1", "f2") for b in ("cpu", "ov"))
+    assert all(out[(g, b)].reason for g in ("f1", "f2") for b in ("cpu", "ov"))
+    # the slowest model opened first (its cost is the largest)
+    assert [e for e in timer.log if e[0] == "open"][0] == ("open", "slow")
+
+
+def test_minimum_first_holds_without_cost_hints():
+    """The same situation with the slow model listed last and no cost: pass one still gives it its runs."""
+    def noisy(i):
+        return 10.0 if i % 2 else 15.0
+
+    latency = {(g, b): noisy for g in ("f1", "f2") for b in ("cpu", "ov")}
+    latency.update({("slow", "cpu"): steady(2000.0), ("slow", "ov"): steady(2000.0)})
+    timer = FakeTimer(latency, memory={"f1": 1.0, "f2": 1.0, "slow": 1.0})
+    pairs = [PairSpec(key=k, group=k[0], memory_mb=1.0) for k in latency]
+    out = schedule(pairs, timer, ScheduleSettings(budget_s=60.0, memory_mb=2.0, p90=False), clock=timer.clock)
+    assert out[("slow", "cpu")].p50_valid and out[("slow", "ov")].p50_valid, \
+        {k: o.reason for k, o in out.items()}
