@@ -34,8 +34,9 @@ New samples are pooled with earlier ones only when the two processes' medians di
 at most ``spread`` (default :data:`PROCESS_SPREAD`: the largest process-to-process change of
 one configuration's median seen here, the figure ``compare`` uses); otherwise the
 earlier samples are dropped and the pair is judged on this process's samples alone
-(``PairOutcome.pooling`` says which). So a second ``run`` with a larger budget completes
-what the first left INVALID without mixing two machine states.
+(``PairOutcome.pooling`` says which) — except for a pair whose earlier p50 was VALID (timed
+again only for p90): its earlier runs stand. So a second ``run`` with a larger budget completes
+what the first left INVALID without mixing two machine states, and never undoes what it had.
 
 **Models kept open.** The pairs of one ``group`` (one ONNX file: its backends side by side)
 open and close together (:class:`PairTimer`). Groups open in order while the sum of their
@@ -169,11 +170,23 @@ def schedule(pairs: list[PairSpec], timer: PairTimer, settings: ScheduleSettings
     n90 = max(rules.min_queries, queries_needed(0.90, rules.confidence, rules.above))
 
     cache: dict[Hashable, tuple[int, Latency]] = {}
+    # A pair an earlier process left with a VALID p50 is timed again only for p90; if this process's
+    # runs cannot be pooled with the earlier ones (another machine state), the earlier VALID runs stand
+    # rather than a handful of new ones (seen: a loaded second run turned 7 VALID p50s INVALID).
+    prior_valid = {p.spec.key for p in state.values()
+                   if p.spec.prior and Latency.of(list(p.spec.prior), rules).verdicts["p50"].valid}
+
+    def judged_samples(p: _Pair) -> tuple[list[float], str]:
+        samples, pooling = combine(p.spec.prior, p.new, settings.spread)
+        if p.spec.key in prior_valid and pooling.startswith("not pooled"):
+            detail = pooling.split(":", 1)[1].split(" (the process", 1)[0].strip()
+            return list(p.spec.prior), f"earlier only: this process's runs not pooled ({detail}); the earlier VALID runs stand"
+        return samples, pooling
 
     def judged(p: _Pair) -> Latency:
         hit = cache.get(p.spec.key)
         if hit is None or hit[0] != len(p.new):  # samples only ever grow: their count identifies them
-            hit = cache[p.spec.key] = (len(p.new), Latency.of(combine(p.spec.prior, p.new, settings.spread)[0], rules))
+            hit = cache[p.spec.key] = (len(p.new), Latency.of(judged_samples(p)[0], rules))
         return hit[1]
 
     def has_samples(p: _Pair) -> bool:
@@ -342,7 +355,7 @@ def schedule(pairs: list[PairSpec], timer: PairTimer, settings: ScheduleSettings
 
     out = {}
     for key, p in state.items():
-        samples, pooling = combine(p.spec.prior, p.new, settings.spread)
+        samples, pooling = judged_samples(p)
         v50 = bool(samples) and Latency.of(samples, rules).verdicts["p50"].valid
         v90 = bool(samples) and Latency.of(samples, rules).verdicts["p90"].valid
         reason = p.gave_up if not v50 else ("" if v90 else (p.p90_note or "p90 not attempted (phase 2 off)"))

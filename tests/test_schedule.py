@@ -187,3 +187,21 @@ def test_minimum_first_holds_without_cost_hints():
     out = schedule(pairs, timer, ScheduleSettings(budget_s=60.0, memory_mb=2.0, p90=False), clock=timer.clock)
     assert out[("slow", "cpu")].p50_valid and out[("slow", "ov")].p50_valid, \
         {k: o.reason for k, o in out.items()}
+
+
+def test_an_earlier_valid_p50_stands_when_a_p90_attempt_cannot_be_pooled():
+    """A second run on a loaded machine: the pair's earlier p50 was VALID at 100 ms; this process's
+    p90 runs take 130 ms (beyond the 8.5 % process spread), so they cannot be pooled — and must not
+    replace 11 VALID runs by a few INVALID ones (seen: 7 VALID p50s turned INVALID that way)."""
+    earlier = [100.0] * 11
+    timer = FakeTimer({("m", "cpu"): steady(130.0)})
+    out = schedule(_pairs(timer, m_cpu=earlier), timer, ScheduleSettings(budget_s=30.0), clock=timer.clock)
+    o = out[("m", "cpu")]
+    assert o.new_samples, "phase 2 did not try p90: the case was not exercised"
+    assert o.p50_valid and o.samples == earlier
+    assert o.pooling.startswith("earlier only") and "30.0 %" in o.pooling and "VALID runs stand" in o.pooling
+    # a pair whose earlier runs were not VALID is still judged on this process's runs alone
+    timer = FakeTimer({("m", "cpu"): steady(130.0)})
+    out = schedule(_pairs(timer, m_cpu=[100.0] * 5), timer, ScheduleSettings(budget_s=5.0, p90=False),
+                   clock=timer.clock)
+    assert out[("m", "cpu")].pooling.startswith("not pooled") and out[("m", "cpu")].p50_valid
