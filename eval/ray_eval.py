@@ -690,8 +690,8 @@ def _restarting_actors() -> set[str]:
     import ray
     from ray._private import state
 
-    return {a["ActorID"] for a in state.actors(job_id=ray.get_runtime_context().job_id,
-                                                actor_state_name="RESTARTING").values()}
+    job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
+    return {a["ActorID"] for a in state.actors(job_id=job, actor_state_name="RESTARTING").values()}
 
 
 def _alive_nodes() -> set[str]:
