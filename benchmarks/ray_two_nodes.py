@@ -14,9 +14,12 @@ not configurable), which a loaded machine can exceed, so a node that fails to st
 removed (its processes killed) and started again, at most ``--start-attempts`` times.
 
 1. One worker node, then two: ``evaluate_model_ray`` in this process over the images, one
-   actor per worker node. Images/s over the image loop; bytes the raylets wrote (``/proc/PID/io``
-   wchar: the object manager's pushes between nodes, plus gRPC and logs) and read, per image,
-   next to the prepared tensor's size and the model's bytes (sent once to each node).
+   actor per worker node. Images/s over the image loop; the bytes the raylets received over
+   TCP during the run (``ss -ti`` bytes_received of every socket a raylet holds, summed: the
+   object manager's transfers between nodes, plus the raylets' gRPC with the GCS and their
+   workers), per image, next to the prepared tensor's size and the model's bytes (sent once
+   to each node). ``/proc/PID/io`` does not count these: gRPC sends with sendmsg, which
+   wchar/rchar leave out.
 2. The command line against the two-node cluster, as a user runs it:
    ``cli.py eval MODEL --coco DIR --ray --ray-address 127.0.0.1:PORT --ray-actors 2``; once its
    detection cache holds ``--kill-at`` images, the second worker node's raylet gets SIGKILL.
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -42,17 +46,25 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def proc_io(pids: list[int]) -> dict[str, int]:
-    total = {"wchar": 0, "rchar": 0}
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-                key, _, value = line.partition(":")
-                if key in total:
-                    total[key] += int(value)
-        except OSError:
-            pass
-    return total
+def tcp_received(pids: list[int]) -> dict[str, int]:
+    """Per TCP connection a process of ``pids`` holds (local, remote address): bytes received so far."""
+    out = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True, check=True).stdout
+    found: dict[str, int] = {}
+    key = None
+    for line in out.splitlines():
+        if line and not line[0].isspace():  # a socket; its counters follow on an indented line
+            fields = line.split()
+            key = f"{fields[3]} {fields[4]}" if any(f"pid={pid}," in line for pid in pids) else None
+        elif key is not None:
+            match = re.search(r"bytes_received:(\d+)", line)
+            found[key] = int(match.group(1)) if match else 0
+            key = None
+    return found
+
+
+def received_between(before: dict[str, int], after: dict[str, int]) -> int:
+    """Bytes received in between, over connections open at the end (those opened meanwhile count whole)."""
+    return sum(n - before.get(conn, 0) for conn, n in after.items())
 
 
 def raylet_pid(node) -> int:
@@ -106,7 +118,7 @@ def stored_eval(results: Path) -> dict:
     from core import store
 
     records = [r for r in store.load(root=results).records if r["kind"] == "eval"]
-    return records[-1]["data"] if records else {}
+    return records[-1] if records else {}  # "data" holds the figures, "settings" the run's (settings.ray)
 
 
 def cache_lines(path: Path) -> int:
@@ -138,6 +150,13 @@ def main() -> None:
 
     out: dict = {"model": str(model), "model_bytes": model.stat().st_size, "images": args.images or "all",
                  "node_starts": []}
+    try:
+        from eval.coco import model_contract
+
+        c = model_contract(model)
+        out["prepared_tensor_bytes"] = 4 * 3 * c.input_height * c.input_width  # float32, 1 x 3 x H x W
+    except Exception as exc:  # the figure is only for comparison
+        out["prepared_tensor_bytes"] = f"unknown: {exc}"
     t_start = time.perf_counter()
     with loopback_only():
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
@@ -148,19 +167,18 @@ def main() -> None:
                 if len(workers) < count:
                     workers.append(add_node(cluster, args.start_attempts, out["node_starts"]))
                 pids = [raylet_pid(n) for n in (cluster.head_node, *workers)]
-                before, load0, t0 = proc_io(pids), os.getloadavg()[0], time.perf_counter()
+                before, load0, t0 = tcp_received(pids), os.getloadavg()[0], time.perf_counter()
                 result = evaluate_model_ray(model, coco_dir=coco, limit=args.images, store=False,
                                             results_file=tmp / f"r{count}.json", cache_file=tmp / f"c{count}.jsonl",
                                             ray_settings=RaySettings(address=cluster.address, actors=count))
                 wall = time.perf_counter() - t0
-                after = proc_io(pids)
+                received = received_between(before, tcp_received(pids))
                 n = result.images_evaluated
                 out[f"{count}_worker_node"] = {
                     "images": n, "images_per_s_loop": round(n / result.loop_seconds, 2),
                     "loop_seconds": round(result.loop_seconds, 1), "wall_seconds": round(wall, 1),
-                    "raylets_bytes_written": after["wchar"] - before["wchar"],
-                    "raylets_bytes_read": after["rchar"] - before["rchar"],
-                    "raylets_bytes_written_per_image": round((after["wchar"] - before["wchar"]) / n),
+                    "raylets_tcp_bytes_received": received, "per_image": round(received / n),
+                    "per_image_less_model_copies": round((received - count * model.stat().st_size) / n),
                     "images_per_node": {k[:8]: len(v) for k, v in result.settings["ray"]["image_nodes"].items()},
                     "map50": result.scores["map50"], "load_before": load0, "load_after": os.getloadavg()[0]}
                 print(json.dumps({f"{count}_worker_node": out[f"{count}_worker_node"]}), flush=True)
@@ -186,13 +204,15 @@ def main() -> None:
             stdout, stderr = proc.communicate()
             record = stored_eval(tmp / "ray-results")
             ray_info = (record.get("settings") or {}).get("ray") or {}
+            if not ray_info:
+                print(f"the stored record has no settings.ray: {sorted(record)}", file=sys.stderr)
             out["killed_run"] = {
                 "command": " ".join(cmd), "rc": proc.returncode, "killed": killed_at,
                 "second_node": workers[1].node_id[:8], "wall_seconds": round(time.perf_counter() - t0, 1),
                 "load_before": load0, "load_after": os.getloadavg()[0],
                 "images_per_node": {k[:8]: len(v) for k, v in (ray_info.get("image_nodes") or {}).items()},
                 "reissued_after": ray_info.get("reissued_after"), "stdout": stdout[-1500:], "stderr": stderr[-3000:],
-                "stats": record.get("stats")}
+                "stats": (record.get("data") or {}).get("stats")}
             print(json.dumps({"killed_run": {k: v for k, v in out["killed_run"].items()
                                              if k not in ("stdout", "stderr")}}), flush=True)
         finally:
@@ -206,7 +226,8 @@ def main() -> None:
     record = stored_eval(tmp / "local-results")
     out["single_process"] = {"command": " ".join(cmd), "rc": local.returncode,
                              "wall_seconds": round(time.perf_counter() - t0, 1), "load_before": load0,
-                             "stats": record.get("stats"), "stderr": local.stderr[-1500:] if local.returncode else ""}
+                             "stats": (record.get("data") or {}).get("stats"),
+                             "stderr": local.stderr[-1500:] if local.returncode else ""}
     killed = out["killed_run"]
     out["killed_run_same_stats"] = bool(killed["stats"]) and killed["stats"] == out["single_process"]["stats"]
     out["same_results_file"] = ((tmp / "kill.json").exists() and (tmp / "local.json").exists()
