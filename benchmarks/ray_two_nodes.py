@@ -17,8 +17,9 @@ removed (its processes killed) and started again, at most ``--start-attempts`` t
    actor per worker node. Images/s over the image loop; the bytes the raylets received over
    TCP during the run (``ss -ti`` bytes_received of every socket a raylet holds, summed: the
    object manager's transfers between nodes, plus the raylets' gRPC with the GCS and their
-   workers), per image, next to the prepared tensor's size and the model's bytes (sent once
-   to each node). ``/proc/PID/io`` does not count these: gRPC sends with sendmsg, which
+   workers), per image, next to the prepared tensor's size and the model's bytes (sent to a
+   node whose $TMPDIR lacks the model's file: on one machine the nodes share it, so only the
+   first run here transfers the model, once). ``/proc/PID/io`` does not count these: gRPC sends with sendmsg, which
    wchar/rchar leave out.
 2. The command line against the two-node cluster, as a user runs it:
    ``cli.py eval MODEL --coco DIR --ray --ray-address 127.0.0.1:PORT --ray-actors 2``; once its
@@ -178,7 +179,6 @@ def main() -> None:
                     "images": n, "images_per_s_loop": round(n / result.loop_seconds, 2),
                     "loop_seconds": round(result.loop_seconds, 1), "wall_seconds": round(wall, 1),
                     "raylets_tcp_bytes_received": received, "per_image": round(received / n),
-                    "per_image_less_model_copies": round((received - count * model.stat().st_size) / n),
                     "images_per_node": {k[:8]: len(v) for k, v in result.settings["ray"]["image_nodes"].items()},
                     "map50": result.scores["map50"], "load_before": load0, "load_after": os.getloadavg()[0]}
                 print(json.dumps({f"{count}_worker_node": out[f"{count}_worker_node"]}), flush=True)
