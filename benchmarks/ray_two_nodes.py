@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -237,6 +238,7 @@ def main() -> None:
     print(text)
     if args.out:
         args.out.write_text(text)
+    shutil.rmtree(tmp, ignore_errors=True)  # the runs' caches, results files and Ray's session folders
 
 
 if __name__ == "__main__":
