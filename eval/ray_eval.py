@@ -39,8 +39,10 @@ import hashlib
 import json
 import math
 import os
+import queue
 import socket
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, fields
@@ -72,6 +74,15 @@ LOSS_SETTLE_S = 30.0
 # An inference pool whose actors cannot all be placed (the cluster shrank, or --ray-actors asks
 # for more than it holds) stops waiting after this long and is re-issued at a size that fits.
 ACTOR_START_TIMEOUT_S = 60.0
+# While the driver waits for the pipeline's next batch it checks this often that some live node can
+# still hold an inference actor; with none for NO_NODE_S seconds the run stops (ClusterLostError).
+NODE_CHECK_S = 2.0
+NO_NODE_S = 10.0
+# An actor whose restart is pending this long while no batch arrives (its node was lost and no node
+# has room for it: Ray Data would wait for ever) makes the run re-issue the images still missing.
+RESTART_WAIT_S = 45.0
+# How long closing the pipeline waits for the thread reading its batches.
+READER_JOIN_S = 30.0
 # Decoding and resizing is about a tenth of inference time per image for the registry's
 # models: the prepare tasks ask for no logical CPU, so that the cluster's CPUs all go to
 # the sessions' threads (what the actors are sized by), and at most this many run at once
@@ -553,6 +564,9 @@ def evaluate_model_ray(path, settings: EvalSettings | None = None, *, ray_settin
                     cache.add(image_id, json.loads(batch["detections"][k]), spent)
                     report(name)
 
+            def missing() -> int:
+                return sum(1 for img in selection if img.id not in cache.done and img.id not in skipped_ids)
+
             pool = actors
             checked_nodes: set[str] = set()
             while True:
@@ -562,10 +576,10 @@ def evaluate_model_ray(path, settings: EvalSettings | None = None, *, ray_settin
                 nodes_before = _alive_nodes()
                 _check_images_on_nodes(todo, nodes_before - checked_nodes)
                 checked_nodes |= nodes_before
-                batches = _detections(todo, model_ref, model_sha, settings.provider, threads, contract, label_map,
-                                      cluster, pool, gpu)
+                pipeline = _Pipeline(todo, model_ref, model_sha, settings.provider, threads, contract, label_map,
+                                     cluster, pool, gpu)
                 try:
-                    for batch in batches:
+                    for batch in pipeline.batches():
                         gather(batch)
                     break
                 except Exception as exc:
@@ -581,10 +595,10 @@ def evaluate_model_ray(path, settings: EvalSettings | None = None, *, ray_settin
                     _settle(nodes_before)
                     pool = _surviving_pool(actors, threads, gpu)
                     if len(reissues) > PIPELINE_REISSUES or pool < 1:
-                        raise ClusterLostError(_stopped_message(reissues, pool, len(todo), path, settings,
+                        raise ClusterLostError(_stopped_message(reissues, pool, missing(), path, settings,
                                                                 cluster, cache_path)) from None
                 finally:
-                    batches.close()  # stops the pipeline (and frees the actors' CPUs) on any interruption
+                    pipeline.close()  # stops the pipeline (and frees the actors' CPUs) on any interruption
             loop_seconds = time.perf_counter() - loop_start
         del model_ref
 
@@ -616,7 +630,7 @@ def _lost_to_the_cluster(exc: BaseException) -> bool:
     from ray import exceptions as rx
 
     lost = (rx.ActorDiedError, rx.ActorUnavailableError, rx.ObjectLostError, rx.NodeDiedError,
-            rx.WorkerCrashedError, rx.OwnerDiedError, rx.RaySystemError, rx.LocalRayletDiedError)
+            rx.WorkerCrashedError, rx.OwnerDiedError, rx.RaySystemError, rx.LocalRayletDiedError, _Stalled)
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -649,7 +663,8 @@ def _check_images_on_nodes(todo: list[CocoImage], nodes: set[str]) -> None:
 
     from core.errors import DatasetError
 
-    paths = [str(img.path) for img in todo if img.path.is_file()]  # what the driver lacks it reports itself
+    # what the driver lacks it reports itself; absolute, as the prepare tasks get them (_Pipeline)
+    paths = [os.path.abspath(img.path) for img in todo if img.path.is_file()]
     if not paths or not nodes:
         return
     check = ray.remote(_images_missing_here)
@@ -670,6 +685,15 @@ def _check_images_on_nodes(todo: list[CocoImage], nodes: set[str]) -> None:
                 f"the same path ({folder}); mount or copy them there (docs/scale.md, cluster quick start)")
 
 
+def _restarting_actors() -> set[str]:
+    """Ids of this driver's actors that Ray is restarting (their process or node was lost)."""
+    import ray
+    from ray._private import state
+
+    job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
+    return {a["ActorID"] for a in state.actors(job_id=job, actor_state_name="RESTARTING").values()}
+
+
 def _alive_nodes() -> set[str]:
     import ray
 
@@ -688,6 +712,8 @@ def _settle(before: set[str]) -> None:
 
 def _loss_summary(exc: BaseException) -> str:
     """One line naming what Ray lost (the first line of its message)."""
+    if isinstance(exc, _Stalled):
+        return str(exc)
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
 
@@ -727,50 +753,152 @@ def _stopped_message(reissues: list[str], pool: int, missing: int, path: Path, s
             f"continue with: {' '.join(resume)}")
 
 
-def _detections(todo: list[CocoImage], model_ref, model_sha: str, provider: str, threads: int,
-                contract: ModelContract, label_map: np.ndarray, cluster: RaySettings, actors: int, gpu: bool):
-    """The Ray Data pipeline over ``todo``: a generator of output batches (close it to stop the pipeline)."""
-    import logging
+class _Stalled(Exception):
+    """The pipeline cannot progress and Ray raises nothing: no live node can hold an inference actor, or
+    an actor's restart has been pending too long (see :class:`_Pipeline`). Handled as a loss."""
 
-    import ray.data
-    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
-    context = DataContext.get_current()
-    saved = (context.enable_progress_bars, context.print_on_execution_start, context.wait_for_min_actors_s)
-    context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
-    data_logger = logging.getLogger("ray.data")
-    saved_level = data_logger.level
-    # library code never prints: no progress bars, execution plans or per-run notices on the driver's terminal
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    # ERROR would still print Ray Data's traceback of a lost actor that the caller survives or reports
-    data_logger.setLevel(logging.CRITICAL)
-    records = [{"image_id": img.id, "file_name": img.file_name, "width": img.width, "height": img.height,
-                "path": str(img.path)} for img in todo]
-    try:
-        with warnings.catch_warnings():
-            # Ray 2.60 announces that retry options passed as remote args will move (2.64); in this version
-            # they are the way to set them.
-            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-            data = ray.data.from_items(records, override_num_blocks=math.ceil(len(records) / cluster.batch_size))
-            data = data.map_batches(_prepare_batch, batch_size=None, batch_format="numpy",
-                                    fn_kwargs={"contract": contract}, num_cpus=0,
-                                    compute=TaskPoolStrategy(size=PREPARE_TASKS_PER_ACTOR * actors),
-                                    max_retries=TASK_MAX_RETRIES)
-            data = data.map_batches(_Detector, batch_size=None, batch_format="numpy",
-                                    fn_constructor_kwargs={"model": [model_ref], "model_sha": model_sha,
-                                                           "provider": provider, "threads": threads,
-                                                           "contract": contract, "label_map": label_map},
-                                    compute=ActorPoolStrategy(size=actors), num_cpus=threads,
-                                    num_gpus=1 if gpu else None, max_restarts=ACTOR_MAX_RESTARTS,
-                                    max_task_retries=ACTOR_MAX_TASK_RETRIES)
-        iterator = iter(data.iter_batches(batch_size=None, batch_format="numpy"))
+class _Pipeline:
+    """The Ray Data pipeline over ``todo``, its output batches read on a thread of their own.
+
+    Ray Data can wait for ever after a node is lost: an actor that lived there is restarted
+    (``max_restarts``) but its restart stays pending when no node has room for it, and so
+    does the batch it held, with no error raised (the driver then waits on the executor's
+    output queue, or on a block whose object went with the node). So a thread reads the
+    batches, and the driver, whenever no batch came for :data:`NODE_CHECK_S` seconds, asks
+    the GCS whether some live node can still hold an actor and whether an actor of this run
+    is restarting. :meth:`batches` raises :class:`_Stalled` when no node could hold one for
+    :data:`NO_NODE_S` seconds, or an actor has been restarting for :data:`RESTART_WAIT_S`
+    seconds; the caller then re-issues the missing images to a pool sized for the nodes
+    alive, or stops with the ``--resume`` command when there are none. :meth:`close` stops
+    the pipeline: Ray Data's executor is shut down with its actors killed (which also ends
+    a read waiting on them) and the reader is joined.
+    """
+
+    def __init__(self, todo: list[CocoImage], model_ref, model_sha: str, provider: str, threads: int,
+                 contract: ModelContract, label_map: np.ndarray, cluster: RaySettings, actors: int, gpu: bool):
+        import logging
+
+        import ray.data
+        from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+
+        from eval import ray_executors
+
+        self.threads, self.gpu = threads, gpu
+        self._tag = f"{os.getpid()}-{id(self)}-{time.monotonic_ns()}"
+        context = DataContext.get_current()
+        saved = (context.enable_progress_bars, context.print_on_execution_start, context.wait_for_min_actors_s,
+                 context.custom_execution_callback_classes, context.get_config(ray_executors.PIPELINE_KEY))
+        self._restore = (context, saved)
+        self._logger = logging.getLogger("ray.data")
+        self._logger_level = self._logger.level
+        context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+        # library code never prints: no progress bars, execution plans or per-run notices on the driver's terminal
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        context.custom_execution_callback_classes = [*saved[3], ray_executors.ExecutorsStarted]
+        context.set_config(ray_executors.PIPELINE_KEY, self._tag)  # which executors close() stops
+        # ERROR would still print Ray Data's traceback of a lost actor that the caller survives or reports
+        # (until close: the pipeline runs while the batches are read)
+        self._logger.setLevel(logging.CRITICAL)
+        # absolute: a worker runs in its raylet's folder, not the driver's (a relative --coco would name nothing there)
+        records = [{"image_id": img.id, "file_name": img.file_name, "width": img.width, "height": img.height,
+                    "path": os.path.abspath(img.path)} for img in todo]
         try:
-            yield from iterator
+            with warnings.catch_warnings():
+                # Ray 2.60 announces that retry options passed as remote args will move (2.64); in this version
+                # they are the way to set them.
+                warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+                data = ray.data.from_items(records, override_num_blocks=math.ceil(len(records) / cluster.batch_size))
+                data = data.map_batches(_prepare_batch, batch_size=None, batch_format="numpy",
+                                        fn_kwargs={"contract": contract}, num_cpus=0,
+                                        compute=TaskPoolStrategy(size=PREPARE_TASKS_PER_ACTOR * actors),
+                                        max_retries=TASK_MAX_RETRIES)
+                # a Dataset keeps the context it was made with: the settings above hold for it alone
+                self._data = data.map_batches(
+                    _Detector, batch_size=None, batch_format="numpy",
+                    fn_constructor_kwargs={"model": [model_ref], "model_sha": model_sha, "provider": provider,
+                                           "threads": threads, "contract": contract, "label_map": label_map},
+                    compute=ActorPoolStrategy(size=actors), num_cpus=threads, num_gpus=1 if gpu else None,
+                    max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_TASK_RETRIES)
+        except BaseException:
+            self._logger.setLevel(self._logger_level)
+            raise
+        finally:
+            context, saved = self._restore
+            (context.enable_progress_bars, context.print_on_execution_start, context.wait_for_min_actors_s,
+             context.custom_execution_callback_classes) = saved[:4]
+            if saved[4] is None:
+                context.remove_config(ray_executors.PIPELINE_KEY)
+            else:
+                context.set_config(ray_executors.PIPELINE_KEY, saved[4])
+        self._out: queue.Queue = queue.Queue(maxsize=2)
+        self._stop = threading.Event()
+        self._reader: threading.Thread | None = None
+
+    def batches(self) -> Iterator[dict[str, np.ndarray]]:
+        """The output batches as they arrive; raises what the pipeline raised, or :class:`_Stalled`."""
+        self._reader = threading.Thread(target=self._read, name="detbench-ray-batches", daemon=True)
+        self._reader.start()
+        no_node_since = None
+        restarting_since: dict[str, float] = {}  # actor id -> when first seen restarting
+        while True:
+            try:
+                kind, item = self._out.get(timeout=NODE_CHECK_S)
+            except queue.Empty:
+                now = time.monotonic()
+                if _surviving_pool(1, self.threads, self.gpu) >= 1:
+                    no_node_since = None
+                else:
+                    no_node_since = now if no_node_since is None else no_node_since
+                    if now - no_node_since >= NO_NODE_S:
+                        raise _Stalled(f"no live node could hold an inference actor for {NO_NODE_S:g} s") from None
+                restarting = _restarting_actors()
+                restarting_since = {a: restarting_since.get(a, now) for a in restarting}
+                if restarting_since and now - min(restarting_since.values()) >= RESTART_WAIT_S:
+                    raise _Stalled(f"an inference actor's restart was pending for {RESTART_WAIT_S:g} s with no "
+                                   "batch delivered (no node had room for it)") from None
+                continue
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            no_node_since = None
+            restarting_since.clear()
+            yield item
+
+    def _read(self) -> None:
+        iterator = iter(self._data.iter_batches(batch_size=None, batch_format="numpy"))
+        try:
+            for batch in iterator:
+                if not self._put(("batch", batch)):
+                    return
+            self._put(("end", None))
+        except BaseException as exc:  # handed to the driver's thread, which raises it
+            self._put(("error", exc))
         finally:
             close = getattr(iterator, "close", None)
             if close is not None:
                 close()
-    finally:
-        context.enable_progress_bars, context.print_on_execution_start, context.wait_for_min_actors_s = saved
-        data_logger.setLevel(saved_level)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._out.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def close(self) -> None:
+        """Stop the pipeline (its actors' CPUs are free again) and the reader."""
+        from eval import ray_executors
+
+        self._stop.set()
+        for executor in ray_executors.take(self._tag):
+            executor.shutdown(force=True)
+        if self._reader is not None:
+            self._reader.join(timeout=READER_JOIN_S)  # a reader Ray still holds ends when the driver disconnects
+        for executor in ray_executors.take(self._tag):  # one the reader started meanwhile
+            executor.shutdown(force=True)
+        self._logger.setLevel(self._logger_level)

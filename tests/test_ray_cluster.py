@@ -229,6 +229,43 @@ def test_a_node_joining_mid_run_takes_over_from_a_lost_one(cluster, tiny, coco_d
     assert set(nodes) == {a.node_id, joined[0].node_id}, nodes
 
 
+def test_no_node_left_stops_with_the_resume_command_and_resume_finishes(cluster, tiny, coco_dir, local_run,
+                                                                          tmp_path):
+    from core.errors import ClusterLostError
+
+    (a,) = cluster.keep(1)
+    killed: list[int] = []
+
+    def kill_last(p) -> None:
+        if not killed and p.done >= 4:
+            cluster.kill_raylet(a)
+            killed.append(p.done)
+
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(_evaluate(cluster, tiny, coco_dir, tmp_path, progress=kill_last))
+        except BaseException as exc:  # handed to the test's thread, which checks it
+            outcome.append(exc)
+
+    # on its own thread, so that a run waiting for ever fails the test instead of hanging it
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=300)  # the GCS marks the node dead within ~3 s here, then 10 s with no node
+    assert not thread.is_alive(), "the evaluation still waits with no node left"
+    assert killed and len(outcome) == 1 and isinstance(outcome[0], ClusterLostError), outcome
+    message = str(outcome[0])
+    assert "no node left in the cluster can hold an inference actor" in message
+    assert f"--ray --resume --cache {tmp_path / 'cache.jsonl'}" in message and cluster.address in message
+    gathered = len((tmp_path / "cache.jsonl").read_text().splitlines()) - 1  # minus the header
+    assert 4 <= gathered < IMAGES and f"with {IMAGES - gathered} image(s) not evaluated" in message
+    cluster.keep(1)  # a node again: --resume finishes with the single-process figures
+    result = _evaluate(cluster, tiny, coco_dir, tmp_path, resume=True)
+    assert result.images_resumed == gathered
+    _same_as_local(result, local_run)
+
+
 # --------------------------------------------------------------------------- run --ray
 
 
