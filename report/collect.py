@@ -448,7 +448,9 @@ def _latency(rec: dict[str, Any]) -> Latency:
     p50_reason = p50_verdict.get("reason") or ""
     if p50_verdict.get("verdict") == "INVALID" and schedule.get("reason") and not schedule.get("p50_valid"):
         # why the timing budget did not buy a VALID p50 (too slow for the budget, capped as unstable)
-        p50_reason = f"{schedule['reason']} ({p50_reason})" if p50_reason else schedule["reason"]
+        # the scheduler's reason usually quotes the rule's own already: never say it twice
+        p50_reason = (schedule["reason"] if not p50_reason or p50_reason in schedule["reason"]
+                      else f"{schedule['reason']} ({p50_reason})")
     p90 = lat.get("p90") if p90_verdict.get("verdict") == "VALID" else None
     return Latency(provider, float(lat["p50"]), float(lat["mean"]), float(lat["std"]),
                    int(d.get("runs", validity.get("n", 0)) or 0), list(d.get("providers_ran") or []), d.get("nodes"),

@@ -733,3 +733,18 @@ def test_backends_that_ran_nowhere_are_no_column_but_one_footnote(tmp_path, regi
     md = markdown(rows)
     assert "cuda" not in md.split("Not measured, and why:")[0]  # no column before the footnote
     assert "- provider cuda (every model): skipped: no CUDA device here" in md
+
+
+def test_a_schedule_reason_quoting_the_rule_is_said_once():
+    """The scheduler's reason quotes the p50 rule's own (``budget spent ... (unstable: ...)``): the
+    report's note must not repeat it (a full run printed every reason twice)."""
+    from report.collect import _latency
+
+    rule = "unstable: the 95 % confidence interval of the median spans +/-9.9 % > 5 % bound"
+    rec = {"provider": "cpu", "data": {
+        "latency_ms": {"p50": 10.0, "mean": 10.0, "std": 1.0}, "runs": 11,
+        "latency_validity": {"n": 11, "verdicts": {"p50": {"verdict": "INVALID", "reason": rule}}},
+        "schedule": {"p50_valid": False, "reason": f"budget spent before its p50 was VALID ({rule})"}}}
+    assert _latency(rec).verdict_reason == f"budget spent before its p50 was VALID ({rule})"
+    rec["data"]["schedule"]["reason"] = "too slow for the budget: 3 of 11 runs"
+    assert _latency(rec).verdict_reason == f"too slow for the budget: 3 of 11 runs ({rule})"
