@@ -14,7 +14,10 @@ check, per-layer profile: a fixed cost of the row whatever the budget) extends i
    wait, and their models may be closed to make room), and only then does the budget buy
    more runs for pairs whose median is not yet stable. Without the first pass, a few fast but
    noisy pairs kept their models open and took runs until their caps while the slowest models,
-   opened last, were left with one run each (seen on a full ``run``). Groups open in
+   opened last, were left with one run each (seen on a full ``run``). The second pass gives each
+   pair a whole slice a round and shares time equally (a pair whose run outlasts the slice runs
+   every few rounds): a noisy host needs hundreds of runs for a narrow median, cheap for fast
+   pairs, and a round of one run each let the slowest models take most of the time. Groups open in
    decreasing ``PairSpec.cost`` (a model's operations), so the slowest start first. Rounds go over the
    pairs of every open model in turn, the models' and the backends' order rotating from round
    to round, so a drift of the machine (other load, clocks) spreads over all pairs alike
@@ -234,14 +237,19 @@ def schedule(pairs: list[PairSpec], timer: PairTimer, settings: ScheduleSettings
     def slice_for(p: _Pair, runs_needed: int, seconds_needed: float) -> float:
         """One slice, shortened to what the pair still lacks so that no run is timed past validity."""
         run_s = per_run_s(p)
-        if not run_s:
+        if not run_s or (runs_needed <= 0 and seconds_needed <= 0):
+            # counts met but the median not yet stable: how many more runs it needs is not known, so
+            # a whole slice (this was one run a round: 26 runs of yolov3-tiny in a full run's budget)
             return settings.slice_s
         return min(settings.slice_s, max((runs_needed - 0.5) * run_s, seconds_needed, 1e-9))
 
-    def rounds(work: Callable[[_Pair], bool], stop: Callable[[_Pair], str], phase: str) -> None:
+    def rounds(work: Callable[[_Pair], bool], stop: Callable[[_Pair], str], phase: str, fair: bool = False) -> None:
         """Rounds over the pairs for which ``work`` holds until none is left or the budget is spent;
-        ``stop(pair)`` after each slice: "" to go on, else why the pair stops."""
+        ``stop(pair)`` after each slice: "" to go on, else why the pair stops. ``fair``: every pair
+        earns one slice of time a round and runs once its credit covers a run, so a pair whose
+        single run outlasts the slice runs every few rounds instead of taking that long every round."""
         k = 0
+        credit: dict[Hashable, float] = {}
         while True:
             pending = [g for g in groups if any(work(p) for p in groups[g])]
             if not pending:
@@ -272,9 +280,16 @@ def schedule(pairs: list[PairSpec], timer: PairTimer, settings: ScheduleSettings
                                 q.gave_up = q.gave_up or f"budget spent before its {phase} was VALID ({why})"
                         return
                     lat = judged(p) if has_samples(p) else None
+                    if fair and lat is not None:
+                        credit[p.spec.key] = credit.get(p.spec.key, 0.0) + settings.slice_s
+                        if credit[p.spec.key] < (per_run_s(p) or 0.0):
+                            continue
                     n, timed = (lat.n, lat.duration_s) if lat else (0, 0.0)
                     need = (n50, rules.p50_min_duration_s) if phase == "p50" else (n90, rules.min_duration_s)
-                    p.new += timer.run(p.spec.key, min(slice_for(p, need[0] - n, need[1] - timed), left))
+                    got = timer.run(p.spec.key, min(slice_for(p, need[0] - n, need[1] - timed), left))
+                    p.new += got
+                    if fair:
+                        credit[p.spec.key] = max(credit.get(p.spec.key, 0.0) - sum(got) / 1e3, 0.0)
                     p.rounds += 1
                     why = stop(p)
                     if why:
@@ -312,7 +327,9 @@ def schedule(pairs: list[PairSpec], timer: PairTimer, settings: ScheduleSettings
         return ""
 
     rounds(lacks_minimum, p50_stop, "p50")
-    rounds(needs_p50, p50_stop, "p50")
+    # pass two buys stability in equal time shares: a noisy host needs many runs for a narrow median,
+    # which fast pairs get cheaply, while a 3 s pair timed every round took 6x a fast pair's time
+    rounds(needs_p50, p50_stop, "p50", fair=True)
 
     # ---- phase 2: p90 for the cheapest pairs the left-over budget holds
     if settings.p90:

@@ -205,3 +205,20 @@ def test_an_earlier_valid_p50_stands_when_a_p90_attempt_cannot_be_pooled():
     out = schedule(_pairs(timer, m_cpu=[100.0] * 5), timer, ScheduleSettings(budget_s=5.0, p90=False),
                    clock=timer.clock)
     assert out[("m", "cpu")].pooling.startswith("not pooled") and out[("m", "cpu")].p50_valid
+
+
+def test_stability_is_bought_in_equal_time_shares():
+    """Pass two (pairs with their 11 runs but an unstable median): a pair whose single run outlasts
+    the slice runs every few rounds, not every round, so the fast noisy pairs of a shared host get
+    the many runs their median needs. Time-per-round gave a 2 s pair 4x each fast pair's time (a full
+    run left yolov3-tiny with 26 runs and an unstable median while the slowest models ran on)."""
+    def noisy(fast, slow_calls, period):  # a slow phase on some calls: the median needs many runs
+        return lambda i: fast * (1.6 if i % period < slow_calls else 1.0)
+
+    timer = FakeTimer({("fast", "cpu"): noisy(20.0, 2, 5), ("fast", "ov"): noisy(20.0, 2, 5),
+                       ("slow", "cpu"): noisy(2000.0, 1, 2)})
+    out = schedule(_pairs(timer), timer, ScheduleSettings(budget_s=40.0, slice_s=0.5, p90=False),
+                   clock=timer.clock)
+    assert out[("fast", "cpu")].p50_valid and out[("fast", "ov")].p50_valid, {k: o.reason for k, o in out.items()}
+    assert len(out[("fast", "cpu")].samples) > 60  # 40 % slow calls: a narrow median needs ~100 runs
+    assert not out[("slow", "cpu")].p50_valid and len(out[("slow", "cpu")].samples) >= 11
