@@ -167,3 +167,43 @@ def test_mnn_conversion_loads_no_usage_logger(tmp_path, monkeypatch):
     convert_onnx(model, out)
     assert (out / "model.mnn").stat().st_size > 0
     assert not marker.exists(), "the conversion imported MNN's usage logger"
+
+
+# --------------------------------------------------------------------------- ncnn
+
+def test_ncnn_wrong_on_ssd300_is_reported_disagrees(exported):
+    """pnnx turns SSD's channel flip (Gather [2, 1, 0] on the image) into a one-channel select, so
+    ncnn's ssd300 network is silently wrong: the parity gate on real COCO images must say DISAGREES
+    (found in the feasibility study of issue 22: values off by up to 163)."""
+    from runtime.bench import BenchSettings, bench_side_by_side
+
+    _usable("ncnn")
+    pytest.importorskip("tensorflow")
+    path = exported("ssd300").path
+    results = bench_side_by_side(path, ["cpu", "ncnn"], BenchSettings(runs=2, rounds=1, warmup=1, peak=False),
+                                 BackendSettings(threads=2))
+    by = {r.provider: r for r in results}
+    if "ncnn" not in by:  # a conversion failure is a per-model outcome, also never a latency
+        assert "ncnn" in results[0].conversion_failures
+        return
+    assert by["ncnn"].parity_verdict == "disagree", by["ncnn"].to_record()["parity"]
+    assert by["cpu"].parity_verdict == "reference"
+
+
+def test_ncnn_conversion_keeps_float32_weights(tiny, tmp_path):
+    """pnnx stores weights in fp16 unless told (fp16=0): the artifact's weights file must hold the
+    float32 bytes of the network's convolution (worked out: its weight count x 4 bytes at least)."""
+    import onnx as _onnx
+
+    from runtime.backends.ncnn import convert_onnx
+
+    _usable("ncnn")
+    split = split_model(tiny)
+    src = tmp_path / "net.onnx"
+    src.write_bytes(split.network)
+    out = tmp_path / "out"
+    out.mkdir()
+    convert_onnx(src, out, split.input_shape)
+    weights = sum(int(np.prod(t.dims)) for t in _onnx.load(str(src)).graph.initializer if len(t.dims) == 4)
+    assert weights > 0 and (out / "model.ncnn.bin").stat().st_size >= 4 * weights
+    assert sorted(p.name for p in out.iterdir()) == ["model.ncnn.bin", "model.ncnn.param"]

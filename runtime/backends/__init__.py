@@ -13,6 +13,7 @@ from core.errors import ConfigError
 from runtime.backends.base import Backend, BackendSettings, Capabilities, Runner, RunnerInfo
 from runtime.backends.mnn import MnnBackend
 from runtime.backends.native import NativeBackend
+from runtime.backends.ncnn import NcnnBackend
 from runtime.backends.onnxruntime import OrtBackend
 from runtime.backends.openvino import OpenVinoBackend
 from runtime.backends.torch_onnx import TorchOnnxBackend
@@ -48,6 +49,8 @@ register(OpenVinoBackend("openvino", "f32", "OpenVINO runtime reading the .onnx,
 register(OpenVinoBackend("openvino-bf16", "bf16", "OpenVINO runtime reading the .onnx, CPU, bfloat16 inference"))
 register(MnnBackend("mnn", "MNN runtime (CPU, float32) on the network part converted by mnnconvert; "
                     "post-processing on onnxruntime CPU"))
+register(NcnnBackend("ncnn", "ncnn runtime (CPU, float32) on the network part converted by pnnx; "
+                      "post-processing on onnxruntime CPU"))
 register(TorchOnnxBackend("onnx2torch", "PyTorch (CPU, float32) on the network part converted by onnx2torch, eager, "
                           "or torch.compile with --provider-option compile=1; post-processing on onnxruntime CPU"))
 register(NativeBackend("native", "the model's source framework: OpenCV DNN (Darknet), PyTorch eager, TensorFlow"))
