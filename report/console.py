@@ -118,9 +118,12 @@ def render_bench(console, results, top: int) -> None:
         notes.append(f"parity: detections against onnxruntime CPU on {len(parities[0]['images'])} COCO images "
                      f"({', '.join(parities[0]['images'])}); tolerance " + "; ".join(rules) + ".")
         for r in results:
-            if r.parity and r.parity["verdict"] != "agree":
+            if r.parity and r.parity["verdict"] == "disagree":
                 notes.append(f"[bold red]{r.model} on {r.provider} DISAGREES with onnxruntime CPU[/]: "
                              + "; ".join(r.parity["reasons"][:3]))
+            elif r.parity and r.parity["verdict"] != "agree":
+                notes.append(f"[yellow]{r.model} on {r.provider}: parity {r.parity['verdict']}[/] (not shown equal to "
+                             "onnxruntime CPU): " + "; ".join(r.parity["reasons"][:3]))
             if r.parity and r.parity.get("score_floor"):
                 notes.append(f"{r.model} on {r.provider}: compared above score {r.parity['score_floor']:g} (its own "
                              "post-processing drops lower scores)")

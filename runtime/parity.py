@@ -23,7 +23,9 @@ detection within rounding of the floor may exist on one side only).
 The figures (max |box diff| in px, max |score diff|, matched / total) are measured over
 matched pairs, whatever the rule; a backend outside its tolerance gets verdict ``disagree``
 and is shown as such wherever its numbers appear. When neither side detects anything on any
-image the verdict is ``nothing-compared`` (not an agreement: two empty outputs show nothing).
+image, or when no detection of the reference had to be matched on any image (all under a
+reduced-precision rule's score floor, or all at a decision boundary), the verdict is
+``nothing-compared`` (not an agreement: nothing was shown equal).
 """
 
 from __future__ import annotations
@@ -231,6 +233,14 @@ def check_parity(runner, reference, images: list[Path], tensors: list[np.ndarray
         verdict = NOTHING_COMPARED
         reasons = [f"no detection on either side on any of the {len(per_image)} image(s) "
                    f"({', '.join(Path(i).name for i in images)}): nothing was compared"]
+    elif not reasons and not any(f["required"] for f in per_image):
+        # Detections on both sides but none the rule had to match (all under the score floor of a
+        # reduced-precision rule, or all at a decision boundary, as random-init scores that all tie
+        # at the top-k cap): a run that "agreed" here was never compared either.
+        verdict = NOTHING_COMPARED
+        reasons = [f"none of the {sum(f['reference'] for f in per_image)} reference detection(s) on "
+                   f"{len(per_image)} image(s) had to be matched ({tol.describe()}; every one under the score floor "
+                   "or at a decision boundary): nothing was compared"]
     return Parity(backend=runner.info.backend, reference=reference.info.backend, precision=runner.info.precision,
                   images=[Path(i).name for i in images], tolerance=asdict(tol), tolerance_text=tol.describe(),
                   verdict=verdict,

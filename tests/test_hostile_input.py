@@ -483,3 +483,34 @@ def test_report_out_pointing_at_a_file_says_so(tmp_path, monkeypatch):
     assert result.exit_code == ConfigError.exit_code
     assert f"--out {taken} is a file, not a folder" in result.output and "File exists" not in result.output
     assert taken.read_text() == "not a folder"
+
+
+def test_parity_with_nothing_to_match_is_not_an_agreement():
+    """Detections on both sides, but every one under the bf16 rule's score floor (random-init
+    yolov2 on openvino-bf16 "agreed" 0/0 in a full run): nothing was compared."""
+    from runtime.parity import NOTHING_COMPARED, check_parity
+
+    class Low:
+        path = None
+
+        def __init__(self, name, precision):
+            self.info = type("Info", (), {"backend": name, "precision": precision, "detail": {}})()
+
+        def run(self, tensor):
+            boxes = np.array([[0, 0, 10, 10], [20, 20, 40, 40]], np.float32)
+            return {"boxes": boxes, "scores": np.array([0.12, 0.08], np.float32), "labels": np.array([1, 2], np.int64)}
+
+    import runtime.parity as parity_module
+
+    original = parity_module.read_contract
+    parity_module.read_contract = lambda _p: contract()
+    try:
+        low = check_parity(Low("openvino-bf16", "bf16"), Low("cpu", "f32"), [Path("a.jpg")],
+                           tensors=[np.zeros((1, 3, 4, 6), np.float32)])
+        same = check_parity(Low("openvino", "f32"), Low("cpu", "f32"), [Path("a.jpg")],
+                            tensors=[np.zeros((1, 3, 4, 6), np.float32)])
+    finally:
+        parity_module.read_contract = original
+    assert low.verdict == NOTHING_COMPARED and not low.agrees and low.total == 0
+    assert "nothing was compared" in low.reasons[0] and "2 reference detection(s)" in low.reasons[0]
+    assert same.verdict == "agree" and same.total == 2  # float32: both detections had to match, and did
