@@ -428,11 +428,12 @@ def _explain_by_proposals(comparison: Comparison, where: str, ref: dict[str, np.
     ONNX's proposals matches ONNX's detections (figures ``on_onnx_proposals:*``). ``matcher``:
     :func:`match_above_first_tie` on a uniform image. ``check_heads``: run the second stage on
     ONNX's proposals even when nothing needs explaining (a uniform image, where the detections
-    compared above the first tie may be few), its unexplained detections being mismatches."""
+    compared above the first tie may be few), its unexplained detections being mismatches.
+    ``rpn``: NMS threshold, score threshold, cap and (optional) minimum size of the RPN."""
     proposals = matcher(_as_proposals(ref), _as_proposals(got), iou_threshold=rpn["nms_thresh"],
                         score_threshold=rpn["score_thresh"], max_detections=int(rpn["post_nms_top_n"]),
                         atol=comparison.atol, rtol=comparison.rtol, ties=True, image_size=_image_size(contract),
-                        min_size=rpn["min_size"])
+                        min_size=rpn.get("min_size"))
     for key, value in proposals.figures().items():
         comparison.figures[f"{where}:proposals:{key}"] = value
     if second_stage is None or not (matching.unexplained or check_heads):
