@@ -5,7 +5,8 @@ BatchNorm statistics from a COCO photo, box-regression weights x40, so a share o
 width/height deltas reach ``bbox_xform_clip = log(1000/16)``), then the full
 ``exporters.export_model`` path at the registry's input size (800 x 800). Printed per
 validation image: detections, matched, unexplained, largest IoU deficit and score difference
-of a pair, degenerate pairs and explained ones by rule; and the share of saturated deltas.
+of a pair, degenerate pairs and explained ones by rule; the uniform grey image's figures
+(compared above the first tie); and the share of saturated deltas.
 Random-init-like weights, not trained: the figures say how closely onnxruntime follows
 PyTorch, nothing about accuracy. Exports run one after another.
 
@@ -59,7 +60,9 @@ def main() -> None:
         print(json.dumps({"name": name, "input_size": list(size or spec.input_size), "status": v["status"],
                           "saturated_delta_share": {k: round(x, 4) for k, x in shares.items()},
                           "seconds_total_wall_loaded": round(time.perf_counter() - start, 1),
-                          "matching": v["matching"], "mismatches": v.get("mismatches", [])[:10]}, indent=1),
+                          "matching": v["matching"],
+                          "uniform_image": {k: x for k, x in v.items() if k.startswith("uniform")},
+                          "mismatches": v.get("mismatches", [])[:10]}, indent=1),
               flush=True)
 
 

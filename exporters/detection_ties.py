@@ -7,14 +7,19 @@ decision, and the detection lists then differ in a few detections. Detection lis
 sets (their order among near-tied scores is rounding too), so they are compared as sets:
 
 1. every detection of the source model is paired with one of the export: same label, score
-   within tolerance, box within tolerance (every coordinate within its tolerance, see
-   below, or IoU at least ``1 - IOU_TOL``); pairs are formed nearest first;
+   within tolerance, box within tolerance axis by axis (on x and on y separately, the two
+   coordinates within their tolerance, see below, or the two 1-D intervals at an IoU of at
+   least ``1 - IOU_TOL``); pairs are formed nearest first;
 2. every detection left unpaired, on either side, must be *explained* by a boundary that is
    visible in the outputs themselves, or the comparison fails:
 
    - ``cap``: the other list is full (``max_detections``) and this detection's score is not
      above that list's lowest score (within tolerance): the other runtime's cap cut it;
    - ``score threshold``: its score is within tolerance of the score threshold;
+   - ``min size`` (only with ``min_size`` given): its width or height is within the coordinate
+     tolerance of the minimum size below which the model removes boxes (torchvision: 1e-3 px
+     for RPN proposals, 1e-2 px in the RoI heads), so the other runtime's rounding may have put
+     it below and removed it;
    - ``nms boundary``: its IoU with a higher-scored detection of its label that both
      runtimes kept lies within the boundary tolerance of the NMS threshold;
    - ``nms cascade``: a higher-scored detection of its label that only the *other* runtime
@@ -27,6 +32,14 @@ sets (their order among near-tied scores is rounding too), so they are compared 
      sigmoid(10.607707) = 0.999975204 < sigmoid(10.60596) = 0.999975264, one float32 step
      apart and reversed; PyTorch ranks them the other way). Off by default: on final
      detections a systematic shift that keeps scores would look the same.
+
+Pairing axis by axis is the 2-D IoU rule made to work for boxes with no extent: a 2-D IoU of
+at least ``1 - IOU_TOL`` implies both 1-D IoUs are (the union contains the x-union times the
+y-overlap), but a box 0.002 px wide has a 2-D IoU anywhere from 0 to 1 under rounding of its
+width while its coordinates agree within tolerance on that axis.
+
+:func:`match_above_first_tie` is for uniform images, where positions score exactly alike: only
+the detections scoring above the first tie of either list are compared (``tie cut``).
 
 The caller may add ``proposal set`` (two-stage detectors, exporters/torch_detectors.py): the
 runtimes' RPN proposals differ only at the RPN's own cuts, and PyTorch's second stage on the
@@ -45,14 +58,14 @@ operands, not the corner's value (a corner at 0 px carries the rounding of 30 00
   larger (0.5 px at 800 px);
 - a box thinner on an axis than that axis's tolerance is *degenerate* (seen: RPN proposals
   0.002-0.004 px wide at the border, detections 0.2-0.4 px thick): its IoU is whatever the
-  rounding of its width makes it (0 to 1), so it is paired by label, score and the coordinates
-  it has: the thin axis's within tolerance, the other axis's within tolerance or at a 1-D IoU
-  of at least ``1 - IOU_TOL`` (the IoU rule on the axis that has an extent), and its IoU deficit is left out of ``max_iou_deficit`` (it
-  would widen the NMS boundary tolerance; counted as ``degenerate_pairs``).
+  rounding of its width makes it (0 to 1); axis by axis it pairs by the coordinates of its thin
+  axis and the 1-D IoU or coordinates of the other; its IoU deficit is left out of
+  ``max_iou_deficit`` (it would widen the NMS boundary tolerance; counted as ``degenerate_pairs``).
 
 A systematic difference (a graph that resamples its input, a wrong layer, every box shifted
 by more than the budget) moves every box and leaves most detections unpaired at scores
-nowhere near a boundary: it still fails.
+nowhere near a boundary: it still fails (a shift or rescale of 1/850 or more costs every 1-D
+interval at least 1e-3 of IoU, and its coordinates more than their budget).
 """
 
 from __future__ import annotations
@@ -78,7 +91,7 @@ COORDINATE_RTOL = 1e-5
 # Operands of a saturated decode relative to the image: exp(bbox_xform_clip) = exp(log(1000 / 16)).
 SATURATED_SCALE = 1000.0 / 16
 
-RULES = ("cap", "score threshold", "nms boundary", "nms cascade", "nms tie", "proposal set")
+RULES = ("cap", "score threshold", "min size", "nms boundary", "nms cascade", "nms tie", "tie cut", "proposal set")
 # A tie tolerance never below this many float32 steps at the score (rounding of one op).
 TIE_ULPS = 4
 SIDES = {"ref": "the source model", "got": "ONNX"}
@@ -112,29 +125,21 @@ def _thin_axes(a: np.ndarray, b: np.ndarray, tol: np.ndarray) -> np.ndarray:
     return widths <= np.maximum(tol[:, :2], tol[:, 2:])
 
 
-def _degenerate_same(box: np.ndarray, boxes: np.ndarray, close: np.ndarray, tol: np.ndarray) -> list[bool | None]:
-    """For each of ``boxes``: None when neither it nor ``box`` is degenerate (thinner than its
-    tolerance on an axis), else whether they are the same box by the coordinates they have:
-    a thin axis's coordinates within tolerance, the other axis's within tolerance or at a 1-D
-    IoU (the overlap of the two intervals over their union) of at least ``1 - IOU_TOL``."""
+def _axes_agree(box: np.ndarray, boxes: np.ndarray, close: np.ndarray) -> np.ndarray:
+    """``[N]`` bool: whether ``box`` and each of ``boxes`` are the same box axis by axis: on x and
+    on y, both coordinates within tolerance (``close`` ``[N, 4]``) or the two 1-D intervals at an
+    IoU (overlap over union) of at least ``1 - IOU_TOL``. A plain bool array: its elements are
+    tested by truth, never by identity (``np.True_ is True`` is False)."""
     box, boxes = np.asarray(box, np.float64), np.asarray(boxes, np.float64).reshape(-1, 4)
-    thin = _thin_axes(np.repeat(box[None], len(boxes), axis=0), boxes, tol)
-    out: list[bool | None] = []
-    for k in range(len(boxes)):
-        if not thin[k].any():
-            out.append(None)
-            continue
-        same = True
-        for axis in (0, 1):
-            coords_close = bool(close[k, axis] and close[k, axis + 2])
-            if thin[k, axis] or coords_close:
-                same = same and coords_close
-                continue
-            lo, hi = max(box[axis], boxes[k, axis]), min(box[axis + 2], boxes[k, axis + 2])
-            union = max(box[axis + 2], boxes[k, axis + 2]) - min(box[axis], boxes[k, axis])
-            same = same and union > 0 and max(hi - lo, 0.0) / union >= 1.0 - IOU_TOL
-        out.append(same)
-    return out
+    close = np.asarray(close, bool).reshape(-1, 4)
+    agree = np.ones(len(boxes), bool)
+    for axis in (0, 1):
+        lo, hi = box[axis], box[axis + 2]
+        overlap = np.clip(np.minimum(hi, boxes[:, axis + 2]) - np.maximum(lo, boxes[:, axis]), 0.0, None)
+        union = np.maximum(hi, boxes[:, axis + 2]) - np.minimum(lo, boxes[:, axis])
+        iou = np.divide(overlap, union, out=np.zeros_like(overlap), where=union > 0)
+        agree &= (close[:, axis] & close[:, axis + 2]) | (iou >= 1.0 - IOU_TOL)
+    return agree
 
 
 def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -174,6 +179,8 @@ class Matching:
     degenerate_pairs: int = 0  # pairs of boxes thinner than their coordinate tolerance (docstring)
     boundary_tol: float = BOUNDARY_IOU_TOL
     tie_tol: float | None = None  # None: the ``nms tie`` rule was not applied
+    tie_cut: float | None = None  # match_above_first_tie: the score at or below which nothing was compared
+    below_tie_cut: tuple[int, int] = (0, 0)  # detections (source, ONNX) not compared under the cut
 
     @property
     def unexplained(self) -> list[Unpaired]:
@@ -187,6 +194,9 @@ class Matching:
         }
         if self.degenerate_pairs:
             figures["degenerate_pairs"] = self.degenerate_pairs
+        if self.tie_cut is not None:
+            figures["tie_cut"] = self.tie_cut
+            figures["below_tie_cut"], figures["onnx_below_tie_cut"] = self.below_tie_cut
         for rule in RULES:
             count = sum(1 for u in self.unpaired if u.rule == rule)
             if count:
@@ -196,7 +206,7 @@ class Matching:
     def mismatches(self, where: str) -> list[str]:
         return [f"{where}: detection {u.index} of {SIDES[u.side]} (label {u.label}, score {u.score:.6g}) has no "
                 f"counterpart in {SIDES['got' if u.side == 'ref' else 'ref']} and sits at no decision boundary "
-                f"(cap, score threshold, NMS){u.nearest}" for u in self.unexplained]
+                f"(cap, score threshold, minimum size, NMS){u.nearest}" for u in self.unexplained]
 
 
 def _pair(ref: dict, got: dict, atol: float, rtol: float,
@@ -213,11 +223,9 @@ def _pair(ref: dict, got: dict, atol: float, rtol: float,
         tol = np.maximum(coordinate_tolerance(np.repeat(ref["boxes"][i:i + 1], len(js), axis=0), atol, rtol,
                                               image_size),
                          coordinate_tolerance(got["boxes"][js], atol, rtol, image_size))
-        within = np.all(coords <= tol, axis=1)
-        ious = _iou(ref["boxes"][i], got["boxes"][js])
-        same = _degenerate_same(ref["boxes"][i], got["boxes"][js], coords <= tol, tol)
-        for j, inside, iou, degenerate, dist in zip(js, within, ious, same, coords.max(axis=1)):
-            if inside or degenerate is True or (degenerate is None and iou >= 1.0 - IOU_TOL):
+        agree = _axes_agree(ref["boxes"][i], got["boxes"][js], coords <= tol)
+        for j, same, dist in zip(js, agree, coords.max(axis=1)):
+            if same:
                 candidates.append((float(dist), i, int(j)))
     candidates.sort()
     pairs, used_ref, used_got = [], set(), set()
@@ -231,11 +239,13 @@ def _pair(ref: dict, got: dict, atol: float, rtol: float,
 
 def match_detections(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], *, iou_threshold: float,
                      score_threshold: float, max_detections: int, atol: float, rtol: float,
-                     ties: bool = False, image_size: tuple[int, int] | None = None) -> Matching:
+                     ties: bool = False, image_size: tuple[int, int] | None = None,
+                     min_size: float | None = None) -> Matching:
     """Pair ``ref`` (source model) with ``got`` (ONNX) and explain what stays unpaired (module docstring).
 
     ``image_size`` (height, width of the input tensor) adds the coordinate budget at the image's
-    scale; None compares coordinates with ``atol + rtol * |x|`` only."""
+    scale; None compares coordinates with ``atol + rtol * |x|`` only. ``min_size``: the model
+    removes boxes narrower or lower than this (pixels) before its NMS (rule ``min size``)."""
     result = Matching(ref_count=len(ref["scores"]), got_count=len(got["scores"]))
     result.pairs = _pair(ref, got, atol, rtol, image_size)
     for i, j in result.pairs:
@@ -257,6 +267,8 @@ def match_detections(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], *, 
                 result.unpaired.append(Unpaired(side, k, float(lists[side]["scores"][k]), int(lists[side]["labels"][k])))
     for u in result.unpaired:
         _explain_at_a_cut(u, lists, score_threshold, max_detections, atol, rtol)
+        if u.rule is None and min_size is not None:
+            _explain_min_size(u, lists[u.side], min_size, atol, rtol, image_size)
         if u.rule is None:
             _explain_at_nms(u, lists[u.side], kept[u.side], iou_threshold, result.boundary_tol, atol, rtol)
     _cascade(result, lists, iou_threshold, atol, rtol)
@@ -332,6 +344,22 @@ def _explain_at_a_cut(u: Unpaired, lists: dict, score_threshold: float, max_dete
         u.detail = f"score {u.score:.6g} at the score threshold {score_threshold:g}"
 
 
+def _explain_min_size(u: Unpaired, dets: dict, min_size: float, atol: float, rtol: float,
+                      image_size: tuple[int, int] | None) -> None:
+    """``min size``: an extent within rounding of the size under which the model drops a box.
+
+    The extent is a difference of two coordinates, so its tolerance is the sum of theirs."""
+    box = np.asarray(dets["boxes"][u.index], np.float64)
+    tol = coordinate_tolerance(box[None], atol, rtol, image_size)[0]
+    for axis, what in ((0, "width"), (1, "height")):
+        extent, margin = box[axis + 2] - box[axis], tol[axis] + tol[axis + 2]
+        if extent - min_size <= margin:
+            u.rule = "min size"
+            u.detail = (f"{what} {extent:.4g} px within {margin:.2g} px of the minimum size {min_size:g} px: "
+                        f"{SIDES['got' if u.side == 'ref' else 'ref']}'s rounding may have removed it")
+            return
+
+
 def _explain_at_nms(u: Unpaired, dets: dict, kept: set[int], iou_threshold: float, boundary_tol: float,
                     atol: float, rtol: float) -> None:
     partners = [k for k in kept if dets["labels"][k] == u.label
@@ -360,3 +388,49 @@ def _explain_cascade(u: Unpaired, dets: dict, other: dict, explained: list[int],
     u.detail = (f"IoU {float(ious[over][0]):.4f} with detection {suppressors[int(np.argmax(over))]} that only "
                 f"{SIDES['got' if u.side == 'ref' else 'ref']} kept (NMS threshold {iou_threshold:g})")
     return True
+
+
+def first_tie(scores: np.ndarray, atol: float, rtol: float) -> float | None:
+    """The highest score of ``scores`` that another one equals within the score tolerance
+    (``atol + rtol * score``: scores the comparison cannot tell apart, which the two runtimes may
+    rank in either order), None when no two are that close."""
+    s = np.sort(np.asarray(scores, np.float64).ravel())[::-1]
+    if s.size < 2:
+        return None
+    tied = s[:-1] - s[1:] <= atol + rtol * np.abs(s[:-1])
+    return float(s[int(np.argmax(tied))]) if tied.any() else None
+
+
+def match_above_first_tie(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], *, atol: float, rtol: float,
+                          **kwargs) -> Matching:
+    """:func:`match_detections` on the detections scoring above the first tie, for a uniform image.
+
+    On a translation-invariant input, anchors at different positions score exactly alike; which
+    of the tied positions survive top-k and NMS (and therefore how many detections there are) is
+    arbitrary in either runtime. What scores above the first tie was ranked before any tied
+    detection, in both runtimes, so NMS decided it the same way: it is compared as usual. The
+    cut is the higher of the two lists' first ties, and only when both lists hold a detection
+    scoring within tolerance of it (NMS keeps at least one of a tied group, so a runtime
+    without any score there did not meet that group: the tie cannot excuse what it lacks); an
+    unpaired detection within the score tolerance of the cut is explained as ``tie cut``.
+    Indices in the result are those of the full lists."""
+    cuts = [c for c in (first_tie(d["scores"], atol, rtol) for d in (ref, got)) if c is not None]
+    cut = max(cuts, default=None)
+    if cut is None or not all(np.any(np.abs(np.asarray(d["scores"], np.float64) - cut) <= atol + rtol * abs(cut))
+                              for d in (ref, got)):
+        return match_detections(ref, got, atol=atol, rtol=rtol, **kwargs)
+    keep = [np.nonzero(np.asarray(d["scores"], np.float64) > cut)[0] for d in (ref, got)]
+    ref_above, got_above = ({k: v[idx] for k, v in d.items() if k in ("boxes", "scores", "labels")}
+                            for d, idx in zip((ref, got), keep))
+    kwargs["score_threshold"] = cut
+    result = match_detections(ref_above, got_above, atol=atol, rtol=rtol, **kwargs)
+    result.pairs = [(int(keep[0][i]), int(keep[1][j])) for i, j in result.pairs]
+    for u in result.unpaired:
+        u.index = int(keep[0 if u.side == "ref" else 1][u.index])
+        if u.rule == "score threshold":
+            u.rule = "tie cut"
+            u.detail = f"score {u.score:.6g} within tolerance of the first tied score {cut:.6g}"
+    result.ref_count, result.got_count = len(ref["scores"]), len(got["scores"])
+    result.tie_cut = cut
+    result.below_tie_cut = (len(ref["scores"]) - len(keep[0]), len(got["scores"]) - len(keep[1]))
+    return result

@@ -42,7 +42,7 @@ from exporters import ExportResult
 from exporters.registry import ModelSpec
 from exporters.torch_builders import (DEFAULT_SEED, LOGIT_MAX, RESIDUAL_BRANCH_GAIN, build_model, calibration_photo,
                                       coco_images_dir, count_parameters, load_weights)
-from exporters.detection_ties import Matching, match_detections
+from exporters.detection_ties import Matching, match_above_first_tie, match_detections
 from exporters.validation import Comparison
 from core.contract import DEFAULT_OPSET, ModelContract, save_model, weights_tag
 from core.errors import DatasetError, ExportError
@@ -61,6 +61,9 @@ GREY_LEVEL = 128
 # Extra outputs of the graph validation runs (two-stage models): the RPN's proposals after its
 # NMS and cap, and their objectness. Removed from the file that is written.
 PROPOSAL_OUTPUTS = ("rpn_boxes", "rpn_scores")
+# torchvision's RoI heads drop detections narrower or lower than this (px) before their NMS, a
+# literal in RoIHeads.postprocess_detections (the RPN's own is ``rpn.min_size``, 1e-3).
+ROI_MIN_SIZE = 1e-2
 
 
 class ContractWrapper(nn.Module):
@@ -98,7 +101,10 @@ class ContractWrapper(nn.Module):
         names = ["boxes", "scores", "labels"] + (["masks"] if self.with_masks else [])
         return names + (list(PROPOSAL_OUTPUTS) if self.two_stage and self.expose_proposals else [])
 
-    def forward(self, images: torch.Tensor):
+    def _features(self, images: torch.Tensor):
+        """The normalised, padded image list and the backbone's feature maps by name (a
+        single-map backbone such as VGG's conv5_3 returns a tensor: named "0", as
+        GeneralizedRCNN.forward names it)."""
         from torchvision.models.detection.image_list import ImageList
 
         m = self.model
@@ -108,6 +114,11 @@ class ContractWrapper(nn.Module):
         features = m.backbone(image_list.tensors)
         if isinstance(features, torch.Tensor):
             features = OrderedDict([("0", features)])
+        return image_list, features
+
+    def forward(self, images: torch.Tensor):
+        m = self.model
+        image_list, features = self._features(images)
         if self.two_stage:
             proposals, proposal_scores = self._rpn_proposals(image_list, features)
             detections, _ = m.roi_heads(features, proposals, image_list.image_sizes)
@@ -139,15 +150,9 @@ class ContractWrapper(nn.Module):
     def heads_on(self, images: torch.Tensor, proposals: torch.Tensor) -> dict[str, torch.Tensor]:
         """The second stage of PyTorch on given proposals ``[N, 4]`` (e.g. onnxruntime's):
         backbone on ``images`` then RoI heads, as :meth:`forward` computes them."""
-        from torchvision.models.detection.image_list import ImageList
-
-        m = self.model
-        x = m.transform.normalize(images[0] / 255.0)
-        image_list = ImageList(m.transform.batch_images([x], size_divisible=m.transform.size_divisible),
-                               [(x.shape[-2], x.shape[-1])])
         with torch.no_grad():
-            features = m.backbone(image_list.tensors)
-            detections, _ = m.roi_heads(features, [proposals], image_list.image_sizes)
+            image_list, features = self._features(images)
+            detections, _ = self.model.roi_heads(features, [proposals], image_list.image_sizes)
         return {n: detections[0][n] for n in ("boxes", "scores", "labels")}
 
     def _retinanet_detections(self, image_list, features: list[torch.Tensor]):
@@ -375,16 +380,29 @@ def compare(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got:
         return None
     matching = match_detections(ref, got, iou_threshold=contract.iou_threshold,
                                 score_threshold=contract.score_threshold, max_detections=contract.max_detections,
-                                atol=comparison.atol, rtol=comparison.rtol, image_size=_image_size(contract))
+                                atol=comparison.atol, rtol=comparison.rtol, image_size=_image_size(contract),
+                                min_size=_detection_min_size(contract))
     if rpn is not None and all(k in ref and k in got for k in PROPOSAL_OUTPUTS):
         _explain_by_proposals(comparison, where, ref, got, contract, matching, second_stage, rpn)
+    _record(comparison, where, ref, got, matching)
+    return matching
+
+
+def _record(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
+            matching: Matching) -> None:
+    """The matching's figures and mismatches, and the masks of its pairs compared."""
     for key, value in matching.figures().items():
         comparison.figures[f"{where}:{key}"] = value
     comparison.mismatches.extend(matching.mismatches(where))
-    if "masks" in ref and matching.pairs:
+    if "masks" in ref and "masks" in got and matching.pairs:
         rows, cols = (list(x) for x in zip(*matching.pairs))
         compare_masks(comparison, where, ref["masks"][rows], got["masks"][cols])
-    return matching
+
+
+def _detection_min_size(contract: ModelContract) -> float | None:
+    """ROI_MIN_SIZE for a two-stage model (its metadata describes its RPN), else None: RetinaNet
+    and SSD remove no small box."""
+    return ROI_MIN_SIZE if "rpn_proposals" in getattr(contract, "extra", {}) else None
 
 
 def _image_size(contract: ModelContract) -> tuple[int, int] | None:
@@ -403,22 +421,31 @@ def _as_proposals(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def _explain_by_proposals(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
                           contract: ModelContract, matching: Matching,
                           second_stage: Callable[[np.ndarray], dict[str, np.ndarray]] | None,
-                          rpn: dict[str, float]) -> None:
-    proposals = match_detections(_as_proposals(ref), _as_proposals(got), iou_threshold=rpn["nms_thresh"],
-                                 score_threshold=rpn["score_thresh"], max_detections=int(rpn["post_nms_top_n"]),
-                                 atol=comparison.atol, rtol=comparison.rtol, ties=True,
-                                 image_size=_image_size(contract))
+                          rpn: dict[str, float], *, matcher: Callable[..., Matching] = match_detections,
+                          check_heads: bool = False) -> None:
+    """Proposals matched (figures ``proposals:*``); detections left unexplained in ``matching``
+    explained as ``proposal set`` when no proposal is unexplained and PyTorch's second stage on
+    ONNX's proposals matches ONNX's detections (figures ``on_onnx_proposals:*``). ``matcher``:
+    :func:`match_above_first_tie` on a uniform image. ``check_heads``: run the second stage on
+    ONNX's proposals even when nothing needs explaining (a uniform image, where the detections
+    compared above the first tie may be few), its unexplained detections being mismatches.
+    ``rpn``: NMS threshold, score threshold, cap and (optional) minimum size of the RPN."""
+    proposals = matcher(_as_proposals(ref), _as_proposals(got), iou_threshold=rpn["nms_thresh"],
+                        score_threshold=rpn["score_thresh"], max_detections=int(rpn["post_nms_top_n"]),
+                        atol=comparison.atol, rtol=comparison.rtol, ties=True, image_size=_image_size(contract),
+                        min_size=rpn.get("min_size"))
     for key, value in proposals.figures().items():
         comparison.figures[f"{where}:proposals:{key}"] = value
-    if not matching.unexplained or second_stage is None:
+    if second_stage is None or not (matching.unexplained or check_heads):
         return
-    if proposals.unexplained:
+    if matching.unexplained and proposals.unexplained:
         comparison.mismatches.extend(m.replace(f"{where}:", f"{where}:proposals:", 1)
                                      for m in proposals.mismatches(where))
         return
-    on_onnx = match_detections(second_stage(got["rpn_boxes"]), got, iou_threshold=contract.iou_threshold,
-                               score_threshold=contract.score_threshold, max_detections=contract.max_detections,
-                               atol=comparison.atol, rtol=comparison.rtol, image_size=_image_size(contract))
+    on_onnx = matcher(second_stage(got["rpn_boxes"]), got, iou_threshold=contract.iou_threshold,
+                      score_threshold=contract.score_threshold, max_detections=contract.max_detections,
+                      atol=comparison.atol, rtol=comparison.rtol, image_size=_image_size(contract),
+                      min_size=_detection_min_size(contract))
     for key, value in on_onnx.figures().items():
         comparison.figures[f"{where}:on_onnx_proposals:{key}"] = value
     if on_onnx.unexplained:
@@ -456,21 +483,48 @@ def compare_masks(comparison: Comparison, where: str, ref: np.ndarray, got: np.n
 
 
 def check_degenerate(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
-                     contract: ModelContract) -> None:
-    """A uniform image: the graph must run and give well-formed outputs, as many detections as
-    PyTorch (none, for a trained model). Boxes and labels are not compared one by one: on a
-    translation-invariant input, anchors at different positions score exactly alike, and
-    which of the tied positions survives top-k and NMS is arbitrary in either runtime."""
+                     contract: ModelContract, second_stage: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
+                     rpn: dict[str, float] | None = None) -> Matching | None:
+    """A uniform image: the graph must run and give well-formed outputs, and what is decided
+    before any tie must agree. On a translation-invariant input, anchors at different positions
+    score exactly alike, and which of the tied positions survives top-k and NMS (so how many
+    detections there are) is arbitrary in either runtime: detections scoring above the first
+    tie of both lists are compared as sets (:func:`match_above_first_tie`), the rest only for
+    form. Two-stage models (``rpn``, ``second_stage`` as for :func:`compare`): the proposals
+    are compared above their first tie as well, and PyTorch's second stage always runs on
+    ONNX's proposals, whose detections must match ONNX's (above their first tie); detections
+    of the two runtimes left unexplained are ``proposal set`` only when both halves hold."""
     k = len(got["scores"])
     comparison.figures[f"{where}:detections"] = len(ref["scores"])
     comparison.figures[f"{where}:onnx_detections"] = k
-    if k != len(ref["scores"]):
-        comparison.mismatches.append(f"{where}: {k} detections in ONNX, {len(ref['scores'])} in the source model")
     shapes = {name: tuple(array.shape) for name, array in got.items()}
     if shapes["boxes"] != (k, 4) or shapes["labels"] != (k,) or k > contract.max_detections:
         comparison.mismatches.append(f"{where}: malformed outputs {shapes} (max {contract.max_detections} detections)")
+        return None
     if got["labels"].dtype != np.int64:
         comparison.mismatches.append(f"{where}: labels are {got['labels'].dtype} in ONNX, the contract wants int64")
+    finite = all([comparison.finite(where, name, array, "the source model") for name, array in ref.items()]
+                 + [comparison.finite(where, name, array, "ONNX") for name, array in got.items()])
+    if not finite:
+        return None
+    matching = match_above_first_tie(ref, got, iou_threshold=contract.iou_threshold,
+                                     score_threshold=contract.score_threshold,
+                                     max_detections=contract.max_detections, atol=comparison.atol,
+                                     rtol=comparison.rtol, ties=True, image_size=_image_size(contract),
+                                     min_size=_detection_min_size(contract))
+    if rpn is not None and all(key in ref and key in got for key in PROPOSAL_OUTPUTS):
+        _explain_by_proposals(comparison, where, ref, got, contract, matching, second_stage, rpn,
+                              matcher=match_above_first_tie, check_heads=True)
+    _record(comparison, where, ref, got, matching)
+    return matching
+
+
+def second_stage_on(wrapper: ContractWrapper, tensor: np.ndarray) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """``proposals [N, 4] -> detections``: PyTorch's RoI heads on ``tensor`` (a contract input)."""
+    def run(boxes: np.ndarray) -> dict[str, np.ndarray]:
+        out = wrapper.heads_on(torch.from_numpy(tensor), torch.from_numpy(np.ascontiguousarray(boxes)))
+        return {name: value.numpy() for name, value in out.items()}
+    return run
 
 
 def _rpn_settings(wrapper: ContractWrapper) -> dict[str, float] | None:
@@ -478,7 +532,7 @@ def _rpn_settings(wrapper: ContractWrapper) -> dict[str, float] | None:
         return None
     rpn = wrapper.model.rpn
     return {"nms_thresh": rpn.nms_thresh, "score_thresh": rpn.score_thresh,
-            "post_nms_top_n": rpn._post_nms_top_n["testing"]}
+            "post_nms_top_n": rpn._post_nms_top_n["testing"], "min_size": rpn.min_size}
 
 
 def _drop_outputs(proto, names) -> None:
@@ -507,7 +561,7 @@ def matching_summary(figures: dict[str, Any], images: list[str]) -> dict[str, An
     """Per image: detections of each runtime, how many were paired, the largest IoU deficit
     and score difference of a pair, and the unpaired ones by the rule that explains them."""
     keys = ("detections", "onnx_detections", "matched", "max_iou_deficit", "max_score_diff", "unexplained",
-            "degenerate_pairs")
+            "degenerate_pairs", "tie_cut", "below_tie_cut", "onnx_below_tie_cut")
     summary = {}
     for image in images:
         row = {k: figures[f"{image}:{k}"] for k in keys if f"{image}:{k}" in figures}
@@ -538,12 +592,12 @@ def validate(wrapper: ContractWrapper, path: Path, contract: ModelContract, imag
         tensor, _ = prepare_for(rgb, contract)
         ref = run_reference(wrapper, tensor)
         got = run_onnx(session, tensor)
+        second_stage = second_stage_on(wrapper, tensor)
         if where.startswith("uniform"):
-            check_degenerate(comparison, where, ref, got, contract)
+            check_degenerate(comparison, where, ref, got, contract, second_stage=second_stage,
+                             rpn=_rpn_settings(wrapper))
         else:
-            compare(comparison, where, ref, got, contract, rpn=_rpn_settings(wrapper),
-                    second_stage=lambda boxes, t=tensor: {n: o.numpy() for n, o in wrapper.heads_on(
-                        torch.from_numpy(t), torch.from_numpy(boxes)).items()})
+            compare(comparison, where, ref, got, contract, rpn=_rpn_settings(wrapper), second_stage=second_stage)
             real_detections += len(ref["scores"])
     if real_detections == 0:
         comparison.mismatches.append(

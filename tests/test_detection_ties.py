@@ -256,3 +256,123 @@ def test_a_degenerate_box_inside_the_image_pairs_by_the_extent_it_has():
     ref = dets([(0.9, 0, 100.0, 339.607, 110.0, 339.609)])
     got = dets([(0.9, 0, 101.0, 339.607, 110.0, 339.609)])
     assert match_at_800(ref, got, max_detections=1000).pairs == []
+
+
+def test_the_axis_test_gives_plain_bools_and_pairs_a_degenerate_border_box():
+    # Regression: the per-box verdict of the degenerate path was a numpy bool tested with
+    # ``is True`` (always False for np.True_), so a box pairable only through its 1-D IoU never
+    # paired. Left border, 0.002 and 0.004 px wide (x within the clipped axis's 0.5 px); y off by
+    # 0.2 px at y1 = 10 (beyond 0.001 + 0.001 * 10 + 0.008 = 0.019) but 1-D IoU 489.8 / 490 = 0.9996.
+    ref = dets([(0.9, 1, 0.0, 10.0, 0.002, 500.0)])
+    got = dets([(0.9, 1, 0.0, 10.2, 0.004, 500.0)])
+    m = match_at_800(ref, got)
+    assert m.pairs == [(0, 0)] and m.unexplained == [] and m.degenerate_pairs == 1
+    from exporters.detection_ties import _axes_agree
+
+    agree = _axes_agree(ref["boxes"][0], got["boxes"], np.array([[True, False, True, True]]))
+    assert agree.dtype == np.bool_ and agree.tolist() == [True]
+
+
+def test_boxes_pair_axis_by_axis_where_the_2d_iou_falls_short():
+    # A 30 x 400 px box: x1 0.02 px apart (within 0.001 + 0.001 * 100 + 0.008), y1 0.3 px apart
+    # (beyond 0.019) but the y intervals at IoU 399.7 / 400 = 0.99925; the 2-D IoU is
+    # 29.98 * 399.7 / (30 * 400) = 0.99858 < 0.999, which alone refused the pair.
+    ref = dets([(0.9, 1, 100.0, 10.0, 130.0, 410.0)])
+    got = dets([(0.9, 1, 100.02, 10.3, 130.0, 410.0)])
+    from exporters.detection_ties import _iou
+
+    assert float(_iou(ref["boxes"][0], got["boxes"])[0]) < 0.999
+    m = match_at_800(ref, got)
+    assert m.pairs == [(0, 0)] and m.degenerate_pairs == 0
+    assert abs(m.max_iou_deficit - (1 - 29.98 * 399.7 / 12000)) < 1e-5
+    # y1 0.5 px apart: 1-D IoU 399.5 / 400 = 0.99875 < 0.999 and 0.5 > 0.019 px: not the same box.
+    got = dets([(0.9, 1, 100.02, 10.5, 130.0, 410.0)])
+    assert match_at_800(ref, got).pairs == []
+
+
+def test_a_shift_of_every_box_along_one_axis_fails_axis_by_axis():
+    # 20 boxes 50-150 px tall moved down by 0.2 px: within every x tolerance (x unchanged) but
+    # y1 0.2 px off at y < 190 px (0.001 + 0.001 * y + 0.008 < 0.2) and each y interval at
+    # IoU h / (h + 0.2) <= 0.996: every one of them fails.
+    rng = np.random.default_rng(3)
+    x1, y1 = rng.uniform(0, 600, 20), rng.uniform(0, 180, 20)
+    h = rng.uniform(50, 150, 20)
+    ref = dets([(0.9 - 0.01 * k, 1, x1[k], y1[k], x1[k] + 80, y1[k] + h[k]) for k in range(20)])
+    got = {**ref, "boxes": (ref["boxes"].astype(np.float64) + [0, 0.2, 0, 0.2]).astype(np.float32)}
+    m = match_at_800(ref, got)
+    assert m.pairs == [] and len(m.unexplained) == 40
+
+
+def test_a_box_at_the_minimum_size_may_exist_on_one_side_only():
+    # torchvision's RoI heads drop boxes under 1e-2 px. A box 0.0105 px wide at x = 5 px: its
+    # width's tolerance is twice 0.001 + 0.001 * 5 + 0.008 = 0.028 px, so the other runtime may
+    # have computed it under 0.01 px and removed it.
+    kept = (0.9, 1, 300.0, 300.0, 400.0, 400.0)
+    ref = dets([kept, (0.6, 2, 5.0, 100.0, 5.0105, 200.0)])
+    got = dets([kept])
+    m = match_at_800(ref, got, min_size=1e-2)
+    assert rules(m) == [("ref", 1, "min size")] and m.figures()["explained_min_size"] == 1
+    assert "width 0.0105 px" in m.unpaired[0].detail
+    # Without the model's minimum size, or 2 px wide (1.99 px above it): unexplained.
+    assert rules(match_at_800(ref, got)) == [("ref", 1, None)]
+    wide = dets([kept, (0.6, 2, 5.0, 100.0, 7.0, 200.0)])
+    assert rules(match_at_800(wide, got, min_size=1e-2)) == [("ref", 1, None)]
+    # 0.3 px thick at the bottom border (clipped: 0.5 px per coordinate at 800 px): explained.
+    border = dets([kept, (0.6, 2, 100.0, 799.7, 300.0, 800.0)])
+    assert rules(match_at_800(got, border, min_size=1e-3)) == [("got", 1, "min size")]
+
+
+def uniform_lists():
+    # A uniform image: one detection above everything (0.9), then positions scoring exactly
+    # alike (0.7): PyTorch kept three of them, ONNX two others; then a lower one only ONNX has.
+    top = (0.9, 1, 100.0, 100.0, 300.0, 300.0)
+    ref = dets([top, (0.7, 1, 0, 0, 50, 50), (0.7, 1, 60, 0, 110, 50), (0.7, 1, 120, 0, 170, 50)])
+    got = dets([top, (0.7, 1, 0, 200, 50, 250), (0.7, 1, 60, 200, 110, 250), (0.4, 1, 500, 500, 560, 560)])
+    return ref, got
+
+
+def test_a_uniform_image_is_compared_above_the_first_tie():
+    from exporters.detection_ties import first_tie, match_above_first_tie
+
+    ref, got = uniform_lists()
+    assert first_tie(ref["scores"], ATOL, RTOL) == np.float32(0.7)
+    assert first_tie(dets([(0.9, 1, 0, 0, 1, 1), (0.5, 1, 0, 0, 1, 1)])["scores"], ATOL, RTOL) is None
+    assert len(match_at_800(ref, got).unexplained) == 6  # compared in full: tied positions differ
+    m = match_above_first_tie(ref, got, atol=ATOL, rtol=RTOL, iou_threshold=0.5, score_threshold=0.05,
+                              max_detections=100, image_size=IMAGE, ties=True)
+    assert m.pairs == [(0, 0)] and m.unexplained == [] and m.tie_cut == np.float32(0.7)
+    f = m.figures()
+    assert (f["detections"], f["onnx_detections"], f["below_tie_cut"], f["onnx_below_tie_cut"]) == (4, 4, 3, 3)
+    # ONNX kept one of the tied positions only (no tie in its list): still cut at PyTorch's tie.
+    m = match_above_first_tie(ref, {k: v[:2] for k, v in got.items()}, atol=ATOL, rtol=RTOL, iou_threshold=0.5,
+                              score_threshold=0.05, max_detections=100, image_size=IMAGE, ties=True)
+    assert m.pairs == [(0, 0)] and m.unexplained == [] and m.below_tie_cut == (3, 1)
+    # Above the tie a difference is still one: ONNX without the top detection.
+    m = match_above_first_tie(ref, {k: v[1:] for k, v in got.items()}, atol=ATOL, rtol=RTOL, iou_threshold=0.5,
+                              score_threshold=0.05, max_detections=100, image_size=IMAGE, ties=True)
+    assert [(u.side, u.index) for u in m.unexplained] == [("ref", 0)]
+
+
+def test_a_tie_on_one_side_only_excuses_nothing():
+    from exporters.detection_ties import match_above_first_tie
+
+    ref, got = uniform_lists()
+    # ONNX: the top detection and one at 0.4, nothing near PyTorch's tie at 0.7.
+    lone = {k: v[[0, 3]] for k, v in got.items()}
+    m = match_above_first_tie(ref, lone, atol=ATOL, rtol=RTOL, iou_threshold=0.5, score_threshold=0.05,
+                              max_detections=100, image_size=IMAGE)
+    assert m.tie_cut is None
+    assert sorted((u.side, u.index) for u in m.unexplained) == [("got", 1), ("ref", 1), ("ref", 2), ("ref", 3)]
+
+
+def test_a_detection_just_above_the_cut_on_one_side_is_a_tie_cut():
+    from exporters.detection_ties import match_above_first_tie
+
+    ref, got = uniform_lists()
+    # ONNX scored one of the positions 0.7004 and the other 0.4 (its own first tie, with the
+    # 0.4 already there): the cut is PyTorch's tie at 0.7, and 0.7004 sits above it, within
+    # the score tolerance.
+    got["scores"][1:3] = np.float32([0.7004, 0.4])
+    m = match_above_first_tie(ref, got, atol=ATOL, rtol=RTOL, iou_threshold=0.5, score_threshold=0.05,
+                              max_detections=100, image_size=IMAGE)
+    assert rules(m) == [("got", 1, "tie cut")] and m.unexplained == []

@@ -19,10 +19,7 @@ import saturated_weights
 from core.contract import read_contract, sha256_file
 
 SIZE = (320, 320)
-# maskrcnn_resnet50_fpn is not listed: with these weights at 320 x 320 one RPN proposal
-# (0.01 x 0.05 px, degenerate on both axes) is kept by PyTorch only, at no cut the matcher
-# knows yet (000000010764.jpg); its detections then fail with it. Open.
-NAMES = ["fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn"]
+NAMES = ["fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn", "maskrcnn_resnet50_fpn"]
 # The photo BatchNorm statistics come from, and the one saturation is measured on (neither is
 # one of the exporter's validation images: those are chosen by size, see pick_images).
 STATS_PHOTO, PROBE_PHOTO = 4, 1
