@@ -555,10 +555,11 @@ def run(
                                             "SingleStream timing (report: throughput and QPS-at-p99 tables): "
                                             "comma-separated model names and/or scenario names (offline, server), "
                                             "`all` (every model of the run, both) or `none`. Default: yolov3-tiny, "
-                                            "Offline on cpu, openvino, openvino-bf16 and Server on cpu (about 1 "
-                                            "minute; --quick: none)."),
+                                            "Offline on cpu and openvino-bf16 (openvino without bf16) and Server "
+                                            "on cpu (about 1 minute; --quick: none)."),
     server_backends: Optional[str] = typer.Option(None, "--server-backends", help="Backends of the Server scenario "
-                                                  "(comma-separated, or `all`: the Offline ones). Default: cpu."),
+                                                  "(comma-separated, or `all`: the Offline ones; a|b: the first of them "
+                                                  "that runs here). Default: cpu."),
     ray: bool = typer.Option(False, "--ray", help="Run the steps as Ray tasks on a local instance started for the "
                              "run (docs/scale.md); the driver keeps the manifest and writes every record."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join a running Ray cluster: auto or "
