@@ -76,6 +76,7 @@ def list_models() -> None:
     """The registered models, and whether their weights are present locally, fetchable or not published."""
     from rich import box
 
+    from exporters import batch_support
     from exporters.registry import load_registry
     from exporters.weights import weights_status
 
@@ -87,7 +88,9 @@ def list_models() -> None:
     for col in ("framework", "input", "resize", "labels"):
         table.add_column(col, no_wrap=True, overflow="ellipsis")
     table.add_column("weights", no_wrap=True, overflow="ellipsis")
+    table.add_column("B", no_wrap=True)
     present: dict[Path, list[str]] = {}
+    no_batch: dict[str, str] = {}  # framework -> why its exporter cannot write a batch file
     damaged = []  # statuses with copies that failed their sha256 (whether or not another copy is used)
     for spec in registry:
         status = weights_status(spec)
@@ -102,15 +105,22 @@ def list_models() -> None:
             cell = "[dim]random-init[/]"
         elif status.state == "corrupt":
             cell = "[red]corrupt[/]"
+        batchable, why = batch_support(spec)
+        if not batchable:
+            no_batch.setdefault(spec.framework, why)
         table.add_row(t(spec.name) + (" *" if spec.paper else ""), t(spec.framework),
-                      f"{spec.height}x{spec.width}", t(spec.resize), t(spec.label_space), cell)
+                      f"{spec.height}x{spec.width}", t(spec.resize), t(spec.label_space), cell,
+                      "yes" if batchable else "-")
     console.print(table)
     console.print("* one of the paper's eleven configurations (Sheik, Chaurasia, Culurciello 2018).\n"
                   "weights: [green]present[/] = found locally (below); [yellow]fetchable[/] = official "
                   "weights not here yet, `python cli.py fetch NAME` (or --all); [dim]random-init[/] = "
                   "none published, exports use deterministic random weights (counts and latency "
                   "valid, accuracy not); [red]corrupt[/] = the only local copy fails its sha256 "
-                  "(below).", highlight=False)
+                  "(below).\nB: `export NAME --batch` writes NAME@batch.onnx (symbolic batch axis, per-image NMS, "
+                  "output batch_index) for Offline's batch search; '-': batch 1 only.", highlight=False)
+    for framework, why in no_batch.items():
+        console.print(f"  {t(framework)}: {t(why)}", highlight=False, soft_wrap=True)
     if present:
         console.print("present locally:", highlight=False)
         for path, names in present.items():
@@ -143,6 +153,9 @@ def export(
                                          "if onnxruntime's detections differ from PyTorch's beyond every "
                                          "explained boundary; it is marked detbench.validation = failed-accepted "
                                          "with the mismatches in its metadata (never for NaN/Inf outputs)."),
+    batch: bool = typer.Option(False, "--batch", help="Write NAME@batch.onnx: a symbolic batch axis N, NMS per "
+                               "image, an extra output batch_index (int64 per detection), metadata detbench.batch = "
+                               "symbolic; validated image by image against batch 1 (Darknet models; `list` column B)."),
 ) -> None:
     """Export registered models (or a TensorFlow SavedModel, or wrap a foreign ONNX detector) to validated,
     self-describing ONNX files."""
@@ -155,9 +168,10 @@ def export(
     if onnx_file is not None:
         from exporters.onnx_wrap import wrap_onnx
 
-        if names or all_models or weights is not None or input_size is not None or random_init or saved_model:
+        if names or all_models or weights is not None or input_size is not None or random_init or saved_model or batch:
             raise ConfigError("--onnx wraps one ONNX file: give it with --describe, not with model names/--all/"
-                              "--weights/--input-size/--random-init/--saved-model (the size is the describe file's)")
+                              "--weights/--input-size/--random-init/--saved-model/--batch (the size is the describe "
+                              "file's; a wrapped file is batch 1)")
         if describe is None:
             raise ConfigError("--onnx FILE needs --describe FILE.toml (format: exporters/onnx_describe.py)")
         with console.status(f"wrapping {t(onnx_file)}") as status:
@@ -169,9 +183,9 @@ def export(
     if saved_model is not None or describe is not None:
         from exporters.tf_saved_model import export_saved_model
 
-        if names or all_models or weights is not None or input_size is not None or random_init:
+        if names or all_models or weights is not None or input_size is not None or random_init or batch:
             raise ConfigError("--saved-model converts one SavedModel: give it with --describe, not both it and "
-                              "model names/--all/--weights/--input-size/--random-init")
+                              "model names/--all/--weights/--input-size/--random-init/--batch")
         if saved_model is None or describe is None:
             raise ConfigError("--saved-model DIR and --describe FILE go together")
         with console.status(f"converting {t(saved_model)}") as status:
@@ -194,12 +208,23 @@ def export(
         raise WeightsError(f"--weights {weights}: no such file (check the path; `python cli.py list` shows "
                            "the weights found locally)")
     size = parse_size(input_size)
+    if batch:  # every refusal before the first export starts
+        from exporters import batch_support
+
+        refused = {spec.name: batch_support(spec)[1] for spec in specs if not batch_support(spec)[0]}
+        if refused and not all_models:
+            name, why = next(iter(refused.items()))
+            raise ConfigError(f"export {name} --batch: {why}; export it without --batch (batch 1)")
+        for name in refused:  # --all --batch: the models whose exporter can, the others named
+            console.print(f"[yellow]no batch export[/] {t(name)}: {t(refused[name])}", highlight=False,
+                          soft_wrap=True)
+        specs = [spec for spec in specs if spec.name not in refused]
     for spec in specs:
-        target = out if (out.suffix == ".onnx" and len(specs) == 1) else default_output(spec, out, size)
+        target = out if (out.suffix == ".onnx" and len(specs) == 1) else default_output(spec, out, size, batch)
         chosen = None if random_init else (weights or locate_weights(spec))
         with console.status(f"exporting {t(spec.name)} ({'random-init' if chosen is None else t(chosen)})") as status:
             result = export_model(spec, target, weights=chosen, input_size=size, accept_mismatch=accept_mismatch,
-                                  progress=lambda msg: status.update(t(f"{spec.name}: {msg}")))
+                                  batch=batch, progress=lambda msg: status.update(t(f"{spec.name}: {msg}")))
         label = "random-init weights" if result.contract.random_init else f"weights {result.contract.weights[:19]}…"
         if result.validation.get("status") == "failed-accepted":
             console.print(f"[yellow]![/] {t(spec.name)} -> {t(result.path)} ({label}; validation FAILED and was "
@@ -526,6 +551,15 @@ def run(
                                            "each with a --describe file, in the same order; see `export --onnx`)."),
     describe: List[Path] = typer.Option([], "--describe", help="The describe TOML of each --onnx file."),
     no_report: bool = typer.Option(False, "--no-report", help="Measure only; do not write the report."),
+    scenarios: Optional[str] = typer.Option(None, "--scenarios", help="Offline/Server measurements after the "
+                                            "SingleStream timing (report: throughput and QPS-at-p99 tables): "
+                                            "comma-separated model names and/or scenario names (offline, server), "
+                                            "`all` (every model of the run, both) or `none`. Default: yolov3-tiny, "
+                                            "Offline on cpu and openvino-bf16 (openvino without bf16) and Server "
+                                            "on cpu (about 1 minute; --quick: none)."),
+    server_backends: Optional[str] = typer.Option(None, "--server-backends", help="Backends of the Server scenario "
+                                                  "(comma-separated, or `all`: the Offline ones; a|b: the first of them "
+                                                  "that runs here). Default: cpu."),
     ray: bool = typer.Option(False, "--ray", help="Run the steps as Ray tasks on a local instance started for the "
                              "run (docs/scale.md); the driver keeps the manifest and writes every record."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join a running Ray cluster: auto or "
@@ -569,6 +603,21 @@ def run(
         settings = dataclasses.replace(settings, int8_models=None if choice == "all" else () if choice in (
             "none", "") else tuple(n.strip() for n in int8.split(",") if n.strip()))
     settings = dataclasses.replace(settings, sizes=sizes)
+    if scenarios is not None:
+        tokens = [x.strip() for x in scenarios.split(",") if x.strip()]
+        if [x.lower() for x in tokens] in ([], ["none"]):
+            settings = dataclasses.replace(settings, scenario_models=())
+        elif [x.lower() for x in tokens] == ["all"]:
+            settings = dataclasses.replace(settings, scenario_models=None, scenarios=("offline", "server"))
+        else:
+            kinds = tuple(x.lower() for x in tokens if x.lower() in ("offline", "server"))
+            names = tuple(x for x in tokens if x.lower() not in ("offline", "server"))
+            settings = dataclasses.replace(settings, scenarios=kinds or ("offline", "server"),
+                                           scenario_models=names or RunSettings().scenario_models)
+    if server_backends is not None:
+        chosen = [x.strip() for x in server_backends.split(",") if x.strip()]
+        settings = dataclasses.replace(settings, server_backends=settings.offline_backends if [
+            x.lower() for x in chosen] == ["all"] else tuple(chosen))
     colours = {"done": "green", "reused": "cyan", "skipped": "yellow", "failed": "red"}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as bars:
@@ -589,7 +638,8 @@ def run(
                 bars.update(overall, completed=ev.steps_done)
                 bars.update(current, visible=False)
                 if ev.kind != "reused" or ev.step == "report":
-                    reason = f": {ev.message.splitlines()[0][:160]}" if ev.message and ev.kind != "done" else ""
+                    shown = ev.kind != "done" or ev.step in ("offline", "server")  # a scenario's figure
+                    reason = f": {ev.message.splitlines()[0][:160]}" if ev.message and shown else ""
                     bars.console.print(f"[{colours[ev.kind]}]{ev.kind:>7}[/] {t(where + reason)}", highlight=False,
                                        soft_wrap=True)
 

@@ -9,6 +9,13 @@ An exported detector has
   (Mask R-CNN adds ``masks``); NMS is inside the graph;
 - ``metadata_props`` under ``detbench.`` describing how to feed it and where it came from.
 
+``N`` is 1 unless the file says ``detbench.batch = symbolic`` (``export NAME --batch``, where the
+exporter can build it): then the ``images`` input's first dimension is symbolic, NMS and the
+``max_detections`` cap apply to each image on its own (a box of image i never suppresses one
+of image j), and an extra output ``batch_index`` int64 ``[K]`` says which image of the batch
+each detection belongs to; the detections of image i, in order, are those of the batch-1 file
+on that image alone.
+
 Everything needed to run, evaluate or profile the file is read from the file itself
 (:func:`read_contract`); models.toml is not consulted.
 """
@@ -36,6 +43,10 @@ COCO_LABEL_SPACES = ("coco80", "coco91")  # what exporters without class names (
 # label_space "names": labels index the model's own class names, carried as a JSON list under this key.
 LABELS_KEY = "labels"
 RANDOM_INIT = "random-init"
+# A file with a symbolic batch axis says so under this key, and carries the image of each detection.
+BATCH_KEY = "batch"
+BATCH_SYMBOLIC = "symbolic"
+BATCH_INDEX_OUTPUT = "batch_index"
 
 # onnxruntime(-gpu) 1.31 loads IR <= 13 while onnx 1.23 writes 14 by default. IR 10
 # (onnx 1.16) covers every opset the exporters use and loads in every runtime we pin.
@@ -101,6 +112,11 @@ class ModelContract:
     def input_size(self) -> tuple[int, int]:
         return (self.input_height, self.input_width)
 
+    @property
+    def batch_symbolic(self) -> bool:
+        """Whether the file takes N > 1 images per call (``detbench.batch = symbolic``, output ``batch_index``)."""
+        return self.extra.get(BATCH_KEY) == BATCH_SYMBOLIC
+
     def to_props(self) -> dict[str, str]:
         props = {}
         for f in dataclasses.fields(self):
@@ -156,6 +172,9 @@ class ModelContract:
             raise ContractError(f"{source}: input size {self.input_height}x{self.input_width} is not positive")
         if not (self.weights == RANDOM_INIT or self.weights.startswith("sha256:")):
             raise ContractError(f"{source}: weights must be 'sha256:<hex>' or {RANDOM_INIT!r}, got {self.weights!r}")
+        if BATCH_KEY in self.extra and self.extra[BATCH_KEY] != BATCH_SYMBOLIC:
+            raise ContractError(f"{source}: {PREFIX}{BATCH_KEY} {self.extra[BATCH_KEY]!r}: the only value is "
+                                f"{BATCH_SYMBOLIC!r} (a batch-1 file has no such key)")
 
 
 def labels_problem(raw) -> str | None:
@@ -217,6 +236,16 @@ def check_io(model, source: str = "<model>") -> list[str]:
     outputs = [o.name for o in model.graph.output]
     if tuple(outputs[:3]) != OUTPUT_NAMES:
         problems.append(f"{source}: outputs are {outputs}, the contract wants {list(OUTPUT_NAMES)} first")
+    batch = next((p.value for p in model.metadata_props if p.key == PREFIX + BATCH_KEY), None)
+    if batch == BATCH_SYMBOLIC:
+        # without the image of each detection, N images' detections could not be told apart
+        if BATCH_INDEX_OUTPUT not in outputs:
+            problems.append(f"{source}: {PREFIX}{BATCH_KEY} = {BATCH_SYMBOLIC} but no output {BATCH_INDEX_OUTPUT!r} "
+                            "says which image each detection belongs to")
+        dims = next((list(i.type.tensor_type.shape.dim) for i in model.graph.input if i.name == INPUT_NAME), [])
+        if dims and dims[0].HasField("dim_value"):
+            problems.append(f"{source}: {PREFIX}{BATCH_KEY} = {BATCH_SYMBOLIC} but input {INPUT_NAME!r} has a fixed "
+                            f"batch of {dims[0].dim_value}")
     return problems
 
 

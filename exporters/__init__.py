@@ -30,13 +30,24 @@ class Framework:
     export: str
     native: str
     runtime: str
+    # why `export --batch` cannot build this framework's models (None: it can: the export module's
+    # ``export`` takes ``batch=True`` and writes a ``detbench.batch = symbolic`` file)
+    no_batch: str | None = None
 
 
 # The one framework table: the module that builds a model also names its native runner.
 FRAMEWORKS = {
     "darknet": Framework("exporters.darknet", "exporters.darknet_native", "OpenCV DNN (Darknet importer)"),
-    "pytorch": Framework("exporters.torch_detectors", "exporters.torch_native", "PyTorch eager"),
-    "tensorflow": Framework("exporters.tf_ssd", "exporters.tf_native", "TensorFlow tf.function"),
+    "pytorch": Framework(
+        "exporters.torch_detectors", "exporters.torch_native", "PyTorch eager",
+        no_batch="the traced forward runs torchvision's transform, RPN/RoI heads and post-processing on images[0] "
+                 "(torchvision post-processes each image in a Python loop, which tracing unrolls at the traced batch "
+                 "of 1), so the graph has no symbolic batch axis with per-image NMS"),
+    "tensorflow": Framework(
+        "exporters.tf_ssd", "exporters.tf_native", "TensorFlow tf.function",
+        no_batch="the tf.function's signature is [1, 3, H, W] and its decoding keeps image 0 of "
+                 "combined_non_max_suppression's padded per-image results (nms_boxes[0, :valid[0]]), so the graph "
+                 "has no symbolic batch axis nor an image index per detection"),
 }
 _FRAMEWORK_MODULES = {name: f.export for name, f in FRAMEWORKS.items()}  # framework -> export module
 
@@ -58,25 +69,45 @@ class ExportResult:
     warnings: tuple[str, ...] = ()
 
 
-def default_output(spec: ModelSpec, out_dir: Path, input_size: tuple[int, int] | None = None) -> Path:
+BATCH_SUFFIX = "@batch"  # NAME@batch.onnx, contract name NAME@batch: the symbolic-batch export
+
+
+def default_output(spec: ModelSpec, out_dir: Path, input_size: tuple[int, int] | None = None,
+                   batch: bool = False) -> Path:
     h, w = input_size or spec.input_size
-    suffix = "" if (h, w) == spec.input_size else f"-{h}x{w}"
+    suffix = ("" if (h, w) == spec.input_size else f"-{h}x{w}") + (BATCH_SUFFIX if batch else "")
     return file_in(Path(out_dir), spec.name, f"{suffix}.onnx", where=f"model {spec.name!r}")
+
+
+def batch_support(spec: ModelSpec) -> tuple[bool, str]:
+    """Whether ``export --batch`` can build ``spec`` (a symbolic batch axis with per-image NMS), and why not."""
+    entry = FRAMEWORKS.get(spec.framework)
+    if entry is None:
+        return False, f"no exporter for framework {spec.framework!r}"
+    if entry.no_batch:
+        return False, f"the {spec.framework} exporter ({entry.export}) cannot: {entry.no_batch}"
+    return True, ""
 
 
 def export_model(spec: ModelSpec, out: Path, *, weights: Path | None = None,
                  input_size: tuple[int, int] | None = None, progress: Progress | None = None,
-                 accept_mismatch: bool = False) -> ExportResult:
+                 accept_mismatch: bool = False, batch: bool = False) -> ExportResult:
     """Export ``spec`` to ``out`` (random-init weights when ``weights`` is None) and validate it.
 
     ``accept_mismatch`` (exporters that support it) writes a file whose validation failed,
-    marked ``detbench.validation = failed-accepted`` with the mismatches in its metadata."""
+    marked ``detbench.validation = failed-accepted`` with the mismatches in its metadata.
+    ``batch``: the symbolic-batch file (contract ``detbench.batch = symbolic``); a framework whose
+    exporter cannot build one is refused with the reason (:func:`batch_support`) before any work."""
     try:
         module_name = FRAMEWORKS[spec.framework].export
     except KeyError:
         raise ConfigError(f"model {spec.name!r}: no exporter for framework {spec.framework!r}") from None
+    if batch:
+        ok, why = batch_support(spec)
+        if not ok:
+            raise ConfigError(f"export {spec.name} --batch: {why}; export it without --batch (batch 1)")
     module = importlib.import_module(module_name)
-    extra = {}
+    extra: dict[str, Any] = {"batch": True} if batch else {}
     if accept_mismatch:
         if "accept_mismatch" not in inspect.signature(module.export).parameters:
             raise ConfigError(f"--accept-mismatch: the {spec.framework} exporter ({module_name}) has no accepted "

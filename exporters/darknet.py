@@ -12,10 +12,19 @@ head tensors (the convolution outputs feeding each region/yolo layer) from onnxr
 against OpenCV's independent Darknet importer (``cv2.dnn.readNetFromDarknet``) on a real
 image, both fed the identical prepared tensor. Random-init exports hand OpenCV the same
 random weights through a temporary .weights file.
+
+Batch export (``batch=True``, ``python cli.py export NAME --batch``): the same network with a
+symbolic batch axis, per-image NMS and a ``batch_index`` output (:mod:`exporters.darknet_graph`).
+Before it is written, the batch-1 graph is validated as above, then the batch graph runs
+``BATCH_VALIDATION_IMAGES`` different real images in one call and, image by image, its raw heads
+are compared with OpenCV's on that image and its detections (those whose ``batch_index`` is the
+image) with the batch-1 graph's on that image alone: same count, same labels in the same order,
+boxes and scores within tolerance.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -23,25 +32,28 @@ from typing import Any, Callable
 
 import numpy as np
 
-from exporters import ExportResult
+from exporters import BATCH_SUFFIX, ExportResult
 from exporters.darknet_cfg import Plan, parse_cfg, plan_network, structure_warnings
 from exporters.darknet_graph import PostProcess, build_model, drop_head_outputs, head_output_name
 from exporters.darknet_weights import DarknetWeights, random_weights, read_weights, write_weights
 from exporters.registry import ModelSpec
 from exporters.validation import Comparison
 from exporters.weights import RemoteFile, resolve_file, search_dirs
-from core.contract import DEFAULT_OPSET, ModelContract, save_model, sha256_file, weights_tag
+from core.contract import (BATCH_INDEX_OUTPUT, BATCH_KEY, BATCH_SYMBOLIC, DEFAULT_OPSET, ModelContract, save_model,
+                           sha256_file, weights_tag)
 from core.errors import ExportError, ModelDefinitionError
 from core.paths import data_dir
 
 EXPORTER_VERSION = "1"
 VALIDATION_IMAGE = "dog.jpg"  # in $DETBENCH_DATA/darknet: Darknet's own sample image
 ATOL = RTOL = 1e-3
+BATCH_VALIDATION_IMAGES = 3
 
 
 def export(spec: ModelSpec, out: Path, *, weights: Path | None, input_size: tuple[int, int] | None,
-           progress: Callable[[str], None]) -> ExportResult:
-    """Export ``spec`` (random-init when ``weights`` is None) to ``out`` and validate it.
+           progress: Callable[[str], None], batch: bool = False) -> ExportResult:
+    """Export ``spec`` (random-init when ``weights`` is None) to ``out`` and validate it; ``batch``:
+    the symbolic-batch file (module docstring), named ``NAME@batch`` in its contract.
 
     Raises ModelDefinitionError (cfg missing/malformed/unsupported), WeightsError (weights
     missing or not matching the cfg), ValidationError (ONNX differs from OpenCV's Darknet).
@@ -64,8 +76,14 @@ def export(spec: ModelSpec, out: Path, *, weights: Path | None, input_size: tupl
     model = build_model(plan, dw, post, expose_heads=True, graph_name=spec.name)
     progress("validating against OpenCV's Darknet importer")
     validation = validate(spec, plan, dw, model, cfg_path, weights)
+    if batch:
+        progress("building the batch graph (symbolic N, per-image NMS)")
+        batch_model = build_model(plan, dw, post, expose_heads=True, graph_name=spec.name, batch=True)
+        progress(f"validating the batch graph image by image ({BATCH_VALIDATION_IMAGES} images in one call)")
+        validation = {**validation, "batch": validate_batch(spec, plan, dw, model, batch_model, cfg_path, weights)}
+        model = batch_model
     contract = ModelContract(
-        name=spec.name, family=spec.family, framework=spec.framework,
+        name=f"{spec.name}{BATCH_SUFFIX}" if batch else spec.name, family=spec.family, framework=spec.framework,
         input_height=plan.height, input_width=plan.width, resize=spec.resize, label_space=spec.label_space,
         score_threshold=spec.score_threshold, iou_threshold=spec.iou_threshold,
         max_detections=spec.max_detections, weights=weights_tag(Path(weights) if weights is not None else None),
@@ -82,6 +100,9 @@ def export(spec: ModelSpec, out: Path, *, weights: Path | None, input_size: tupl
             "validation_max_abs_diff": f"{validation['max_abs_diff']:.3g}",
             "params_convention": "conv kernels + conv biases + BatchNorm scale and bias (running mean/var excluded)",
             **({"structure_warnings": list(warnings)} if warnings else {}),
+            **({BATCH_KEY: BATCH_SYMBOLIC,
+                "batch_validation": json.dumps({k: v for k, v in validation["batch"].items() if k != "figures"})}
+               if batch else {}),
         },
     )
     progress(f"writing {out}")
@@ -209,6 +230,72 @@ def validate(spec: ModelSpec, plan: Plan, dw: DarknetWeights, model, cfg_path: P
         "figures": figures,
         "detections": int(len(got["scores"])),
         "random_init": weights is None,
+    }
+
+
+def batch_validation_images(count: int) -> list[tuple[np.ndarray, str]]:
+    """``count`` different real images: COCO val2017 images of the shared subset spread over it by
+    file name (deterministic), else Darknet's sample images; never fewer than ``count`` distinct ones."""
+    from core.images import load_rgb
+
+    folders = [data_dir() / "coco-val2017-subset" / "val2017", data_dir() / "darknet"]
+    for folder in folders:
+        files = sorted(folder.glob("*.jpg")) if folder.is_dir() else []
+        if len(files) >= count:
+            step = len(files) // count
+            return [(load_rgb(f), str(f)) for f in files[::step][:count]]
+    raise ExportError(f"a batch export is validated on {count} different real images and none of "
+                      f"{', '.join(str(f) for f in folders)} holds {count}; set DETBENCH_DATA to the data folder")
+
+
+def validate_batch(spec: ModelSpec, plan: Plan, dw: DarknetWeights, single, batched, cfg_path: Path,
+                   weights: Path | None) -> dict[str, Any]:
+    """The batch graph on several images in one call against, image by image, OpenCV's heads and the
+    (already validated) batch-1 graph's detections; raise one ValidationError listing every mismatch."""
+    from core.images import prepare
+
+    images = batch_validation_images(BATCH_VALIDATION_IMAGES)
+    tensors = [prepare(image, plan.height, plan.width, spec.resize)[0] for image, _ in images]
+    comparison = Comparison(f"{spec.name}{BATCH_SUFFIX}", atol=ATOL, rtol=RTOL)
+    with tempfile.TemporaryDirectory(prefix="detbench-darknet-") as tmp:
+        weights_path = Path(weights) if weights is not None else write_weights(Path(tmp) / f"{spec.name}-random.weights", dw)
+        references = [opencv_heads(cfg_path, weights_path, plan, t / np.float32(255.0)) for t in tensors]
+    session = onnx_session(batched.SerializeToString())
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(None, {"images": np.concatenate(tensors, axis=0)})))
+    single_session = onnx_session(single.SerializeToString())
+    single_names = [o.name for o in single_session.get_outputs()]
+    index = got[BATCH_INDEX_OUTPUT]
+    if index.dtype != np.int64 or index.shape != got["scores"].shape or np.any(np.diff(index) < 0):
+        comparison.mismatches.append(f"{BATCH_INDEX_OUTPUT}: {index.dtype} {index.shape}, not int64 [K] grouped by "
+                                     "image in ascending order")
+    if index.size and (index.min() < 0 or index.max() >= len(images)):
+        comparison.mismatches.append(f"{BATCH_INDEX_OUTPUT}: values outside 0..{len(images) - 1}")
+    counts = []
+    for i, (tensor, (_, label)) in enumerate(zip(tensors, images)):
+        where = f"image {i} ({Path(label).name})"
+        for head_name, ref in references[i].items():
+            comparison.arrays(where, head_name, ref, got[head_name][i:i + 1])
+        alone = dict(zip(single_names, single_session.run(None, {"images": tensor})))
+        mine = index == i
+        ours = {k: got[k][mine] for k in ("boxes", "scores", "labels")}
+        _check_detections(comparison, where, ours, plan, spec)
+        comparison.detections(where + " vs batch 1", {k: alone[k] for k in ("boxes", "scores", "labels")}, ours)
+        counts.append(int(len(alone["scores"])))
+    comparison.nothing_detected(counts, "the batch-1 graph detected nothing on these images")
+    figures = dict(comparison.figures)
+    comparison.raise_if_any(f"The batch graph of {cfg_path.name} does not reproduce, image by image, OpenCV's heads "
+                            "and the batch-1 graph's detections.")
+    return {
+        "images": [Path(label).name for _, label in images],
+        "compared": ("per image: raw heads vs OpenCV's Darknet importer; detections (batch_index = image) vs the "
+                     "batch-1 graph on that image alone"),
+        "detections_per_image": counts,
+        "max_head_diff": max((v for k, v in figures.items() if k.endswith(":max_abs_diff") and ":head_" in k),
+                             default=0.0),
+        "max_detection_diff": max((v for k, v in figures.items() if k.endswith(":max_abs_diff") and "vs batch 1" in k),
+                                  default=0.0),
+        "figures": figures,
     }
 
 

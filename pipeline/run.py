@@ -21,6 +21,14 @@ the models ``RunSettings.int8_models`` names. For each target, in registry order
    and COCO data is available, on each of ``eval_backends``; an INT8 target is scored on
    the images it was not calibrated on;
 
+6. **offline** / **server** (after every row's SingleStream timing): MLPerf's Offline and Server
+   scenarios (:mod:`runtime.scenarios`) for the registered-size float row of the models
+   ``RunSettings.scenario_models`` names (default: yolov3-tiny only, so the report's throughput
+   and QPS tables are filled for about a minute of the run), Offline on ``offline_backends``
+   (cpu, and openvino-bf16 where the CPU has bf16, else openvino) and Server on
+   ``server_backends`` (cpu), with short knob searches but the same validity rules as
+   ``bench --scenario``;
+
 then the report (:func:`report.build_report`). Nothing is faked: a step that cannot run
 here (missing module, no weights, no data, backend unavailable) is skipped with its
 reason, a step that fails records the error; both reach the report.
@@ -107,6 +115,19 @@ class RunSettings:
     all_models: bool = False  # no --models: the paper's configurations only (True: the whole registry)
     calibration_images: int = 32
     smoke: bool = False  # --quick: latency records are marked smoke, never VALID
+    # Offline/Server (runtime.scenarios): for these models' registered-size float rows (None: every model of
+    # the run, (): none); the backends each scenario runs on (where they run here; "a|b": the first of them
+    # that runs); the knob search is shortened (trials, search queries), the validity rules are bench
+    # --scenario's own. Each Offline backend costs >= 10 s (the rule's minimum) plus the trials, Server on
+    # cpu ~25 s (662 queries): one OpenVINO precision keeps the default near a minute on 2 cores.
+    scenario_models: tuple[str, ...] | None = ("yolov3-tiny",)
+    scenarios: tuple[str, ...] = ("offline", "server")
+    offline_backends: tuple[str, ...] = ("cpu", "openvino-bf16|openvino")
+    server_backends: tuple[str, ...] = ("cpu",)
+    scenario_trial_seconds: float = 0.5
+    server_trial_queries: int = 64
+    server_max_trials: int = 4
+    server_search_tolerance: float = 0.15
 
     def __post_init__(self):
         # Checked before any step runs: a NaN budget would never run out.
@@ -117,6 +138,19 @@ class RunSettings:
             raise ConfigError(f"--budget {self.budget_minutes}: must be a positive finite number of minutes")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads {self.threads}: must be at least 1")
+        from runtime.scenarios.settings import OFFLINE, SERVER
+
+        unknown = [x for x in self.scenarios if x not in (OFFLINE, SERVER)]
+        if unknown:
+            raise ConfigError(f"--scenarios {','.join(unknown)}: run's scenarios are {OFFLINE} and {SERVER}")
+
+    def scenario_settings(self, scenario: str):
+        """The :class:`runtime.scenarios.ScenarioSettings` run measures ``scenario`` with."""
+        from runtime.scenarios.settings import ScenarioSettings
+
+        return ScenarioSettings(scenario=scenario, trial_seconds=self.scenario_trial_seconds,
+                                server_trial_queries=self.server_trial_queries, max_trials=self.server_max_trials,
+                                search_tolerance=self.server_search_tolerance)
 
     @property
     def scheduled(self) -> bool:
@@ -126,7 +160,8 @@ class RunSettings:
     @classmethod
     def quick(cls) -> "RunSettings":
         return cls(bench_warmup=1, bench_runs=3, bench_seconds=None, bench_rounds=1, node_runs=1, nodes=True,
-                   per_image=2, per_image_seconds=10.0, eval_limit=8, calibration_images=4, smoke=True)
+                   per_image=2, per_image_seconds=10.0, eval_limit=8, calibration_images=4, smoke=True,
+                   scenario_models=())
 
     @property
     def eval_provider(self) -> str:
@@ -373,7 +408,8 @@ class _Pipeline:
             self.outcome(target, step, provider, "failed", f"unexpected {type(exc).__name__}: {exc}",
                          time.perf_counter() - started, key=key)
             return None
-        self.outcome(target, step, provider, "done", "", time.perf_counter() - started, key=key, **extra)
+        said = extra.pop("said", "")  # a figure worth showing with the outcome (scenario steps)
+        self.outcome(target, step, provider, "done", said, time.perf_counter() - started, key=key, **extra)
         return value
 
     # ------------------------------------------------------------------ backends
@@ -627,6 +663,52 @@ class _Pipeline:
                                      if outcomes[(target.label, b)].samples else None) for b in usable})
         self.pending = []
 
+    def scenario_rows(self, backends: dict[str, str]) -> list[tuple[Target, str, str]]:
+        """(row, scenario, backend) measured after the SingleStream timing (RunSettings.scenario_models)."""
+        s = self.settings
+        out = []
+        for target in self.targets:
+            if target.precision == INT8 or not target.registered or isinstance(target.spec, ForeignSpec):
+                continue
+            if s.scenario_models is not None and target.spec.name not in s.scenario_models:
+                continue
+            for scenario in s.scenarios:
+                for entry in s.offline_backends if scenario == "offline" else s.server_backends:
+                    known = [b for b in entry.split("|") if b in backends]
+                    chosen = next((b for b in known if not backends[b]), known[0] if known else None)
+                    if chosen is not None:
+                        out.append((target, scenario, chosen))
+        return out
+
+    def run_scenarios(self, backends: dict[str, str]) -> None:
+        """Offline and Server for :meth:`scenario_rows`, one step each (manifest-reused when unchanged)."""
+        s = self.settings
+        try:
+            version = source_version("runtime.scenarios", "runtime.backends", "runtime.bench", "runtime.parity")
+        except ImportError as exc:
+            version = f"unavailable: {exc}"
+        for target, scenario, backend in self.scenario_rows(backends):
+            path = self.exported.get(target.spec.name)
+            if path is None:
+                self.outcome(target, scenario, backend, "skipped", "its export did not succeed")
+                continue
+            if backends[backend]:
+                self.outcome(target, scenario, backend, "skipped", backends[backend])
+                continue
+            onnx_sha = sha256_file(path)
+            chosen = s.scenario_settings(scenario).to_dict()
+            inputs = {"onnx_sha256": onnx_sha, "scenario": chosen, "code": version, "threads": s.threads,
+                      "parity_images": s.parity_images}
+
+            def run(path=path, scenario=scenario, backend=backend, chosen=chosen, onnx_sha=onnx_sha, target=target):
+                self.emit("update", target.label, scenario, backend, f"{scenario} on {backend}")
+                said = self.measure(_scenario_file, backend, chosen, s.parity_images, s.threads, model=path,
+                                    exclusive=True)
+                return said, {"onnx_sha256": onnx_sha, "said": said}
+
+            self.step(target, scenario, backend, inputs, run,
+                      lambda e, sha=onnx_sha, b=backend: ("bench", sha, b) in self.have)
+
     def per_image(self, target: Target, path: Path, onnx_sha: str) -> None:
         s = self.settings
         if s.per_image <= 0:
@@ -833,6 +915,30 @@ def _bench_file(path: Path, backends: list[str], settings: dict, macs, threads: 
     return {r.provider: r.latency.p50 for r in results}, records
 
 
+def _scenario_file(path: Path, backend: str, scenario: dict, parity_images: int, threads: int | None,
+                   progress=None):
+    """One Offline or Server measurement (``scenario``: ScenarioSettings as a dict); returns the
+    figure in words (for the step's outcome) and its bench record."""
+    from runtime.backends import BackendSettings
+    from runtime.bench import BenchSettings
+    from runtime.scenarios import OFFLINE, ScenarioSettings, bench_scenario
+
+    chosen = ScenarioSettings(**{**scenario, "batches": tuple(scenario.get("batches", (1, 2, 4)))})
+    timing = BenchSettings(parity=parity_images > 0, parity_images=max(parity_images, 1), peak=False)
+    (r,) = bench_scenario([path], [backend], chosen, timing, BackendSettings(threads=threads), record=False)
+    f = r.figures
+    verdict = f["validity"]["verdict"] + (f" ({f['validity']['reason']})" if f["validity"]["reason"] else "")
+    if chosen.scenario == OFFLINE:
+        said = f"{f['images_per_s']:.1f} img/s, {f['config_text']}: {verdict}"
+    elif f["qps"] is not None:
+        said = (f"{f['qps']:.1f} QPS, p{100 * f['percentile']:g} {f['tail_ms']:.1f} <= {f['bound_ms']:.1f} ms, "
+                f"{f['config_text']}: {verdict}")
+    else:
+        said = f"no QPS supported under {f['bound_ms']:.1f} ms: {verdict}"
+    return said, [dict(kind="bench", data=r.to_record(), model=r.model, model_sha256=r.model_sha256,
+                       provider=r.provider, settings=r.settings, contract=r.contract)]
+
+
 def _fully_valid(samples: list[float]) -> bool:
     """p50 and p90 both VALID on these samples (runtime.stats' default rules)."""
     from runtime.stats import Latency
@@ -965,22 +1071,35 @@ def run_pipeline(models: list[str] | None = None, *, quick: bool = False, settin
         if unknown:
             raise ConfigError(f"--int8 {','.join(unknown)}: not registered models; registered: "
                               f"{', '.join(registry.names)}")
+    if settings.scenario_models:
+        unknown = [n for n in settings.scenario_models if n not in registry]
+        if unknown:
+            raise ConfigError(f"--scenarios {','.join(unknown)}: neither offline, server nor registered models; "
+                              f"registered: {', '.join(registry.names)}")
+    from runtime.backends import backend_names
+
+    unknown = [b for entry in settings.offline_backends + settings.server_backends for b in entry.split("|")
+               if b not in backend_names()]
+    if unknown:
+        raise ConfigError(f"--server-backends {','.join(unknown)}: not backend names (`python cli.py backends`)")
     targets = targets_of(specs, settings)
     pipe = _Pipeline(targets, settings, coco, providers, progress, strict)
     usable = pipe.usable_backends()
     pipe.summary.providers = usable
     pipe.steps_total = sum(2 + len(usable) + 1 + len(pipe.eval_backends(t, usable)) for t in targets)
-    pipe.steps_total += 1 if report else 0
+    pipe.steps_total += len(pipe.scenario_rows(usable)) + (1 if report else 0)
     pipe.emit("plan", message=f"{len(specs)} model(s), {len(targets)} row(s); backends: "
               + ", ".join(p if not r else f"{p} (skipped)" for p, r in usable.items()))
     if ray is None:
         for target in targets:
             pipe.run_target(target, usable)
         pipe.bench_pending()
+        pipe.run_scenarios(usable)
     else:
         with ray.connected():
             pipe.ray = ray
             ray.run_targets(pipe, targets, usable)
+            pipe.run_scenarios(usable)
     if report:
         from report import build_report
 

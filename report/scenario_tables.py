@@ -11,7 +11,7 @@ from typing import Any
 from report.collect import ModelRow
 
 OFFLINE_NOTE = ("Offline: images/s with every sample available at once (MLPerf Offline), the best configuration "
-                "found over streams x threads per stream x batch (batch only where the graph has a batch axis); "
+                "found over streams x threads per stream x batch (batch only for a batch export, `export NAME --batch`); "
                 "per core = images/s / usable cores. VALID needs the sample count and duration the record states "
                 "(scaled down from LoadGen's 24,576 samples and 600 s).")
 SERVER_NOTE = ("Server: highest QPS of Poisson arrivals (seeded) whose p99 latency, measured from each query's "

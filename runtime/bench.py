@@ -41,7 +41,7 @@ What is measured (all figures in a :class:`BenchResult`):
 
 Batch: the contract's graphs have a fixed batch of 1 (``boxes [K, 4]`` carries no image
 index), so ``batch > 1`` is a :class:`ConfigError` for them; a graph whose first input
-dimension is symbolic is fed ``batch`` copies of the image.
+dimension is symbolic (a batch export, ``export NAME --batch``) is fed ``batch`` copies of the image.
 """
 
 from __future__ import annotations

@@ -65,9 +65,9 @@ def input_tensor(contract, image: Path, batch: int, input_shape: list[Any], sour
         dim0 = input_shape[0] if input_shape else 1
         if isinstance(dim0, int):
             raise ConfigError(
-                f"{source}: input {INPUT_NAME!r} has a fixed batch of {dim0}; detbench's exported graphs are "
-                f"batch-1 (their outputs boxes [K, 4] carry no image index), so --batch {batch} cannot run. "
-                "Use --batch 1, or export a graph with a symbolic batch dimension.")
+                f"{source}: input {INPUT_NAME!r} has a fixed batch of {dim0}; detbench's exports are batch-1 "
+                f"(their outputs boxes [K, 4] carry no image index) unless exported with `python cli.py export NAME "
+                f"--batch` (NAME@batch.onnx), so --batch {batch} cannot run here. Use --batch 1, or the batch file.")
         tensor = np.ascontiguousarray(np.repeat(tensor, batch, axis=0))
     return tensor
 

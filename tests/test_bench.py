@@ -28,16 +28,21 @@ from runtime.nodes import attribute, kernel_times
 # --------------------------------------------------------------------------- a tiny contract model
 
 def tiny_detector(path: Path, *, symbolic_batch: bool = False, framework: str = "test") -> Path:
-    """images [1|N, 3, 32, 32] -> Conv 3->4 (3x3) -> Sigmoid -> boxes/scores -> NonMaxSuppression -> contract outputs."""
+    """images [1|N, 3, 32, 32] -> Conv 3->4 (3x3) -> Sigmoid -> boxes/scores -> NonMaxSuppression -> contract outputs.
+
+    ``symbolic_batch``: a batch file as the contract has it (detbench.batch = symbolic): NMS per image,
+    a detection's candidate is image x 1024 + box, and the output ``batch_index``."""
     rng = np.random.default_rng(7)
     batch = "N" if symbolic_batch else 1
+    n = 0 if symbolic_batch else 1  # Reshape's 0 keeps the batch: NMS sees one entry per image
     inits = [nh.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.05, "w"),
              nh.from_array(np.array([255.0], np.float32), "k255"), nh.from_array(np.array([32.0], np.float32), "k32"),
-             nh.from_array(np.array([1, -1, 4], np.int64), "shape_b"), nh.from_array(np.array([1, 1, -1], np.int64), "shape_s"),
+             nh.from_array(np.array([n, -1, 4], np.int64), "shape_b"), nh.from_array(np.array([n, 1, -1], np.int64), "shape_s"),
              nh.from_array(np.array([-1, 4], np.int64), "flat_b"), nh.from_array(np.array([-1], np.int64), "flat_s"),
              nh.from_array(np.array([100], np.int64), "max_out"), nh.from_array(np.array([0.5], np.float32), "iou"),
              nh.from_array(np.array([0.55], np.float32), "thr"), nh.from_array(np.array([1], np.int64), "col1"),
-             nh.from_array(np.array([2], np.int64), "col2")]
+             nh.from_array(np.array([2], np.int64), "col2"), nh.from_array(np.array([0], np.int64), "col0"),
+             nh.from_array(np.array(32 * 32, np.int64), "per_image")]
     nodes = [
         helper.make_node("Div", ["images", "k255"], ["x01"], name="normalise"),
         helper.make_node("Conv", ["x01", "w"], ["feat_raw"], name="head.conv", pads=[1, 1, 1, 1]),
@@ -49,7 +54,11 @@ def tiny_detector(path: Path, *, symbolic_batch: bool = False, framework: str = 
         helper.make_node("Reshape", ["smax", "shape_s"], ["cand_scores"], name="scores.reshape"),
         helper.make_node("NonMaxSuppression", ["cand_boxes", "cand_scores", "max_out", "iou", "thr"], ["sel"], name="nms"),
         helper.make_node("Gather", ["sel", "col2"], ["idx2"], name="sel.box", axis=1),
-        helper.make_node("Reshape", ["idx2", "flat_s"], ["idx"], name="sel.flat"),
+        helper.make_node("Reshape", ["idx2", "flat_s"], ["box_idx"], name="sel.flat"),
+        helper.make_node("Gather", ["sel", "col0"], ["img2"], name="sel.image", axis=1),
+        helper.make_node("Reshape", ["img2", "flat_s"], ["batch_index"], name="out.batch_index"),
+        helper.make_node("Mul", ["batch_index", "per_image"], ["img_offset"], name="sel.offset"),
+        helper.make_node("Add", ["img_offset", "box_idx"], ["idx"], name="sel.candidate"),
         helper.make_node("Reshape", ["cand_boxes", "flat_b"], ["all_boxes"], name="boxes.flat"),
         helper.make_node("Reshape", ["cand_scores", "flat_s"], ["all_scores"], name="scores.flat"),
         helper.make_node("Gather", ["all_boxes", "idx"], ["boxes"], name="out.boxes", axis=0),
@@ -61,11 +70,13 @@ def tiny_detector(path: Path, *, symbolic_batch: bool = False, framework: str = 
         nodes, "tiny", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch, 3, 32, 32])],
         [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["K", 4]),
          helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["K"]),
-         helper.make_tensor_value_info("labels", TensorProto.INT64, ["K"])], inits)
+         helper.make_tensor_value_info("labels", TensorProto.INT64, ["K"])]
+        + ([helper.make_tensor_value_info("batch_index", TensorProto.INT64, ["K"])] if symbolic_batch else []), inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     contract = ModelContract(name="tiny-test", family="test", framework=framework, input_height=32, input_width=32,
                              resize="letterbox", label_space="coco80", score_threshold=0.55, iou_threshold=0.5,
-                             max_detections=100, weights="random-init", source_params=108)
+                             max_detections=100, weights="random-init", source_params=108,
+                             extra={"batch": "symbolic"} if symbolic_batch else {})
     return save_model(model, path, contract)
 
 

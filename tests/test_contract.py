@@ -188,3 +188,22 @@ def test_every_command_shares_one_file_check(tmp_path):
     helper.set_model_props(renamed, contract().to_props())  # complete metadata does not excuse the graph
     with pytest.raises(ContractError, match=r"inputs are \['input_0'\], the contract wants exactly \['images'\]"):
         read_contract(renamed)
+
+
+def test_a_batch_file_must_say_which_image_each_detection_belongs_to(tmp_path):
+    batched = contract(extra={"batch": "symbolic"})
+    # fixed batch 1 and no batch_index: both problems named, nothing written
+    with pytest.raises(ExportError) as err:
+        save_model(toy_model(), tmp_path / "b.onnx", batched)
+    assert "no output 'batch_index'" in str(err.value) and "fixed batch of 1" in str(err.value)
+    assert not (tmp_path / "b.onnx").exists()
+    model = toy_model()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    model.graph.node.append(helper.make_node("Constant", [], ["batch_index"],
+                                             value=helper.make_tensor("i", TensorProto.INT64, [1], [0])))
+    model.graph.output.append(helper.make_tensor_value_info("batch_index", TensorProto.INT64, [1]))
+    path = save_model(model, tmp_path / "b.onnx", batched)
+    assert read_contract(path).batch_symbolic and not read_contract(save_model(
+        toy_model(), tmp_path / "one.onnx", contract())).batch_symbolic
+    with pytest.raises(ContractError, match="the only value is 'symbolic'"):
+        contract(extra={"batch": "4"}).check()

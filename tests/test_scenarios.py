@@ -259,3 +259,85 @@ def test_offline_is_at_least_single_stream_rate_on_recorded_data():
     assert {p["provider"] for p in pairs} == {"cpu", "openvino"}
     for p in pairs:
         assert p["offline_ips"] >= p["single_stream_ips"], p
+
+
+# --------------------------------------------------------------------------- run's scenario steps
+
+def _pipeline(settings, registry, names):
+    from pipeline.run import _Pipeline, targets_of
+
+    return _Pipeline(targets_of([registry.get(n) for n in names], settings), settings, None, None, None, True)
+
+
+def test_run_measures_a_few_cheap_scenarios_by_default_and_none_when_quick(registry):
+    import dataclasses
+
+    from pipeline.run import RunSettings
+
+    backends = {"cpu": "", "openvino": "", "openvino-bf16": "", "cuda": "no GPU"}
+    rows = _pipeline(RunSettings(), registry, ["yolov3-tiny", "ssd300"]).scenario_rows(backends)
+    # the registered-size float row of yolov3-tiny only (not its other sizes, its INT8 row, nor ssd300)
+    assert [(t.label, s, b) for t, s, b in rows] == [
+        ("yolov3-tiny", "offline", "cpu"), ("yolov3-tiny", "offline", "openvino-bf16"),
+        ("yolov3-tiny", "server", "cpu")]
+    # no bf16 unit: OpenVINO f32 instead; no OpenVINO at all: still a row, recorded skipped with the reason
+    no_bf16 = {**backends, "openvino-bf16": "no bf16 here"}
+    assert [b for _, _, b in _pipeline(RunSettings(), registry, ["yolov3-tiny"]).scenario_rows(no_bf16)] == [
+        "cpu", "openvino", "cpu"]
+    none = {**no_bf16, "openvino": "not installed"}
+    assert [b for _, _, b in _pipeline(RunSettings(), registry, ["yolov3-tiny"]).scenario_rows(none)] == [
+        "cpu", "openvino-bf16", "cpu"]
+    assert _pipeline(RunSettings.quick(), registry, ["yolov3-tiny"]).scenario_rows(backends) == []
+    every = dataclasses.replace(RunSettings(), scenario_models=None, scenarios=("server",),
+                                server_backends=("cpu", "openvino"))
+    assert {(t.label, s, b) for t, s, b in _pipeline(every, registry, ["yolov3-tiny", "ssd300"]).scenario_rows(
+        backends)} == {(m, "server", b) for m in ("yolov3-tiny", "ssd300") for b in ("cpu", "openvino")}
+    with pytest.raises(ConfigError, match="not backend names"):
+        from pipeline.run import run_pipeline
+
+        run_pipeline(["yolov3-tiny"], settings=dataclasses.replace(RunSettings(), server_backends=("cpuu",)))
+    # run's scenario settings shorten the search only: the validity rules are bench --scenario's
+    short, full = RunSettings().scenario_settings(SERVER), ScenarioSettings(scenario=SERVER)
+    for rule in ("offline_min_samples", "offline_min_seconds", "offline_max_seconds", "server_min_seconds",
+                 "percentile", "confidence", "p99_factor"):
+        assert getattr(short, rule) == getattr(full, rule), rule
+    assert short.trial_seconds < full.trial_seconds and short.server_trial_queries < full.server_trial_queries
+
+
+@pytest.mark.parametrize("option, models, scenarios, server", [
+    (["--scenarios", "none"], (), ("offline", "server"), ("cpu",)),
+    (["--scenarios", "all"], None, ("offline", "server"), ("cpu",)),
+    (["--scenarios", "ssd300,offline"], ("ssd300",), ("offline",), ("cpu",)),
+    (["--scenarios", "server", "--server-backends", "all"], ("yolov3-tiny",), ("server",),
+     ("cpu", "openvino-bf16|openvino")),
+    (["--server-backends", "cpu,openvino"], ("yolov3-tiny",), ("offline", "server"), ("cpu", "openvino")),
+    ([], ("yolov3-tiny",), ("offline", "server"), ("cpu",)),
+])
+def test_run_scenario_options(option, models, scenarios, server, monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import cli
+    import pipeline.run
+    from pipeline.run import RunSummary
+
+    seen = {}
+
+    def fake_run(names, settings, **kwargs):
+        seen["settings"] = settings
+        return RunSummary(results_dir=tmp_path)
+
+    monkeypatch.setattr(pipeline.run, "run_pipeline", fake_run)
+    result = CliRunner().invoke(cli.app, ["run", "--no-report", *option])
+    assert result.exit_code == 0, result.output
+    s = seen["settings"]
+    assert (s.scenario_models, s.scenarios, s.server_backends) == (models, scenarios, server)
+
+
+def test_run_refuses_unknown_scenario_models(registry, tmp_path, monkeypatch):
+    import dataclasses
+
+    from pipeline.run import RunSettings, run_pipeline
+
+    monkeypatch.setenv("DETBENCH_RESULTS", str(tmp_path))
+    with pytest.raises(ConfigError, match="--scenarios no-such-model"):
+        run_pipeline(["yolov3-tiny"], settings=dataclasses.replace(RunSettings(), scenario_models=("no-such-model",)))

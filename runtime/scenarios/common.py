@@ -41,13 +41,18 @@ class Config:
         return f"{self.streams} stream(s) x {threads} thread(s), batch {self.batch}"
 
 
-def batch_axis(path: Path) -> tuple[bool, str]:
-    """Whether the graph takes more than one image per call, and why (its ``images`` input's first dimension)."""
+def batch_axis(path: Path, contract=None) -> tuple[bool, str]:
+    """Whether the graph takes more than one image per call, and why: its contract says
+    ``detbench.batch = symbolic`` (``export NAME --batch``: symbolic first dimension, per-image NMS,
+    ``batch_index`` output); a symbolic first dimension alone is not enough, since outputs without an
+    image index cannot be told apart per image."""
+    contract = contract if contract is not None else read_contract(path)
     dim0 = (model_input_shape(path) or [1])[0]
-    if isinstance(dim0, int):
-        return False, (f"fixed batch {dim0}: the contract's outputs (boxes [K, 4]) carry no image index, so "
-                       "concurrency comes from streams only")
-    return True, f"symbolic batch axis {dim0!r}"
+    if contract.batch_symbolic:
+        return True, f"symbolic batch axis {dim0!r} (detbench.batch = symbolic: per-image NMS, batch_index output)"
+    return False, (f"batch {dim0}: not a batch export (its boxes [K, 4] carry no image index), so concurrency "
+                   "comes from streams only; `python cli.py export NAME --batch` writes one where the exporter can "
+                   "(`python cli.py list`, column B)")
 
 
 def candidate_configs(settings: ScenarioSettings, batchable: bool, cores: int) -> list[Config]:
@@ -94,9 +99,9 @@ class Model:
     @classmethod
     def load(cls, path, image: str | None) -> "Model":
         path = Path(path)
-        batchable, note = batch_axis(path)
-        return cls(path, read_contract(path), Path(image) if image else default_image(), batchable, note,
-                   sha256_file(path))
+        contract = read_contract(path)
+        batchable, note = batch_axis(path, contract)
+        return cls(path, contract, Path(image) if image else default_image(), batchable, note, sha256_file(path))
 
     def open(self, backend: str, backend_settings: BackendSettings, config: Config) -> Opened:
         runners = get_backend(backend).open_streams(self.path, backend_settings, config.streams,
