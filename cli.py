@@ -233,7 +233,7 @@ def quantize(
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Accuracy budget in mAP points (mAP@0.5 and "
                                              "mAP@[.5:.95] alike, selection images): the most sensitive layers per "
                                              "MAC stay float until the 95% paired bootstrap interval of the change "
-                                             "reaches -budget and the point drop is at most budget + 1. Needs trained "
+                                             "reaches -budget (no loss beyond the budget shown). Needs trained "
                                              "weights and COCO data (--calibration, split 16/32/rest by --seed)."),
     seed: int = typer.Option(0, "--seed", help="With --max-drop: the seed of the calibration/selection/evaluation split."),
 ) -> None:
@@ -284,8 +284,7 @@ def tune(
     model: Path = typer.Argument(..., help="Exported float32 ONNX detector."),
     max_drop: float = typer.Option(..., "--max-drop", help="Accuracy budget in mAP points (mAP@0.5 and mAP@[.5:.95] "
                                    "against onnxruntime CPU float32, selection images; within it when the 95% paired "
-                                   "bootstrap interval of the change reaches -budget and the point drop is at most "
-                                   "budget + 1)."),
+                                   "bootstrap interval of the change reaches -budget)."),
     coco: Optional[Path] = typer.Option(None, "--coco", help="COCO folder. Default: the shared COCO val2017 subset."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration/selection/evaluation split."),
     providers: Optional[List[str]] = typer.Option(None, "--provider", "-p", help="Backends to try (default: every "

@@ -82,6 +82,7 @@ def run(model: Path, coco: Path, seeds: list[int], max_drop: float, out_dir: Pat
                 "selection_drop": budget.drop if path == budget.path else budget.all_int8_drop,
                 "selection_changes": {m: c.to_dict() for m, c in budget.changes.items()} if path == budget.path else None,
                 "budget_seconds": round(budget_seconds, 1),
+                "selection_steps": budget.steps if path == budget.path else None,
                 "changes": {m: c.to_dict() for m, c in changes.items()},
             })
     summary = {}

@@ -11,19 +11,19 @@ The stop rule (:func:`budget_verdict`, :data:`RULE`). On 32 selection images the
 estimate of a drop has a standard deviation of 0.5-1.5 point, so "point drop <= budget" chases
 noise: on yolov3-tiny it kept 7 of 11 convolutions float and the file became slower than
 float32. The opposite rule, "the whole interval is within budget" (low end of the change
->= -budget), cannot be met with a 0.3-point budget on intervals 2-5 points wide: it would keep
-every layer float. A candidate is accepted when, for both metrics,
+>= -budget), cannot be met with a 0.3-point budget on intervals 2-7 points wide: it would keep
+every layer float. A candidate is accepted when, for both metrics, the 95 % interval of the
+change INT8 - float reaches -budget (its high end >= -budget): the selection images do not
+show a loss beyond the budget.
 
-1. the 95 % interval of the change INT8 - float reaches -budget (its high end >= -budget):
-   the selection images do not show a loss beyond the budget, and
-2. the point drop is at most budget + :data:`POINT_SLACK` (1 point): an interval wide enough
-   to hold a 3-point drop never accepts it (the interval rule alone accepted a 3.01-point
-   drop on 32 images).
-
-So a file is refused when its selection images show it loses more than the budget, or when
-they measure a drop more than a point beyond it; a drop within the noise of the selection
-images is not chased. What the file really loses is measured afterwards on the evaluation
-images, with its interval (``benchmarks/int8_splits.py``).
+A point-estimate bound on top (``point_slack``: point drop <= budget + slack) is available but
+off by default, because on these images it chases noise just as the point rule did: with
+split seed 0, yolov3-tiny's all-INT8 file measures -3.39 [-7.01, +0.08] mAP@0.5 points on its 32
+selection images, a 1-point slack refused it and the search kept 10 of 11 convolutions float
+(still -1.02 [-2.51, -0.02] there), while on the 96 evaluation images the all-INT8 file
+*gains* +1.22 [+0.17, +2.75] (mAP@[.5:.95] +0.37 [-0.43, +0.82]). A selection drop of 3 points
+within the noise is what 32 images give; what the file really loses is measured afterwards on
+the evaluation images, with its interval (``benchmarks/int8_splits.py``).
 
 A layer's sensitivity is the detection-level disagreement with the float model removed when
 that layer alone is kept float (against the all-INT8 file's disagreement on a few selection
@@ -57,11 +57,17 @@ from eval.dataset import load_coco
 from exporters.quantize import QuantizeSettings, default_output, layer_macs, quantizable_layers, quantize_model
 from quantization.splits import CALIBRATION, SELECTION, Split, split_ids
 
-POINT_SLACK = 1.0
 METRIC = "mAP@0.5 and mAP@[.5:.95] drops, points, selection images (paired bootstrap, 95 %)"
-RULE = (f"accepted when, for mAP@0.5 and mAP@[.5:.95] alike, the 95 % paired bootstrap interval of the change "
-        f"INT8 - float32 on the selection images reaches -budget (high end >= -budget) and the point drop is at "
-        f"most budget + {POINT_SLACK:g} point")
+
+
+def rule(point_slack: float | None = None) -> str:
+    """The stop rule in words, as recorded in the file."""
+    text = ("accepted when, for mAP@0.5 and mAP@[.5:.95] alike, the 95 % paired bootstrap interval of the change "
+            "INT8 - float32 on the selection images reaches -budget (high end >= -budget)")
+    return text if point_slack is None else f"{text} and the point drop is at most budget + {point_slack:g}"
+
+
+RULE = rule()
 ProgressFn = Callable[[str], None]
 
 
@@ -70,7 +76,8 @@ class BudgetSettings:
     """``max_drop``: points the INT8 file may lose (see :data:`RULE`); ``coco_dir``: the COCO
     folder split into calibration / selection / evaluation by ``seed``; ``quantize``: the
     recipe (its ``out`` is the file written); ``sensitivity_images``: selection images the
-    per-layer sensitivity is measured on."""
+    per-layer sensitivity is measured on; ``point_slack``: also refuse a point drop above
+    budget + slack (None: the interval alone decides, see the module docstring)."""
 
     max_drop: float
     coco_dir: Path | None = None
@@ -78,6 +85,7 @@ class BudgetSettings:
     calibration_images: int = CALIBRATION
     selection_images: int = SELECTION
     sensitivity_images: int = 6
+    point_slack: float | None = None
     quantize: QuantizeSettings = field(default_factory=QuantizeSettings)
 
 
@@ -122,10 +130,12 @@ def check_budget(max_drop: float) -> float:
     return float(max_drop)
 
 
-def budget_verdict(changes: dict[str, Change], max_drop: float, slack: float = POINT_SLACK) -> Verdict:
+def budget_verdict(changes: dict[str, Change], max_drop: float, slack: float | None = None) -> Verdict:
     """Whether a candidate whose changes (INT8 - float, points, with intervals) are ``changes``
-    is within ``max_drop`` (:data:`RULE`)."""
+    is within ``max_drop`` (:func:`rule` of ``slack``)."""
     max_drop = check_budget(max_drop)
+    if slack is not None and not (math.isfinite(slack) and slack >= 0):
+        raise ConfigError(f"point slack {slack}: give a finite, non-negative number of points")
     reasons = []
     for metric in METRICS:
         change = changes[metric]
@@ -133,7 +143,7 @@ def budget_verdict(changes: dict[str, Change], max_drop: float, slack: float = P
         if change.high < -max_drop:
             reasons.append(f"{label} loses {drop:.2f} and its interval [{change.low:+.2f}, {change.high:+.2f}] lies "
                            f"beyond -{max_drop:g}")
-        elif drop > max_drop + slack:
+        elif slack is not None and drop > max_drop + slack:
             reasons.append(f"{label} point drop {drop:.2f} > budget + {slack:g}")
     return Verdict(ok=not reasons, reasons=tuple(reasons), drop=max(-changes[m].delta for m in METRICS))
 
@@ -151,6 +161,7 @@ def quantize_within_budget(path, settings: BudgetSettings, progress: ProgressFn 
     dataset = load_coco(coco_dir)
     split = split_ids(dataset.images, settings.seed, settings.calibration_images, settings.selection_images)
     out = Path(settings.quantize.out) if settings.quantize.out is not None else default_output(path)
+    stop_rule = rule(settings.point_slack)
 
     with tempfile.TemporaryDirectory(prefix="detbench-budget-") as tmp:
         tmp = Path(tmp)
@@ -168,7 +179,7 @@ def quantize_within_budget(path, settings: BudgetSettings, progress: ProgressFn 
         def measure(candidate: Path, kept: list[str], stem: str) -> tuple[dict, dict[str, Change], Verdict]:
             scores = _score(candidate, coco_dir, split.selection, tmp / stem)
             changes = _compare(float_scores, scores, dataset, split.selection)
-            verdict = budget_verdict(changes, max_drop)
+            verdict = budget_verdict(changes, max_drop, settings.point_slack)
             steps.append({"kept_float": list(kept), "drop": verdict.drop, "ok": verdict.ok,
                           "map50": scores["map50"], "map": scores["map"],
                           "changes": {m: _interval(c) for m, c in changes.items()}})
@@ -201,10 +212,10 @@ def quantize_within_budget(path, settings: BudgetSettings, progress: ProgressFn 
                 if verdict.ok:
                     break
             if not verdict.ok:
-                raise ExportError(f"{path}: no INT8 file found within --max-drop {max_drop} ({RULE}): all INT8 "
+                raise ExportError(f"{path}: no INT8 file found within --max-drop {max_drop} ({stop_rule}): all INT8 "
                                   f"loses {all_drop:.2f}, the best tried ({len(kept)} layers float) "
                                   f"{min(s['drop'] for s in steps):.2f}; nothing was written")
-        meta = (("accuracy_budget_metric", METRIC), ("accuracy_budget_rule", RULE),
+        meta = (("accuracy_budget_metric", METRIC), ("accuracy_budget_rule", stop_rule),
                 ("accuracy_budget_max_drop", f"{max_drop}"),
                 ("accuracy_budget_selection_drop", f"{verdict.drop:.4f}"),
                 ("accuracy_budget_selection_change",

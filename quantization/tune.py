@@ -10,7 +10,7 @@ VALID or not by the same rules as ``bench``. The table's Pareto front is latency
 accuracy drop (the larger of the mAP@0.5 and mAP@[.5:.95] point drops against onnxruntime CPU
 float32); a configuration is within the budget by the rule ``quantize --max-drop`` stops on
 (:func:`quantization.budget.budget_verdict`: the paired bootstrap interval of each change
-reaches -budget and the point drop is at most budget + 1), so that a file that rule accepted is
+reaches -budget), so that a file that rule accepted is
 not refused here on the noise of the same images; the configuration named is the fastest
 within the budget, with its speed-up against onnxruntime CPU float32 at
 the same thread count sweep's best (onnxruntime's own default uses every core).
