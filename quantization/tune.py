@@ -26,7 +26,7 @@ from typing import Callable
 
 from core.contract import read_contract
 from core.errors import ConfigError, DetbenchError
-from quantization.budget import BudgetSettings, budget_verdict, check_budget, default_coco, quantize_within_budget
+from quantization.budget import RESAMPLES, BudgetSettings, budget_verdict, check_budget, default_coco, quantize_within_budget
 
 ProgressFn = Callable[[str], None]
 
@@ -214,7 +214,7 @@ def tune(path, settings: TuneSettings, progress: ProgressFn | None = None) -> Tu
         loaded = {k: json.loads(Path(f).read_text()) for k, f in results_files.items()}
         verdicts = {}
         for key in scores:
-            changes = paired_change(loaded[base_key], loaded[key], dataset, selection)
+            changes = paired_change(loaded[base_key], loaded[key], dataset, selection, resamples=RESAMPLES)
             verdicts[key] = (budget_verdict(changes, max_drop), {m: {"delta": c.delta, "low": c.low, "high": c.high}
                                                                  for m, c in changes.items()})
         for p in points:
