@@ -255,9 +255,10 @@ def quantize(
     per_channel: bool = typer.Option(True, "--per-channel/--no-per-channel", help="One weight scale per output channel."),
     quant_format: str = typer.Option("qdq", "--format", help="qdq (Quantize/DequantizeLinear pairs) or qoperator."),
     out: Optional[Path] = typer.Option(None, "--out", help="INT8 file to write. Default: <model folder>/<stem>@int8.onnx."),
-    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Accuracy budget in mAP points: the larger of the "
-                                             "mAP@0.5 and mAP@[.5:.95] drops on selection images may not exceed it; "
-                                             "the most sensitive layers stay float until it holds. Needs trained "
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Accuracy budget in mAP points (mAP@0.5 and "
+                                             "mAP@[.5:.95] alike, selection images): the most sensitive layers per "
+                                             "MAC stay float until the 95% paired bootstrap interval of the change "
+                                             "reaches -budget (no loss beyond the budget shown). Needs trained "
                                              "weights and COCO data (--calibration, split 16/32/rest by --seed)."),
     seed: int = typer.Option(0, "--seed", help="With --max-drop: the seed of the calibration/selection/evaluation split."),
 ) -> None:
@@ -284,10 +285,13 @@ def quantize(
         print_error("interrupted: nothing was written (the INT8 file is written in one step at the end)")
         raise typer.Exit(130) from None
     if max_drop is not None:
+        from quantization.budget import RULE
+
         kept = ", ".join(outcome.kept_float) or "none"
-        console.print(f"[green]✓[/] {t(model)} -> {t(outcome.path)}: {outcome.split.describe()}; selection drop "
-                      f"{outcome.drop:.2f} point (budget {max_drop}, all INT8 {outcome.all_int8_drop:.2f}; larger of "
-                      f"mAP@0.5 and mAP@[.5:.95]); layers kept float for accuracy: {t(kept)}. "
+        changes = "; ".join(c.describe() for c in outcome.changes.values())
+        console.print(f"[green]✓[/] {t(model)} -> {t(outcome.path)}: {outcome.split.describe()}; selection change "
+                      f"INT8 - float32: {t(changes)} (budget {max_drop}: {t(RULE)}; all INT8 drop "
+                      f"{outcome.all_int8_drop:.2f}); layers kept float for accuracy: {t(kept)}. "
                       f"Evaluate on the other images: eval refuses calibration and selection ids.",
                       highlight=False, soft_wrap=True)
         return
@@ -303,8 +307,9 @@ def quantize(
 @reports_errors
 def tune(
     model: Path = typer.Argument(..., help="Exported float32 ONNX detector."),
-    max_drop: float = typer.Option(..., "--max-drop", help="Accuracy budget in mAP points (larger of the mAP@0.5 and "
-                                   "mAP@[.5:.95] drops against onnxruntime CPU float32, selection images)."),
+    max_drop: float = typer.Option(..., "--max-drop", help="Accuracy budget in mAP points (mAP@0.5 and mAP@[.5:.95] "
+                                   "against onnxruntime CPU float32, selection images; within it when the 95% paired "
+                                   "bootstrap interval of the change reaches -budget)."),
     coco: Optional[Path] = typer.Option(None, "--coco", help="COCO folder. Default: the shared COCO val2017 subset."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration/selection/evaluation split."),
     providers: Optional[List[str]] = typer.Option(None, "--provider", "-p", help="Backends to try (default: every "
@@ -326,13 +331,15 @@ def tune(
     with console.status(f"tuning {t(model)}") as status:
         result = run_tune(model, settings, progress=lambda msg: status.update(t(msg)))
     table = Table(title=f"tune {t(model)}: p50 latency vs accuracy drop (points, selection images)")
-    for column in ("backend", "precision", "threads", "p50 ms", "valid", "mAP@0.5", "mAP@[.5:.95]", "drop",
-                   "within budget", "Pareto"):
+    for column in ("backend", "precision", "threads", "p50 ms", "valid", "mAP@0.5", "mAP@[.5:.95]",
+                   "change 0.5 / .5:.95 [95%]", "drop", "within budget", "Pareto"):
         table.add_column(column)
     for p in sorted(result.points, key=lambda p: p.p50_ms):
         fmt = (lambda v: "-" if v is None else f"{v:.2f}")
+        change = "-" if not p.changes else " / ".join(
+            f"{c['delta']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]" for c in (p.changes["map50"], p.changes["map"]))
         table.add_row(t(p.backend), p.precision, str(p.threads), f"{p.p50_ms:.1f}", "VALID" if p.valid else "INVALID",
-                      fmt(p.map50), fmt(p.map), fmt(p.drop),
+                      fmt(p.map50), fmt(p.map), change, fmt(p.drop),
                       "-" if p.within_budget is None else ("yes" if p.within_budget else "no"),
                       "*" if p.pareto else "")
     console.print(table)

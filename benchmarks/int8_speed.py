@@ -1,8 +1,9 @@
 """INT8 vs float32 latency on onnxruntime CPU, measured side by side in one process.
 
-Both sessions are created first; then each round runs the float model and the INT8 model
-alternately (``--reps`` runs each, order swapped every round), so that load from other
-processes on a shared machine hits both alike. Reported: median latency of each (ms,
+Both sessions are created first (intra-op spinning off, so that the idle one does not
+busy-wait on the cores the other is timed on); then each round runs the float model and the
+INT8 model alternately (``--reps`` runs each, order swapped every round), so that load from
+other processes on a shared machine hits both alike. Reported: median latency of each (ms,
 wall time of ``session.run`` on one real COCO image, 2 intra-op threads by default) and the
 speed-up as the median of the per-round ratios float / int8.
 
@@ -35,6 +36,9 @@ def session(path: Path, threads: int, level: str, profile: bool = False):
     options.inter_op_num_threads = 1
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[level])
     options.log_severity_level = 3
+    # the two sessions alternate: a session left spinning after its run would busy-wait on the cores
+    # the other one is being timed on (as `bench` opens sessions that alternate)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile:
         options.enable_profiling = True
         options.profile_file_prefix = f"/tmp/int8prof-{path.stem}"

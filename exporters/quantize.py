@@ -353,6 +353,21 @@ def quantizable_layers(path) -> list[tuple[str, str]]:
     return [(n, by_name[n]) for n in plan(prepared).quantize if by_name[n] in LINEAR_OPS]
 
 
+def layer_macs(path, names: Iterable[str]) -> dict[str, int]:
+    """MACs per run of each node in ``names`` of the optimized graph :func:`quantizable_layers`
+    names, counted by the analyzer at the file's input size (0 where a shape stays unresolved)."""
+    from counting.analyzer import analyze
+    from counting.shapes import static_shapes
+
+    contract = read_contract(path)
+    with tempfile.TemporaryDirectory(prefix="detbench-quant-") as tmp:
+        model, _ = load_checked(path, load_weights=True)
+        prepared = _optimize(model, Path(tmp) / "optimized.onnx")
+    nodes, _, _ = analyze(prepared, static_shapes(prepared, contract.input_size, keep_weights=False))
+    counted = {n.name: int(n.macs or 0) for n in nodes if n.status == "counted"}
+    return {name: counted.get(name, 0) for name in names}
+
+
 # --------------------------------------------------------------------------- quantization
 
 

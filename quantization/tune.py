@@ -7,13 +7,18 @@ every core count up to the machine's). Accuracy is measured on the selection ima
 the evaluation ones) per (file, backend): threads do not change the arithmetic. Latency is
 the p50 of runs alternating between backends in one process (``runtime.bench``), judged
 VALID or not by the same rules as ``bench``. The table's Pareto front is latency against
-accuracy drop (the larger of the mAP@0.5 and mAP@[.5:.95] drops, points); the configuration
-named is the fastest within the budget, with its speed-up against onnxruntime CPU float32 at
+accuracy drop (the larger of the mAP@0.5 and mAP@[.5:.95] point drops against onnxruntime CPU
+float32); a configuration is within the budget by the rule ``quantize --max-drop`` stops on
+(:func:`quantization.budget.budget_verdict`: the paired bootstrap interval of each change
+reaches -budget), so that a file that rule accepted is
+not refused here on the noise of the same images; the configuration named is the fastest
+within the budget, with its speed-up against onnxruntime CPU float32 at
 the same thread count sweep's best (onnxruntime's own default uses every core).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +26,7 @@ from typing import Callable
 
 from core.contract import read_contract
 from core.errors import ConfigError, DetbenchError
-from quantization.budget import BudgetSettings, check_budget, default_coco, quantize_within_budget
+from quantization.budget import RESAMPLES, BudgetSettings, budget_verdict, check_budget, default_coco, quantize_within_budget
 
 ProgressFn = Callable[[str], None]
 
@@ -59,6 +64,7 @@ class Point:
     map: float | None = None
     pareto: bool = False
     within_budget: bool | None = None
+    changes: dict | None = None  # metric -> {delta, low, high} against onnxruntime CPU float32, points
 
     @property
     def label(self) -> str:
@@ -97,9 +103,12 @@ def _dominates(q: Point, p: Point, known: bool) -> bool:
 
 
 def choose(points: list[Point], max_drop: float, reference: Point | None) -> tuple[Point | None, float | None]:
-    """The fastest point within ``max_drop`` (VALID latencies preferred) and its speed-up over ``reference``."""
+    """The fastest point within ``max_drop`` (VALID latencies preferred) and its speed-up over ``reference``.
+    A point judged from its intervals (``changes``, by :func:`budget_verdict`) keeps that judgement;
+    otherwise its point drop decides."""
     for p in points:
-        p.within_budget = None if p.drop is None else p.drop <= max_drop
+        if p.changes is None:
+            p.within_budget = None if p.drop is None else p.drop <= max_drop
     eligible = [p for p in points if p.within_budget or (p.drop is None and all(q.drop is None for q in points))]
     if not eligible:
         return None, None
@@ -155,12 +164,14 @@ def tune(path, settings: TuneSettings, progress: ProgressFn | None = None) -> Tu
             int8, selection = budget.path, budget.split.selection
             split_info = {"seed": budget.split.seed, "calibration": list(budget.split.calibration),
                           "selection": list(budget.split.selection), "kept_float": budget.kept_float,
-                          "selection_drop": budget.drop}
+                          "selection_drop": budget.drop,
+                          "selection_changes": {m: {"delta": c.delta, "low": c.low, "high": c.high}
+                                                for m, c in budget.changes.items()}}
         files["int8"] = int8
-        del dataset
 
     points: list[Point] = []
     scores: dict[tuple[str, str], dict] = {}
+    results_files: dict[tuple[str, str], str] = {}
     for precision, file in files.items():
         opened = list(runnable)  # a backend whose conversion of this file fails is dropped, with a note
         for t in threads:
@@ -195,12 +206,23 @@ def tune(path, settings: TuneSettings, progress: ProgressFn | None = None) -> Tu
                 result = evaluate_model(file, coco_dir=coco_dir, image_ids=selection, provider=name,
                                         store=settings.record, allow_calibration_overlap=True)
                 scores[(precision, name)] = {"map50": 100 * result.scores["map50"], "map": 100 * result.scores["map"]}
+                results_files[(precision, name)] = result.results_file
     if accuracy:
-        base = scores.get(("f32", REFERENCE)) or next(v for (p, _), v in scores.items() if p == "f32")
+        from eval.bootstrap import paired_change
+
+        base_key = ("f32", REFERENCE) if ("f32", REFERENCE) in scores else next(k for k in scores if k[0] == "f32")
+        loaded = {k: json.loads(Path(f).read_text()) for k, f in results_files.items()}
+        verdicts = {}
+        for key in scores:
+            changes = paired_change(loaded[base_key], loaded[key], dataset, selection, resamples=RESAMPLES)
+            verdicts[key] = (budget_verdict(changes, max_drop), {m: {"delta": c.delta, "low": c.low, "high": c.high}
+                                                                 for m, c in changes.items()})
         for p in points:
-            s = scores[("int8" if p.file == str(files.get("int8")) else "f32", p.backend)]
+            key = ("int8" if p.file == str(files.get("int8")) else "f32", p.backend)
+            s = scores[key]
             p.map50, p.map = s["map50"], s["map"]
-            p.drop = max(base["map50"] - s["map50"], base["map"] - s["map"])
+            verdict, p.changes = verdicts[key]
+            p.drop, p.within_budget = verdict.drop, verdict.ok
     pareto_front(points)
     refs = [p for p in points if p.backend == REFERENCE and p.file == str(path)]
     reference = min(refs, key=lambda p: (-p.threads, p.p50_ms)) if refs else None

@@ -51,16 +51,34 @@ def _chain(path: Path, weights: str = TRAINED, convs: int = 4) -> Path:
     return path
 
 
-def _fake_scores(per_layer: float, all_int8: float):
-    """A scorer whose drop shrinks by ``per_layer`` for each layer the file keeps float."""
+def _fake_scores(per_layer: float, all_int8: float, half_width: float = 0.05):
+    """A scorer whose mAP@0.5 drop shrinks by ``per_layer`` for each layer the file keeps float (mAP@[.5:.95]
+    loses half as much); every change's interval is its point change +- ``half_width``."""
     def score(path, coco_dir, ids, stem):
         extra = read_contract(path).extra
         if extra.get("precision") != "int8":
             return {"map50": 40.0, "map": 20.0}
         kept = len(json.loads(extra.get("kept_float_by_accuracy", "[]")))
         drop = max(0.0, all_int8 - per_layer * kept)
-        return {"map50": 40.0 - drop, "map": 20.0 - drop / 2}
+        return {"map50": 40.0 - drop, "map": 20.0 - drop / 2, "half_width": half_width}
     return score
+
+
+def _fake_compare(reference, candidate, dataset, ids):
+    width = candidate.get("half_width", 0.0)
+    return {m: _change(m, candidate[m] - reference[m], width, reference[m]) for m in ("map50", "map")}
+
+
+def _change(metric: str, delta: float, half_width: float, a: float = 40.0, low=None, high=None):
+    from eval.bootstrap import Change
+
+    return Change(metric=metric, a=a, b=a + delta, delta=delta, low=delta - half_width if low is None else low,
+                  high=delta + half_width if high is None else high, images=32, resamples=200)
+
+
+def _fake(monkeypatch, **scores):
+    monkeypatch.setattr(budget_module, "_score", _fake_scores(**scores))
+    monkeypatch.setattr(budget_module, "_compare", _fake_compare)
 
 
 def test_splits_are_disjoint_and_seeded():
@@ -77,21 +95,29 @@ def test_splits_are_disjoint_and_seeded():
 
 
 def test_max_drop_keeps_the_most_sensitive_layers_float(tmp_path, coco_dir, monkeypatch):
-    monkeypatch.setattr(budget_module, "_score", _fake_scores(per_layer=0.4, all_int8=1.0))
+    _fake(monkeypatch, per_layer=0.4, all_int8=1.0)
     model = _chain(tmp_path / "chain.onnx")
     out = tmp_path / "chain@int8.onnx"
     settings = BudgetSettings(max_drop=0.3, coco_dir=coco_dir, calibration_images=2, selection_images=4,
                               sensitivity_images=2, quantize=budget_module.QuantizeSettings(method="minmax", out=out))
     result = quantize_within_budget(model, settings)
-    # all INT8 loses 1.0 > 0.3; one layer float 0.6, two 0.2: two layers, the two most sensitive
+    # all INT8 loses 1.0 (interval +-0.05: clearly beyond 0.3); one layer float 0.6, two 0.2: two layers,
+    # the first two in the order of disagreement removed per MAC
     assert result.all_int8_drop == pytest.approx(1.0)
     assert result.kept_float == [name for name, _ in result.sensitivity[:2]]
-    assert result.drop == pytest.approx(0.2) and result.drop <= 0.3
+    gains = [g / max(result.macs[n], 1) for n, g in result.sensitivity if g > 0]
+    assert gains == sorted(gains, reverse=True) and len(result.macs) == 4 and min(result.macs.values()) > 0
+    assert result.drop == pytest.approx(0.2) and result.drop <= 0.3 and result.verdict.ok
+    assert [step["ok"] for step in result.steps] == [False, False, True]
     extra = read_contract(out).extra
     assert json.loads(extra["kept_float_by_accuracy"]) == sorted(result.kept_float)
     assert json.loads(extra["selection_image_ids"]) == list(result.split.selection)
     assert json.loads(extra["calibration_image_ids"]) == list(result.split.calibration)
     assert float(extra["accuracy_budget_selection_drop"]) == pytest.approx(0.2)
+    assert extra["accuracy_budget_rule"] == budget_module.RULE
+    recorded = json.loads(extra["accuracy_budget_selection_change"])
+    assert recorded["map50"]["delta"] == pytest.approx(-0.2) and recorded["map50"]["low"] == pytest.approx(-0.25)
+    assert recorded["map"]["high"] == pytest.approx(-0.05)
     # kept-float layers really have float weights in the written file
     written = onnx.load(str(out))
     by_name = {n.name: n for n in written.graph.node}
@@ -111,13 +137,95 @@ def test_max_drop_keeps_the_most_sensitive_layers_float(tmp_path, coco_dir, monk
 
 
 def test_budget_that_cannot_be_met_writes_nothing(tmp_path, coco_dir, monkeypatch):
-    monkeypatch.setattr(budget_module, "_score", _fake_scores(per_layer=0.0, all_int8=1.0))
+    _fake(monkeypatch, per_layer=0.0, all_int8=1.0)
     out = tmp_path / "never.onnx"
     settings = BudgetSettings(max_drop=0.1, coco_dir=coco_dir, calibration_images=2, selection_images=4,
                               sensitivity_images=1, quantize=budget_module.QuantizeSettings(method="minmax", out=out))
     with pytest.raises(ExportError, match="no INT8 file found within --max-drop 0.1.*nothing was written"):
         quantize_within_budget(_chain(tmp_path / "chain.onnx", convs=2), settings)
     assert not out.exists()
+
+
+def test_a_drop_within_the_selection_noise_is_not_chased(tmp_path, coco_dir, monkeypatch):
+    """All INT8 measures 0.8 point down on the selection images, interval +-1.5: nothing shows a loss
+    beyond 0.3, so no layer is kept float (the point-estimate rule kept two, chasing noise)."""
+    _fake(monkeypatch, per_layer=0.4, all_int8=0.8, half_width=1.5)
+    out = tmp_path / "noise@int8.onnx"
+    settings = BudgetSettings(max_drop=0.3, coco_dir=coco_dir, calibration_images=2, selection_images=4,
+                              sensitivity_images=1, quantize=budget_module.QuantizeSettings(method="minmax", out=out))
+    result = quantize_within_budget(_chain(tmp_path / "chain.onnx"), settings)
+    assert result.kept_float == [] and result.drop == pytest.approx(0.8) and len(result.steps) == 1
+    assert json.loads(read_contract(out).extra["kept_float_by_accuracy"]) == []
+
+
+def test_a_large_drop_on_a_wide_interval_and_the_optional_point_bound(tmp_path, coco_dir, monkeypatch):
+    """All INT8 loses 3.01 points on an interval +-4 that reaches the budget: the default rule accepts it
+    (within the noise of the selection images); with point_slack=1 it is refused (and 2.01 after it),
+    and 1.01 is within budget + 1; the rule recorded says which."""
+    _fake(monkeypatch, per_layer=1.0, all_int8=3.01, half_width=4.0)
+    model = _chain(tmp_path / "chain.onnx")
+
+    def settings(out, **extra):
+        return BudgetSettings(max_drop=0.3, coco_dir=coco_dir, calibration_images=2, selection_images=4,
+                              sensitivity_images=1, quantize=budget_module.QuantizeSettings(method="minmax", out=out),
+                              **extra)
+
+    default = quantize_within_budget(model, settings(tmp_path / "a@int8.onnx"))
+    assert default.kept_float == [] and [round(step["drop"], 2) for step in default.steps] == [3.01]
+    assert read_contract(tmp_path / "a@int8.onnx").extra["accuracy_budget_rule"] == budget_module.RULE
+    bounded = quantize_within_budget(model, settings(tmp_path / "b@int8.onnx", point_slack=1.0))
+    assert [round(step["drop"], 2) for step in bounded.steps] == [3.01, 2.01, 1.01]
+    assert len(bounded.kept_float) == 2
+    assert read_contract(tmp_path / "b@int8.onnx").extra["accuracy_budget_rule"].endswith("budget + 1")
+
+
+def test_stop_rule_on_fake_measurements():
+    from quantization.budget import budget_verdict
+
+    def verdict(d50, w50, dmap, wmap, budget=0.3, **interval):
+        return budget_verdict({"map50": _change("map50", d50, w50, **interval), "map": _change("map", dmap, wmap)},
+                              budget)
+
+    # within the noise: 0.8 point down, interval reaches +0.7 (the point-estimate rule refused it)
+    assert verdict(-0.8, 1.5, -0.2, 0.6).ok
+    # yolov3-tiny's all-INT8 file on split seed 0's selection images: within the noise by default
+    seed0 = {"map50": _change("map50", -3.39, 0.0, low=-7.01, high=0.08),
+             "map": _change("map", -1.18, 0.0, low=-3.81, high=0.53)}
+    assert budget_verdict(seed0, 0.3).ok and budget_verdict(seed0, 0.3).drop == pytest.approx(3.39)
+    # the optional point bound refuses it
+    refused = budget_verdict(seed0, 0.3, slack=1.0)
+    assert not refused.ok and "point drop 3.39 > budget + 1" in refused.reasons[0]
+    with pytest.raises(ConfigError, match="slack"):
+        budget_verdict(seed0, 0.3, slack=-1.0)
+    # a loss shown beyond the budget: high end -0.35 < -0.3, on either metric
+    assert not verdict(-0.6, 0.25, 0.0, 0.2).ok
+    assert not verdict(0.0, 0.2, -0.6, 0.25).ok
+    # the boundaries: high end exactly -budget and point drop exactly budget + 1 are accepted
+    assert verdict(-0.75, 0.0, 0.0, 0.1, budget=0.5, high=-0.5).ok
+    assert not verdict(-0.75, 0.0, 0.0, 0.1, budget=0.5, high=-0.5625).ok
+    slack = {"map50": _change("map50", -1.5, 2.0), "map": _change("map", 0.0, 0.1)}
+    assert budget_verdict(slack, 0.5, slack=1.0).ok
+    assert not budget_verdict({**slack, "map50": _change("map50", -1.5625, 2.0)}, 0.5, slack=1.0).ok
+    # budget 0: a change whose interval holds 0 passes, a measured loss does not
+    assert verdict(0.0, 0.0, 0.0, 0.0, budget=0.0).ok
+    assert verdict(-0.4, 0.5, 0.1, 0.3, budget=0.0).ok
+    assert not verdict(-0.4, 0.3, 0.1, 0.3, budget=0.0).ok
+    with pytest.raises(ConfigError, match="--max-drop"):
+        verdict(0.0, 0.1, 0.0, 0.1, budget=-0.1)
+
+
+def test_layers_ordered_by_gain_per_mac_and_counted_by_hand(tmp_path):
+    from exporters.quantize import layer_macs, quantizable_layers
+    from quantization.budget import order_by_gain_per_mac
+
+    gains = [("big", 0.20), ("small", 0.05), ("none", 0.0), ("worse", -0.1), ("mid", 0.10)]
+    macs = {"big": 1000, "small": 10, "none": 5, "worse": 1, "mid": 100}
+    assert [n for n, _ in order_by_gain_per_mac(gains, macs)] == ["small", "mid", "big", "none", "worse"]
+    model = _chain(tmp_path / "chain.onnx")
+    names = [name for name, _ in quantizable_layers(model)]
+    counted = layer_macs(model, names)
+    # 8x8 output, 4 output channels, 3x3 kernels: 3 input channels for the first, 4 for the others
+    assert sorted(counted.values()) == [8 * 8 * 4 * 3 * 9] + [8 * 8 * 4 * 4 * 9] * 3
 
 
 @pytest.mark.parametrize("bad", [-0.5, math.nan, math.inf])
@@ -162,6 +270,10 @@ def test_pareto_and_choice_on_fake_measurements():
     assert chosen.label == "cpu f32 2t"
     assert choose(pts, 0.0, reference=None)[0].label == "cpu f32 2t"
     assert choose([Point("cpu", "int8", 1, "q", 5.0, True, drop=1.0)], 0.5, None) == (None, None)
+    # a point judged from its intervals keeps that judgement: 0.8 point down within the noise is within 0.5
+    noisy = Point("cpu", "int8", 1, "q", 5.0, True, drop=0.8, within_budget=True,
+                  changes={"map50": {"delta": -0.8, "low": -2.3, "high": 0.7}})
+    assert choose([noisy, pts[0]], 0.5, reference=pts[0])[0] is noisy and noisy.within_budget
 
 
 def test_bootstrap_matches_pycocotools_and_brackets_a_change(coco_dir):
