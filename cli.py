@@ -87,8 +87,8 @@ def list_models() -> None:
     table.add_column("name", no_wrap=True)
     for col in ("framework", "input", "resize", "labels"):
         table.add_column(col, no_wrap=True, overflow="ellipsis")
-    table.add_column("weights", no_wrap=True, overflow="ellipsis")
     table.add_column("B", no_wrap=True)
+    table.add_column("weights", no_wrap=True, overflow="ellipsis", min_width=12)  # last: scripts read the state off the line's end
     present: dict[Path, list[str]] = {}
     no_batch: dict[str, str] = {}  # framework -> why its exporter cannot write a batch file
     damaged = []  # statuses with copies that failed their sha256 (whether or not another copy is used)
@@ -109,8 +109,8 @@ def list_models() -> None:
         if not batchable:
             no_batch.setdefault(spec.framework, why)
         table.add_row(t(spec.name) + (" *" if spec.paper else ""), t(spec.framework),
-                      f"{spec.height}x{spec.width}", t(spec.resize), t(spec.label_space), cell,
-                      "yes" if batchable else "-")
+                      f"{spec.height}x{spec.width}", t(spec.resize), t(spec.label_space),
+                      "yes" if batchable else "-", cell)
     console.print(table)
     console.print("* one of the paper's eleven configurations (Sheik, Chaurasia, Culurciello 2018).\n"
                   "weights: [green]present[/] = found locally (below); [yellow]fetchable[/] = official "
@@ -120,7 +120,7 @@ def list_models() -> None:
                   "(below).\nB: `export NAME --batch` writes NAME@batch.onnx (symbolic batch axis, per-image NMS, "
                   "output batch_index) for Offline's batch search; '-': batch 1 only.", highlight=False)
     for framework, why in no_batch.items():
-        console.print(f"  {t(framework)}: {t(why)}", highlight=False, soft_wrap=True)
+        console.print(f"  {t(framework)}: {t(why)}", highlight=False)  # wrapped to the console like the rest
     if present:
         console.print("present locally:", highlight=False)
         for path, names in present.items():

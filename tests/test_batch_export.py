@@ -150,8 +150,8 @@ def test_list_says_which_models_can_export_a_batch(registry, monkeypatch):
     result = CliRunner().invoke(cli.app, ["list"])
     assert result.exit_code == 0, result.output
     header = next(line for line in result.output.splitlines() if line.split()[:1] == ["name"])
-    assert header.split()[-1] == "B"
-    rows = {line.split()[0]: line.split()[-1] for line in result.output.splitlines() if line.split()
+    assert header.split()[-2:] == ["B", "weights"]  # the weights state stays the line's last cell
+    rows = {line.split()[0]: line.split()[-2] for line in result.output.splitlines() if line.split()
             and line.split()[0] in registry.names}
     for spec in registry:
         assert rows[spec.name] == ("yes" if spec.framework == "darknet" else "-"), spec.name
