@@ -108,3 +108,25 @@ def first_reason(log: str, needles: tuple[str, ...] = ("not support", "Unsupport
     lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
     hits = [ln for ln in lines if any(n in ln for n in needles)]
     return (hits[-1] if hits else (lines[-1] if lines else "no output"))[:300]
+
+
+def probe_conversion(backend: str, converter: str, version: str, build: Callable[[Path, Path], dict[str, Any] | None],
+                     run: Callable[[Path, Any], Any], label: str) -> tuple[bool, str]:
+    """A converting backend's probe: convert the one-node Relu model (``base.tiny_model_bytes``) with
+    ``build`` in a throw-away folder, run it with ``run(artifact_folder, x)`` (returns ``y``) and
+    check Relu's values. ``(usable, reason)``; ``label`` names the runtime in the reason."""
+    import tempfile
+
+    import numpy as np
+
+    from runtime.backends.base import tiny_model_bytes
+
+    with tempfile.TemporaryDirectory(prefix="detbench-probe-") as tmp:
+        try:
+            conv = converted(backend, tiny_model_bytes(), converter, version, {}, build, Path(tmp))
+            out = np.asarray(run(Path(conv.artifact), np.array([[-1.0, 2.0, -3.0, 4.0]], np.float32)))
+        except Exception as exc:  # noqa: BLE001 - the probe reports whatever stops the runtime, as its reason
+            return False, f"{label} cannot convert and run a one-node model: {exc}"
+    if out.reshape(-1).tolist() != [0.0, 2.0, 0.0, 4.0]:
+        return False, f"{label} ran the one-node probe model but returned {out.tolist()}"
+    return True, ""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from core.contract import INPUT_NAME
-from runtime.backends.base import (Backend, BackendSettings, Capabilities, RunnerInfo, native_output_captured,
-                                   tiny_model_bytes)
-from runtime.backends.convert import ConversionFailed, converted, first_reason
+from runtime.backends.base import (Backend, BackendSettings, Capabilities, RunnerInfo, native_output_captured)
+from runtime.backends.convert import ConversionFailed, converted, first_reason, probe_conversion
 
 # The converter's C entry point, called directly: the wheel's ``MNN.tools.mnnconvert`` wrapper imports
 # a usage logger that runs ``pip install -U aliyun-log-python-sdk`` when that is missing (which
@@ -99,16 +97,9 @@ class MnnBackend(Backend):
             version = _version()
         except ImportError as exc:
             return False, f"the MNN package is not installed ({exc}); `pip install 'detbench[runtimes]'` (MNN==3.6.1)"
-        with tempfile.TemporaryDirectory(prefix="detbench-probe-") as tmp:
-            try:
-                conv = converted(self.name, tiny_model_bytes(), "mnnconvert", version, {}, convert_onnx, Path(tmp))
-                net = MnnNetwork(Path(conv.artifact) / "model.mnn", ["x"], ["y"], MnnSettings())
-                out = net(np.array([[-1.0, 2.0, -3.0, 4.0]], np.float32))["y"]
-            except Exception as exc:  # noqa: BLE001 - the probe reports whatever stops MNN, as its reason
-                return False, f"MNN {version} cannot convert and run a one-node model: {exc}"
-        if out.reshape(-1).tolist() != [0.0, 2.0, 0.0, 4.0]:
-            return False, f"MNN ran the one-node probe model but returned {out.tolist()}"
-        return True, ""
+        return probe_conversion(self.name, "mnnconvert", version, convert_onnx,
+                                lambda folder, x: MnnNetwork(folder / "model.mnn", ["x"], ["y"], MnnSettings())(x)["y"],
+                                f"MNN {version}")
 
     def open(self, path: Path, settings: BackendSettings):
         from runtime.backends.split import SplitRunner, split_model

@@ -22,16 +22,14 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from runtime.backends.base import (Backend, BackendSettings, Capabilities, RunnerInfo, native_output_captured,
-                                   tiny_model_bytes)
-from runtime.backends.convert import ConversionFailed, converted, first_reason
+from runtime.backends.base import (Backend, BackendSettings, Capabilities, RunnerInfo, native_output_captured)
+from runtime.backends.convert import ConversionFailed, converted, first_reason, probe_conversion
 
 
 @dataclass(frozen=True)
@@ -173,17 +171,9 @@ class NcnnBackend(Backend):
             _pnnx_executable()
         except (ImportError, importlib.metadata.PackageNotFoundError, ConversionFailed) as exc:
             return False, f"ncnn or pnnx is not installed ({exc}); `pip install -e .` installs both (ncnn==1.0.20261020, pnnx==20261020)"
-        with tempfile.TemporaryDirectory(prefix="detbench-probe-") as tmp:
-            try:
-                conv = converted(self.name, tiny_model_bytes(), "pnnx", versions, {},
-                                 lambda src, out: convert_onnx(src, out, [1, 4]), Path(tmp))
-                net = NcnnNetwork(Path(conv.artifact), ["y"], {"y": [1, 4]}, NcnnSettings())
-                out = net(np.array([[-1.0, 2.0, -3.0, 4.0]], np.float32))["y"]
-            except Exception as exc:  # noqa: BLE001 - the probe reports whatever stops ncnn, as its reason
-                return False, f"{versions} cannot convert and run a one-node model: {exc}"
-        if out.reshape(-1).tolist() != [0.0, 2.0, 0.0, 4.0]:
-            return False, f"ncnn ran the one-node probe model but returned {out.tolist()}"
-        return True, ""
+        return probe_conversion(self.name, "pnnx", versions, lambda src, out: convert_onnx(src, out, [1, 4]),
+                                lambda folder, x: NcnnNetwork(folder, ["y"], {"y": [1, 4]}, NcnnSettings())(x)["y"],
+                                versions)
 
     def open(self, path: Path, settings: BackendSettings):
         from runtime.backends.split import SplitRunner, split_model

@@ -20,8 +20,8 @@ import numpy as np
 
 from core.contract import INPUT_NAME
 from core.errors import ConfigError
-from runtime.backends.base import Backend, BackendSettings, Capabilities, RunnerInfo, tiny_model_bytes
-from runtime.backends.convert import ConversionFailed, converted
+from runtime.backends.base import Backend, BackendSettings, Capabilities, RunnerInfo
+from runtime.backends.convert import ConversionFailed, converted, probe_conversion
 
 
 @dataclass(frozen=True)
@@ -92,18 +92,9 @@ class TorchOnnxBackend(Backend):
             import torch  # noqa: F401
         except ImportError as exc:
             return False, f"onnx2torch is not installed ({exc}); `pip install 'detbench[runtimes]'` (onnx2torch==1.5.15)"
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="detbench-probe-") as tmp:
-            try:
-                conv = converted(self.name, tiny_model_bytes(), "onnx2torch", _versions(), {}, convert_onnx, Path(tmp))
-                out = TorchNetwork(Path(conv.artifact) / "module.pt", ["y"], TorchSettings())(
-                    np.array([[-1.0, 2.0, -3.0, 4.0]], np.float32))["y"]
-            except Exception as exc:  # noqa: BLE001 - whatever stops it is the reason
-                return False, f"onnx2torch cannot convert and run a one-node model: {exc}"
-        if out.reshape(-1).tolist() != [0.0, 2.0, 0.0, 4.0]:
-            return False, f"onnx2torch ran the one-node probe model but returned {out.tolist()}"
-        return True, ""
+        return probe_conversion(self.name, "onnx2torch", _versions(), convert_onnx,
+                                lambda folder, x: TorchNetwork(folder / "module.pt", ["y"], TorchSettings())(x)["y"],
+                                "onnx2torch")
 
     def open(self, path: Path, settings: BackendSettings):
         from runtime.backends.split import SplitRunner, split_model
