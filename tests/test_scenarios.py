@@ -170,7 +170,8 @@ def test_candidate_configs_split_cores_between_streams():
 
 
 @pytest.mark.parametrize("kwargs", [dict(scenario="multistream"), dict(streams=0), dict(p99_ms=-1.0),
-                                    dict(p99_factor=1.0), dict(batches=(0,)), dict(percentile=1.0)])
+                                    dict(p99_factor=1.0), dict(batches=(0,)), dict(percentile=1.0),
+                                    dict(server_max_load=0.0), dict(server_max_load=1.5)])
 def test_scenario_settings_reject_bad_options(kwargs):
     with pytest.raises(ConfigError):
         ScenarioSettings(**kwargs)
@@ -200,6 +201,8 @@ def test_offline_and_server_records_on_a_tiny_model(tiny_batchable):
     assert by_scenario["server"]["settings"]["seed"] == 11 and by_scenario["server"]["data"]["seed"] == 11
     srv = server.figures
     assert srv["bound_ms"] == pytest.approx(10 * srv["singlestream_p50_ms"])
+    # the search stays below the capacity, where the queue is stable (settings.server_max_load)
+    assert srv["search"] and max(t["qps"] for t in srv["search"]) <= 0.9 * srv["capacity_ips"] * (1 + 1e-9)
     for c in srv["confirmations"]:
         assert c["queries"] >= 64  # the early-stopping estimate of p90 needs 64
     assert offline.figures["validity"]["verdict"] in ("VALID", "INVALID")

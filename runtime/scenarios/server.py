@@ -6,7 +6,8 @@ Steps for one model on one backend:
 1. SingleStream p50 on one stream (``trial_seconds`` of back-to-back runs): the default bound
    is ``p99_factor`` x that p50 (:mod:`runtime.scenarios.settings` says why 10);
 2. the configuration (streams x threads) with the highest back-to-back throughput over
-   ``trial_seconds`` each; that throughput is the capacity the search starts from;
+   ``trial_seconds`` each; ``server_max_load`` (0.9) of that capacity is where the search starts
+   and the most it asks for;
 3. :func:`search_qps`: bisection over QPS, each trial a Poisson schedule of
    ``server_trial_queries`` queries (seed ``seed + trial``), passing when the empirical
    percentile is within the bound;
@@ -145,8 +146,9 @@ def server(model: Model, backend: str, scenario: ScenarioSettings, backend_setti
             tail = percentile(lat, q)
             return Trial(qps, tail, tail <= bound)
 
-        found, trials = search_qps(trial, capacity, tolerance=scenario.search_tolerance,
-                                   max_trials=scenario.max_trials, ceiling=capacity)
+        ceiling = scenario.server_max_load * capacity  # settings: a queue at full capacity never settles
+        found, trials = search_qps(trial, ceiling, tolerance=scenario.search_tolerance,
+                                   max_trials=scenario.max_trials, ceiling=ceiling)
         confirmations = []
         verdict = None
         qps = found
@@ -166,6 +168,7 @@ def server(model: Model, backend: str, scenario: ScenarioSettings, backend_setti
     figures = {
         "qps": qps if supported else None, "bound_ms": bound, "bound_source": bound_source, "percentile": q,
         "singlestream_p50_ms": p50, "capacity_ips": capacity, "cores": cores,
+        "search_ceiling_qps": scenario.server_max_load * capacity,
         "config": config.to_dict(), "config_text": str(config),
         "capacity_trials": [{**c.to_dict(), "images_per_s": ips} for ips, c in capacities],
         "search": [t.to_dict() for t in trials], "trial_queries": scenario.server_trial_queries,

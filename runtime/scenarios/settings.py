@@ -15,6 +15,10 @@ afford per model x backend (the record stores the rules each figure was judged b
   for p99 at 99 % confidence) and at least ``server_min_seconds``; the percentile is supported
   when that estimate is at most the bound (LoadGen's early stopping: few enough queries over the
   bound that, at 99 % confidence, fewer than 1 % of all queries would be).
+  The search never asks for more than ``server_max_load`` (0.9) of the measured back-to-back
+  capacity: at the full capacity the queue is unstable (utilisation 1: it grows without bound),
+  which a trial of 64-200 queries may not show yet, so a search that reached the capacity passed
+  there and its first 662-query confirmation failed (measured: yolov3-tiny on cpu, loaded host).
 
 Default latency bound: ``p99_factor`` (10) x the model's SingleStream p50 on that backend.
 Why 10: with ``s`` streams sharing the cores, one query takes about ``s`` x the SingleStream
@@ -60,6 +64,7 @@ class ScenarioSettings:
     server_min_seconds: float = 10.0
     search_tolerance: float = 0.03
     max_trials: int = 8
+    server_max_load: float = 0.9
 
     def __post_init__(self):
         if self.scenario not in SCENARIOS:
@@ -76,6 +81,8 @@ class ScenarioSettings:
             raise ConfigError(f"p99 factor {self.p99_factor}: must be above 1 (the bound is factor x SingleStream p50)")
         if not 0.5 <= self.percentile < 1 or not 0.5 <= self.confidence < 1:
             raise ConfigError(f"percentile {self.percentile} / confidence {self.confidence}: each in [0.5, 1)")
+        if not 0 < self.server_max_load <= 1:
+            raise ConfigError(f"server max load {self.server_max_load}: a fraction of the capacity in (0, 1]")
         if self.offline_min_samples < 1 or self.server_trial_queries < 1:
             raise ConfigError("sample and query counts must be at least 1")
         if self.offline_max_seconds < self.offline_min_seconds:
