@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import queue
@@ -155,7 +156,8 @@ def ray_instance(address: str | None, *, connect_timeout: float = CONNECT_TIMEOU
         host = _probe_address(address, connect_timeout)
         kwargs.update(address=address)
         loopback = host is not None and _is_loopback(host)
-    with loopback_only(loopback):
+    before = {t.ident for t in threading.enumerate()}
+    with loopback_only(loopback), _environment({USAGE_STATS_ENV: "0"}):
         try:
             ray.init(**kwargs)
         except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
@@ -168,7 +170,51 @@ def ray_instance(address: str | None, *, connect_timeout: float = CONNECT_TIMEOU
         try:
             yield ray.cluster_resources()
         finally:
+            left = settle_threads(before)
+            if left:
+                logging.getLogger(__name__).warning("threads still inside Ray when disconnecting: %s", left)
             ray.shutdown()
+
+
+# Ray's usage statistics: on by default, they send the cluster's description over the network and
+# keep a Ray Data poller thread for the process's life; a detbench run stays off the network.
+USAGE_STATS_ENV = "RAY_USAGE_STATS_ENABLED"
+# Threads that belong to the connection itself and end with ray.shutdown().
+_CONNECTION_THREADS = frozenset({"PythonGCThread", "ray_listen_error_messages", "ray_print_logs"})
+# How long disconnecting waits for the threads a block started to end.
+SETTLE_S = 10.0
+
+
+def settle_threads(before: set[int], timeout: float = SETTLE_S) -> list[str]:
+    """Wait up to ``timeout`` s for the threads started since ``before`` (thread idents) to end;
+    the names of those still alive. Garbage is collected first: a Ray Data iterator left in a
+    reference cycle stops its prefetch thread only when collected. A thread still inside Ray
+    when the driver disconnects aborts the whole process (the core worker is gone under it)."""
+    import gc
+
+    gc.collect()
+    deadline = time.monotonic() + timeout
+    for t in threading.enumerate():
+        if t.ident in before or t is threading.current_thread() or t.name in _CONNECTION_THREADS:
+            continue
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    return sorted(t.name for t in threading.enumerate()
+                  if t.ident not in before and t.is_alive() and t.name not in _CONNECTION_THREADS)
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in this process's environment (inherited by what it starts) for the block."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _is_loopback(host: str) -> bool:

@@ -152,6 +152,12 @@ def test_a_local_instance_listens_on_loopback_only():
         pytest.fail("a Ray instance is already connected in this process")
     from eval.ray_eval import ray_instance
 
+    outside = os.environ.get("RAY_USAGE_STATS_ENABLED")
+
+    @ray.remote(num_cpus=0)
+    def worker_env(name):
+        return os.environ.get(name)
+
     with ray_instance(None, resources={"probe": 1}) as resources:
         assert resources.get("probe") == 1
 
@@ -166,5 +172,33 @@ def test_a_local_instance_listens_on_loopback_only():
         assert {"gcs_server", "raylet"} <= names, found  # the instance's servers are among those checked
         assert [entry for entry in found if not is_loopback(entry[0])] == [], found
         assert ray._private.worker.global_worker.node.node_ip_address == "127.0.0.1"
+        # no usage statistics leave the machine, from the driver or from what it started
+        from ray._common.usage.usage_lib import usage_stats_enabled
+
+        assert not usage_stats_enabled()
+        assert ray.get(worker_env.remote("RAY_USAGE_STATS_ENABLED")) == "0"
     assert not ray.is_initialized()
+    assert os.environ.get("RAY_USAGE_STATS_ENABLED") == outside  # the process's own setting is back
     assert wait_gone(mine - {os.getpid()}) == set()  # the instance's processes are gone
+
+
+def test_disconnecting_waits_for_the_threads_the_block_started():
+    """A thread still inside Ray when the driver disconnects aborts the process: settle_threads
+    waits for those the block started, and names the ones that outlive its timeout."""
+    import threading
+
+    from eval.ray_eval import settle_threads
+
+    before = {t.ident for t in threading.enumerate()}
+    release = threading.Event()
+    short = threading.Thread(target=time.sleep, args=(0.3,), name="short-lived")
+    stuck = threading.Thread(target=release.wait, name="stuck-reader", daemon=True)
+    short.start()
+    stuck.start()
+    try:
+        assert settle_threads(before, timeout=1.0) == ["stuck-reader"]
+        assert not short.is_alive()  # joined, not merely outlived
+    finally:
+        release.set()
+        stuck.join()
+    assert settle_threads(before, timeout=1.0) == []
