@@ -1,5 +1,9 @@
 """Accuracy-aware quantization (quantization.budget), the disjoint image sets, `tune`'s Pareto
-choice, and the paired bootstrap interval (eval.bootstrap) against pycocotools."""
+choice, and the paired bootstrap interval (eval.bootstrap) against pycocotools.
+
+The search's bookkeeping is tested with a fake scorer on a small chain; that ``--max-drop`` is
+honoured end to end is tested on the real yolov3-tiny (official weights) made fragile under
+INT8 by graph surgery that leaves its float32 outputs unchanged, scored on real COCO images."""
 
 from __future__ import annotations
 
@@ -368,3 +372,150 @@ def test_quantize_cli_interrupt_and_escaping_external_data(tmp_path, coco_dir, m
     result = CliRunner().invoke(cli.app, ["quantize", str(folder / "escaping.onnx"), "--calibration", str(coco_dir)])
     assert result.exit_code == 5, result.output
     assert "Traceback" not in result.output and "escaping.onnx" in result.output
+
+
+# --------------------------------------------------------------------------- a real model that misses the budget
+
+OUTLIER_LAYER = "convolutional_4"  # the third convolution: 199 M MACs like most layers, not the cheap first one
+OUTLIER_SCALE = 2.0 ** 13
+
+
+def _with_activation_outlier(source: Path, target: Path, layer: str = OUTLIER_LAYER,
+                             scale: float = OUTLIER_SCALE) -> Path:
+    """``source`` (a Darknet export: Conv -> BatchNormalization -> LeakyRelu) with one output channel
+    of ``layer`` scaled by ``scale`` (its BatchNorm scale and bias) and scaled back by a Mul after
+    the LeakyRelu (named in the file's metadata, ``test_surgery``).
+
+    Float32 computes the very same numbers: a power of two commutes with rounding, and BatchNorm
+    folding, the convolution's sums and LeakyRelu are all positively homogeneous. The Mul sits after
+    the activation because onnxruntime's basic optimizations (run before quantizing) fold a Mul
+    right after the BatchNorm into the convolution's weights, undoing the outlier; and it is not one
+    of the ops the quantizer runs on 8-bit data, so with ``layer`` quantized its output and the
+    LeakyRelu's carry one per-tensor uint8 range set by the outlier: a step of ~8192 x the channel's
+    largest value / 255, and every other channel rounds to the zero point. With ``layer`` kept
+    float, the chain after it stays float up to the Mul and the next convolution reads ordinary
+    values: one layer kept float repairs it."""
+    from dataclasses import replace as replaced
+
+    from core.contract import save_model
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    bn = next(n for n in graph.node if n.name == f"{layer}.bn")
+    leaky = next(n for n in graph.node if n.name == f"{layer}.leaky")
+    gamma, beta = (numpy_helper.to_array(inits[bn.input[k]]).copy() for k in (1, 2))
+    # the channel whose BatchNorm shift is largest is far from zero on every image, so every
+    # calibration image carries the outlier
+    channel = int(np.argmax(np.abs(beta)))
+    gamma[channel] *= scale
+    beta[channel] *= scale
+    for k, value in ((1, gamma), (2, beta)):
+        inits[bn.input[k]].CopyFrom(numpy_helper.from_array(value, bn.input[k]))
+    undo = np.ones((1, len(beta), 1, 1), np.float32)
+    undo[0, channel] = 1.0 / scale
+    graph.initializer.append(numpy_helper.from_array(undo, f"const.{layer}.undo"))
+    activation, restored = leaky.output[0], f"{leaky.output[0]}.undo"
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name == activation:
+                node.input[k] = restored
+    position = list(graph.node).index(leaky) + 1
+    graph.node.insert(position, helper.make_node("Mul", [activation, f"const.{layer}.undo"], [restored],
+                                                 name=f"{layer}.undo"))
+    contract = read_contract(source)
+    contract = replaced(contract, name=f"{contract.name}-outlier",
+                        extra={**contract.extra, "test_surgery": f"{layer} channel {channel} x {scale:g}, undone "
+                               "after its LeakyRelu"})
+    save_model(model, target, contract)
+    return target
+
+
+def _eval(path: Path, coco_dir: Path, ids, stem: Path) -> list[dict]:
+    from eval.coco import evaluate_model
+
+    result = evaluate_model(path, coco_dir=coco_dir, image_ids=tuple(ids), store=False,
+                            results_file=stem.with_suffix(".results.json"), cache_file=stem.with_suffix(".cache.jsonl"))
+    return json.loads(Path(result.results_file).read_text())
+
+
+def test_max_drop_on_a_real_model_whose_all_int8_file_misses_the_budget(exported, darknet_dir, coco_dir, tmp_path):
+    """yolov3-tiny (official weights) with an activation outlier in one convolution: float32 outputs
+    unchanged, all-INT8 loses most of its mAP on the selection images (COCO scoring, no fake), and
+    ``--max-drop 1`` keeps exactly that convolution float and ends within the budget; the written
+    file's drop on evaluation images is measured too. Ignoring the budget (all-INT8 written) fails."""
+    import onnxruntime as ort
+
+    from core.images import load_rgb, prepare_for
+    from eval.bootstrap import paired_change
+    from eval.dataset import load_coco
+    from exporters.quantize import QuantizeSettings
+
+    max_drop = 1.0
+    tiny = exported("yolov3-tiny", weights=darknet_dir / "yolov3-tiny.weights").path
+    model = _with_activation_outlier(tiny, tmp_path / "yolov3-tiny-outlier.onnx")
+    layer = f"{OUTLIER_LAYER}.conv"
+    dataset = load_coco(coco_dir)
+    settings = BudgetSettings(max_drop=max_drop, coco_dir=coco_dir, calibration_images=4, selection_images=8,
+                              sensitivity_images=2,
+                              quantize=QuantizeSettings(method="minmax", out=tmp_path / "outlier@int8.onnx"))
+    split = split_ids(dataset.images, settings.seed, settings.calibration_images, settings.selection_images)
+
+    # float32: the same detections as the exported model on a real COCO image (within 1e-4 relative)
+    image = dataset.images[split.evaluation[0]].path
+    tensor = prepare_for(load_rgb(image), read_contract(tiny))[0]
+    outputs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"images": tensor})
+               for p in (tiny, model)]
+    assert len(outputs[0][0]) > 0, f"no detection on {image.name}: nothing would be compared"
+    for reference, built in zip(*outputs):
+        assert reference.shape == built.shape and reference.dtype == built.dtype
+        if reference.dtype.kind == "f":
+            assert np.abs(built - reference).max() <= 1e-4 * np.abs(reference).max()
+        else:
+            assert np.array_equal(reference, built)
+
+    result = quantize_within_budget(model, settings)
+    assert result.split == split
+
+    # all INT8 misses the budget on the selection images: a loss shown beyond -1 point on both metrics
+    first = result.steps[0]
+    assert first["kept_float"] == [] and not first["ok"]
+    for metric in ("map50", "map"):
+        assert first["changes"][metric]["high"] < -max_drop, first["changes"]
+    assert result.all_int8_drop > 10.0, result.steps
+    assert first["map50"] < 0.1 * result.float_scores["map50"], result.steps
+    # the search keeps the damaged convolution, alone, float: the sensitivity found it (its float copy
+    # removes most of the disagreement, no other layer's does)
+    assert result.kept_float == [layer], (result.kept_float, result.steps)
+    gains = dict(result.sensitivity)
+    assert result.sensitivity[0][0] == layer and gains[layer] > 0.5, result.sensitivity
+    assert all(gain < 0.1 * gains[layer] for name, gain in gains.items() if name != layer), result.sensitivity
+    # ... and ends within the budget by the rule the file records
+    assert result.verdict.ok and result.steps[-1]["ok"] and len(result.steps) == 2
+    for metric, change in result.changes.items():
+        assert change.high >= -max_drop and change.images == 8, change
+    assert result.drop < 0.5 * result.all_int8_drop
+    extra = read_contract(result.path).extra
+    assert extra["precision"] == "int8" and extra["accuracy_budget_rule"] == budget_module.RULE
+    assert json.loads(extra["kept_float_by_accuracy"]) == [layer]
+    assert float(extra["accuracy_budget_max_drop"]) == max_drop
+    assert float(extra["accuracy_budget_all_int8_drop"]) == pytest.approx(result.all_int8_drop, abs=1e-4)
+    recorded = json.loads(extra["accuracy_budget_selection_change"])
+    assert all(recorded[m]["high"] >= -max_drop for m in ("map50", "map")), recorded
+    assert json.loads(extra["selection_image_ids"]) == list(split.selection)
+    written = onnx.load(str(result.path))
+    inits = {i.name: i for i in written.graph.initializer}
+    conv = next(n for n in written.graph.node if n.name == layer)
+    assert inits[conv.input[1]].data_type == TensorProto.FLOAT
+    # the other ten quantized convolutions read their weights through DequantizeLinear (int8)
+    assert sum(1 for i in written.graph.initializer if i.data_type == TensorProto.INT8 and len(i.dims) == 4) == 10
+
+    # the written file's drop on evaluation images, never seen by calibration or selection: it keeps
+    # most of the float model's mAP there, and shows no loss beyond the budget either (16 images:
+    # +1.59 [-0.17, +3.16] mAP@0.5, +0.34 [-0.63, +0.87] mAP@[.5:.95] points when written)
+    ids = split.evaluation[:16]
+    change = paired_change(_eval(model, coco_dir, ids, tmp_path / "eval-float"),
+                           _eval(result.path, coco_dir, ids, tmp_path / "eval-int8"), dataset, ids, resamples=1000)
+    shown = "; ".join(c.describe() for c in change.values())
+    assert change["map50"].a > 10.0 and change["map50"].b > 0.5 * change["map50"].a, shown
+    assert all(c.high >= -max_drop for c in change.values()), shown
