@@ -584,7 +584,7 @@ def run(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pipeline.ray_run import RayRun
-    from pipeline.run import RunSettings, run_pipeline
+    from pipeline.run import RunRequest, RunSettings, run_pipeline
 
     cluster = RayRun(address=ray_address, connect_timeout=ray_timeout) if ray or ray_address is not None else None
 
@@ -650,9 +650,9 @@ def run(
                     bars.console.print(f"[{colours[ev.kind]}]{ev.kind:>7}[/] {t(where + reason)}", highlight=False,
                                        soft_wrap=True)
 
-        summary = run_pipeline(names, settings=settings, coco_dir=coco, providers=providers or None,
-                               report=not no_report, progress=on_event,
-                               foreign=list(zip(onnx_files, describe)) or None, ray=cluster)
+        request = RunRequest(names, coco_dir=coco, providers=providers or None, report=not no_report,
+                             foreign=list(zip(onnx_files, describe)) or None)
+        summary = run_pipeline(request, settings, progress=on_event, ray=cluster)
     counts = ", ".join(f"{summary.count(s)} {s}" for s in colours)
     console.print(f"[bold]run finished in {summary.wall_seconds:.1f} s[/]: {counts} step(s); results in "
                   f"{t(summary.results_dir)}", highlight=False)

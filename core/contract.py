@@ -25,13 +25,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from core.errors import ContractError, ExportError, WriteError
+from core.files import atomic_path
 from core.names import NAME_RULE, name_problem
 
 PREFIX = "detbench."
@@ -267,18 +266,11 @@ def save_model(model, path: Path, contract: ModelContract) -> Path:
         problems.append(f"onnx.checker (full check) failed: {exc}")
     if problems:
         raise ExportError(f"export of {contract.name!r} is not a valid detbench model:\n  - " + "\n  - ".join(problems))
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-        os.close(fd)
-        onnx.save_model(model, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            onnx.save_model(model, str(tmp))
     except OSError as exc:
         raise WriteError(path, exc) from exc
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -19,12 +19,11 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from core.errors import ConfigError
+from core.files import atomic_file
 from core.paths import results_dir
 
 MANIFEST_NAME = "run-manifest.json"
@@ -83,12 +82,5 @@ class Manifest:
         return entry
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".part", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(self.doc, fh, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_file(self.path, "w", encoding="utf-8") as fh:
+            json.dump(self.doc, fh, indent=1, sort_keys=True)

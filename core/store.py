@@ -62,19 +62,30 @@ def versions() -> dict[str, str]:
     return found
 
 
-def append(kind: str, data: dict[str, Any], *, model: str | None = None, model_sha256: str | None = None,
-           provider: str | None = None, settings: dict[str, Any] | None = None,
-           contract: dict[str, str] | None = None, root: Path | None = None,
-           host: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Append one record and return it. ``host`` is the machine that measured (default: this one;
+def new_record(kind: str, data: dict[str, Any], *, model: str | None = None, model_sha256: str | None = None,
+               provider: str | None = None, settings: dict[str, Any] | None = None,
+               contract: dict[str, str] | None = None, host: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One record as the store holds it. ``host`` is the machine that measured (default: this one;
     ``run --ray`` writes every record from the driver, naming the worker that produced it)."""
     if kind not in KINDS:
         raise ValueError(f"record kind {kind!r} is not one of {KINDS}")
-    record = {
+    return {
         "kind": kind, "model": model, "model_sha256": model_sha256, "provider": provider,
         "settings": settings or {}, "contract": contract or {}, "host": host or host_info(), "versions": versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "data": data,
     }
+
+
+def append(kind: str, data: dict[str, Any], *, model: str | None = None, model_sha256: str | None = None,
+           provider: str | None = None, settings: dict[str, Any] | None = None,
+           contract: dict[str, str] | None = None, root: Path | None = None) -> dict[str, Any]:
+    """Append one record measured on this machine (:func:`new_record`) and return it."""
+    return write(new_record(kind, data, model=model, model_sha256=model_sha256, provider=provider,
+                            settings=settings, contract=contract), root)
+
+
+def write(record: dict[str, Any], root: Path | None = None) -> dict[str, Any]:
+    """Append ``record`` (made by :func:`new_record`) to the store under ``root`` and return it."""
     path = store_path(root)
     line = (json.dumps(record, sort_keys=True, default=_json_default) + "\n").encode("utf-8")
     try:

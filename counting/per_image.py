@@ -21,6 +21,7 @@ import numpy as np
 from core.contract import read_contract
 from core.errors import ContractError
 from core.images import load_rgb, prepare_for
+from core.ort_session import cpu_session
 from counting.analyzer import NETWORK, POSTPROCESS, analyze
 from counting.shapes import (EXPOSE_ALL_BUDGET_BYTES, _EXPOSE_ALL_MAX_UNRESOLVED, ShapeTable, _collect, _keep_static,
                              _pinned_inference, _run_exposing, _Stripped, elem_size, resolved, static_shapes)
@@ -46,7 +47,6 @@ class ImageCounter:
 
     def __init__(self, path, budget_bytes: int = EXPOSE_ALL_BUDGET_BYTES):
         import onnx
-        import onnxruntime as ort
 
         self.path = Path(path)
         self.contract = read_contract(self.path)
@@ -67,12 +67,9 @@ class ImageCounter:
         del run_model.graph.value_info[:]
         existing = {o.name for o in run_model.graph.output}
         run_model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in self.exposed if n not in existing)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
         try:
             # One session for every image: creating it is what dominates a single measured profile.
-            self.session = ort.InferenceSession(run_model.SerializeToString(), options,
-                                                providers=["CPUExecutionProvider"])
+            self.session = cpu_session(run_model)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
             raise ContractError(f"{self.path}: onnxruntime cannot load the graph to measure shapes: {exc}") from exc
         del run_model

@@ -26,6 +26,7 @@ import numpy as np
 
 from counting.folding import MAX_ELEMENTS, fold_shape_values
 from core.errors import ConfigError, ContractError, DatasetError
+from core.ort_session import cpu_session
 
 # Above this estimated size of all statically known intermediates, only the values static
 # inference cannot resolve are exposed as outputs in measured mode (see module docstring).
@@ -248,7 +249,6 @@ _EXPOSE_ALL_MAX_UNRESOLVED = 0.1
 def _run_exposing(model, names: list[str], tensor: np.ndarray, path: Path, image: Path) -> dict[str, tuple]:
     """One onnxruntime (CPU) run with ``names`` added as graph outputs: name -> shape."""
     import onnx
-    import onnxruntime as ort
 
     run_model = onnx.ModelProto()
     run_model.CopyFrom(model)
@@ -257,10 +257,8 @@ def _run_exposing(model, names: list[str], tensor: np.ndarray, path: Path, image
     for name in names:
         if name not in existing:
             run_model.graph.output.append(onnx.ValueInfoProto(name=name))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(run_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = cpu_session(run_model)
         del run_model
         input_name = session.get_inputs()[0].name
         outs = [o.name for o in session.get_outputs()]

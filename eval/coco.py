@@ -448,12 +448,12 @@ def evaluate_model(path, settings: EvalSettings | None = None, *, progress: Prog
                 "runtime": info.to_dict(), "precision": info.precision, "parity": parity,
                 "label_mapping": mapping.to_dict()}
     runner.close()
-    return finish_evaluation(
+    return finish_evaluation(FinishedLoop(
         path=path, contract=contract, model_sha=model_sha, provider_name=provider_name,
         providers_ran=providers_ran, dataset=dataset, selection=selection, done=cache.done,
         skipped=skipped, resumed=resumed, started=started, loop_seconds=loop_seconds,
         session_seconds=session_seconds, session_create_seconds=info.load_seconds, results_path=results_path,
-        cache_path=cache_path, backend=backend, per_category=per_category, settings=settings, store=store)
+        cache_path=cache_path, backend=backend, per_category=per_category, settings=settings), store=store)
 
 
 def _parity_first(path: Path, runner, runtime_settings) -> dict[str, Any]:
@@ -484,17 +484,44 @@ def eval_files(path: Path, model_sha: str, provider_name: str, contract: ModelCo
     return fingerprint, cache_path, results_path
 
 
-def finish_evaluation(*, path: Path, contract: ModelContract, model_sha: str, provider_name: str,
-                      providers_ran: list[str], dataset: CocoDataset, selection: list, done: dict[int, list],
-                      skipped: list[dict[str, str]], resumed: int, started: float, loop_seconds: float,
-                      session_seconds: float, session_create_seconds: float, results_path: Path, cache_path: Path,
-                      backend: str, per_category: bool, settings: dict[str, Any], store: bool) -> EvalResult:
-    """Write and score the detections ``done`` holds for ``selection`` (image id -> COCO results entries),
-    and build the :class:`EvalResult` and, unless ``store=False``, its ``eval`` record.
+@dataclass
+class FinishedLoop:
+    """What an evaluation loop (the local one or the Ray pipeline) hands to :func:`finish_evaluation`:
+    the model and where it ran, the images and their detections, the loop's timings and files."""
+
+    path: Path
+    contract: ModelContract
+    model_sha: str
+    provider_name: str
+    providers_ran: list[str]
+    dataset: CocoDataset
+    selection: list
+    done: dict[int, list]
+    skipped: list[dict[str, str]]
+    resumed: int
+    started: float
+    loop_seconds: float
+    session_seconds: float
+    session_create_seconds: float
+    results_path: Path
+    cache_path: Path
+    backend: str
+    per_category: bool
+    settings: dict[str, Any]
+
+
+def finish_evaluation(loop: FinishedLoop, *, store: bool) -> EvalResult:
+    """Write and score the detections ``loop.done`` holds for ``loop.selection`` (image id -> COCO results
+    entries), and build the :class:`EvalResult` and, unless ``store=False``, its ``eval`` record.
 
     Shared by the local loop and the Ray pipeline (``eval.ray_eval``): one scorer, one record format.
     """
     from core import store as results_store
+
+    path, contract, model_sha, provider_name = loop.path, loop.contract, loop.model_sha, loop.provider_name
+    dataset, selection, done, skipped, resumed = loop.dataset, loop.selection, loop.done, loop.skipped, loop.resumed
+    loop_seconds, session_seconds, settings = loop.loop_seconds, loop.session_seconds, loop.settings
+    results_path, cache_path, backend, per_category = loop.results_path, loop.cache_path, loop.backend, loop.per_category
 
     selected_ids = {img.id for img in selection}
     done_ids = sorted(i for i in done if i in selected_ids)
@@ -506,14 +533,14 @@ def finish_evaluation(*, path: Path, contract: ModelContract, model_sha: str, pr
     score_start = time.perf_counter()
     scores = score_results(results, dataset, backend, image_ids=done_ids, per_category=per_category)
     score_seconds = time.perf_counter() - score_start
-    wall = time.perf_counter() - started
+    wall = time.perf_counter() - loop.started
 
     result = EvalResult(
         model=contract.name, model_path=str(path), model_sha256=model_sha, provider=provider_name,
-        providers_ran=list(providers_ran), contract=contract.to_props(), scores=scores,
+        providers_ran=list(loop.providers_ran), contract=contract.to_props(), scores=scores,
         images_selected=len(selection), images_evaluated=len(done_ids), images_resumed=resumed,
         images_skipped=skipped, detections=len(results), wall_seconds=wall, loop_seconds=loop_seconds,
-        session_seconds=session_seconds, session_create_seconds=session_create_seconds, score_seconds=score_seconds,
+        session_seconds=session_seconds, session_create_seconds=loop.session_create_seconds, score_seconds=score_seconds,
         results_file=str(results_path), cache_file=str(cache_path), annotations_file=str(dataset.annotations_path),
         annotations_sha256=dataset.sha256, settings=settings)
     if store:
@@ -528,7 +555,7 @@ def finish_evaluation(*, path: Path, contract: ModelContract, model_sha: str, pr
                         "coco_categories": (settings.get("label_mapping") or {}).get("by", "numbering") == "numbering",
                         "annotations_file": str(dataset.annotations_path), "images_dir": str(dataset.images_dir),
                         "image_count": len(selection), "annotations_sha256": dataset.sha256},
-            "results_file": str(results_path), "providers_ran": list(providers_ran),
+            "results_file": str(results_path), "providers_ran": list(loop.providers_ran),
         }
         if per_category:
             data["per_category"] = scores["per_category"]

@@ -54,9 +54,10 @@ import numpy as np
 
 from core.contract import OUTPUT_NAMES, ModelContract
 from core.errors import ClusterLostError, ConfigError, DetbenchError, ProviderUnavailableError
+from core.files import atomic_file
 from core.images import Placement
-from eval.coco import (EvalProgress, EvalResult, EvalSettings, ProgressCallback, eval_files, finish_evaluation,
-                       model_contract, to_coco_detections)
+from eval.coco import (EvalProgress, EvalResult, EvalSettings, FinishedLoop, ProgressCallback, eval_files,
+                       finish_evaluation, model_contract, to_coco_detections)
 from eval.dataset import CocoImage, load_coco
 from eval.labels import label_mapping
 from eval.pipeline import DetectionCache, Prepared, prepare_image
@@ -370,17 +371,9 @@ def _node_model_file(model: list, model_sha: str) -> Path:
     if hashlib.sha256(data).hexdigest() != model_sha:
         raise DetbenchError(f"the model's bytes reached {socket.gethostname()} altered (sha256 differs from "
                             f"{model_sha}); run again")
-    folder.mkdir(parents=True, exist_ok=True)
     # Actors on one node may write at once: each writes its own temporary file and renames.
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{model_sha[:10]}-", suffix=".onnx.tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(target, "wb") as fh:
+        fh.write(data)
     return target
 
 
@@ -622,8 +615,9 @@ def evaluate_model_ray(path, settings: EvalSettings | None = None, *, ray_settin
                 nodes_before = _alive_nodes()
                 _check_images_on_nodes(todo, nodes_before - checked_nodes)
                 checked_nodes |= nodes_before
-                pipeline = _Pipeline(todo, model_ref, model_sha, settings.provider, threads, contract, label_map,
-                                     cluster, pool, gpu)
+                detector = {"model": [model_ref], "model_sha": model_sha, "provider": settings.provider,
+                            "threads": threads, "contract": contract, "label_map": label_map}
+                pipeline = _Pipeline(todo, detector, cluster, pool, gpu)
                 try:
                     for batch in pipeline.batches():
                         gather(batch)
@@ -662,12 +656,12 @@ def evaluate_model_ray(path, settings: EvalSettings | None = None, *, ray_settin
                 "actor_max_restarts": ACTOR_MAX_RESTARTS, "actor_max_task_retries": ACTOR_MAX_TASK_RETRIES,
                 "task_max_retries": TASK_MAX_RETRIES},
     }
-    return finish_evaluation(
+    return finish_evaluation(FinishedLoop(
         path=path, contract=contract, model_sha=model_sha, provider_name=provider_name,
         providers_ran=(expected or {}).get("providers_ran") or [provider_name], dataset=dataset, selection=selection,
         done=cache.done, skipped=skipped, resumed=resumed, started=started, loop_seconds=loop_seconds,
         session_seconds=session_seconds, session_create_seconds=load_seconds, results_path=results_path,
-        cache_path=cache_path, backend=settings.backend, per_category=settings.per_category, settings=run_settings,
+        cache_path=cache_path, backend=settings.backend, per_category=settings.per_category, settings=run_settings),
         store=store)
 
 
@@ -821,8 +815,8 @@ class _Pipeline:
     a read waiting on them) and the reader is joined.
     """
 
-    def __init__(self, todo: list[CocoImage], model_ref, model_sha: str, provider: str, threads: int,
-                 contract: ModelContract, label_map: np.ndarray, cluster: RaySettings, actors: int, gpu: bool):
+    def __init__(self, todo: list[CocoImage], detector: dict[str, Any], cluster: RaySettings, actors: int, gpu: bool):
+        """``detector``: the inference actors' constructor arguments (:class:`_Detector`)."""
         import logging
 
         import ray.data
@@ -830,6 +824,7 @@ class _Pipeline:
 
         from eval import ray_executors
 
+        threads = detector["threads"]
         self.threads, self.gpu = threads, gpu
         self._tag = f"{os.getpid()}-{id(self)}-{time.monotonic_ns()}"
         context = DataContext.get_current()
@@ -857,14 +852,13 @@ class _Pipeline:
                 warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
                 data = ray.data.from_items(records, override_num_blocks=math.ceil(len(records) / cluster.batch_size))
                 data = data.map_batches(_prepare_batch, batch_size=None, batch_format="numpy",
-                                        fn_kwargs={"contract": contract}, num_cpus=0,
+                                        fn_kwargs={"contract": detector["contract"]}, num_cpus=0,
                                         compute=TaskPoolStrategy(size=PREPARE_TASKS_PER_ACTOR * actors),
                                         max_retries=TASK_MAX_RETRIES)
                 # a Dataset keeps the context it was made with: the settings above hold for it alone
                 self._data = data.map_batches(
                     _Detector, batch_size=None, batch_format="numpy",
-                    fn_constructor_kwargs={"model": [model_ref], "model_sha": model_sha, "provider": provider,
-                                           "threads": threads, "contract": contract, "label_map": label_map},
+                    fn_constructor_kwargs=detector,
                     compute=ActorPoolStrategy(size=actors), num_cpus=threads, num_gpus=1 if gpu else None,
                     max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_TASK_RETRIES)
         except BaseException:

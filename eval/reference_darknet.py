@@ -203,13 +203,13 @@ def coco_entries(boxes: np.ndarray, probs: np.ndarray, image_id: int, image_w: i
     return out
 
 
-def reference_results(cfg: Path, weights: Path, images, *, height: int, width: int, resize: str,
+def reference_results(cfg: Path, weights: Path, images, *, size: tuple[int, int], resize: str,
                       thresh: float = DARKNET_EVAL_THRESHOLD, nms: float = DARKNET_NMS,
                       progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """COCO results of the Darknet model over ``images`` (``eval.dataset.CocoImage``s), as Darknet's validator makes them.
 
     Images are prepared with ``core.images.prepare`` (``resize`` = letterbox|stretch,
-    ``height`` x ``width``), so the reference sees the very tensors an exported model
+    ``size`` = (height, width)), so the reference sees the very tensors an exported model
     is fed. Labels are COCO's 80 categories in Darknet's ``coco_ids`` order. Like
     Darknet, no cap on detections per image (see :func:`top_per_image` for the
     exported-model contract's cap).
@@ -217,6 +217,7 @@ def reference_results(cfg: Path, weights: Path, images, *, height: int, width: i
     from eval.dataset import COCO80_CATEGORY_IDS
     from core.images import load_rgb, prepare
 
+    height, width = size
     ref = DarknetReference(cfg, weights)
     results = []
     for n, image in enumerate(images, 1):
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     dataset = load_coco(args.coco)
     selection = dataset.select(args.limit)
-    results = reference_results(args.cfg, args.weights, selection, height=args.size, width=args.size, resize=args.resize)
+    results = reference_results(args.cfg, args.weights, selection, size=(args.size, args.size), resize=args.resize)
     if args.out:
         args.out.write_text(json.dumps(results))
     ids = [i.id for i in selection]

@@ -356,7 +356,7 @@ class _Pipeline:
         """The one place steps' records reach the results store (always from this process; under
         Ray ``host`` names the worker that measured)."""
         with self.lock:
-            store.append(kind, data, root=self.root, host=host, **fields)
+            store.write(store.new_record(kind, data, host=host, **fields), self.root)
             self.have.add((kind, fields.get("model_sha256"), fields.get("provider")))
 
     def measure(self, fn, *args, model: Path | None = None, produces: Path | None = None, exclusive: bool = False,
@@ -523,8 +523,8 @@ class _Pipeline:
         def run():
             if self.coco_dir is None:
                 raise _Skip("no COCO data to calibrate on: pass --coco DIR")
-            sha = self.measure(_quantize_file, self.coco_dir, s.calibration_images, target.name, list(target.size),
-                               str(source), source_sha, model=source, produces=out,
+            row = _Int8Row(target.name, list(target.size), str(source), source_sha)
+            sha = self.measure(_quantize_file, self.coco_dir, s.calibration_images, row, model=source, produces=out,
                                progress=lambda msg: self.emit("update", target.label, "quantize", None, msg))
             return out, {"onnx_sha256": sha, "path": str(out)}
 
@@ -846,8 +846,17 @@ def _export_file(spec, weights: Path | None, size, exporter: str, input_size: li
                       settings={"exporter": exporter, "input_size": input_size})]
 
 
-def _quantize_file(source: Path, coco: Path, images: int, name: str, input_size: list, source_name: str,
-                   source_sha: str, *, out: Path, progress=None):
+@dataclass(frozen=True)
+class _Int8Row:
+    """Which INT8 row a quantize step makes: its name and size, and the float file it comes from."""
+
+    name: str
+    input_size: list
+    source_name: str
+    source_sha: str
+
+
+def _quantize_file(source: Path, coco: Path, images: int, row: _Int8Row, *, out: Path, progress=None):
     quantize_model = _importable("exporters.quantize", "quantize_model")
     settings_cls = _importable("exporters.quantize", "QuantizeSettings")
     if read_contract(source).random_init:
@@ -860,12 +869,12 @@ def _quantize_file(source: Path, coco: Path, images: int, name: str, input_size:
     result = quantize_model(source, settings, progress=progress)
     sha = sha256_file(result.path)
     data = {"seconds": result.seconds, "path": str(result.path), "file_bytes": result.path.stat().st_size,
-            "source": source_name, "source_sha256": source_sha, "calibration_ids": result.calibration_ids,
+            "source": row.source_name, "source_sha256": row.source_sha, "calibration_ids": result.calibration_ids,
             "quantized_nodes": len(result.quantized_nodes), "float_nodes": len(result.float_nodes),
             "activation_type": result.activation_type, "weight_type": result.weight_type,
             "settings": {k: str(v) for k, v in result.settings.items()}}
-    return sha, [dict(kind="quantize", data=data, model=name, model_sha256=sha, contract=result.contract.to_props(),
-                      settings={"input_size": input_size, **data["settings"]})]
+    return sha, [dict(kind="quantize", data=data, model=row.name, model_sha256=sha,
+                      contract=result.contract.to_props(), settings={"input_size": row.input_size, **data["settings"]})]
 
 
 def _profile_file(path: Path, name: str, onnx_sha: str, contract_props: dict, int8: bool, progress=None):
@@ -1028,21 +1037,37 @@ def targets_of(specs, settings: RunSettings) -> list[Target]:
     return targets
 
 
-def run_pipeline(models: list[str] | None = None, *, quick: bool = False, settings: RunSettings | None = None,
-                 coco_dir: Path | None = None, providers: list[str] | None = None, report: bool = True,
-                 progress: Progress | None = None, registry=None, strict: bool = False,
-                 foreign: list[tuple[Path, Path]] | None = None, ray=None) -> RunSummary:
-    """Export, validate, quantize, profile, bench and evaluate ``models`` (default: the paper's
-    configurations; ``["all"]``: the whole registry), then write the report; results go to the results folder (``DETBENCH_RESULTS``).
+@dataclass(frozen=True)
+class RunRequest:
+    """What ``run`` is asked to measure. ``models``: registry names (default: the paper's
+    configurations; ``["all"]``: the whole registry); ``quick``: :meth:`RunSettings.quick` when no
+    settings are given; ``coco_dir`` defaults to :func:`default_coco_dir`; ``providers`` (backend
+    names) defaults to cpu plus every provider onnxruntime lists and OpenVINO, each probed before
+    use; ``report``: write the report at the end; ``strict`` re-raises unexpected (non-detbench)
+    exceptions instead of recording them as failures; ``foreign`` adds (ONNX file, describe file)
+    pairs: foreign detectors wrapped into contract files and measured like registered ones (with
+    ``foreign`` and no ``models``, only them)."""
 
-    ``coco_dir`` defaults to :func:`default_coco_dir`; ``providers`` (backend names) defaults
-    to cpu plus every provider onnxruntime lists and OpenVINO, each probed before use. ``strict``
-    re-raises unexpected (non-detbench) exceptions instead of recording them as failures.
-    ``foreign`` adds (ONNX file, describe file) pairs: foreign detectors wrapped into contract
-    files and measured like registered ones (with ``foreign`` and no ``models``, only them).
+    models: list[str] | None = None
+    quick: bool = False
+    coco_dir: Path | None = None
+    providers: list[str] | None = None
+    report: bool = True
+    strict: bool = False
+    foreign: list[tuple[Path, Path]] | None = None
+
+
+def run_pipeline(request: RunRequest | None = None, settings: RunSettings | None = None, *,
+                 progress: Progress | None = None, registry=None, ray=None) -> RunSummary:
+    """Export, validate, quantize, profile, bench and evaluate what ``request`` names (:class:`RunRequest`),
+    then write the report; results go to the results folder (``DETBENCH_RESULTS``).
+
     ``ray`` (a :class:`pipeline.ray_run.RayRun`) runs the steps as Ray tasks (``run --ray``).
     Raises RegistryError for unknown model names and ConfigError for a missing --coco folder.
     """
+    request = request or RunRequest()
+    models, quick, coco_dir, providers = request.models, request.quick, request.coco_dir, request.providers
+    report, strict, foreign = request.report, request.strict, request.foreign
     from exporters.registry import load_registry
 
     started = time.perf_counter()

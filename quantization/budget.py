@@ -52,6 +52,7 @@ import numpy as np
 from core.contract import INPUT_NAME, OUTPUT_NAMES, read_contract
 from core.errors import ConfigError, ExportError
 from core.images import load_rgb, prepare_for
+from core.ort_session import cpu_session
 from eval.bootstrap import METRIC_LABELS, METRICS, Change, paired_change
 from eval.dataset import load_coco
 from exporters.quantize import QuantizeSettings, default_output, layer_macs, quantizable_layers, quantize_model
@@ -262,11 +263,7 @@ def _compare(reference: dict, candidate: dict, dataset, ids) -> dict[str, Change
 
 
 def _detections(path: Path, tensors: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = cpu_session(path)
     return [tuple(session.run(list(OUTPUT_NAMES[:3]), {INPUT_NAME: t})) for t in tensors]
 
 

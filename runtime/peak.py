@@ -165,7 +165,7 @@ def measure_peak(threads: int | None = None, size: int = DEFAULT_SIZE, repeats: 
                  gpu: bool = True) -> PeakResult:
     """Measure the float32 matmul rate (cached per process and settings)."""
     from runtime.backends import get_backend
-    from runtime.backends.onnxruntime import create_session
+    from runtime.backends.onnxruntime import OrtSettings, create_session
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((size, size), dtype=np.float32)
@@ -173,10 +173,10 @@ def measure_peak(threads: int | None = None, size: int = DEFAULT_SIZE, repeats: 
     flops = 2.0 * size ** 3
     samples: dict[str, list[float]] = {}
 
-    session, _ = create_session(_matmul_model(size), "cpu", threads=threads)
+    session, _ = create_session(_matmul_model(size), "cpu", OrtSettings(threads=threads))
     feeds = {"a": a, "b": b}
     samples["onnxruntime-cpu"] = _rates(lambda: session.run(None, feeds), flops, repeats)
-    conv, _ = create_session(_conv_model(), "cpu", threads=threads)
+    conv, _ = create_session(_conv_model(), "cpu", OrtSettings(threads=threads))
     x = rng.standard_normal((1, CONV_CHANNELS, CONV_SIDE, CONV_SIDE), dtype=np.float32)
     samples["onnxruntime-cpu-conv"] = _rates(lambda: conv.run(None, {"x": x}), CONV_OPS, repeats)
     with _numpy_threads(threads) as limited:
@@ -293,7 +293,7 @@ def measure_int8_peak(threads: int | None = None, size: int = DEFAULT_SIZE, repe
     else AVX2 (vpmaddubsw + vpmaddwd), which is what runs on a CPU without VNNI."""
     import onnxruntime as ort
 
-    from runtime.backends.onnxruntime import create_session
+    from runtime.backends.onnxruntime import OrtSettings, create_session
 
     have = cpu_flags() if flags is None else set(flags)
     units = sorted(f for f in INT8_FLAGS if f in have)
@@ -304,9 +304,9 @@ def measure_int8_peak(threads: int | None = None, size: int = DEFAULT_SIZE, repe
     a = rng.integers(0, 256, size=(size, size), dtype=np.uint8)
     b = rng.integers(-128, 128, size=(size, size), dtype=np.int8)
     samples: dict[str, list[float]] = {}
-    gemm, _ = create_session(_int8_matmul_model(size), "cpu", threads=threads)
+    gemm, _ = create_session(_int8_matmul_model(size), "cpu", OrtSettings(threads=threads))
     samples["MatMulInteger"] = _rates(lambda: gemm.run(None, {"a": a, "b": b}), 2.0 * size ** 3, repeats)
-    conv, _ = create_session(_qlinear_conv_model(), "cpu", threads=threads)
+    conv, _ = create_session(_qlinear_conv_model(), "cpu", OrtSettings(threads=threads))
     x = rng.integers(0, 256, size=(1, CONV_CHANNELS, CONV_SIDE, CONV_SIDE), dtype=np.uint8)
     samples["QLinearConv"] = _rates(lambda: conv.run(None, {"x": x}), CONV_OPS, repeats)
     best = {k: max(v) for k, v in samples.items()}

@@ -187,9 +187,9 @@ def _save_graph(path: Path, nodes, inits, x_channels: int) -> Path:
 def _profiled(path: Path, tmp_path: Path, optimization: str, macs: dict[str, int]):
     """Three profiled runs on the CPU provider, the first dropped; per-kernel times joined to ``macs``."""
     from runtime.nodes import load_trace
-    from runtime.backends.onnxruntime import create_session
+    from runtime.backends.onnxruntime import OrtSettings, create_session
 
-    session, _ = create_session(path, "cpu", optimization=optimization, profile_prefix=str(tmp_path / "p"))
+    session, _ = create_session(path, "cpu", OrtSettings(optimization=optimization, profile_prefix=str(tmp_path / "p")))
     shape = [d.dim_value for d in onnx.load(path).graph.input[0].type.tensor_type.shape.dim]
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     for _ in range(3):

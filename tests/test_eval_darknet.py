@@ -50,8 +50,8 @@ def test_map50_matches_the_opencv_darknet_reference(name, resize, registry, expo
                           results_file=tmp_path / "ours.json", cache_file=tmp_path / "ours.jsonl")
     dataset = load_coco(coco_dir)
     selection = dataset.select()
-    reference = reference_results(cfg, weights, selection, height=model.contract.input_height,
-                                  width=model.contract.input_width, resize=resize)
+    reference = reference_results(cfg, weights, selection,
+                                  size=(model.contract.input_height, model.contract.input_width), resize=resize)
     ref = score_results(reference, dataset, image_ids=[i.id for i in selection])
     assert ours.images_evaluated == len(selection) == 144 and ours.images_skipped == []
     assert ours.scores["map50"] > 0.15  # trained weights: a broken pipeline scores near 0

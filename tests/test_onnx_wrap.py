@@ -407,12 +407,12 @@ def test_run_measures_a_foreign_file_like_a_registered_one(raw_heads_file, tmp_p
     import dataclasses
 
     from core import store
-    from pipeline.run import RunSettings, run_pipeline
+    from pipeline.run import RunRequest, RunSettings, run_pipeline
 
     monkeypatch.setenv("DETBENCH_RESULTS", str(tmp_path))
     settings = dataclasses.replace(RunSettings.quick(), sizes=False, int8_models=(), per_image=0, eval_limit=4)
-    summary = run_pipeline(settings=settings, providers=["cpu"], strict=True,
-                           foreign=[(raw_heads_file, EXAMPLES / "yolo_raw_heads.toml")])
+    summary = run_pipeline(RunRequest(providers=["cpu"], strict=True,
+                                      foreign=[(raw_heads_file, EXAMPLES / "yolo_raw_heads.toml")]), settings)
     assert summary.failures == []
     statuses = {o.step: o.status for o in summary.outcomes if o.model == "yolov3-tiny-heads"}
     assert statuses == {"export": "done", "profile": "done", "bench": "done", "eval": "done"}

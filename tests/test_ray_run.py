@@ -52,10 +52,10 @@ def _settings():
 
 
 def _run(root: Path, monkeypatch, ray=None):
-    from pipeline.run import run_pipeline
+    from pipeline.run import RunRequest, run_pipeline
 
     monkeypatch.setenv("DETBENCH_RESULTS", str(root))
-    return run_pipeline(MODELS, settings=_settings(), providers=["cpu"], ray=ray)
+    return run_pipeline(RunRequest(MODELS, providers=["cpu"]), _settings(), ray=ray)
 
 
 @pytest.fixture(scope="module")

@@ -158,12 +158,12 @@ def test_unavailable_providers_are_skipped_never_faked(quick_run, models):
 
 
 def test_rerun_reuses_every_unchanged_step(quick_run, models, monkeypatch):
-    from pipeline.run import run_pipeline
+    from pipeline.run import RunRequest, run_pipeline
 
     root, _, _ = quick_run
     monkeypatch.setenv("DETBENCH_RESULTS", str(root))
     before = len(store.load(root=root).records)
-    summary = run_pipeline([s.name for s in models], quick=True, strict=True)
+    summary = run_pipeline(RunRequest([s.name for s in models], quick=True, strict=True))
     benched = next(o.provider for o in summary.outcomes if o.step == "bench" and o.status == "reused")
     # (a step re-done here means its inputs changed: in a shared working tree, someone edited
     # the step's source between the two runs, which is what the code version in the key is for)
@@ -183,7 +183,7 @@ def test_rerun_reuses_every_unchanged_step(quick_run, models, monkeypatch):
 def test_interrupted_run_continues(tmp_path, models, monkeypatch, quick_run):
     """Interrupt inside the evaluation; the next run reuses export, profile and bench and
     resumes the evaluation where it stopped, with the uninterrupted run's numbers."""
-    from pipeline.run import run_pipeline
+    from pipeline.run import RunRequest, run_pipeline
 
     trained, _ = models
     monkeypatch.setenv("DETBENCH_RESULTS", str(tmp_path))
@@ -193,9 +193,9 @@ def test_interrupted_run_continues(tmp_path, models, monkeypatch, quick_run):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_pipeline([trained.name], settings=_single_row(), providers=["cpu"], progress=interrupt, strict=True)
+        run_pipeline(RunRequest([trained.name], providers=["cpu"], strict=True), _single_row(), progress=interrupt)
     assert _records(tmp_path, "eval", trained.name) == []
-    summary = run_pipeline([trained.name], settings=_single_row(), providers=["cpu"], strict=True)
+    summary = run_pipeline(RunRequest([trained.name], providers=["cpu"], strict=True), _single_row())
     statuses = {o.step: o.status for o in summary.outcomes}
     assert statuses == {"export": "reused", "profile": "reused", "bench": "reused", "images": "reused",
                         "eval": "done", "report": "done"}
@@ -210,14 +210,14 @@ def test_interrupted_run_continues(tmp_path, models, monkeypatch, quick_run):
 
 
 def test_missing_module_is_skipped_with_its_reason(quick_run, models, tmp_path, monkeypatch):
-    from pipeline.run import run_pipeline
+    from pipeline.run import RunRequest, run_pipeline
 
     root = tmp_path / "results"
     shutil.copytree(quick_run[0], root)
     monkeypatch.setenv("DETBENCH_RESULTS", str(root))
     monkeypatch.setitem(sys.modules, "counting", None)  # as if the analyzer were not in this checkout
     trained, _ = models
-    summary = run_pipeline([trained.name], settings=_single_row(), providers=["cpu"], strict=True)
+    summary = run_pipeline(RunRequest([trained.name], providers=["cpu"], strict=True), _single_row())
     outcome = {o.step: o for o in summary.outcomes}
     assert outcome["export"].status == "reused"
     assert outcome["profile"].status == "skipped"
@@ -229,20 +229,20 @@ def test_missing_module_is_skipped_with_its_reason(quick_run, models, tmp_path, 
 
 
 def test_bad_options_are_typed_errors(tmp_path, monkeypatch):
-    from pipeline.run import run_pipeline
+    from pipeline.run import RunRequest, run_pipeline
     from core.errors import ConfigError, RegistryError
 
     monkeypatch.setenv("DETBENCH_RESULTS", str(tmp_path))
     with pytest.raises(RegistryError, match="no-such-model"):
-        run_pipeline(["no-such-model"], quick=True)
+        run_pipeline(RunRequest(["no-such-model"], quick=True))
     with pytest.raises(ConfigError, match="--coco"):
-        run_pipeline(None, quick=True, coco_dir=tmp_path / "missing")
+        run_pipeline(RunRequest(None, quick=True, coco_dir=tmp_path / "missing"))
 
 
 def test_budget_run_continues_from_an_earlier_smaller_budget(quick_run, models, tmp_path, monkeypatch):
     """`run --budget` twice: the first budget is too small for a VALID p50 (it says so), the second
     completes it, judging the earlier runs with the new ones when the two processes' medians agree."""
-    from pipeline.run import run_pipeline
+    from pipeline.run import RunRequest, run_pipeline
 
     root = tmp_path / "results"
     shutil.copytree(quick_run[0], root)
@@ -253,14 +253,14 @@ def test_budget_run_continues_from_an_earlier_smaller_budget(quick_run, models, 
         return _single_row(bench_runs=None, budget_minutes=minutes, smoke=False, nodes=False, per_image=0,
                            eval_limit=8, threads=1)
 
-    first = run_pipeline([trained.name], settings=settings(0.005), providers=["cpu"], report=False, strict=True)
+    first = run_pipeline(RunRequest([trained.name], providers=["cpu"], report=False, strict=True), settings(0.005))
     (bench1,) = [o for o in first.outcomes if o.step == "bench"]
     assert bench1.status == "done" and "p50 INVALID" in bench1.reason and "budget" in bench1.reason
     rec1 = _records(root, "bench", trained.name, "cpu", size=trained.input_size)[-1]
     assert rec1["data"]["latency_validity"]["verdicts"]["p50"]["verdict"] == "INVALID"
     assert rec1["data"]["threads"] == 1 and rec1["settings"]["threads"] == 1  # the count that ran, stated
 
-    second = run_pipeline([trained.name], settings=settings(0.5), providers=["cpu"], report=False, strict=True)
+    second = run_pipeline(RunRequest([trained.name], providers=["cpu"], report=False, strict=True), settings(0.5))
     (bench2,) = [o for o in second.outcomes if o.step == "bench"]
     rec2 = _records(root, "bench", trained.name, "cpu", size=trained.input_size)[-1]
     sched = rec2["data"]["schedule"]

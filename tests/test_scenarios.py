@@ -296,9 +296,9 @@ def test_run_measures_a_few_cheap_scenarios_by_default_and_none_when_quick(regis
     assert {(t.label, s, b) for t, s, b in _pipeline(every, registry, ["yolov3-tiny", "ssd300"]).scenario_rows(
         backends)} == {(m, "server", b) for m in ("yolov3-tiny", "ssd300") for b in ("cpu", "openvino")}
     with pytest.raises(ConfigError, match="not backend names"):
-        from pipeline.run import run_pipeline
+        from pipeline.run import RunRequest, run_pipeline
 
-        run_pipeline(["yolov3-tiny"], settings=dataclasses.replace(RunSettings(), server_backends=("cpuu",)))
+        run_pipeline(RunRequest(["yolov3-tiny"]), dataclasses.replace(RunSettings(), server_backends=("cpuu",)))
     # run's scenario settings shorten the search only: the validity rules are bench --scenario's
     short, full = RunSettings().scenario_settings(SERVER), ScenarioSettings(scenario=SERVER)
     for rule in ("offline_min_samples", "offline_min_seconds", "offline_max_seconds", "server_min_seconds",
@@ -339,8 +339,8 @@ def test_run_scenario_options(option, models, scenarios, server, monkeypatch, tm
 def test_run_refuses_unknown_scenario_models(registry, tmp_path, monkeypatch):
     import dataclasses
 
-    from pipeline.run import RunSettings, run_pipeline
+    from pipeline.run import RunRequest, RunSettings, run_pipeline
 
     monkeypatch.setenv("DETBENCH_RESULTS", str(tmp_path))
     with pytest.raises(ConfigError, match="--scenarios no-such-model"):
-        run_pipeline(["yolov3-tiny"], settings=dataclasses.replace(RunSettings(), scenario_models=("no-such-model",)))
+        run_pipeline(RunRequest(["yolov3-tiny"]), dataclasses.replace(RunSettings(), scenario_models=("no-such-model",)))

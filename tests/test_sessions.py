@@ -19,7 +19,7 @@ import pytest
 from core.errors import ConfigError, ContractError, ProviderUnavailableError
 from runtime.backends import provider_usable
 from runtime.backends.base import tiny_model_bytes
-from runtime.backends.onnxruntime import create_session, resolve_provider, short_name
+from runtime.backends.onnxruntime import OrtSettings, create_session, resolve_provider, short_name
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_OK, CUDA_WHY = provider_usable("cuda")
@@ -45,7 +45,7 @@ def test_unknown_provider_name_lists_valid_ones():
 
 
 def test_cpu_session_records_settings_and_runs():
-    session, info = create_session(tiny_model_bytes(), "cpu", threads=1, optimization="basic")
+    session, info = create_session(tiny_model_bytes(), "cpu", OrtSettings(threads=1, optimization="basic"))
     assert info.providers_ran == ["CPUExecutionProvider"] and not info.fell_back
     assert info.settings["threads"] == 1 and info.settings["optimization"] == "basic"
     assert info.settings["provider"] == "cpu" and info.seconds > 0
@@ -57,7 +57,7 @@ def test_cpu_session_records_settings_and_runs():
                                  dict(execution_mode="async"), dict(trt_cache_dir="/tmp/x")])
 def test_bad_settings_are_config_errors(bad):
     with pytest.raises(ConfigError):
-        create_session(tiny_model_bytes(), "cpu", **bad)
+        create_session(tiny_model_bytes(), "cpu", OrtSettings(**bad))
 
 
 def test_unreadable_model_is_a_contract_error(tmp_path):
@@ -91,7 +91,7 @@ def test_provider_missing_from_this_build_raises():
 def test_fallback_only_when_asked_and_recorded():
     if CUDA_OK:
         pytest.skip("CUDA runs here, so there is no fallback to record")
-    _, info = create_session(tiny_model_bytes(), "cuda", allow_fallback=True)
+    _, info = create_session(tiny_model_bytes(), "cuda", OrtSettings(allow_fallback=True))
     assert info.fell_back and info.providers_ran == ["CPUExecutionProvider"]
     assert info.requested == "CUDAExecutionProvider" and info.provider == "CPUExecutionProvider"
 
@@ -121,7 +121,7 @@ def test_cuda_session_runs_on_cuda():
 @requires_trt
 def test_tensorrt_engine_cache_is_written(tmp_path):
     cache = tmp_path / "trt"
-    session, info = create_session(tiny_model_bytes(), "tensorrt", trt_cache_dir=cache)
+    session, info = create_session(tiny_model_bytes(), "tensorrt", OrtSettings(trt_cache_dir=cache))
     session.run(None, {"x": np.ones((1, 4), np.float32)})
     assert info.provider == "TensorrtExecutionProvider"
     assert info.settings["provider_options"]["trt_engine_cache_path"] == str(cache)

@@ -132,11 +132,11 @@ class SplitRunner(Runner):
     def __init__(self, path: Path, split: Split, network: Callable[[np.ndarray], dict[str, np.ndarray]],
                  info: RunnerInfo, settings: BackendSettings):
         super().__init__()
-        from runtime.backends.onnxruntime import create_session
+        from runtime.backends.onnxruntime import OrtSettings, create_session
 
         self.path, self.split, self.network, self.info = Path(path), split, network, info
         threads = settings.threads
-        self.post, _ = create_session(split.post, "cpu", threads=threads, passive=bool(settings.passive_wait))
+        self.post, _ = create_session(split.post, "cpu", OrtSettings(threads=threads, passive=bool(settings.passive_wait)))
         self.post_inputs = [i.name for i in self.post.get_inputs()]
         self.post_outputs = [o.name for o in self.post.get_outputs()]
         self.parts: dict[str, list[float]] = {"network": [], "postprocess": []}
@@ -166,9 +166,9 @@ class SplitRunner(Runner):
     def network_parity(self, tensors: list[np.ndarray]) -> dict:
         """Largest differences of the network outputs from onnxruntime CPU's on the same tensors
         (absolute, and relative to the largest magnitude of each output)."""
-        from runtime.backends.onnxruntime import create_session
+        from runtime.backends.onnxruntime import OrtSettings, create_session
 
-        ref, _ = create_session(self.split.network, "cpu", threads=self._threads)
+        ref, _ = create_session(self.split.network, "cpu", OrtSettings(threads=self._threads))
         worst_abs, worst_rel = 0.0, 0.0
         for tensor in tensors:
             expected = dict(zip(self.split.cut, ref.run(self.split.cut, {INPUT_NAME: tensor})))

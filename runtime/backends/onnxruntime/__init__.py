@@ -20,7 +20,7 @@ import contextlib
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -176,12 +176,32 @@ def session_options(*, threads: int | None = None, inter_threads: int | None = N
     return opts
 
 
-def create_session(path, provider: str = "cpu", *, threads: int | None = None, inter_threads: int | None = None,
-                   optimization: str = "all", execution_mode: str = "sequential",
-                   provider_options: dict[str, Any] | None = None, allow_fallback: bool = False,
-                   trt_cache_dir: str | Path | None = None, profile_prefix: str | None = None,
-                   passive: bool = False):
-    """An ``InferenceSession`` on ``provider`` and its :class:`SessionInfo`.
+@dataclass(frozen=True)
+class OrtSettings:
+    """What an onnxruntime session is opened with (see :func:`session_options` for the meanings)."""
+
+    threads: int | None = None
+    inter_threads: int | None = None
+    optimization: str = "all"
+    execution_mode: str = "sequential"
+    provider_options: dict[str, Any] | None = None
+    allow_fallback: bool = False
+    trt_cache_dir: str | Path | None = None
+    profile_prefix: str | None = None
+    passive: bool = False
+
+    @classmethod
+    def of(cls, settings: BackendSettings, **changes) -> "OrtSettings":
+        """The onnxruntime part of the backends' common settings."""
+        return replace(cls(
+            threads=settings.threads, inter_threads=settings.inter_threads, optimization=settings.optimization,
+            execution_mode=settings.execution_mode, provider_options=settings.provider_options or None,
+            allow_fallback=settings.allow_fallback, trt_cache_dir=settings.trt_cache_dir,
+            passive=bool(settings.passive_wait)), **changes)
+
+
+def create_session(path, provider: str = "cpu", opened_with: OrtSettings | None = None):
+    """An ``InferenceSession`` on ``provider`` and its :class:`SessionInfo`, opened with ``opened_with``.
 
     ``path`` is an ONNX file (or serialized model bytes). ``provider_options`` go to the
     requested provider; ``trt_cache_dir`` turns on TensorRT's engine cache in that folder
@@ -194,10 +214,12 @@ def create_session(path, provider: str = "cpu", *, threads: int | None = None, i
     """
     import onnxruntime as ort
 
+    s = opened_with if opened_with is not None else OrtSettings()
+    threads, inter_threads, allow_fallback, trt_cache_dir = s.threads, s.inter_threads, s.allow_fallback, s.trt_cache_dir
     requested = resolve_provider(provider)
-    opts = session_options(threads=threads, inter_threads=inter_threads, optimization=optimization,
-                           execution_mode=execution_mode, profile_prefix=profile_prefix, passive=passive)
-    options = dict(provider_options or {})
+    opts = session_options(threads=threads, inter_threads=inter_threads, optimization=s.optimization,
+                           execution_mode=s.execution_mode, profile_prefix=s.profile_prefix, passive=s.passive)
+    options = dict(s.provider_options or {})
     if trt_cache_dir is not None:
         if requested not in ("TensorrtExecutionProvider", "NvTensorRTRTXExecutionProvider"):
             raise ConfigError(f"--trt-cache-dir applies to the TensorRT provider, not {short_name(requested)!r}")
@@ -208,9 +230,9 @@ def create_session(path, provider: str = "cpu", *, threads: int | None = None, i
         options.setdefault("trt_timing_cache_path", str(trt_cache_dir))
     settings = {
         "provider": short_name(requested), "provider_ort": requested, "threads": threads,
-        "inter_threads": inter_threads, "optimization": optimization, "execution_mode": execution_mode,
+        "inter_threads": inter_threads, "optimization": s.optimization, "execution_mode": s.execution_mode,
         "provider_options": {k: str(v) for k, v in options.items()}, "allow_fallback": allow_fallback,
-        "trt_cache_dir": str(trt_cache_dir) if trt_cache_dir is not None else None, "passive_wait": passive,
+        "trt_cache_dir": str(trt_cache_dir) if trt_cache_dir is not None else None, "passive_wait": s.passive,
     }
     available = ort.get_available_providers()
     if requested not in available and not allow_fallback:
@@ -374,11 +396,8 @@ class OrtRunner(Runner):
 
         s = self.settings
         with tempfile.TemporaryDirectory(prefix="detbench-profile-") as tmp:
-            session, _ = create_session(self.path, self.session_info.requested, threads=s.threads,
-                                        inter_threads=s.inter_threads, optimization=s.optimization,
-                                        execution_mode=s.execution_mode, provider_options=s.provider_options or None,
-                                        allow_fallback=s.allow_fallback, trt_cache_dir=s.trt_cache_dir,
-                                        profile_prefix=os.path.join(tmp, "ort"))
+            session, _ = create_session(self.path, self.session_info.requested,
+                                        OrtSettings.of(s, passive=False, profile_prefix=os.path.join(tmp, "ort")))
             for _ in range(warmup + max(1, runs)):
                 session.run(self.output_names, {INPUT_NAME: images})
             trace = load_trace(session.end_profiling())
@@ -416,10 +435,5 @@ class OrtBackend(Backend):
         return True, ""
 
     def open(self, path: Path, settings: BackendSettings) -> OrtRunner:
-        session, info = create_session(path, self.provider, threads=settings.threads,
-                                       inter_threads=settings.inter_threads, optimization=settings.optimization,
-                                       execution_mode=settings.execution_mode,
-                                       provider_options=settings.provider_options or None,
-                                       allow_fallback=settings.allow_fallback, trt_cache_dir=settings.trt_cache_dir,
-                                       passive=bool(settings.passive_wait))
+        session, info = create_session(path, self.provider, OrtSettings.of(settings))
         return OrtRunner(self.name, path, session, info, settings)
