@@ -37,14 +37,14 @@ class Framework:
 
 # The one framework table: the module that builds a model also names its native runner.
 FRAMEWORKS = {
-    "darknet": Framework("exporters.darknet", "exporters.darknet_native", "OpenCV DNN (Darknet importer)"),
+    "darknet": Framework("exporters.darknet.export", "exporters.darknet.native", "OpenCV DNN (Darknet importer)"),
     "pytorch": Framework(
-        "exporters.torch_detectors", "exporters.torch_native", "PyTorch eager",
+        "exporters.pytorch.export", "exporters.pytorch.native", "PyTorch eager",
         no_batch="the traced forward runs torchvision's transform, RPN/RoI heads and post-processing on images[0] "
                  "(torchvision post-processes each image in a Python loop, which tracing unrolls at the traced batch "
                  "of 1), so the graph has no symbolic batch axis with per-image NMS"),
     "tensorflow": Framework(
-        "exporters.tf_ssd", "exporters.tf_native", "TensorFlow tf.function",
+        "exporters.tensorflow.export", "exporters.tensorflow.native", "TensorFlow tf.function",
         no_batch="the tf.function's signature is [1, 3, H, W] and its decoding keeps image 0 of "
                  "combined_non_max_suppression's padded per-image results (nms_boxes[0, :valid[0]]), so the graph "
                  "has no symbolic batch axis nor an image index per detection"),

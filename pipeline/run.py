@@ -171,7 +171,7 @@ class RunSettings:
 @dataclass(frozen=True)
 class ForeignSpec:
     """A foreign ONNX detector added to a run (``run --onnx FILE --describe FILE.toml``): wrapped
-    into a contract file by :func:`exporters.onnx_wrap.wrap_onnx` instead of exported."""
+    into a contract file by :func:`exporters.foreign.wrap.wrap_onnx` instead of exported."""
 
     name: str
     input_size: tuple[int, int]
@@ -183,7 +183,7 @@ class ForeignSpec:
 
 def foreign_specs(pairs: list[tuple[Path, Path]]) -> list[ForeignSpec]:
     """One spec per (ONNX file, describe file); the describe file is read (and checked) now."""
-    from exporters.onnx_describe import read_description
+    from exporters.foreign.describe import read_description
 
     specs = []
     for onnx_file, describe_file in pairs:
@@ -481,7 +481,7 @@ class _Pipeline:
         """The contract file of a foreign ONNX detector (see :class:`ForeignSpec`)."""
         spec = target.spec
         try:
-            version = source_version("exporters.onnx_wrap", "exporters.onnx_describe")
+            version = source_version("exporters.foreign.wrap", "exporters.foreign.describe")
         except ImportError as exc:
             version = f"unavailable: {exc}"
         out = file_in(self.root / "onnx", spec.name, where=f"--describe {spec.describe_file}: name")
@@ -489,7 +489,7 @@ class _Pipeline:
                   "wrapper": version}
 
         def run():
-            wrap_onnx = _importable("exporters.onnx_wrap", "wrap_onnx")
+            wrap_onnx = _importable("exporters.foreign.wrap", "wrap_onnx")
             result = wrap_onnx(spec.onnx_file, spec.describe_file, out,
                                progress=lambda msg: self.emit("update", target.label, "export", None, msg))
             sha = sha256_file(result.path)
@@ -498,7 +498,7 @@ class _Pipeline:
                     "describe_file": str(spec.describe_file)}
             # foreign files are wrapped here, on the driver, also under Ray (they are given by local path)
             self.write("export", data, model=spec.name, model_sha256=sha, contract=result.contract.to_props(),
-                       settings={"exporter": f"exporters.onnx_wrap {version}", "input_size": list(target.size)})
+                       settings={"exporter": f"exporters.foreign.wrap {version}", "input_size": list(target.size)})
             return result.path, {"onnx_sha256": sha, "path": str(result.path)}
 
         def reuse_ok(entry):

@@ -7,7 +7,7 @@ compared. Two rules, each with its tolerance stated in the record (:class:`Toler
 - ``index`` (float32 backends: same arithmetic, different rounding, ~1e-6 relative): the
   detection lists must match one to one (as sets: same label, box within ``box_px`` pixels),
   every detection left unpaired being explained by a decision boundary visible in the outputs
-  (``exporters.detection_ties.match_detections``: the cap, the score threshold, the NMS IoU
+  (``exporters.matching.match_detections``: the cap, the score threshold, the NMS IoU
   threshold and its cascade); matched scores within ``score``.
 - ``iou`` (bf16: 8-bit mantissa, so scores move by ~1e-2 and near-threshold detections come and
   go and reorder): each onnxruntime detection with score >= ``score_floor`` is matched to the
@@ -179,7 +179,7 @@ def compare(ref_out: dict[str, np.ndarray], got_out: dict[str, np.ndarray], tol:
                                "iou_matched": len(pairs), "max_box_px": box, "max_score": score}
     reasons: list[str] = []
     if tol.rule == "index":
-        from exporters.detection_ties import match_detections
+        from exporters.matching import match_detections
 
         # atol = the box tolerance pairs boxes and scores alike; the score bound is checked on the pairs after
         m = match_detections(ref, got, iou_threshold=iou_threshold, score_threshold=score_threshold,

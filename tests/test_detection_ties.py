@@ -7,7 +7,7 @@ overlap in 100 of 200, IoU exactly 0.5; (0, 0, 10, 20) and (0, 0, 10, 30) in 200
 
 import numpy as np
 
-from exporters.detection_ties import BOUNDARY_IOU_TOL, match_detections
+from exporters.matching import BOUNDARY_IOU_TOL, match_detections
 
 ATOL = RTOL = 1e-3
 
@@ -176,7 +176,7 @@ def match_at_800(ref, got, **kwargs):
 
 
 def test_the_coordinate_budget_at_800_px_by_hand():
-    from exporters.detection_ties import coordinate_tolerance
+    from exporters.matching import coordinate_tolerance
 
     tol = coordinate_tolerance(np.array([[0.0, 100.0, 3.0, 300.0], [10.0, 20.0, 30.0, 800.0]]), ATOL, RTOL, IMAGE)
     # box 0: x clipped (x1 = 0): 0.001 + 0.001 * |x| + 0.5; y inside: 0.001 + 0.001 * |y| + 0.008.
@@ -247,7 +247,7 @@ def test_a_degenerate_box_inside_the_image_pairs_by_the_extent_it_has():
     # y: both coordinates 0.001 apart (within); x: 1-D IoU 663.428 / 663.461 = 0.99995.
     ref = dets([(0.949459, 0, 1.042, 339.607, 664.503, 339.609)])
     got = dets([(0.949457, 0, 1.057, 339.608, 664.485, 339.610)])
-    from exporters.detection_ties import _iou
+    from exporters.matching import _iou
 
     assert float(_iou(ref["boxes"][0], got["boxes"])[0]) < 0.6  # the 2-D IoU of a 0.002 px sliver says nothing
     m = match_at_800(ref, got, max_detections=1000)
@@ -267,7 +267,7 @@ def test_the_axis_test_gives_plain_bools_and_pairs_a_degenerate_border_box():
     got = dets([(0.9, 1, 0.0, 10.2, 0.004, 500.0)])
     m = match_at_800(ref, got)
     assert m.pairs == [(0, 0)] and m.unexplained == [] and m.degenerate_pairs == 1
-    from exporters.detection_ties import _axes_agree
+    from exporters.matching import _axes_agree
 
     agree = _axes_agree(ref["boxes"][0], got["boxes"], np.array([[True, False, True, True]]))
     assert agree.dtype == np.bool_ and agree.tolist() == [True]
@@ -279,7 +279,7 @@ def test_boxes_pair_axis_by_axis_where_the_2d_iou_falls_short():
     # 29.98 * 399.7 / (30 * 400) = 0.99858 < 0.999, which alone refused the pair.
     ref = dets([(0.9, 1, 100.0, 10.0, 130.0, 410.0)])
     got = dets([(0.9, 1, 100.02, 10.3, 130.0, 410.0)])
-    from exporters.detection_ties import _iou
+    from exporters.matching import _iou
 
     assert float(_iou(ref["boxes"][0], got["boxes"])[0]) < 0.999
     m = match_at_800(ref, got)
@@ -332,7 +332,7 @@ def uniform_lists():
 
 
 def test_a_uniform_image_is_compared_above_the_first_tie():
-    from exporters.detection_ties import first_tie, match_above_first_tie
+    from exporters.matching import first_tie, match_above_first_tie
 
     ref, got = uniform_lists()
     assert first_tie(ref["scores"], ATOL, RTOL) == np.float32(0.7)
@@ -354,7 +354,7 @@ def test_a_uniform_image_is_compared_above_the_first_tie():
 
 
 def test_a_tie_on_one_side_only_excuses_nothing():
-    from exporters.detection_ties import match_above_first_tie
+    from exporters.matching import match_above_first_tie
 
     ref, got = uniform_lists()
     # ONNX: the top detection and one at 0.4, nothing near PyTorch's tie at 0.7.
@@ -366,7 +366,7 @@ def test_a_tie_on_one_side_only_excuses_nothing():
 
 
 def test_a_detection_just_above_the_cut_on_one_side_is_a_tie_cut():
-    from exporters.detection_ties import match_above_first_tie
+    from exporters.matching import match_above_first_tie
 
     ref, got = uniform_lists()
     # ONNX scored one of the positions 0.7004 and the other 0.4 (its own first tie, with the

@@ -1,9 +1,9 @@
 """An independent numpy reading of a described foreign detector's outputs.
 
-The wrapper (:mod:`exporters.onnx_wrap`) builds its prologue and epilogue as ONNX nodes;
+The wrapper (:mod:`exporters.foreign.wrap`) builds its prologue and epilogue as ONNX nodes;
 validation runs the *original* file in onnxruntime on inputs prepared here, decodes its
 outputs here and compares with the wrapped file. Nothing here is shared with the graph
-builder: the decode follows the describe format's definition (:mod:`exporters.onnx_describe`)
+builder: the decode follows the describe format's definition (:mod:`exporters.foreign.describe`)
 in float64, and the NMS is a plain greedy loop with onnxruntime's NonMaxSuppression
 semantics (candidates must score above the threshold; a box is suppressed by a kept box of
 its class when their IoU exceeds the threshold; ties in score keep the lower index first).
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from exporters.onnx_describe import Description, describe_error
+from exporters.foreign.describe import Description, describe_error
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 

@@ -41,7 +41,7 @@ width while its coordinates agree within tolerance on that axis.
 :func:`match_above_first_tie` is for uniform images, where positions score exactly alike: only
 the detections scoring above the first tie of either list are compared (``tie cut``).
 
-The caller may add ``proposal set`` (two-stage detectors, exporters/torch_detectors.py): the
+The caller may add ``proposal set`` (two-stage detectors, exporters/pytorch/export.py): the
 runtimes' RPN proposals differ only at the RPN's own cuts, and PyTorch's second stage on the
 export's proposals gives the export's detections.
 

@@ -1,6 +1,6 @@
 """PyTorch (torchvision) detectors to validated, self-describing ONNX files.
 
-``export(spec, out, ...)`` builds the model (``exporters.torch_builders``), wraps it so the
+``export(spec, out, ...)`` builds the model (``exporters.pytorch.builders``), wraps it so the
 graph follows the exported-model contract, exports it with the TorchScript-based
 ``torch.onnx.export(..., dynamo=False)`` at a fixed input size, checks it (full onnx checker
 via ``core.contract.save_model``) and compares onnxruntime with PyTorch on real COCO
@@ -40,9 +40,9 @@ from torch import nn
 
 from exporters import ExportResult
 from exporters.registry import ModelSpec
-from exporters.torch_builders import (DEFAULT_SEED, LOGIT_MAX, RESIDUAL_BRANCH_GAIN, build_model, calibration_photo,
+from exporters.pytorch.builders import (DEFAULT_SEED, LOGIT_MAX, RESIDUAL_BRANCH_GAIN, build_model, calibration_photo,
                                       coco_images_dir, count_parameters, load_weights)
-from exporters.detection_ties import Matching, match_above_first_tie, match_detections
+from exporters.matching import Matching, match_above_first_tie, match_detections
 from exporters.validation import Comparison
 from core.contract import DEFAULT_OPSET, ModelContract, save_model, weights_tag
 from core.errors import DatasetError, ExportError
@@ -219,7 +219,7 @@ def _contract(spec: ModelSpec, size: tuple[int, int], weights: Path | None, mode
     frozen = sum(b.numel() for m in model.modules() if isinstance(m, FrozenBatchNorm2d) for b in m.buffers())
     extra: dict[str, Any] = {
         "opset": str(OPSET),
-        "exporter": f"detbench.exporters.torch_detectors {EXPORTER_VERSION} (torch.onnx.export, dynamo=False)",
+        "exporter": f"detbench.exporters.pytorch.export {EXPORTER_VERSION} (torch.onnx.export, dynamo=False)",
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
         "onnx_version": onnx.__version__,
@@ -235,7 +235,7 @@ def _contract(spec: ModelSpec, size: tuple[int, int], weights: Path | None, mode
         extra["init"] = (f"random-init: torchvision's initialisation under torch.manual_seed({DEFAULT_SEED}), then "
                          f"FrozenBatchNorm2d statistics from one pass over the COCO photo {calibration_photo().name}, ResNet "
                          f"bottleneck branches damped (last BatchNorm gain {RESIDUAL_BRANCH_GAIN}) and "
-                         f"classification logits rescaled to |logit - bias| <= {LOGIT_MAX} on it (exporters/torch_builders.py)")
+                         f"classification logits rescaled to |logit - bias| <= {LOGIT_MAX} on it (exporters/pytorch/builders.py)")
     else:
         extra["init"] = f"state_dict {Path(weights).name}"
     if wrapper.with_masks:
@@ -357,7 +357,7 @@ def cpu_session(path: Path):
 def compare(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
             contract: ModelContract, second_stage: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
             rpn: dict[str, float] | None = None) -> Matching | None:
-    """Detections compared as sets (:func:`exporters.detection_ties.match_detections`): every
+    """Detections compared as sets (:func:`exporters.matching.match_detections`): every
     detection paired with one of the other runtime (same label, score and box within
     tolerance) or explained by a boundary visible in the outputs; masks of paired detections
     compared as COCO uses them. NaN/Inf anywhere is a mismatch. Returns the matching (None
@@ -407,7 +407,7 @@ def _detection_min_size(contract: ModelContract) -> float | None:
 
 def _image_size(contract: ModelContract) -> tuple[int, int] | None:
     """The input tensor's (height, width): coordinates are compared at its scale
-    (exporters/detection_ties.py); None for a contract-like object without a size."""
+    (exporters/matching.py); None for a contract-like object without a size."""
     height, width = getattr(contract, "input_height", None), getattr(contract, "input_width", None)
     return (int(height), int(width)) if height and width else None
 
@@ -656,7 +656,7 @@ def export(spec: ModelSpec, out: Path, *, weights: Path | None, input_size: tupl
     progress(f"exporting to ONNX (opset {OPSET}, traced on {trace_image.name})")
     wrapper.expose_proposals = wrapper.two_stage
     proto = _to_onnx(wrapper, torch.from_numpy(trace_tensor), spec.name)
-    proto.doc_string = f"detbench {spec.name}: torchvision {type(model).__name__} exported by exporters/torch_detectors.py"
+    proto.doc_string = f"detbench {spec.name}: torchvision {type(model).__name__} exported by exporters/pytorch/export.py"
 
     out = Path(out)
     # Validated from a file beside the target; the target itself is only ever replaced by the

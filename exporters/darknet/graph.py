@@ -46,8 +46,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters.darknet_cfg import Conv, Detection, MaxPool, Plan, Reorg, Route, Shortcut, Upsample
-from exporters.darknet_weights import DarknetWeights
+from exporters.darknet.cfg import Conv, Detection, MaxPool, Plan, Reorg, Route, Shortcut, Upsample
+from exporters.darknet.weights import DarknetWeights
 from core.contract import BATCH_INDEX_OUTPUT, DEFAULT_OPSET, INPUT_NAME, IR_VERSION
 
 # Darknet's normalize_cpu adds this to sqrt(variance).
@@ -184,7 +184,7 @@ def build_model(plan: Plan, weights: DarknetWeights, post: PostProcess, *, expos
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [batch_dim, 3, h, w])],
         graph_outputs, initializer=g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET)],
-                              producer_name="detbench.exporters.darknet")
+                              producer_name="detbench.exporters.darknet.export")
     model.ir_version = IR_VERSION  # what save_model writes; the session used for validation needs it too
     return model
 

@@ -1,7 +1,7 @@
 """A foreign ONNX detector -> a contract ONNX file, by composing graphs around it.
 
 ``export --onnx FILE --describe FILE.toml``: the describe file (format in
-:mod:`exporters.onnx_describe`, examples in ``exporters/describe_examples/``) says how the
+:mod:`exporters.foreign.describe`, examples in ``exporters/foreign/describe_examples/``) says how the
 file's inputs and outputs map onto the contract. The result is three graphs joined with
 ``onnx.compose.merge_models``:
 
@@ -14,13 +14,13 @@ file's inputs and outputs map onto the contract. The result is three graphs join
   ``scores``, ``labels`` (int64, mapped to the label space) and ``masks``: box format and
   space, activations, objectness, YOLO head decoding, and, for candidates, class-aware
   ``NonMaxSuppression`` with the described thresholds, built by the same code as the
-  Darknet exporter's (:func:`exporters.darknet_graph._postprocess`).
+  Darknet exporter's (:func:`exporters.darknet.graph._postprocess`).
 
 The operator set is the file's own (converted to 11 when older: NonMaxSuppression and
 Compress need it); the prologue and epilogue only use operators whose signature did not
 change since opset 11. Every check of the describe file against the graph runs before
 anything is built; validation (the wrapped file against the original file's outputs
-decoded by :mod:`exporters.onnx_decode` on real COCO images) runs before anything is written.
+decoded by :mod:`exporters.foreign.decode` on real COCO images) runs before anything is written.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from exporters import ExportResult
-from exporters.darknet_graph import PostProcess, _Graph, _postprocess
-from exporters.detection_ties import match_detections
-from exporters.onnx_decode import cap, decode, extra_value, model_inputs, query_width
-from exporters.onnx_describe import Description, describe_error, read_description
-from exporters.tf_convert import cpu_session, validation_images
+from exporters.darknet.graph import PostProcess, _Graph, _postprocess
+from exporters.matching import match_detections
+from exporters.foreign.decode import cap, decode, extra_value, model_inputs, query_width
+from exporters.foreign.describe import Description, describe_error, read_description
+from exporters.tensorflow.convert import cpu_session, validation_images
 from exporters.validation import Comparison
 from core.contract import INPUT_NAME, LABELS_KEY, ModelContract, save_model, sha256_file
 from core.errors import ConfigError, ExportError
@@ -97,7 +97,7 @@ def wrap_onnx(onnx_file: Path, describe_file: Path, out: Path, *,
         input_width=desc.input_size[1], resize=desc.resize, label_space=desc.label_space,
         score_threshold=desc.score_threshold, iou_threshold=desc.iou_threshold, max_detections=desc.max_detections,
         weights="sha256:" + sha256_file(onnx_file), source_params=count_params(source), pad_value=desc.pad_value,
-        extra={"exporter": f"exporters.onnx_wrap {WRAPPER_VERSION}", "source": "foreign ONNX file",
+        extra={"exporter": f"exporters.foreign.wrap {WRAPPER_VERSION}", "source": "foreign ONNX file",
                "source_file": onnx_file.name, "source_producer": f"{source.producer_name} {source.producer_version}".strip(),
                "source_opset": str(bound.source_opset), "opset": str(bound.opset),
                "describe_file": Path(describe_file).name, "describe": desc.text,
@@ -106,7 +106,7 @@ def wrap_onnx(onnx_file: Path, describe_file: Path, out: Path, *,
                "nms": ("wrapper (ONNX NonMaxSuppression, class-aware)" if desc.outputs["nms"]
                        else "none (queries kept by top-k)" if desc.outputs["layout"] == "queries"
                        else "the original file's own"),
-               "validated_against": "the original file in onnxruntime, outputs decoded by exporters.onnx_decode (numpy)"})
+               "validated_against": "the original file in onnxruntime, outputs decoded by exporters.foreign.decode (numpy)"})
     progress(f"writing {target}")
     path = save_model(wrapped, target, contract)
     figures["file_bytes"] = path.stat().st_size
@@ -336,9 +336,9 @@ def compose(desc: Description, model: onnx.ModelProto, bound: Bound) -> onnx.Mod
         part.opset_import.extend(opsets)
     try:
         joined = onnx_compose.merge_models(pre, source, io_map=[(a, SOURCE_PREFIX + b) for a, b in pre_map],
-                                           producer_name="detbench.exporters.onnx_wrap")
+                                           producer_name="detbench.exporters.foreign.wrap")
         joined = onnx_compose.merge_models(joined, post, io_map=[(SOURCE_PREFIX + a, b) for a, b in post_map],
-                                           outputs=names, producer_name="detbench.exporters.onnx_wrap",
+                                           outputs=names, producer_name="detbench.exporters.foreign.wrap",
                                            name=desc.name)
     except (ValueError, onnx.checker.ValidationError) as exc:
         raise ExportError(f"composing {desc.name!r} with onnx.compose failed: {exc}") from exc
@@ -674,13 +674,13 @@ def validate(desc: Description, onnx_file: Path, wrapped: onnx.ModelProto, bound
                             "describe file (box format and space, activations, label mapping, thresholds).")
     figures: dict[str, Any] = dict(comparison.figures)
     figures["detections_per_image"] = counts
-    figures["reference"] = "original file in onnxruntime + exporters.onnx_decode (numpy decode and NMS)"
+    figures["reference"] = "original file in onnxruntime + exporters.foreign.decode (numpy decode and NMS)"
     return figures
 
 
 def compare(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
             desc: Description) -> None:
-    """Detections compared as sets (:func:`exporters.detection_ties.match_detections`): each
+    """Detections compared as sets (:func:`exporters.matching.match_detections`): each
     paired within tolerance or explained by a boundary the outputs show (the cap, the score
     threshold and, when the wrapper runs NMS, its IoU boundary); labels int64 within the
     label space; masks of paired detections within tolerance."""
