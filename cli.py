@@ -267,7 +267,7 @@ def quantize(
     The calibration (and, with --max-drop, selection) image ids are recorded in the file: `eval` refuses to score
     the model on them.
     """
-    from exporters.quantize import QuantizeSettings, quantize_model
+    from quantization.quantize import QuantizeSettings, quantize_model
 
     settings = QuantizeSettings(calibration=calibration, images=images, method=method, per_channel=per_channel,
                                 format=quant_format, out=out)

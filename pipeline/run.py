@@ -8,7 +8,7 @@ the models ``RunSettings.int8_models`` names. For each target, in registry order
 1. **export** (and validate: the exporter does it) with the official weights when
    :func:`exporters.weights.locate_weights` finds them here, else deterministic random
    initialisation (the contract says ``random-init``; never downloads); an INT8 target is
-   **quantize**\ d from its float export instead (:func:`exporters.quantize.quantize_model`,
+   **quantize**\ d from its float export instead (:func:`quantization.quantize.quantize_model`,
    calibrated on the first images of the COCO folder);
 2. **profile** with the analyzer (``counting.profile_model``): static shapes, or shapes
    measured on a real image when the graph has data-dependent RoI stages;
@@ -512,7 +512,7 @@ class _Pipeline:
         """The INT8 file of ``target``, quantized from its float export ``source``."""
         s = self.settings
         try:
-            version = source_version("exporters.quantize")
+            version = source_version("quantization.quantize", "core.calibration")
         except ImportError as exc:
             version = f"unavailable: {exc}"
         source_sha = sha256_file(source)
@@ -758,7 +758,7 @@ class _Pipeline:
             evaluate_model = _importable("eval.coco", "evaluate_model")
             image_ids = None
             if target.precision == INT8:  # never scored on its own calibration images
-                calibration_ids = _importable("exporters.quantize", "calibration_ids")
+                calibration_ids = _importable("core.calibration", "calibration_ids")
                 used = set(calibration_ids(read_contract(path)))
                 image_ids = tuple(i for i in _coco_ids(ann) if i not in used)
 
@@ -848,8 +848,8 @@ def _export_file(spec, weights: Path | None, size, exporter: str, input_size: li
 
 def _quantize_file(source: Path, coco: Path, images: int, name: str, input_size: list, source_name: str,
                    source_sha: str, *, out: Path, progress=None):
-    quantize_model = _importable("exporters.quantize", "quantize_model")
-    settings_cls = _importable("exporters.quantize", "QuantizeSettings")
+    quantize_model = _importable("quantization.quantize", "quantize_model")
+    settings_cls = _importable("quantization.quantize", "QuantizeSettings")
     if read_contract(source).random_init:
         # random weights: accuracy is not measured, and the ranges do not change speed — MinMax on a
         # few images is enough for the INT8 file's cost and latency

@@ -54,7 +54,7 @@ from core.errors import ConfigError, ExportError
 from core.images import load_rgb, prepare_for
 from eval.bootstrap import METRIC_LABELS, METRICS, Change, paired_change
 from eval.dataset import load_coco
-from exporters.quantize import QuantizeSettings, default_output, layer_macs, quantizable_layers, quantize_model
+from quantization.quantize import QuantizeSettings, default_output, layer_macs, quantizable_layers, quantize_model
 from quantization.splits import CALIBRATION, SELECTION, Split, split_ids
 
 METRIC = "mAP@0.5 and mAP@[.5:.95] drops, points, selection images (paired bootstrap, 95 %)"

@@ -361,7 +361,7 @@ def produced(tmp_path_factory, exported, darknet_dir, heads_file):
     """The kinds of file detbench writes: registered export, its INT8 file, a wrapped foreign
     file, and a registered model at another input size."""
     from exporters.foreign.wrap import wrap_onnx
-    from exporters.quantize import QuantizeSettings, quantize_model
+    from quantization.quantize import QuantizeSettings, quantize_model
 
     tmp = tmp_path_factory.mktemp("produced")
     registered = exported("yolov3-tiny", weights=darknet_dir / "yolov3-tiny.weights").path

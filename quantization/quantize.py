@@ -20,7 +20,7 @@ shifted boxes; and all of post-processing.
 Calibration tensors are made exactly as evaluation makes its inputs
 (``core.images.prepare_for`` on ``load_rgb``), from the first N images of a COCO folder by
 image id (or the ids given). The ids are recorded in the file so that evaluation can refuse
-to score a model on its own calibration images (:func:`calibration_overlap`).
+to score a model on its own calibration images (:func:`core.calibration.calibration_overlap`).
 """
 
 from __future__ import annotations
@@ -41,14 +41,13 @@ import numpy as np
 from core.contract import (INPUT_NAME, OUTPUT_NAMES, PREFIX, ModelContract, load_checked, read_contract, save_model,
                            sha256_file)
 from core.errors import ConfigError, DatasetError, ExportError
+from core.calibration import CALIBRATION_IDS_KEY, SELECTION_IDS_KEY
 from core.images import load_rgb, prepare_for
 from counting.analyzer import NETWORK, graph_parts
 
 METHODS = ("minmax", "entropy", "percentile")
 FORMATS = ("qdq", "qoperator")
 PRECISION_KEY = "precision"
-CALIBRATION_IDS_KEY = "calibration_image_ids"
-SELECTION_IDS_KEY = "selection_image_ids"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 
 # Learned ops quantized by default (their weights become int8).
@@ -187,59 +186,6 @@ def _coco_entries(folder: Path) -> dict[int, Path] | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DatasetError(f"{ann} is not a COCO instances file ({exc}); point --calibration at a COCO folder "
                            "or a folder of images") from exc
-
-
-def calibration_ids(contract: ModelContract) -> list[int]:
-    """The COCO image ids a quantized model was calibrated on (empty for a float model)."""
-    raw = contract.extra.get(CALIBRATION_IDS_KEY)
-    if not raw:
-        return []
-    try:
-        return [int(i) for i in json.loads(raw)]
-    except (ValueError, TypeError) as exc:
-        raise ExportError(f"model {contract.name!r}: malformed {PREFIX}{CALIBRATION_IDS_KEY} ({exc})") from exc
-
-
-def selection_ids(contract: ModelContract) -> list[int]:
-    """The COCO image ids accuracy-driven choices (layers kept float) were made on (empty if none)."""
-    raw = contract.extra.get(SELECTION_IDS_KEY)
-    if not raw:
-        return []
-    try:
-        return [int(i) for i in json.loads(raw)]
-    except (ValueError, TypeError) as exc:
-        raise ExportError(f"model {contract.name!r}: malformed {PREFIX}{SELECTION_IDS_KEY} ({exc})") from exc
-
-
-def calibration_overlap(contract: ModelContract, image_ids: Iterable[int]) -> list[int]:
-    """The ids among ``image_ids`` the model was calibrated or tuned on (sorted; empty = disjoint)."""
-    own = set(calibration_ids(contract)) | set(selection_ids(contract))
-    return sorted(own & {int(i) for i in image_ids})
-
-
-def check_calibration_overlap(contract: ModelContract, image_ids: Iterable[int], allow: bool = False) -> list[int]:
-    """Raise :class:`ConfigError` when a model would be scored on the images it was calibrated on or
-    whose accuracy chose its recipe (unless ``allow``); returns the overlap."""
-    overlap = calibration_overlap(contract, image_ids)
-    if overlap and not allow:
-        wanted = {int(i) for i in image_ids}
-        calibrated = sorted(set(calibration_ids(contract)) & wanted)
-        selected = sorted(set(selection_ids(contract)) & wanted)
-        parts = []
-        if calibrated:
-            parts.append(f"calibrated on {len(calibrated)} of the {len(wanted)} images selected for evaluation "
-                         f"(ids {_shown(calibrated)})")
-        if selected:
-            parts.append(f"had its float layers chosen on {len(selected)} of the {len(wanted)} images selected for "
-                         f"evaluation (selection ids {_shown(selected)})")
-        raise ConfigError(
-            f"model {contract.name!r} was {' and '.join(parts)}; its accuracy on them is biased. Select other "
-            "images (--image-ids) or pass --allow-calibration-overlap to score it anyway.")
-    return overlap
-
-
-def _shown(ids: list[int]) -> str:
-    return ", ".join(map(str, ids[:8])) + (" ..." if len(ids) > 8 else "")
 
 
 @dataclass(frozen=True)
