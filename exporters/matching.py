@@ -66,6 +66,11 @@ A systematic difference (a graph that resamples its input, a wrong layer, every 
 by more than the budget) moves every box and leaves most detections unpaired at scores
 nowhere near a boundary: it still fails (a shift or rescale of 1/850 or more costs every 1-D
 interval at least 1e-3 of IoU, and its coordinates more than their budget).
+
+The box geometry every detection comparison shares lives here too, written once: :func:`iou`
+(also ``runtime.parity`` and ``quantization.budget``) and :func:`nms`, the numpy greedy NMS
+with onnxruntime's semantics that foreign-ONNX validation decodes with
+(``exporters.foreign.decode``).
 """
 
 from __future__ import annotations
@@ -142,16 +147,64 @@ def _axes_agree(box: np.ndarray, boxes: np.ndarray, close: np.ndarray) -> np.nda
     return agree
 
 
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one (x1, y1, x2, y2) box with each of ``boxes``, in float64."""
-    box, boxes = box.astype(np.float64), boxes.astype(np.float64).reshape(-1, 4)
-    w = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
-    h = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
+def iou(a: np.ndarray, b: np.ndarray, *, order_corners: bool = False) -> np.ndarray:
+    """IoU matrix ``[len(a), len(b)]`` of (x1, y1, x2, y2) boxes, computed in the boxes' own float
+    dtype (integers in float64); 0 where the union is not positive.
+
+    ``order_corners``: each box's corners are ordered first, as onnxruntime's NonMaxSuppression
+    does with ``center_point_box = 0``; otherwise a box with x2 < x1 (or y2 < y1) overlaps nothing.
+    """
+    a, b = np.asarray(a).reshape(-1, 4), np.asarray(b).reshape(-1, 4)
+    dtype = np.result_type(a, b)
+    if not np.issubdtype(dtype, np.floating):
+        dtype = np.float64
+    a, b = a.astype(dtype, copy=False), b.astype(dtype, copy=False)
+    if order_corners:
+        a = np.concatenate([np.minimum(a[:, :2], a[:, 2:]), np.maximum(a[:, :2], a[:, 2:])], axis=1)
+        b = np.concatenate([np.minimum(b[:, :2], b[:, 2:]), np.maximum(b[:, :2], b[:, 2:])], axis=1)
+    w = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    h = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
     inter = w * h
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    union = area + areas - inter
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one box with each of ``boxes``, in float64 (the matching rules' tolerances are float64)."""
+    return iou(np.asarray(box, np.float64), np.asarray(boxes, np.float64))[0]
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, score_threshold: float,
+        max_detections: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Greedy per-class NMS of ``boxes`` [M, 4] (xyxy) with ``scores`` [M, C]; at most
+    ``max_detections`` per class, then the ``max_detections`` best over all classes.
+
+    onnxruntime's NonMaxSuppression semantics: candidates score above ``score_threshold``; a
+    box is suppressed by a kept box of its class whose IoU (corners ordered) exceeds
+    ``iou_threshold``; equal scores keep the lower index first."""
+    kept = []
+    for c in range(scores.shape[1]):
+        s = scores[:, c]
+        candidates = np.nonzero(s > score_threshold)[0]
+        candidates = candidates[np.argsort(-s[candidates], kind="stable")]
+        chosen: list[int] = []
+        for i in candidates:
+            if len(chosen) == max_detections:
+                break
+            if not chosen or not np.any(_ordered_iou(boxes[i], boxes[chosen]) > iou_threshold):
+                chosen.append(int(i))
+        kept += [(float(s[i]), c, i) for i in chosen]
+    kept.sort(key=lambda k: -k[0])  # stable: within a score, class then box order
+    kept = kept[:max_detections]
+    index = np.array([k[2] for k in kept], np.int64)
+    return (boxes[index].reshape(-1, 4), np.array([k[0] for k in kept]),
+            np.array([k[1] for k in kept], np.int64))
+
+
+def _ordered_iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
+    return iou(np.asarray(box, np.float64), np.asarray(others, np.float64), order_corners=True)[0]
 
 
 @dataclass
@@ -388,6 +441,32 @@ def _explain_cascade(u: Unpaired, dets: dict, other: dict, explained: list[int],
     u.detail = (f"IoU {float(ious[over][0]):.4f} with detection {suppressors[int(np.argmax(over))]} that only "
                 f"{SIDES['got' if u.side == 'ref' else 'ref']} kept (NMS threshold {iou_threshold:g})")
     return True
+
+
+def closest_counterparts(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> np.ndarray:
+    """Index into ``candidate`` pairing each reference detection with its closest counterpart
+    (lists of equal length; the TensorFlow validation compares the paired values afterwards).
+
+    NMS outputs are sets: two runtimes may list equal-score detections in different orders.
+    Pairs are formed greedily by ascending cost (label disagreement first, then the largest
+    box-coordinate difference, then the score difference), so the order no longer matters
+    while any real difference still shows in the paired values.
+    """
+    n = len(reference["scores"])
+    if n == 0 or len(candidate["scores"]) != n:
+        return np.arange(len(candidate["scores"]))
+    box = np.abs(reference["boxes"][:, None, :].astype(np.float64) - candidate["boxes"][None, :, :]).max(axis=2)
+    score = np.abs(reference["scores"][:, None].astype(np.float64) - candidate["scores"][None, :])
+    label = (reference["labels"][:, None] != candidate["labels"][None, :]).astype(np.float64)
+    cost = label * 1e9 + box + score
+    order = np.argsort(cost, axis=None, kind="stable")
+    pick = np.full(n, -1)
+    used = np.zeros(n, dtype=bool)
+    for flat in order:
+        r, c = divmod(int(flat), n)
+        if pick[r] < 0 and not used[c]:
+            pick[r], used[c] = c, True
+    return pick
 
 
 def first_tie(scores: np.ndarray, atol: float, rtol: float) -> float | None:

@@ -223,7 +223,7 @@ def test_parameter_counts_agree_with_torchvision(torchvision_pair, registry, tf)
 
 def test_same_priors_and_raw_outputs_as_torchvision(torchvision_pair, tf):
     from exporters.tensorflow.ssd_keras import decoded_priors
-    from exporters.tensorflow.convert import validation_images
+    from exporters.validation import validation_images
     from core.images import load_rgb, prepare
 
     tv, model, config, _, _ = torchvision_pair
@@ -260,8 +260,8 @@ def test_onnx_export_of_torchvision_weights_matches_torchvision(torchvision_pair
     import onnxruntime as ort
 
     from exporters import export_model
-    from exporters.tensorflow.convert import compare_runs, validation_images
-    from exporters.validation import Comparison
+    from exporters.tensorflow.convert import compare_runs
+    from exporters.validation import Comparison, validation_images
     from core.contract import read_contract
     from core.images import load_rgb, prepare
 
@@ -348,7 +348,7 @@ def saved_model(tf, tmp_path_factory):
 def test_saved_model_export_matches_the_saved_model(saved_model, tmp_path, tf):
     import onnxruntime as ort
 
-    from exporters.tensorflow.convert import validation_images
+    from exporters.validation import validation_images
     from exporters.tensorflow.saved_model import export_saved_model
     from core.contract import read_contract
     from core.images import load_rgb, prepare

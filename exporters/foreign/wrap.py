@@ -40,8 +40,7 @@ from exporters.darknet.graph import PostProcess, _Graph, _postprocess
 from exporters.matching import match_detections
 from exporters.foreign.decode import cap, decode, extra_value, model_inputs, query_width
 from exporters.foreign.describe import Description, describe_error, read_description
-from exporters.tensorflow.convert import cpu_session, validation_images
-from exporters.validation import Comparison
+from exporters.validation import Comparison, cpu_session, validation_images
 from core.contract import INPUT_NAME, LABELS_KEY, ModelContract, save_model, sha256_file
 from core.errors import ConfigError, ExportError
 from core.names import file_in

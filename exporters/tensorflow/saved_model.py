@@ -43,9 +43,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from exporters import ExportResult
-from exporters.tensorflow.convert import (compare_runs, convert_function, cpu_session, import_tensorflow, run_onnx, run_tf,
-                                  validation_images, versions)
-from exporters.validation import Comparison
+from exporters.tensorflow.convert import compare_runs, convert_function, import_tensorflow, run_onnx, run_tf, versions
+from exporters.validation import Comparison, cpu_session, validation_images
 from core.contract import COCO_LABEL_SPACES, DEFAULT_OPSET, OUTPUT_NAMES, RESIZE_MODES, ModelContract, save_model
 from core.errors import ConfigError, ExportError
 from core.names import NAME_RULE, file_in, name_problem
