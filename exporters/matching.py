@@ -24,7 +24,7 @@ sets (their order among near-tied scores is rounding too), so they are compared 
      runtimes kept lies within the boundary tolerance of the NMS threshold;
    - ``nms cascade``: a higher-scored detection of its label that only the *other* runtime
      kept (itself explained) overlaps it beyond the NMS threshold: there it was suppressed;
-   - ``nms tie`` (only with ``ties=True``): it and a detection of its label that only the
+   - ``nms tie`` (only with ``MatchRules.ties``): it and a detection of its label that only the
      other runtime kept overlap beyond the NMS threshold with scores equal to within the
      runtimes' own score rounding (twice the largest score difference of the pairs, at least
      4 float32 steps): each runtime's NMS kept the one its rounding ranked first. Scores that
@@ -75,7 +75,7 @@ with onnxruntime's semantics that foreign-ONNX validation decodes with
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -290,15 +290,28 @@ def _pair(ref: dict, got: dict, atol: float, rtol: float,
     return sorted(pairs)
 
 
-def match_detections(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], *, iou_threshold: float,
-                     score_threshold: float, max_detections: int, atol: float, rtol: float,
-                     ties: bool = False, image_size: tuple[int, int] | None = None,
-                     min_size: float | None = None) -> Matching:
-    """Pair ``ref`` (source model) with ``got`` (ONNX) and explain what stays unpaired (module docstring).
+@dataclass(frozen=True)
+class MatchRules:
+    """What two detection lists are compared under: where the model's post-processing cuts
+    (``iou_threshold``, ``score_threshold``, ``max_detections``; ``min_size``: it removes boxes
+    narrower or lower than this many pixels before its NMS, rule ``min size``) and how close the
+    runtimes' values must be (``atol + rtol * |x|``; ``image_size``, the input tensor's (height,
+    width), adds the coordinate budget at the image's scale). ``ties``: the ``nms tie`` rule."""
 
-    ``image_size`` (height, width of the input tensor) adds the coordinate budget at the image's
-    scale; None compares coordinates with ``atol + rtol * |x|`` only. ``min_size``: the model
-    removes boxes narrower or lower than this (pixels) before its NMS (rule ``min size``)."""
+    iou_threshold: float
+    score_threshold: float
+    max_detections: int
+    atol: float
+    rtol: float
+    ties: bool = False
+    image_size: tuple[int, int] | None = None
+    min_size: float | None = None
+
+
+def match_detections(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], rules: MatchRules) -> Matching:
+    """Pair ``ref`` (source model) with ``got`` (ONNX) and explain what stays unpaired (module docstring)."""
+    iou_threshold, score_threshold, max_detections = rules.iou_threshold, rules.score_threshold, rules.max_detections
+    atol, rtol, image_size, min_size = rules.atol, rules.rtol, rules.image_size, rules.min_size
     result = Matching(ref_count=len(ref["scores"]), got_count=len(got["scores"]))
     result.pairs = _pair(ref, got, atol, rtol, image_size)
     for i, j in result.pairs:
@@ -325,7 +338,7 @@ def match_detections(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], *, 
         if u.rule is None:
             _explain_at_nms(u, lists[u.side], kept[u.side], iou_threshold, result.boundary_tol, atol, rtol)
     _cascade(result, lists, iou_threshold, atol, rtol)
-    if ties:
+    if rules.ties:
         result.tie_tol = _explain_ties(result, lists, iou_threshold)
         _cascade(result, lists, iou_threshold, atol, rtol)
     for u in result.unexplained:
@@ -480,8 +493,7 @@ def first_tie(scores: np.ndarray, atol: float, rtol: float) -> float | None:
     return float(s[int(np.argmax(tied))]) if tied.any() else None
 
 
-def match_above_first_tie(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], *, atol: float, rtol: float,
-                          **kwargs) -> Matching:
+def match_above_first_tie(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], rules: MatchRules) -> Matching:
     """:func:`match_detections` on the detections scoring above the first tie, for a uniform image.
 
     On a translation-invariant input, anchors at different positions score exactly alike; which
@@ -493,16 +505,16 @@ def match_above_first_tie(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]
     without any score there did not meet that group: the tie cannot excuse what it lacks); an
     unpaired detection within the score tolerance of the cut is explained as ``tie cut``.
     Indices in the result are those of the full lists."""
+    atol, rtol = rules.atol, rules.rtol
     cuts = [c for c in (first_tie(d["scores"], atol, rtol) for d in (ref, got)) if c is not None]
     cut = max(cuts, default=None)
     if cut is None or not all(np.any(np.abs(np.asarray(d["scores"], np.float64) - cut) <= atol + rtol * abs(cut))
                               for d in (ref, got)):
-        return match_detections(ref, got, atol=atol, rtol=rtol, **kwargs)
+        return match_detections(ref, got, rules)
     keep = [np.nonzero(np.asarray(d["scores"], np.float64) > cut)[0] for d in (ref, got)]
     ref_above, got_above = ({k: v[idx] for k, v in d.items() if k in ("boxes", "scores", "labels")}
                             for d, idx in zip((ref, got), keep))
-    kwargs["score_threshold"] = cut
-    result = match_detections(ref_above, got_above, atol=atol, rtol=rtol, **kwargs)
+    result = match_detections(ref_above, got_above, replace(rules, score_threshold=cut))
     result.pairs = [(int(keep[0][i]), int(keep[1][j])) for i, j in result.pairs]
     for u in result.unpaired:
         u.index = int(keep[0 if u.side == "ref" else 1][u.index])

@@ -521,7 +521,7 @@ def _quantize_static(model, target: Path, tensors, chosen: Plan, settings: Quant
     ranges reach ``quantize_static`` through its calibration cache file.
     """
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantType
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization.calibrate import TensorsData, create_calibrator, save_tensors_data
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -533,10 +533,14 @@ def _quantize_static(model, target: Path, tensors, chosen: Plan, settings: Quant
         "percentile": {"num_bins": 2048, "percentile": settings.percentile, "symmetric": False},
     }[settings.method]
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-    qtypes = (types[int8_types.activation], types[int8_types.weight], int8_types.reduce_range)
     by_name = {n.name: n for n in model.graph.node}
     op_types = sorted({by_name[n].op_type for n in chosen.quantize})
-    extra = {"ActivationSymmetric": settings.symmetric_activations, "WeightSymmetric": settings.symmetric_weights}
+    recipe = _StaticRecipe(
+        quant_format=QuantFormat.QDQ if settings.format == "qdq" else QuantFormat.QOperator, op_types=op_types,
+        nodes=tuple(chosen.quantize), per_channel=settings.per_channel, reduce_range=int8_types.reduce_range,
+        activation_type=types[int8_types.activation], weight_type=types[int8_types.weight],
+        method=methods[settings.method],
+        extra={"ActivationSymmetric": settings.symmetric_activations, "WeightSymmetric": settings.symmetric_weights})
     logger = logging.getLogger()
     level = logger.level
     logger.setLevel(logging.ERROR)  # the quantizer logs advice through the root logger
@@ -547,8 +551,7 @@ def _quantize_static(model, target: Path, tensors, chosen: Plan, settings: Quant
         cache = Path(settings.ranges_cache) if settings.ranges_cache is not None else target.with_name("ranges.json")
         if settings.ranges_cache is not None and cache.is_file():
             step = "quantization"
-            _quantize_with_ranges(model_path, target, cache, chosen, settings, op_types, qtypes,
-                                  methods[settings.method], extra)
+            _quantize_with_ranges(model_path, target, cache, recipe)
             return
         with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress
             calibrator = create_calibrator(model_path, op_types, augmented_model_path=str(target.with_name("aug.onnx")),
@@ -566,8 +569,7 @@ def _quantize_static(model, target: Path, tensors, chosen: Plan, settings: Quant
         del calibrator
         save_tensors_data(ranges, cache)
         step = "quantization"
-        _quantize_with_ranges(model_path, target, cache, chosen, settings, op_types, qtypes,
-                              methods[settings.method], extra)
+        _quantize_with_ranges(model_path, target, cache, recipe)
     except ExportError:
         raise
     except Exception as exc:  # the quantizer raises ValueError, RuntimeError, KeyError, onnx errors...
@@ -577,19 +579,32 @@ def _quantize_static(model, target: Path, tensors, chosen: Plan, settings: Quant
         logger.setLevel(level)
 
 
-def _quantize_with_ranges(model_path: Path, target: Path, cache: Path, chosen: Plan, settings: QuantizeSettings,
-                          op_types: list[str], qtypes: tuple, method, extra: dict) -> None:
-    from onnxruntime.quantization import QuantFormat, quantize_static
+@dataclass(frozen=True)
+class _StaticRecipe:
+    """What ``quantize_static`` is told besides the files: the same whether the ranges were just
+    calibrated or read from a ranges cache."""
 
-    act_type, weight_type, reduce_range = qtypes
+    quant_format: object  # onnxruntime.quantization.QuantFormat
+    op_types: list[str]
+    nodes: tuple[str, ...]
+    per_channel: bool
+    reduce_range: bool
+    activation_type: object  # onnxruntime.quantization.QuantType
+    weight_type: object
+    method: object  # onnxruntime.quantization.CalibrationMethod
+    extra: dict
+
+
+def _quantize_with_ranges(model_path: Path, target: Path, cache: Path, recipe: _StaticRecipe) -> None:
+    from onnxruntime.quantization import quantize_static
 
     quantize_static(
         str(model_path), str(target), None,
-        quant_format=QuantFormat.QDQ if settings.format == "qdq" else QuantFormat.QOperator,
-        op_types_to_quantize=op_types, nodes_to_quantize=list(chosen.quantize),
-        per_channel=settings.per_channel, reduce_range=reduce_range,
-        activation_type=act_type, weight_type=weight_type,
-        calibrate_method=method, extra_options=extra, calibration_cache_path=str(cache),
+        quant_format=recipe.quant_format,
+        op_types_to_quantize=recipe.op_types, nodes_to_quantize=list(recipe.nodes),
+        per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
+        activation_type=recipe.activation_type, weight_type=recipe.weight_type,
+        calibrate_method=recipe.method, extra_options=recipe.extra, calibration_cache_path=str(cache),
     )
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from core.contract import read_contract
-from exporters.matching import iou, match_detections
+from exporters.matching import MatchRules, iou, match_detections
 
 
 @dataclass(frozen=True)
@@ -169,8 +169,8 @@ def compare(ref_out: dict[str, np.ndarray], got_out: dict[str, np.ndarray], tol:
     reasons: list[str] = []
     if tol.rule == "index":
         # atol = the box tolerance pairs boxes and scores alike; the score bound is checked on the pairs after
-        m = match_detections(ref, got, iou_threshold=iou_threshold, score_threshold=score_threshold,
-                             max_detections=max_detections, atol=tol.box_px, rtol=0.0)
+        m = match_detections(ref, got, MatchRules(iou_threshold=iou_threshold, score_threshold=score_threshold,
+                                                  max_detections=max_detections, atol=tol.box_px, rtol=0.0))
         figures.update({f"ties_{k}": v for k, v in m.figures().items()})
         explained_ref = sum(1 for u in m.unpaired if u.side == "ref" and u.rule is not None)
         figures["required"], figures["matched"] = len(ref["scores"]) - explained_ref, len(m.pairs)

@@ -219,7 +219,7 @@ def test_preset_wraps_its_layout(kind, tmp_path, coco_dir):
     import onnxruntime as ort
 
     from core.contract import read_contract
-    from exporters.matching import match_detections
+    from exporters.matching import MatchRules, match_detections
     from exporters.foreign.wrap import wrap_onnx
 
     source = tmp_path / f"{kind}.onnx"
@@ -247,9 +247,9 @@ def test_preset_wraps_its_layout(kind, tmp_path, coco_dir):
         got = dict(zip(("boxes", "scores", "labels"), wrapped.run(["boxes", "scores", "labels"], {"images": tensor})))
         nms = preset["outputs"].get("nms", preset["outputs"]["layout"] in ("packed",))
         cap = min(preset["outputs"].get("top_k", preset["max_detections"]), preset["max_detections"])
-        matching = match_detections(ref, got, iou_threshold=preset["iou_threshold"] if nms else 2.0,
-                                    score_threshold=preset["score_threshold"], max_detections=cap,
-                                    atol=1e-3, rtol=1e-3)
+        matching = match_detections(ref, got, MatchRules(iou_threshold=preset["iou_threshold"] if nms else 2.0,
+                                                         score_threshold=preset["score_threshold"], max_detections=cap,
+                                                         atol=1e-3, rtol=1e-3))
         assert not matching.mismatches(path.stem), matching.mismatches(path.stem)
         assert len(matching.pairs) >= 0.95 * len(ref["scores"])
         counts.append(len(ref["scores"]))

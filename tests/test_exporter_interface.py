@@ -40,3 +40,23 @@ def test_the_dispatcher_reads_no_signature():
     import exporters
 
     assert "import inspect" not in inspect.getsource(exporters)
+
+
+def test_no_exporter_function_takes_more_than_8_parameters():
+    """Settings travel as one object (a dataclass such as exporters.matching.MatchRules), not as
+    ever-longer parameter lists."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "exporters").rglob("*.py")) + [root / "quantization" / "quantize.py"]
+    over = []
+    for file in files:
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs] + [x.arg for x in (a.vararg, a.kwarg) if x]
+                count = len(names) - (names[:1] in (["self"], ["cls"]))
+                if count > 8:
+                    over.append(f"{file.relative_to(root)}:{node.lineno} {node.name} ({count})")
+    assert not over, "functions over 8 parameters:\n" + "\n".join(over)

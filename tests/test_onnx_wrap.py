@@ -279,7 +279,7 @@ def _images(coco_dir: Path, count: int) -> list[Path]:
 @pytest.mark.parametrize("kind", KINDS)
 def test_wrapped_file_gives_the_true_detections(kind, foreign, wrapped, coco_dir):
     import onnxruntime as ort
-    from exporters.matching import match_detections
+    from exporters.matching import MatchRules, match_detections
 
     result = wrapped[kind]
     contract = result.contract
@@ -291,9 +291,9 @@ def test_wrapped_file_gives_the_true_detections(kind, foreign, wrapped, coco_dir
         tensor, _ = prepare(load_rgb(path), contract.input_height, contract.input_width, contract.resize)
         ref = {k: np.asarray(v) for k, v in truth(tensor).items()}
         got = dict(zip(("boxes", "scores", "labels"), session.run(["boxes", "scores", "labels"], {"images": tensor})))
-        matching = match_detections(ref, got, iou_threshold=contract.iou_threshold,
-                                    score_threshold=contract.score_threshold,
-                                    max_detections=contract.max_detections, atol=atol, rtol=rtol)
+        matching = match_detections(ref, got, MatchRules(iou_threshold=contract.iou_threshold,
+                                                         score_threshold=contract.score_threshold,
+                                                         max_detections=contract.max_detections, atol=atol, rtol=rtol))
         problems += matching.mismatches(path.stem)
         paired += len(matching.pairs)
         # boundaries explain a few detections at most, never the bulk

@@ -37,7 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from exporters import ExportResult
 from exporters.darknet.graph import PostProcess, _Graph, _postprocess
-from exporters.matching import match_detections
+from exporters.matching import MatchRules, match_detections
 from exporters.foreign.decode import cap, decode, extra_value, model_inputs, query_width
 from exporters.foreign.describe import Description, describe_error, read_description
 from exporters.validation import Comparison, cpu_session, validation_images
@@ -699,8 +699,9 @@ def compare(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got:
     # Without NMS in the wrapper no IoU decision can differ: a threshold no IoU reaches
     # leaves the NMS rules nothing to explain.
     iou_threshold = desc.iou_threshold if desc.outputs["nms"] else 2.0
-    matching = match_detections(ref, got, iou_threshold=iou_threshold, score_threshold=desc.score_threshold,
-                                max_detections=cap(desc), atol=comparison.atol, rtol=comparison.rtol)
+    matching = match_detections(ref, got, MatchRules(iou_threshold=iou_threshold, score_threshold=desc.score_threshold,
+                                                     max_detections=cap(desc), atol=comparison.atol,
+                                                     rtol=comparison.rtol))
     for key, value in matching.figures().items():
         comparison.figures[f"{where}:{key}"] = value
     comparison.mismatches.extend(matching.mismatches(where))

@@ -42,7 +42,7 @@ from exporters import ExportResult
 from exporters.registry import ModelSpec
 from exporters.pytorch.builders import (DEFAULT_SEED, LOGIT_MAX, RESIDUAL_BRANCH_GAIN, build_model, calibration_photo,
                                       coco_images_dir, count_parameters, load_weights)
-from exporters.matching import Matching, match_above_first_tie, match_detections
+from exporters.matching import Matching, MatchRules, match_above_first_tie, match_detections
 from exporters.validation import Comparison
 from core.contract import DEFAULT_OPSET, ModelContract, save_model, weights_tag
 from core.errors import DatasetError, ExportError
@@ -378,12 +378,9 @@ def compare(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got:
                  + [comparison.finite(where, name, array, "ONNX") for name, array in got.items()])
     if not finite:
         return None
-    matching = match_detections(ref, got, iou_threshold=contract.iou_threshold,
-                                score_threshold=contract.score_threshold, max_detections=contract.max_detections,
-                                atol=comparison.atol, rtol=comparison.rtol, image_size=_image_size(contract),
-                                min_size=_detection_min_size(contract))
+    matching = match_detections(ref, got, _detection_rules(comparison, contract))
     if rpn is not None and all(k in ref and k in got for k in PROPOSAL_OUTPUTS):
-        _explain_by_proposals(comparison, where, ref, got, contract, matching, second_stage, rpn)
+        _explain_by_proposals(comparison, where, ref, got, contract, matching, TwoStage(rpn, second_stage))
     _record(comparison, where, ref, got, matching)
     return matching
 
@@ -397,6 +394,13 @@ def _record(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got:
     if "masks" in ref and "masks" in got and matching.pairs:
         rows, cols = (list(x) for x in zip(*matching.pairs))
         compare_masks(comparison, where, ref["masks"][rows], got["masks"][cols])
+
+
+def _detection_rules(comparison: Comparison, contract: ModelContract, *, ties: bool = False) -> MatchRules:
+    """The final detections' rules: the contract's cuts, the comparison's tolerances."""
+    return MatchRules(iou_threshold=contract.iou_threshold, score_threshold=contract.score_threshold,
+                      max_detections=contract.max_detections, atol=comparison.atol, rtol=comparison.rtol, ties=ties,
+                      image_size=_image_size(contract), min_size=_detection_min_size(contract))
 
 
 def _detection_min_size(contract: ModelContract) -> float | None:
@@ -418,22 +422,32 @@ def _as_proposals(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"boxes": out["rpn_boxes"], "scores": out["rpn_scores"], "labels": np.zeros(len(out["rpn_scores"]), np.int64)}
 
 
+@dataclasses.dataclass(frozen=True)
+class TwoStage:
+    """A two-stage model's halves as validation sees them: ``rpn``, its RPN's NMS threshold,
+    score threshold, cap and (optional) minimum size; ``second_stage``, PyTorch's RoI heads on
+    given proposals (None: not available, nothing is explained by proposals)."""
+
+    rpn: dict[str, float]
+    second_stage: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None
+
+
 def _explain_by_proposals(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
-                          contract: ModelContract, matching: Matching,
-                          second_stage: Callable[[np.ndarray], dict[str, np.ndarray]] | None,
-                          rpn: dict[str, float], *, matcher: Callable[..., Matching] = match_detections,
-                          check_heads: bool = False) -> None:
+                          contract: ModelContract, matching: Matching, model: TwoStage, *,
+                          uniform: bool = False) -> None:
     """Proposals matched (figures ``proposals:*``); detections left unexplained in ``matching``
     explained as ``proposal set`` when no proposal is unexplained and PyTorch's second stage on
-    ONNX's proposals matches ONNX's detections (figures ``on_onnx_proposals:*``). ``matcher``:
-    :func:`match_above_first_tie` on a uniform image. ``check_heads``: run the second stage on
-    ONNX's proposals even when nothing needs explaining (a uniform image, where the detections
-    compared above the first tie may be few), its unexplained detections being mismatches.
-    ``rpn``: NMS threshold, score threshold, cap and (optional) minimum size of the RPN."""
-    proposals = matcher(_as_proposals(ref), _as_proposals(got), iou_threshold=rpn["nms_thresh"],
-                        score_threshold=rpn["score_thresh"], max_detections=int(rpn["post_nms_top_n"]),
-                        atol=comparison.atol, rtol=comparison.rtol, ties=True, image_size=_image_size(contract),
-                        min_size=rpn.get("min_size"))
+    ONNX's proposals matches ONNX's detections (figures ``on_onnx_proposals:*``). ``uniform``
+    (a uniform image): proposals and detections are compared above their first tie
+    (:func:`match_above_first_tie`), and the second stage runs on ONNX's proposals even when
+    nothing needs explaining (the detections compared above the first tie may be few), its
+    unexplained detections being mismatches."""
+    matcher = match_above_first_tie if uniform else match_detections
+    check_heads, second_stage, rpn = uniform, model.second_stage, model.rpn
+    proposals = matcher(_as_proposals(ref), _as_proposals(got), MatchRules(
+        iou_threshold=rpn["nms_thresh"], score_threshold=rpn["score_thresh"], max_detections=int(rpn["post_nms_top_n"]),
+        atol=comparison.atol, rtol=comparison.rtol, ties=True, image_size=_image_size(contract),
+        min_size=rpn.get("min_size")))
     for key, value in proposals.figures().items():
         comparison.figures[f"{where}:proposals:{key}"] = value
     if second_stage is None or not (matching.unexplained or check_heads):
@@ -442,10 +456,7 @@ def _explain_by_proposals(comparison: Comparison, where: str, ref: dict[str, np.
         comparison.mismatches.extend(m.replace(f"{where}:", f"{where}:proposals:", 1)
                                      for m in proposals.mismatches(where))
         return
-    on_onnx = matcher(second_stage(got["rpn_boxes"]), got, iou_threshold=contract.iou_threshold,
-                      score_threshold=contract.score_threshold, max_detections=contract.max_detections,
-                      atol=comparison.atol, rtol=comparison.rtol, image_size=_image_size(contract),
-                      min_size=_detection_min_size(contract))
+    on_onnx = matcher(second_stage(got["rpn_boxes"]), got, _detection_rules(comparison, contract))
     for key, value in on_onnx.figures().items():
         comparison.figures[f"{where}:on_onnx_proposals:{key}"] = value
     if on_onnx.unexplained:
@@ -507,14 +518,10 @@ def check_degenerate(comparison: Comparison, where: str, ref: dict[str, np.ndarr
                  + [comparison.finite(where, name, array, "ONNX") for name, array in got.items()])
     if not finite:
         return None
-    matching = match_above_first_tie(ref, got, iou_threshold=contract.iou_threshold,
-                                     score_threshold=contract.score_threshold,
-                                     max_detections=contract.max_detections, atol=comparison.atol,
-                                     rtol=comparison.rtol, ties=True, image_size=_image_size(contract),
-                                     min_size=_detection_min_size(contract))
+    matching = match_above_first_tie(ref, got, _detection_rules(comparison, contract, ties=True))
     if rpn is not None and all(key in ref and key in got for key in PROPOSAL_OUTPUTS):
-        _explain_by_proposals(comparison, where, ref, got, contract, matching, second_stage, rpn,
-                              matcher=match_above_first_tie, check_heads=True)
+        _explain_by_proposals(comparison, where, ref, got, contract, matching, TwoStage(rpn, second_stage),
+                              uniform=True)
     _record(comparison, where, ref, got, matching)
     return matching
 
