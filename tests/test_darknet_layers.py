@@ -10,7 +10,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from exporters.darknet.cfg import parse_cfg, plan_network
-from exporters.darknet.graph import PostProcess, build_model
+from exporters.darknet.graph import build_model
+from exporters.nms_graph import PostProcess
 from exporters.darknet.weights import random_weights
 
 SMALL_CFG = """

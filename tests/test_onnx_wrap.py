@@ -46,7 +46,8 @@ STD_BGR = [0.225, 0.224, 0.229]
 
 def _darknet(darknet_dir: Path):
     from exporters.darknet.cfg import parse_cfg, plan_network
-    from exporters.darknet.graph import PostProcess, build_model, drop_head_outputs, head_output_name
+    from exporters.darknet.graph import build_model, drop_head_outputs, head_output_name
+    from exporters.nms_graph import PostProcess
     from exporters.darknet.weights import read_weights
     from exporters.registry import load_registry
 

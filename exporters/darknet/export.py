@@ -34,7 +34,8 @@ import numpy as np
 
 from exporters import BATCH_SUFFIX, ExportResult
 from exporters.darknet.cfg import Plan, parse_cfg, plan_network, structure_warnings
-from exporters.darknet.graph import PostProcess, build_model, drop_head_outputs, head_output_name
+from exporters.darknet.graph import build_model, drop_head_outputs, head_output_name
+from exporters.nms_graph import PostProcess
 from exporters.darknet.weights import DarknetWeights, random_weights, read_weights, write_weights
 from exporters.registry import ModelSpec
 from exporters.validation import Comparison

@@ -14,7 +14,7 @@ file's inputs and outputs map onto the contract. The result is three graphs join
   ``scores``, ``labels`` (int64, mapped to the label space) and ``masks``: box format and
   space, activations, objectness, YOLO head decoding, and, for candidates, class-aware
   ``NonMaxSuppression`` with the described thresholds, built by the same code as the
-  Darknet exporter's (:func:`exporters.darknet.graph._postprocess`).
+  Darknet exporter's (:func:`exporters.nms_graph.postprocess`).
 
 The operator set is the file's own (converted to 11 when older: NonMaxSuppression and
 Compress need it); the prologue and epilogue only use operators whose signature did not
@@ -36,8 +36,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from exporters import ExportResult
-from exporters.darknet.graph import PostProcess, _Graph, _postprocess
 from exporters.matching import MatchRules, match_detections
+from exporters.nms_graph import GraphBuilder, PostProcess, postprocess
 from exporters.foreign.decode import cap, decode, extra_value, model_inputs, query_width
 from exporters.foreign.describe import Description, describe_error, read_description
 from exporters.validation import Comparison, cpu_session, validation_images
@@ -354,7 +354,7 @@ def compose(desc: Description, model: onnx.ModelProto, bound: Bound) -> onnx.Mod
 
 def _prologue(desc: Description, bound: Bound) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
     """``images`` -> the file's image input (and constants for its other inputs)."""
-    g = _Graph()
+    g = GraphBuilder()
     inp = desc.input
     height, width = desc.input_size
     x = INPUT_NAME
@@ -393,7 +393,7 @@ def _prologue(desc: Description, bound: Bound) -> tuple[onnx.ModelProto, list[tu
 
 def _epilogue(desc: Description, bound: Bound) -> tuple[onnx.ModelProto, list[tuple[str, str]], list[str]]:
     """The file's outputs -> ``boxes``, ``scores``, ``labels`` (+ ``masks``)."""
-    g = _Graph()
+    g = GraphBuilder()
     out, layout = desc.outputs, desc.outputs["layout"]
     inputs, mapping = [], []
 
@@ -463,8 +463,8 @@ def _epilogue(desc: Description, bound: Bound) -> tuple[onnx.ModelProto, list[tu
                         "post.score.matrix")
         scores = reshape(scores, [1, -1, classes], "post.scores")
         boxes = reshape(boxes, [1, -1, 4], "post.boxes")
-    _postprocess(g, boxes, scores, PostProcess(desc.score_threshold, desc.iou_threshold, desc.max_detections))
-    # _postprocess names its class indices "labels"; the label mapping below produces the output.
+    postprocess(g, boxes, scores, PostProcess(desc.score_threshold, desc.iou_threshold, desc.max_detections))
+    # postprocess names its class indices "labels"; the label mapping below produces the output.
     for node in g.nodes:
         for k, name in enumerate(node.output):
             if name == "labels":
@@ -474,7 +474,7 @@ def _epilogue(desc: Description, bound: Bound) -> tuple[onnx.ModelProto, list[tu
     return _epilogue_model(g, desc, inputs, names, bound), mapping, names
 
 
-def _epilogue_model(g: _Graph, desc: Description, inputs: list, names: list[str], bound: Bound) -> onnx.ModelProto:
+def _epilogue_model(g: GraphBuilder, desc: Description, inputs: list, names: list[str], bound: Bound) -> onnx.ModelProto:
     outputs = [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["K", 4]),
                helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["K"]),
                helper.make_tensor_value_info("labels", TensorProto.INT64, ["K"])]
@@ -483,13 +483,13 @@ def _epilogue_model(g: _Graph, desc: Description, inputs: list, names: list[str]
     return helper.make_model(helper.make_graph(g.nodes, "epilogue", inputs, outputs, initializer=g.inits))
 
 
-def _columns(g: _Graph, rows: str, start: int, end: int, name: str) -> str:
+def _columns(g: GraphBuilder, rows: str, start: int, end: int, name: str) -> str:
     return g.node("Slice", [rows, g.const(f"{name}.start", np.array([start], np.int64)),
                             g.const(f"{name}.end", np.array([end], np.int64)),
                             g.const(f"{name}.axis", np.array([-1], np.int64))], name, name)
 
 
-def _activate(g: _Graph, x: str, activation: str, name: str) -> str:
+def _activate(g: GraphBuilder, x: str, activation: str, name: str) -> str:
     if activation == "sigmoid":
         return g.node("Sigmoid", [x], f"{name}.sigmoid", f"{name}.sigmoid")
     if activation == "softmax":
@@ -498,7 +498,7 @@ def _activate(g: _Graph, x: str, activation: str, name: str) -> str:
     return x
 
 
-def _to_xyxy(g: _Graph, desc: Description, boxes: str) -> str:
+def _to_xyxy(g: GraphBuilder, desc: Description, boxes: str) -> str:
     """[M, 4] in the described format and space -> [M, 4] (x1, y1, x2, y2) input pixels."""
     fmt = desc.outputs["box_format"]
     if fmt == "yxyx":
@@ -522,7 +522,7 @@ def _to_xyxy(g: _Graph, desc: Description, boxes: str) -> str:
     return boxes
 
 
-def _yolo_head(g: _Graph, desc: Description, i: int, raw: str, shape: list[int], anchors: list) -> tuple[str, str]:
+def _yolo_head(g: GraphBuilder, desc: Description, i: int, raw: str, shape: list[int], anchors: list) -> tuple[str, str]:
     """Candidates of one raw YOLO head: boxes [1, A·cells, 4] (xyxy input pixels), scores [1, A·cells, C]."""
     name = f"post.head{i}"
     a, c = len(anchors), desc.outputs["num_classes"]
@@ -554,7 +554,7 @@ def _yolo_head(g: _Graph, desc: Description, i: int, raw: str, shape: list[int],
     return box, score
 
 
-def _queries(g: _Graph, desc: Description, take, reshape) -> list[str]:
+def _queries(g: GraphBuilder, desc: Description, take, reshape) -> list[str]:
     """DETR-style queries -> the best ``top_k`` (query, class) detections, no NMS."""
     out = desc.outputs
     classes, width = out["num_classes"], query_width(desc)
@@ -588,7 +588,7 @@ def _queries(g: _Graph, desc: Description, take, reshape) -> list[str]:
     return _select(g, desc, boxes, scores, ids, None, None)
 
 
-def _select(g: _Graph, desc: Description, boxes: str, scores: str, ids: str, masks: str | None,
+def _select(g: GraphBuilder, desc: Description, boxes: str, scores: str, ids: str, masks: str | None,
             count: str | None) -> list[str]:
     """Detections the file already selected: drop those below the score threshold (and past
     ``num_detections``), then the ``max_detections`` best, best first."""
@@ -620,7 +620,7 @@ def _select(g: _Graph, desc: Description, boxes: str, scores: str, ids: str, mas
     return names
 
 
-def _map_labels(g: _Graph, desc: Description, classes: str) -> None:
+def _map_labels(g: GraphBuilder, desc: Description, classes: str) -> None:
     out = desc.outputs
     if out["label_map"] is not None:
         g.node("Gather", [g.const("post.label_map", np.asarray(out["label_map"], np.int64)), classes], "labels",
