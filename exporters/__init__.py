@@ -18,19 +18,12 @@ from typing import Any
 
 from core.errors import ConfigError
 from core.names import file_in
-from exporters.darknet import FRAMEWORK as DARKNET
+from exporters.frameworks import FRAMEWORKS
 from exporters.interface import ExportResult, Framework, Progress
-from exporters.pytorch import FRAMEWORK as PYTORCH
 from exporters.registry import ModelSpec
-from exporters.tensorflow import FRAMEWORK as TENSORFLOW
 
 __all__ = ["BATCH_SUFFIX", "FRAMEWORKS", "ExportResult", "Framework", "Progress", "batch_support", "default_output",
            "export_model", "native_module"]
-
-# The one framework table: each framework declares itself (its modules, its capabilities) in its
-# subpackage; a new one is a subpackage and a line here.
-FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (DARKNET, PYTORCH, TENSORFLOW)}
-
 
 BATCH_SUFFIX = "@batch"  # NAME@batch.onnx, contract name NAME@batch: the symbolic-batch export
 

@@ -14,7 +14,7 @@ names two modules, imported only when used:
 The dispatcher (:func:`exporters.export_model`) passes a capability keyword only to a framework
 that declares it, and refuses the option with the framework's reason otherwise; it never looks
 at a function's signature. A new framework is one subpackage plus one line in
-``exporters.FRAMEWORKS``.
+``exporters.frameworks``.
 """
 
 from __future__ import annotations
