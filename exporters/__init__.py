@@ -19,7 +19,7 @@ from typing import Any
 from core.errors import ConfigError
 from core.names import file_in
 from exporters.frameworks import FRAMEWORKS
-from exporters.interface import ExportResult, Framework, Progress
+from exporters.interface import ExportModule, ExportResult, Framework, NativeModule, Progress
 from exporters.registry import ModelSpec
 
 __all__ = ["BATCH_SUFFIX", "FRAMEWORKS", "ExportResult", "Framework", "Progress", "batch_support", "default_output",
@@ -71,12 +71,12 @@ def export_model(spec: ModelSpec, out: Path, *, weights: Path | None = None,
         capabilities["batch"] = True
     if accept_mismatch:
         capabilities["accept_mismatch"] = True
-    module = importlib.import_module(module_name)
+    module: ExportModule = importlib.import_module(module_name)
     return module.export(spec, Path(out), weights=weights, input_size=input_size,
                          progress=progress or (lambda _m: None), **capabilities)
 
 
-def native_module(framework: str, source: str = ""):
+def native_module(framework: str, source: str = "") -> NativeModule:
     """The module whose ``open_native`` runs models of ``framework`` in that framework.
 
     Raises :class:`ConfigError` naming the known frameworks, or the module when it is absent.
