@@ -147,8 +147,8 @@ def export(
     onnx_file: Optional[Path] = typer.Option(None, "--onnx", help="Wrap this foreign ONNX detector into a contract "
                                              "file instead of exporting registered models (needs --describe)."),
     describe: Optional[Path] = typer.Option(None, "--describe", help="TOML file mapping the SavedModel's or ONNX file's "
-                                            "inputs and outputs onto the contract (formats: exporters/tf_saved_model.py, "
-                                            "exporters/onnx_describe.py)."),
+                                            "inputs and outputs onto the contract (formats: exporters/tensorflow/saved_model.py, "
+                                            "exporters/foreign/describe.py)."),
     accept_mismatch: bool = typer.Option(False, "--accept-mismatch", help="PyTorch models: write the file even "
                                          "if onnxruntime's detections differ from PyTorch's beyond every "
                                          "explained boundary; it is marked detbench.validation = failed-accepted "
@@ -166,14 +166,14 @@ def export(
 
     out = out if out is not None else results_dir() / "onnx"
     if onnx_file is not None:
-        from exporters.onnx_wrap import wrap_onnx
+        from exporters.foreign.wrap import wrap_onnx
 
         if names or all_models or weights is not None or input_size is not None or random_init or saved_model or batch:
             raise ConfigError("--onnx wraps one ONNX file: give it with --describe, not with model names/--all/"
                               "--weights/--input-size/--random-init/--saved-model/--batch (the size is the describe "
                               "file's; a wrapped file is batch 1)")
         if describe is None:
-            raise ConfigError("--onnx FILE needs --describe FILE.toml (format: exporters/onnx_describe.py)")
+            raise ConfigError("--onnx FILE needs --describe FILE.toml (format: exporters/foreign/describe.py)")
         with console.status(f"wrapping {t(onnx_file)}") as status:
             result = wrap_onnx(onnx_file, describe, out, progress=lambda msg: status.update(t(msg)))
         console.print(f"[green]✓[/] {t(result.contract.name)} -> {t(result.path)} (ONNX {t(onnx_file)}; "
@@ -181,7 +181,7 @@ def export(
         _render_warnings(result)
         return
     if saved_model is not None or describe is not None:
-        from exporters.tf_saved_model import export_saved_model
+        from exporters.tensorflow.saved_model import export_saved_model
 
         if names or all_models or weights is not None or input_size is not None or random_init or batch:
             raise ConfigError("--saved-model converts one SavedModel: give it with --describe, not both it and "
@@ -267,7 +267,7 @@ def quantize(
     The calibration (and, with --max-drop, selection) image ids are recorded in the file: `eval` refuses to score
     the model on them.
     """
-    from exporters.quantize import QuantizeSettings, quantize_model
+    from quantization.quantize import QuantizeSettings, quantize_model
 
     settings = QuantizeSettings(calibration=calibration, images=images, method=method, per_channel=per_channel,
                                 format=quant_format, out=out)

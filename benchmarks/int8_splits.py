@@ -44,7 +44,7 @@ def run(model: Path, coco: Path, seeds: list[int], max_drop: float, out_dir: Pat
     from eval.bootstrap import paired_change
     from eval.coco import evaluate_model
     from eval.dataset import load_coco
-    from exporters.quantize import QuantizeSettings, layer_macs, quantizable_layers, quantize_model
+    from quantization.quantize import QuantizeSettings, layer_macs, quantizable_layers, quantize_model
     from quantization.budget import RULE, BudgetSettings, quantize_within_budget
     from quantization.splits import split_ids
 

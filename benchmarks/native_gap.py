@@ -1,7 +1,7 @@
 """Why the native backend (OpenCV's Darknet importer) scores below onnxruntime on the same file.
 
 Both run the same network on the same images. Two post-processing differences are known and
-documented in ``exporters/darknet_native.py``: OpenCV's YOLO layer zeroes class scores at or
+documented in ``exporters/darknet/native.py``: OpenCV's YOLO layer zeroes class scores at or
 below its ``thresh`` (0.2), and the native runner keeps one label per box (the arg-max class)
 where the contract graph runs NMS per class on every class score above 0.005 (one box may be
 kept under several labels). This script evaluates both backends, then applies those two

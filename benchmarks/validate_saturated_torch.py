@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import saturated_weights  # noqa: E402
 from exporters import default_output, export_model  # noqa: E402
 from exporters.registry import load_registry  # noqa: E402
-from exporters.torch_builders import coco_images_dir  # noqa: E402
+from exporters.pytorch.builders import coco_images_dir  # noqa: E402
 
 NAMES = ("fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn", "maskrcnn_resnet50_fpn")
 PHOTO_INDEX = 4  # the COCO photo the BatchNorm statistics come from (not a validation image)

@@ -362,7 +362,7 @@ def evaluate_model(path, settings: EvalSettings | None = None, *, progress: Prog
     labels outside its label space), :class:`DatasetError` (annotations or images not
     usable), :class:`ConfigError` (bad option), :class:`ProviderUnavailableError`.
     """
-    from exporters.quantize import check_calibration_overlap
+    from core.calibration import check_calibration_overlap
     from runtime.backends import REFERENCE, BackendSettings, get_backend
 
     unknown = set(options) - {f.name for f in dataclasses.fields(EvalSettings)}

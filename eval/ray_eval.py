@@ -505,7 +505,7 @@ def evaluate_model_ray(path, settings: EvalSettings | None = None, *, ray_settin
     hosts that ran images and the retry options. Raises what ``evaluate_model`` raises,
     and :class:`ConfigError` when the cluster cannot be joined.
     """
-    from exporters.quantize import check_calibration_overlap
+    from core.calibration import check_calibration_overlap
     from runtime.backends import REFERENCE, get_backend
 
     unknown = set(options) - {f.name for f in dataclasses.fields(EvalSettings)}

@@ -1,6 +1,6 @@
 """An independent reference for Darknet detectors: OpenCV's Darknet importer + Darknet's decoding.
 
-This module shares nothing with ``exporters/darknet*``: OpenCV 4.x reads the ``.cfg``
+This module shares nothing with ``exporters/darknet/``: OpenCV 4.x reads the ``.cfg``
 and ``.weights`` itself (``cv2.dnn.readNetFromDarknet``) and computes the network up to
 each ``[yolo]`` layer's input (the raw 1x1-convolution output); the decoding that
 turns those raw values into detections is written here from Darknet's C code

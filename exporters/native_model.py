@@ -1,7 +1,7 @@
 """What a framework's native runner gives back: the source model, ready to run on the contract's input.
 
-Each framework module that exports a model (see the framework table in ``exporters``) has a
-``*_native`` sibling whose ``open_native(path, contract, *, threads, weights)`` rebuilds the
+Each framework subpackage (see ``exporters.interface``) has a ``native`` module beside its
+``export`` whose ``open_native(path, contract, *, threads, weights)`` rebuilds the
 very model the ONNX file was exported from and validated against (same builders, same seeds,
 same weights) and returns a :class:`NativeModel`.
 """

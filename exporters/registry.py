@@ -17,8 +17,9 @@ from core.contract import COCO_LABEL_SPACES, RESIZE_MODES
 from core.errors import RegistryError
 from core.names import check_name
 from core.paths import models_toml
+from exporters.frameworks import FRAMEWORKS as DECLARED_FRAMEWORKS
 
-FRAMEWORKS = ("darknet", "pytorch", "tensorflow")
+FRAMEWORKS = tuple(DECLARED_FRAMEWORKS)  # the frameworks that declare an exporter (exporters.frameworks)
 _MODEL_KEYS = {
     "family", "framework", "paper", "description", "input_size", "resize", "label_space",
     "score_threshold", "iou_threshold", "max_detections", "source", "weights", "published", "run_sizes",

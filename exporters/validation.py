@@ -4,15 +4,23 @@ A comparison never passes what it cannot compare: a NaN or an infinity in either
 (or in a difference) is a mismatch naming the output, the image and the first index where
 it appeared. ``diff > tolerance`` is False for NaN, so every test here is written as
 "not within tolerance" rather than "beyond tolerance".
+
+Shared by the exporters that validate through onnxruntime: :func:`cpu_session` (the file as it
+will be saved, on the CPU provider) and :func:`validation_images` (the same real COCO images on
+every run).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from core.errors import ValidationError
+from core.contract import IR_VERSION
+from core.errors import DatasetError, ProviderUnavailableError, ValidationError
+from core.paths import data_dir
+from core.ort_session import cpu_session as ort_cpu_session
 
 # Rounding of coordinates computed from operands of an image's scale, relative to that scale:
 # float32 carries 6e-8, box decoding chains ~10 operations and an exp of logits that already
@@ -121,3 +129,27 @@ class Comparison:
     def raise_if_any(self, fix: str | None = None) -> None:
         if self.mismatches:
             raise ValidationError(self.model, self.mismatches, fix)
+
+
+def cpu_session(proto):
+    """An onnxruntime CPU session on ``proto`` as it will be saved (IR version pinned)."""
+    saved_ir, proto.ir_version = proto.ir_version, IR_VERSION
+    try:
+        data = proto.SerializeToString()
+    finally:
+        proto.ir_version = saved_ir
+    session = ort_cpu_session(data)
+    del data
+    if session.get_providers()[:1] != ["CPUExecutionProvider"]:
+        raise ProviderUnavailableError(f"onnxruntime did not create a CPU session (got {session.get_providers()})")
+    return session
+
+
+def validation_images(count: int, folder: Path | None = None) -> list[Path]:
+    """``count`` real COCO val2017 images (the lowest file names, so every run uses the same ones)."""
+    folder = Path(folder) if folder else data_dir() / "coco-val2017-subset" / "val2017"
+    images = sorted(folder.glob("*.jpg")) if folder.is_dir() else []
+    if len(images) < count:
+        raise DatasetError(f"export validation needs {count} COCO images in {folder}, found {len(images)}; "
+                           "set DETBENCH_DATA to the folder holding coco-val2017-subset/")
+    return images[:count]

@@ -8,7 +8,7 @@ the models ``RunSettings.int8_models`` names. For each target, in registry order
 1. **export** (and validate: the exporter does it) with the official weights when
    :func:`exporters.weights.locate_weights` finds them here, else deterministic random
    initialisation (the contract says ``random-init``; never downloads); an INT8 target is
-   **quantize**\ d from its float export instead (:func:`exporters.quantize.quantize_model`,
+   **quantize**\ d from its float export instead (:func:`quantization.quantize.quantize_model`,
    calibrated on the first images of the COCO folder);
 2. **profile** with the analyzer (``counting.profile_model``): static shapes, or shapes
    measured on a real image when the graph has data-dependent RoI stages;
@@ -171,7 +171,7 @@ class RunSettings:
 @dataclass(frozen=True)
 class ForeignSpec:
     """A foreign ONNX detector added to a run (``run --onnx FILE --describe FILE.toml``): wrapped
-    into a contract file by :func:`exporters.onnx_wrap.wrap_onnx` instead of exported."""
+    into a contract file by :func:`exporters.foreign.wrap.wrap_onnx` instead of exported."""
 
     name: str
     input_size: tuple[int, int]
@@ -183,7 +183,7 @@ class ForeignSpec:
 
 def foreign_specs(pairs: list[tuple[Path, Path]]) -> list[ForeignSpec]:
     """One spec per (ONNX file, describe file); the describe file is read (and checked) now."""
-    from exporters.onnx_describe import read_description
+    from exporters.foreign.describe import read_description
 
     specs = []
     for onnx_file, describe_file in pairs:
@@ -481,7 +481,7 @@ class _Pipeline:
         """The contract file of a foreign ONNX detector (see :class:`ForeignSpec`)."""
         spec = target.spec
         try:
-            version = source_version("exporters.onnx_wrap", "exporters.onnx_describe")
+            version = source_version("exporters.foreign.wrap", "exporters.foreign.describe")
         except ImportError as exc:
             version = f"unavailable: {exc}"
         out = file_in(self.root / "onnx", spec.name, where=f"--describe {spec.describe_file}: name")
@@ -489,7 +489,7 @@ class _Pipeline:
                   "wrapper": version}
 
         def run():
-            wrap_onnx = _importable("exporters.onnx_wrap", "wrap_onnx")
+            wrap_onnx = _importable("exporters.foreign.wrap", "wrap_onnx")
             result = wrap_onnx(spec.onnx_file, spec.describe_file, out,
                                progress=lambda msg: self.emit("update", target.label, "export", None, msg))
             sha = sha256_file(result.path)
@@ -498,7 +498,7 @@ class _Pipeline:
                     "describe_file": str(spec.describe_file)}
             # foreign files are wrapped here, on the driver, also under Ray (they are given by local path)
             self.write("export", data, model=spec.name, model_sha256=sha, contract=result.contract.to_props(),
-                       settings={"exporter": f"exporters.onnx_wrap {version}", "input_size": list(target.size)})
+                       settings={"exporter": f"exporters.foreign.wrap {version}", "input_size": list(target.size)})
             return result.path, {"onnx_sha256": sha, "path": str(result.path)}
 
         def reuse_ok(entry):
@@ -512,7 +512,7 @@ class _Pipeline:
         """The INT8 file of ``target``, quantized from its float export ``source``."""
         s = self.settings
         try:
-            version = source_version("exporters.quantize")
+            version = source_version("quantization.quantize", "core.calibration")
         except ImportError as exc:
             version = f"unavailable: {exc}"
         source_sha = sha256_file(source)
@@ -758,7 +758,7 @@ class _Pipeline:
             evaluate_model = _importable("eval.coco", "evaluate_model")
             image_ids = None
             if target.precision == INT8:  # never scored on its own calibration images
-                calibration_ids = _importable("exporters.quantize", "calibration_ids")
+                calibration_ids = _importable("core.calibration", "calibration_ids")
                 used = set(calibration_ids(read_contract(path)))
                 image_ids = tuple(i for i in _coco_ids(ann) if i not in used)
 
@@ -857,8 +857,8 @@ class _Int8Row:
 
 
 def _quantize_file(source: Path, coco: Path, images: int, row: _Int8Row, *, out: Path, progress=None):
-    quantize_model = _importable("exporters.quantize", "quantize_model")
-    settings_cls = _importable("exporters.quantize", "QuantizeSettings")
+    quantize_model = _importable("quantization.quantize", "quantize_model")
+    settings_cls = _importable("quantization.quantize", "QuantizeSettings")
     if read_contract(source).random_init:
         # random weights: accuracy is not measured, and the ranges do not change speed — MinMax on a
         # few images is enough for the INT8 file's cost and latency

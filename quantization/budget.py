@@ -55,7 +55,8 @@ from core.images import load_rgb, prepare_for
 from core.ort_session import cpu_session
 from eval.bootstrap import METRIC_LABELS, METRICS, Change, paired_change
 from eval.dataset import load_coco
-from exporters.quantize import QuantizeSettings, default_output, layer_macs, quantizable_layers, quantize_model
+from exporters.matching import iou as box_iou  # `iou` is _disagreement's threshold
+from quantization.quantize import QuantizeSettings, default_output, layer_macs, quantizable_layers, quantize_model
 from quantization.splits import CALIBRATION, SELECTION, Split, split_ids
 
 METRIC = "mAP@0.5 and mAP@[.5:.95] drops, points, selection images (paired bootstrap, 95 %)"
@@ -283,7 +284,7 @@ def _disagreement(reference, candidate, min_score: float = 0.1, iou: float = 0.5
             for j, (other, other_label) in enumerate(zip(cb, cl)):
                 if j in used or other_label != label:
                     continue
-                overlap = _iou(box, other)
+                overlap = float(box_iou(box, other)[0, 0])
                 if overlap >= best:
                     best, best_j = overlap, j
             if best_j is not None:
@@ -291,11 +292,3 @@ def _disagreement(reference, candidate, min_score: float = 0.1, iou: float = 0.5
                 matched += 1
         errors.append(1.0 - 2.0 * matched / (len(rb) + len(cb)))
     return float(np.mean(errors)) if errors else 0.0
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0

@@ -122,7 +122,7 @@ def tune(path, settings: TuneSettings, progress: ProgressFn | None = None) -> Tu
     """Measure every configuration (see the module docstring) and choose."""
     from eval.coco import evaluate_model
     from eval.dataset import load_coco
-    from exporters.quantize import selection_ids
+    from core.calibration import selection_ids
     from runtime.backends import REFERENCE, BackendSettings, get_backend, list_backends
     from runtime.bench import BenchSettings, bench_side_by_side
 

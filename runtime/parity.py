@@ -7,7 +7,7 @@ compared. Two rules, each with its tolerance stated in the record (:class:`Toler
 - ``index`` (float32 backends: same arithmetic, different rounding, ~1e-6 relative): the
   detection lists must match one to one (as sets: same label, box within ``box_px`` pixels),
   every detection left unpaired being explained by a decision boundary visible in the outputs
-  (``exporters.detection_ties.match_detections``: the cap, the score threshold, the NMS IoU
+  (``exporters.matching.match_detections``: the cap, the score threshold, the NMS IoU
   threshold and its cascade); matched scores within ``score``.
 - ``iou`` (bf16: 8-bit mantissa, so scores move by ~1e-2 and near-threshold detections come and
   go and reorder): each onnxruntime detection with score >= ``score_floor`` is matched to the
@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from core.contract import read_contract
+from exporters.matching import MatchRules, iou, match_detections
 
 
 @dataclass(frozen=True)
@@ -139,22 +140,10 @@ def _dets(out: dict[str, np.ndarray], floor: float = 0.0) -> dict[str, np.ndarra
     return dets
 
 
-def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    if len(a) == 0 or len(b) == 0:
-        return np.zeros((len(a), len(b)))
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=2)
-    area_a = (a[:, 2:] - a[:, :2]).clip(0).prod(axis=1)
-    area_b = (b[:, 2:] - b[:, :2]).clip(0).prod(axis=1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-
-
 def match_by_iou(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], min_iou: float) -> list[tuple[int, int]]:
     """Greedy pairs, reference detections in score order: the unused same-label detection of
     ``got`` with the highest IoU >= ``min_iou``."""
-    ious = _iou_matrix(ref["boxes"], got["boxes"])
+    ious = iou(ref["boxes"], got["boxes"])
     used = np.zeros(len(got["scores"]), bool)
     pairs = []
     for i in np.argsort(-ref["scores"], kind="stable"):
@@ -179,11 +168,9 @@ def compare(ref_out: dict[str, np.ndarray], got_out: dict[str, np.ndarray], tol:
                                "iou_matched": len(pairs), "max_box_px": box, "max_score": score}
     reasons: list[str] = []
     if tol.rule == "index":
-        from exporters.detection_ties import match_detections
-
         # atol = the box tolerance pairs boxes and scores alike; the score bound is checked on the pairs after
-        m = match_detections(ref, got, iou_threshold=iou_threshold, score_threshold=score_threshold,
-                             max_detections=max_detections, atol=tol.box_px, rtol=0.0)
+        m = match_detections(ref, got, MatchRules(iou_threshold=iou_threshold, score_threshold=score_threshold,
+                                                  max_detections=max_detections, atol=tol.box_px, rtol=0.0))
         figures.update({f"ties_{k}": v for k, v in m.figures().items()})
         explained_ref = sum(1 for u in m.unpaired if u.side == "ref" and u.rule is not None)
         figures["required"], figures["matched"] = len(ref["scores"]) - explained_ref, len(m.pairs)

@@ -299,7 +299,7 @@ def test_darknet_random_init_native_uses_the_same_random_weights(exported):
 
     from core.contract import read_contract
     from core.images import load_rgb, prepare_for
-    from exporters.darknet_native import darknet_files
+    from exporters.darknet.native import darknet_files
 
     result = exported("yolov3-tiny")
     contract = read_contract(result.path)
@@ -348,7 +348,7 @@ def test_cli_bench_nodes_lists_top_kernels_with_gmacs(tiny_trained):
 
 
 def test_pytorch_export_bench_with_native_eager(exported):
-    _needs("exporters.torch_detectors")
+    _needs("exporters.pytorch.export")
     result = exported("ssd300_vgg16")
     r = bench_model(result.path, "cpu", warmup=1, runs=2, native=True, peak=False)
     assert r.native["framework"] == "pytorch" and "PyTorch" in r.native["runtime"]
@@ -356,7 +356,7 @@ def test_pytorch_export_bench_with_native_eager(exported):
 
 
 def test_tensorflow_export_bench_with_native(exported):
-    _needs("exporters.tf_ssd")
+    _needs("exporters.tensorflow.export")
     result = exported("ssd300")
     r = bench_model(result.path, "cpu", warmup=1, runs=2, native=True, peak=False)
     assert r.native["framework"] == "tensorflow" and "TensorFlow" in r.native["runtime"]

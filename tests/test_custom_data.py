@@ -41,7 +41,7 @@ def _build_detector(path: Path):
     import torchvision
 
     from core.images import load_rgb, prepare
-    from exporters.torch_builders import calibration_photo
+    from exporters.pytorch.builders import calibration_photo
 
     torch.manual_seed(0)
     model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
@@ -97,7 +97,7 @@ _original_detections.sessions = {}
 def custom_model(tmp_path_factory):
     """(original ONNX file, wrapped ExportResult) of the 5-class random-init detector."""
     pytest.importorskip("torchvision")
-    from exporters.onnx_wrap import wrap_onnx
+    from exporters.foreign.wrap import wrap_onnx
 
     tmp = tmp_path_factory.mktemp("custom-model")
     original = tmp / "fasterrcnn5.onnx"
@@ -460,7 +460,7 @@ BAD_QUERIES = [
 @pytest.mark.parametrize("what, top, key", BAD_DESCRIBES, ids=[b[0] for b in BAD_DESCRIBES])
 def test_bad_labels_in_a_describe_file_name_the_key(what, top, key, tmp_path):
     from core.errors import ConfigError
-    from exporters.onnx_describe import read_description
+    from exporters.foreign.describe import read_description
 
     path = tmp_path / "d.toml"
     path.write_text(QUERIES.format(top=top, outputs='output = "o"'))
@@ -472,7 +472,7 @@ def test_bad_labels_in_a_describe_file_name_the_key(what, top, key, tmp_path):
 @pytest.mark.parametrize("what, outputs, key", BAD_QUERIES, ids=[b[0] for b in BAD_QUERIES])
 def test_bad_queries_describe_names_the_key(what, outputs, key, tmp_path):
     from core.errors import ConfigError
-    from exporters.onnx_describe import read_description
+    from exporters.foreign.describe import read_description
 
     path = tmp_path / "d.toml"
     path.write_text(QUERIES.format(top='label_space = "coco80"', outputs=outputs))

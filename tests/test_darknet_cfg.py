@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from exporters import export_model
-from exporters.darknet_cfg import parse_cfg, plan_network
+from exporters.darknet.cfg import parse_cfg, plan_network
 from core.errors import ModelDefinitionError
 
 
@@ -100,7 +100,7 @@ def test_cfg_differing_from_the_registry_checksum_is_refused(registry, tmp_path,
 
 def test_a_wrong_cfg_in_the_cache_does_not_hide_the_verified_one(registry, tmp_path, monkeypatch, darknet_dir):
     """Issue 12, rule 5 for cfgs: the cache comes first in the search order, but only a copy that verifies is used."""
-    from exporters.darknet import find_cfg
+    from exporters.darknet.export import find_cfg
 
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -116,7 +116,7 @@ def test_a_wrong_cfg_in_the_cache_does_not_hide_the_verified_one(registry, tmp_p
 def test_cfg_without_its_last_yolo_section_is_warned_about(tmp_path, darknet_dir):
     """yolov3-tiny without its final [yolo]: the last convolution (layer 22, 255 channels) feeds nothing,
     and anchors 0, 1, 2 (the second head's mask) are used by no head."""
-    from exporters.darknet_cfg import structure_warnings
+    from exporters.darknet.cfg import structure_warnings
 
     text = (darknet_dir / "yolov3-tiny.cfg").read_text()
     cut = tmp_path / "cut.cfg"
@@ -130,7 +130,7 @@ def test_cfg_without_its_last_yolo_section_is_warned_about(tmp_path, darknet_dir
 
 
 def test_real_cfgs_have_no_structure_warnings(darknet_dir):
-    from exporters.darknet_cfg import structure_warnings
+    from exporters.darknet.cfg import structure_warnings
 
     for cfg in sorted(darknet_dir.glob("*.cfg")):
         assert structure_warnings(plan_network(parse_cfg(cfg))) == [], cfg.name
@@ -139,7 +139,7 @@ def test_real_cfgs_have_no_structure_warnings(darknet_dir):
 def test_a_trailing_layer_and_a_shared_anchor_are_warned_about(tmp_path, darknet_dir):
     """Own cases: a convolution appended after the last [yolo] (computed, never used), and the
     second head's mask reusing anchor 3 of the first (anchor 0 then unused)."""
-    from exporters.darknet_cfg import structure_warnings
+    from exporters.darknet.cfg import structure_warnings
 
     text = (darknet_dir / "yolov3-tiny.cfg").read_text()
     trailing = tmp_path / "trailing.cfg"

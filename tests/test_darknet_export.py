@@ -242,8 +242,8 @@ def test_blank_image_gives_empty_outputs_not_an_error(trained_tiny):
 
 @pytest.mark.parametrize("name", DARKNET)
 def test_random_init_export_runs_matches_opencv_and_counts_params(name, exported, registry, coco_dir, tmp_path):
-    from exporters.darknet_cfg import parse_cfg, plan_network
-    from exporters.darknet_weights import random_weights, write_weights
+    from exporters.darknet.cfg import parse_cfg, plan_network
+    from exporters.darknet.weights import random_weights, write_weights
     from exporters.weights import locate_file
 
     spec = registry.get(name)
@@ -298,7 +298,7 @@ def test_published_param_counts_are_reproduced(darknet_dir):
 
 
 def test_a_wrong_graph_fails_validation_with_every_mismatch(monkeypatch, registry, darknet_dir, tmp_path):
-    import exporters.darknet_graph as graph
+    import exporters.darknet.graph as graph
     from core.errors import ValidationError
 
     monkeypatch.setattr(graph, "LEAKY_SLOPE", 0.2)  # Darknet's leaky slope is 0.1

@@ -9,9 +9,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from exporters.darknet_cfg import parse_cfg, plan_network
-from exporters.darknet_graph import PostProcess, build_model
-from exporters.darknet_weights import random_weights
+from exporters.darknet.cfg import parse_cfg, plan_network
+from exporters.darknet.graph import build_model
+from exporters.nms_graph import PostProcess
+from exporters.darknet.weights import random_weights
 
 SMALL_CFG = """
 [net]

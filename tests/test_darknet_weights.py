@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from exporters import export_model
-from exporters.darknet_cfg import parse_cfg, plan_network
-from exporters.darknet_weights import random_weights, read_weights, write_weights
+from exporters.darknet.cfg import parse_cfg, plan_network
+from exporters.darknet.weights import random_weights, read_weights, write_weights
 from core.errors import WeightsError
 
 TINY_WEIGHTS_BYTES = 35_434_956  # data/README.md

@@ -1,4 +1,4 @@
-"""Every describe preset in exporters/describe_examples/ wraps a file of the layout it describes.
+"""Every describe preset in exporters/foreign/describe_examples/ wraps a file of the layout it describes.
 
 The files are built here, small and with random weights (a single strided convolution whose
 output is arranged as the exporter in question arranges its tensors): Ultralytics YOLOv5,
@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from core.images import load_rgb, prepare
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "exporters" / "describe_examples"
+EXAMPLES = Path(__file__).resolve().parent.parent / "exporters" / "foreign" / "describe_examples"
 COCO80_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32,
               33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59,
               60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90)
@@ -219,8 +219,8 @@ def test_preset_wraps_its_layout(kind, tmp_path, coco_dir):
     import onnxruntime as ort
 
     from core.contract import read_contract
-    from exporters.detection_ties import match_detections
-    from exporters.onnx_wrap import wrap_onnx
+    from exporters.matching import MatchRules, match_detections
+    from exporters.foreign.wrap import wrap_onnx
 
     source = tmp_path / f"{kind}.onnx"
     onnx.save(build("ultralytics_rtdetr" if kind == "rtdetr_pairs" else kind), source)
@@ -247,9 +247,9 @@ def test_preset_wraps_its_layout(kind, tmp_path, coco_dir):
         got = dict(zip(("boxes", "scores", "labels"), wrapped.run(["boxes", "scores", "labels"], {"images": tensor})))
         nms = preset["outputs"].get("nms", preset["outputs"]["layout"] in ("packed",))
         cap = min(preset["outputs"].get("top_k", preset["max_detections"]), preset["max_detections"])
-        matching = match_detections(ref, got, iou_threshold=preset["iou_threshold"] if nms else 2.0,
-                                    score_threshold=preset["score_threshold"], max_detections=cap,
-                                    atol=1e-3, rtol=1e-3)
+        matching = match_detections(ref, got, MatchRules(iou_threshold=preset["iou_threshold"] if nms else 2.0,
+                                                         score_threshold=preset["score_threshold"], max_detections=cap,
+                                                         atol=1e-3, rtol=1e-3))
         assert not matching.mismatches(path.stem), matching.mismatches(path.stem)
         assert len(matching.pairs) >= 0.95 * len(ref["scores"])
         counts.append(len(ref["scores"]))

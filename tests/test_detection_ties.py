@@ -7,7 +7,7 @@ overlap in 100 of 200, IoU exactly 0.5; (0, 0, 10, 20) and (0, 0, 10, 30) in 200
 
 import numpy as np
 
-from exporters.detection_ties import BOUNDARY_IOU_TOL, match_detections
+from exporters.matching import BOUNDARY_IOU_TOL, MatchRules, match_detections
 
 ATOL = RTOL = 1e-3
 
@@ -20,8 +20,8 @@ def dets(rows):
 
 
 def match(ref, got, iou_threshold=0.5, max_detections=4, score_threshold=0.05):
-    return match_detections(ref, got, iou_threshold=iou_threshold, score_threshold=score_threshold,
-                            max_detections=max_detections, atol=ATOL, rtol=RTOL)
+    return match_detections(ref, got, MatchRules(iou_threshold=iou_threshold, score_threshold=score_threshold,
+                                                 max_detections=max_detections, atol=ATOL, rtol=RTOL))
 
 
 def rules(m):
@@ -132,8 +132,8 @@ def test_two_runtimes_keeping_either_of_two_tied_overlapping_detections_is_an_nm
     b, c = (0, 0, 10, 20), (0, 0, 10, 30)
     ref, got = dets([(0.9, 1, 50, 50, 60, 60), (0.7, 1, *b)]), dets([(0.9, 1, 50, 50, 60, 60), (0.7, 1, *c)])
     assert [u.rule for u in match(ref, got, max_detections=100).unpaired] == [None, None]
-    m = match_detections(ref, got, iou_threshold=0.5, score_threshold=0.05, max_detections=100, atol=ATOL,
-                         rtol=RTOL, ties=True)
+    m = match_detections(ref, got, MatchRules(iou_threshold=0.5, score_threshold=0.05, max_detections=100, atol=ATOL,
+                                              rtol=RTOL, ties=True))
     assert rules(m) == [("got", 1, "nms tie"), ("ref", 1, "nms tie")] and m.figures()["explained_nms_tie"] == 2
 
 
@@ -142,13 +142,13 @@ def test_a_tie_needs_scores_equal_to_the_runtimes_rounding_and_an_overlap_beyond
     kwargs = dict(iou_threshold=0.5, score_threshold=0.0, max_detections=1000, atol=ATOL, rtol=RTOL, ties=True)
     # One float32 step apart near 1 (5.96e-8; onnxruntime's and PyTorch's sigmoid of RPN logits
     # 10.607707 and 10.60596 differ by this, in opposite orders): a tie, with no pairs at all.
-    m = match_detections(dets([(0.999975324, 0, *b)]), dets([(0.999975264, 0, *c)]), **kwargs)
+    m = match_detections(dets([(0.999975324, 0, *b)]), dets([(0.999975264, 0, *c)]), MatchRules(**kwargs))
     assert [u.rule for u in m.unpaired] == ["nms tie", "nms tie"] and m.tie_tol == 0.0
     # 1e-4 apart: within the pairing tolerance (atol 1e-3) but no rounding of a saturated score.
-    m = match_detections(dets([(0.9999, 0, *b)]), dets([(0.9998, 0, *c)]), **kwargs)
+    m = match_detections(dets([(0.9999, 0, *b)]), dets([(0.9998, 0, *c)]), MatchRules(**kwargs))
     assert [u.rule for u in m.unpaired] == [None, None]
     # Equal scores but (0, 0, 10, 10) and (5, 0, 15, 10) overlap at IoU 1/3 < 0.5: no NMS met them.
-    m = match_detections(dets([(0.8, 0, 0, 0, 10, 10)]), dets([(0.8, 0, 5, 0, 15, 10)]), **kwargs)
+    m = match_detections(dets([(0.8, 0, 0, 0, 10, 10)]), dets([(0.8, 0, 5, 0, 15, 10)]), MatchRules(**kwargs))
     assert [u.rule for u in m.unpaired] == [None, None]
 
 
@@ -158,10 +158,10 @@ def test_the_tie_tolerance_is_twice_the_largest_score_difference_of_the_pairs():
     # The pair at (50, 50, 60, 60) differs by 2e-4 in score: ties up to 4e-4 apart are rounding.
     ref = dets([(0.6002, 0, 50, 50, 60, 60), (0.5003, 0, *b)])
     got = dets([(0.6000, 0, 50, 50, 60, 60), (0.5, 0, *c)])
-    m = match_detections(ref, got, **kwargs)
+    m = match_detections(ref, got, MatchRules(**kwargs))
     assert abs(m.tie_tol - 4e-4) < 1e-6 and [u.rule for u in m.unpaired] == ["nms tie", "nms tie"]
     ref = dets([(0.6002, 0, 50, 50, 60, 60), (0.5005, 0, *b)])
-    assert [u.rule for u in match_detections(ref, got, **kwargs).unpaired] == [None, None]
+    assert [u.rule for u in match_detections(ref, got, MatchRules(**kwargs)).unpaired] == [None, None]
 
 
 # Coordinates at the image's scale (image_size given). At 800 px: COORDINATE_RTOL * 800 = 0.008 px
@@ -172,11 +172,11 @@ IMAGE = (800, 800)
 
 def match_at_800(ref, got, **kwargs):
     kwargs = {"iou_threshold": 0.5, "score_threshold": 0.05, "max_detections": 100, **kwargs}
-    return match_detections(ref, got, atol=ATOL, rtol=RTOL, image_size=IMAGE, **kwargs)
+    return match_detections(ref, got, MatchRules(atol=ATOL, rtol=RTOL, image_size=IMAGE, **kwargs))
 
 
 def test_the_coordinate_budget_at_800_px_by_hand():
-    from exporters.detection_ties import coordinate_tolerance
+    from exporters.matching import coordinate_tolerance
 
     tol = coordinate_tolerance(np.array([[0.0, 100.0, 3.0, 300.0], [10.0, 20.0, 30.0, 800.0]]), ATOL, RTOL, IMAGE)
     # box 0: x clipped (x1 = 0): 0.001 + 0.001 * |x| + 0.5; y inside: 0.001 + 0.001 * |y| + 0.008.
@@ -247,7 +247,7 @@ def test_a_degenerate_box_inside_the_image_pairs_by_the_extent_it_has():
     # y: both coordinates 0.001 apart (within); x: 1-D IoU 663.428 / 663.461 = 0.99995.
     ref = dets([(0.949459, 0, 1.042, 339.607, 664.503, 339.609)])
     got = dets([(0.949457, 0, 1.057, 339.608, 664.485, 339.610)])
-    from exporters.detection_ties import _iou
+    from exporters.matching import _iou
 
     assert float(_iou(ref["boxes"][0], got["boxes"])[0]) < 0.6  # the 2-D IoU of a 0.002 px sliver says nothing
     m = match_at_800(ref, got, max_detections=1000)
@@ -267,7 +267,7 @@ def test_the_axis_test_gives_plain_bools_and_pairs_a_degenerate_border_box():
     got = dets([(0.9, 1, 0.0, 10.2, 0.004, 500.0)])
     m = match_at_800(ref, got)
     assert m.pairs == [(0, 0)] and m.unexplained == [] and m.degenerate_pairs == 1
-    from exporters.detection_ties import _axes_agree
+    from exporters.matching import _axes_agree
 
     agree = _axes_agree(ref["boxes"][0], got["boxes"], np.array([[True, False, True, True]]))
     assert agree.dtype == np.bool_ and agree.tolist() == [True]
@@ -279,7 +279,7 @@ def test_boxes_pair_axis_by_axis_where_the_2d_iou_falls_short():
     # 29.98 * 399.7 / (30 * 400) = 0.99858 < 0.999, which alone refused the pair.
     ref = dets([(0.9, 1, 100.0, 10.0, 130.0, 410.0)])
     got = dets([(0.9, 1, 100.02, 10.3, 130.0, 410.0)])
-    from exporters.detection_ties import _iou
+    from exporters.matching import _iou
 
     assert float(_iou(ref["boxes"][0], got["boxes"])[0]) < 0.999
     m = match_at_800(ref, got)
@@ -332,47 +332,49 @@ def uniform_lists():
 
 
 def test_a_uniform_image_is_compared_above_the_first_tie():
-    from exporters.detection_ties import first_tie, match_above_first_tie
+    from exporters.matching import first_tie, match_above_first_tie
 
     ref, got = uniform_lists()
     assert first_tie(ref["scores"], ATOL, RTOL) == np.float32(0.7)
     assert first_tie(dets([(0.9, 1, 0, 0, 1, 1), (0.5, 1, 0, 0, 1, 1)])["scores"], ATOL, RTOL) is None
     assert len(match_at_800(ref, got).unexplained) == 6  # compared in full: tied positions differ
-    m = match_above_first_tie(ref, got, atol=ATOL, rtol=RTOL, iou_threshold=0.5, score_threshold=0.05,
-                              max_detections=100, image_size=IMAGE, ties=True)
+    m = match_above_first_tie(ref, got, MatchRules(atol=ATOL, rtol=RTOL, iou_threshold=0.5, score_threshold=0.05,
+                                                   max_detections=100, image_size=IMAGE, ties=True))
     assert m.pairs == [(0, 0)] and m.unexplained == [] and m.tie_cut == np.float32(0.7)
     f = m.figures()
     assert (f["detections"], f["onnx_detections"], f["below_tie_cut"], f["onnx_below_tie_cut"]) == (4, 4, 3, 3)
     # ONNX kept one of the tied positions only (no tie in its list): still cut at PyTorch's tie.
-    m = match_above_first_tie(ref, {k: v[:2] for k, v in got.items()}, atol=ATOL, rtol=RTOL, iou_threshold=0.5,
-                              score_threshold=0.05, max_detections=100, image_size=IMAGE, ties=True)
+    m = match_above_first_tie(ref, {k: v[:2] for k, v in got.items()},
+                              MatchRules(atol=ATOL, rtol=RTOL, iou_threshold=0.5, score_threshold=0.05,
+                                         max_detections=100, image_size=IMAGE, ties=True))
     assert m.pairs == [(0, 0)] and m.unexplained == [] and m.below_tie_cut == (3, 1)
     # Above the tie a difference is still one: ONNX without the top detection.
-    m = match_above_first_tie(ref, {k: v[1:] for k, v in got.items()}, atol=ATOL, rtol=RTOL, iou_threshold=0.5,
-                              score_threshold=0.05, max_detections=100, image_size=IMAGE, ties=True)
+    m = match_above_first_tie(ref, {k: v[1:] for k, v in got.items()},
+                              MatchRules(atol=ATOL, rtol=RTOL, iou_threshold=0.5, score_threshold=0.05,
+                                         max_detections=100, image_size=IMAGE, ties=True))
     assert [(u.side, u.index) for u in m.unexplained] == [("ref", 0)]
 
 
 def test_a_tie_on_one_side_only_excuses_nothing():
-    from exporters.detection_ties import match_above_first_tie
+    from exporters.matching import match_above_first_tie
 
     ref, got = uniform_lists()
     # ONNX: the top detection and one at 0.4, nothing near PyTorch's tie at 0.7.
     lone = {k: v[[0, 3]] for k, v in got.items()}
-    m = match_above_first_tie(ref, lone, atol=ATOL, rtol=RTOL, iou_threshold=0.5, score_threshold=0.05,
-                              max_detections=100, image_size=IMAGE)
+    m = match_above_first_tie(ref, lone, MatchRules(atol=ATOL, rtol=RTOL, iou_threshold=0.5, score_threshold=0.05,
+                                                    max_detections=100, image_size=IMAGE))
     assert m.tie_cut is None
     assert sorted((u.side, u.index) for u in m.unexplained) == [("got", 1), ("ref", 1), ("ref", 2), ("ref", 3)]
 
 
 def test_a_detection_just_above_the_cut_on_one_side_is_a_tie_cut():
-    from exporters.detection_ties import match_above_first_tie
+    from exporters.matching import match_above_first_tie
 
     ref, got = uniform_lists()
     # ONNX scored one of the positions 0.7004 and the other 0.4 (its own first tie, with the
     # 0.4 already there): the cut is PyTorch's tie at 0.7, and 0.7004 sits above it, within
     # the score tolerance.
     got["scores"][1:3] = np.float32([0.7004, 0.4])
-    m = match_above_first_tie(ref, got, atol=ATOL, rtol=RTOL, iou_threshold=0.5, score_threshold=0.05,
-                              max_detections=100, image_size=IMAGE)
+    m = match_above_first_tie(ref, got, MatchRules(atol=ATOL, rtol=RTOL, iou_threshold=0.5, score_threshold=0.05,
+                                                   max_detections=100, image_size=IMAGE))
     assert rules(m) == [("got", 1, "tie cut")] and m.unexplained == []

@@ -26,7 +26,7 @@ from test_bad_input import invoke, plain_consoles, save_foreign  # noqa: F401 (p
 from test_contract import contract, toy_model
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "exporters" / "describe_examples"
+EXAMPLES = ROOT / "exporters" / "foreign" / "describe_examples"
 RAW_HEADS = (EXAMPLES / "yolo_raw_heads.toml").read_text()
 
 
@@ -79,7 +79,7 @@ def test_describe_name_outside_the_character_set_is_refused_before_anything_is_w
 
 
 def test_a_name_in_the_character_set_is_kept_as_given(tmp_path):
-    from exporters.onnx_describe import read_description
+    from exporters.foreign.describe import read_description
 
     name = "My_det.v2+q@x-1"
     desc = read_description(_describe(tmp_path, RAW_HEADS.replace('name = "yolov3-tiny-heads"', f'name = "{name}"')))
@@ -360,8 +360,8 @@ def test_run_skip_logic_reads_past_lines_that_are_not_records(tmp_path, monkeypa
 def produced(tmp_path_factory, exported, darknet_dir, heads_file):
     """The kinds of file detbench writes: registered export, its INT8 file, a wrapped foreign
     file, and a registered model at another input size."""
-    from exporters.onnx_wrap import wrap_onnx
-    from exporters.quantize import QuantizeSettings, quantize_model
+    from exporters.foreign.wrap import wrap_onnx
+    from quantization.quantize import QuantizeSettings, quantize_model
 
     tmp = tmp_path_factory.mktemp("produced")
     registered = exported("yolov3-tiny", weights=darknet_dir / "yolov3-tiny.weights").path
@@ -405,8 +405,8 @@ def test_label_map_shorter_than_the_class_count_names_the_file(tmp_path, heads_f
 
 def test_label_map_short_for_the_class_ids_a_detections_file_gives(tmp_path):
     # A file that already did NMS gives class ids; how many there can be is only seen at run time.
-    from exporters.onnx_decode import map_labels
-    from exporters.onnx_describe import read_description
+    from exporters.foreign.decode import map_labels
+    from exporters.foreign.describe import read_description
 
     text = ('name = "d"\ninput_size = [4, 6]\nresize = "stretch"\nlabel_space = "coco91"\niou_threshold = 0.5\n'
             '[outputs]\nlayout = "detections"\nboxes = "b"\nscores = "s"\nlabels = "l"\nlabel_map = [1, 2, 3]\n')

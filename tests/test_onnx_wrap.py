@@ -45,9 +45,10 @@ STD_BGR = [0.225, 0.224, 0.229]
 
 
 def _darknet(darknet_dir: Path):
-    from exporters.darknet_cfg import parse_cfg, plan_network
-    from exporters.darknet_graph import PostProcess, build_model, drop_head_outputs, head_output_name
-    from exporters.darknet_weights import read_weights
+    from exporters.darknet.cfg import parse_cfg, plan_network
+    from exporters.darknet.graph import build_model, drop_head_outputs, head_output_name
+    from exporters.nms_graph import PostProcess
+    from exporters.darknet.weights import read_weights
     from exporters.registry import load_registry
 
     spec = load_registry().get("yolov3-tiny")
@@ -154,7 +155,7 @@ def build_torchvision(path: Path):
     photo so that it detects), exported as torchvision documents it: a list of CHW images."""
     import torch
     import torchvision
-    from exporters.torch_builders import _calibrate, calibration_photo
+    from exporters.pytorch.builders import _calibrate, calibration_photo
 
     torch.manual_seed(0)
     model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
@@ -194,7 +195,7 @@ def build_torchvision(path: Path):
 
 # ----------------------------------------------------------------------------- describe files
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "exporters" / "describe_examples"
+EXAMPLES = Path(__file__).resolve().parent.parent / "exporters" / "foreign" / "describe_examples"
 
 
 def _describe(tmp: Path, name: str, text: str) -> Path:
@@ -257,7 +258,7 @@ def foreign(tmp_path_factory, darknet_parts, raw_heads_file):
 @pytest.fixture(scope="session")
 def wrapped(foreign, tmp_path_factory):
     """kind -> ExportResult of the wrapped file (built once)."""
-    from exporters.onnx_wrap import wrap_onnx
+    from exporters.foreign.wrap import wrap_onnx
 
     out = tmp_path_factory.mktemp("wrapped")
     return {kind: wrap_onnx(src, describe, out) for kind, (src, describe, _) in foreign.items()}
@@ -279,7 +280,7 @@ def _images(coco_dir: Path, count: int) -> list[Path]:
 @pytest.mark.parametrize("kind", KINDS)
 def test_wrapped_file_gives_the_true_detections(kind, foreign, wrapped, coco_dir):
     import onnxruntime as ort
-    from exporters.detection_ties import match_detections
+    from exporters.matching import MatchRules, match_detections
 
     result = wrapped[kind]
     contract = result.contract
@@ -291,9 +292,9 @@ def test_wrapped_file_gives_the_true_detections(kind, foreign, wrapped, coco_dir
         tensor, _ = prepare(load_rgb(path), contract.input_height, contract.input_width, contract.resize)
         ref = {k: np.asarray(v) for k, v in truth(tensor).items()}
         got = dict(zip(("boxes", "scores", "labels"), session.run(["boxes", "scores", "labels"], {"images": tensor})))
-        matching = match_detections(ref, got, iou_threshold=contract.iou_threshold,
-                                    score_threshold=contract.score_threshold,
-                                    max_detections=contract.max_detections, atol=atol, rtol=rtol)
+        matching = match_detections(ref, got, MatchRules(iou_threshold=contract.iou_threshold,
+                                                         score_threshold=contract.score_threshold,
+                                                         max_detections=contract.max_detections, atol=atol, rtol=rtol))
         problems += matching.mismatches(path.stem)
         paired += len(matching.pairs)
         # boundaries explain a few detections at most, never the bulk
@@ -307,9 +308,9 @@ def test_coco_statistics_equal_the_decoded_original(kind, foreign, wrapped, coco
     import onnxruntime as ort
     from eval.coco import evaluate_model, score_results
     from eval.dataset import load_coco
-    from exporters.onnx_decode import decode, model_inputs
-    from exporters.onnx_describe import read_description
-    from exporters.onnx_wrap import bind, load_source
+    from exporters.foreign.decode import decode, model_inputs
+    from exporters.foreign.describe import read_description
+    from exporters.foreign.wrap import bind, load_source
 
     src, describe, _ = foreign[kind]
     desc = read_description(describe)
@@ -376,7 +377,7 @@ BAD_DESCRIBES = [
 
 @pytest.mark.parametrize("what,text,key", BAD_DESCRIBES, ids=[b[0] for b in BAD_DESCRIBES])
 def test_bad_describe_file_fails_before_anything_is_written(what, text, key, raw_heads_file, tmp_path):
-    from exporters.onnx_wrap import wrap_onnx
+    from exporters.foreign.wrap import wrap_onnx
 
     describe = _describe(tmp_path, "bad", text)
     out = tmp_path / "out"

@@ -119,7 +119,7 @@ def _conv_layer_macs(profile) -> dict[int, int]:
 # ----------------------------------------------------------------------------- Darknet
 @pytest.fixture(scope="module")
 def darknet_exports(exported):
-    pytest.importorskip("exporters.darknet")
+    pytest.importorskip("exporters.darknet.export")
     return exported
 
 
@@ -199,7 +199,7 @@ def _numel(shape) -> int:
 # ----------------------------------------------------------------------------- torchvision references
 @pytest.fixture(scope="module")
 def torch_exports(exported):
-    pytest.importorskip("exporters.torch_detectors")
+    pytest.importorskip("exporters.pytorch.export")
     return exported
 
 
@@ -263,7 +263,7 @@ def test_every_registered_model_profiles_completely(name, registry, exported):
     """Each registered model's export has a counting rule for every op, and its parameter
     count (our convention) equals the source framework's own count in the contract."""
     spec = registry.get(name)
-    module = {"pytorch": "exporters.torch_detectors", "tensorflow": "exporters.tf_ssd"}[spec.framework]
+    module = {"pytorch": "exporters.pytorch.export", "tensorflow": "exporters.tensorflow.export"}[spec.framework]
     pytest.importorskip(module)
     result = exported(name)
     profile = profile_model(result.path)

@@ -1,4 +1,4 @@
-"""INT8 quantization (exporters.quantize): the quantized file's contract, what stays float,
+"""INT8 quantization (quantization.quantize): the quantized file's contract, what stays float,
 calibration/evaluation overlap, accuracy against the float model, and bad input.
 
 The float yolov3-tiny with its official weights is quantized once per module, calibrated on
@@ -16,11 +16,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from core.calibration import calibration_overlap, check_calibration_overlap
 from core.contract import ModelContract, attach, read_contract, sha256_file
 from core.errors import ConfigError, DatasetError, ExportError
 from core.images import load_rgb, prepare_for
-from exporters.quantize import (QuantizeSettings, calibration_overlap, check_calibration_overlap, default_output,
-                                quantize_model)
+from quantization.quantize import QuantizeSettings, default_output, quantize_model
 
 CALIBRATION_IMAGES = 8
 
@@ -246,7 +246,7 @@ def test_operator_the_quantizer_cannot_handle(tmp_path, coco_dir):
                                                  ({"avx2", "avx_vnni"}, False), ({"amx_int8"}, False)])
 def test_weights_keep_7_bits_where_u8s8_kernels_can_saturate(monkeypatch, flags, reduce_range):
     # VPMADDUBSW adds two u8*s8 products into int16: 255*127*2 = 64770 overflows; 255*63*2 = 32130 does not
-    from exporters import quantize as q
+    from quantization import quantize as q
 
     monkeypatch.setattr(q, "_cpu_flags", lambda: set(flags))
     types = q.cpu_int8_types()

@@ -135,7 +135,7 @@ def test_max_drop_keeps_the_most_sensitive_layers_float(tmp_path, coco_dir, monk
         evaluate_model(out, coco_dir=coco_dir, image_ids=[result.split.selection[0]], store=False)
     with pytest.raises(ConfigError, match="calibrated on 1 "):
         evaluate_model(out, coco_dir=coco_dir, image_ids=[result.split.calibration[0]], store=False)
-    from exporters.quantize import calibration_overlap
+    from core.calibration import calibration_overlap
 
     assert calibration_overlap(read_contract(out), result.split.evaluation) == []
 
@@ -219,7 +219,7 @@ def test_stop_rule_on_fake_measurements():
 
 
 def test_layers_ordered_by_gain_per_mac_and_counted_by_hand(tmp_path):
-    from exporters.quantize import layer_macs, quantizable_layers
+    from quantization.quantize import layer_macs, quantizable_layers
     from quantization.budget import order_by_gain_per_mac
 
     gains = [("big", 0.20), ("small", 0.05), ("none", 0.0), ("worse", -0.1), ("mid", 0.10)]
@@ -346,7 +346,7 @@ def test_quantize_cli_interrupt_and_escaping_external_data(tmp_path, coco_dir, m
     from typer.testing import CliRunner
 
     import cli
-    import exporters.quantize as quantize_module
+    import quantization.quantize as quantize_module
 
     model = _chain(tmp_path / "m.onnx")
 
@@ -449,7 +449,7 @@ def test_max_drop_on_a_real_model_whose_all_int8_file_misses_the_budget(exported
     from core.images import load_rgb, prepare_for
     from eval.bootstrap import paired_change
     from eval.dataset import load_coco
-    from exporters.quantize import QuantizeSettings
+    from quantization.quantize import QuantizeSettings
 
     max_drop = 1.0
     tiny = exported("yolov3-tiny", weights=darknet_dir / "yolov3-tiny.weights").path

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from exporters.registry import load_registry
-from exporters.tf_convert import import_tensorflow
+from exporters.tensorflow.convert import import_tensorflow
 
 TF_MODELS = [spec.name for spec in load_registry() if spec.framework == "tensorflow"]
 
@@ -64,8 +64,8 @@ def tf():
 
 @pytest.mark.parametrize("name", TF_MODELS)
 def test_prior_count_matches_hand_count(name, registry, tf):
-    from exporters.ssd_keras import build_ssd, decoded_priors
-    from exporters.tf_ssd import config_from_spec
+    from exporters.tensorflow.ssd_keras import build_ssd, decoded_priors
+    from exporters.tensorflow.export import config_from_spec
 
     assert name in PRIORS_BY_HAND, f"{name}: work its prior count out by hand in PRIORS_BY_HAND"
     assert PRIORS_BY_HAND[name] == PUBLISHED_PRIORS[name]
@@ -156,8 +156,8 @@ def torchvision_pair(tf, registry, tmp_path_factory):
     import torch
     from torchvision.models.detection import ssd300_vgg16
 
-    from exporters.ssd_keras import build_ssd
-    from exporters.tf_ssd import config_from_spec
+    from exporters.tensorflow.ssd_keras import build_ssd
+    from exporters.tensorflow.export import config_from_spec
 
     torch.manual_seed(0)
     tv = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=91).eval()
@@ -206,8 +206,8 @@ def _torch_run(tv, tensor):
 
 
 def test_parameter_counts_agree_with_torchvision(torchvision_pair, registry, tf):
-    from exporters.ssd_keras import build_ssd
-    from exporters.tf_ssd import config_from_spec
+    from exporters.tensorflow.ssd_keras import build_ssd
+    from exporters.tensorflow.export import config_from_spec
 
     tv, model, _, _, _ = torchvision_pair
     tv_params = sum(p.numel() for p in tv.parameters())
@@ -222,8 +222,8 @@ def test_parameter_counts_agree_with_torchvision(torchvision_pair, registry, tf)
 
 
 def test_same_priors_and_raw_outputs_as_torchvision(torchvision_pair, tf):
-    from exporters.ssd_keras import decoded_priors
-    from exporters.tf_convert import validation_images
+    from exporters.tensorflow.ssd_keras import decoded_priors
+    from exporters.validation import validation_images
     from core.images import load_rgb, prepare
 
     tv, model, config, _, _ = torchvision_pair
@@ -241,7 +241,7 @@ def test_same_priors_and_raw_outputs_as_torchvision(torchvision_pair, tf):
 def test_paper_priors_differ_from_torchvision_only_where_clipped():
     """Caffe's SSD300 does not clip priors; torchvision clamps w/h to the image. With the
     COCO scales only the two 2:1 boxes of the 1 x 1 map (0.87 x sqrt 2 = 1.23 wide) differ."""
-    from exporters.ssd_priors import PriorSpec, default_boxes
+    from exporters.tensorflow.ssd_priors import PriorSpec, default_boxes
 
     common = dict(image_size=(300, 300), feature_sizes=((38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)),
                   steps=tuple((s, s) for s in (8, 16, 32, 64, 100, 300)),
@@ -260,8 +260,8 @@ def test_onnx_export_of_torchvision_weights_matches_torchvision(torchvision_pair
     import onnxruntime as ort
 
     from exporters import export_model
-    from exporters.tf_convert import compare_runs, validation_images
-    from exporters.validation import Comparison
+    from exporters.tensorflow.convert import compare_runs
+    from exporters.validation import Comparison, validation_images
     from core.contract import read_contract
     from core.images import load_rgb, prepare
 
@@ -288,8 +288,8 @@ def test_onnx_export_of_torchvision_weights_matches_torchvision(torchvision_pair
 
 
 def test_weights_of_another_network_are_rejected(torchvision_pair, registry, tmp_path):
-    from exporters.ssd_keras import build_ssd
-    from exporters.tf_ssd import config_from_spec, load_keras_weights
+    from exporters.tensorflow.ssd_keras import build_ssd
+    from exporters.tensorflow.export import config_from_spec, load_keras_weights
     from core.errors import WeightsError
 
     _, _, _, _, weights = torchvision_pair  # 91 classes
@@ -302,7 +302,7 @@ def test_weights_of_another_network_are_rejected(torchvision_pair, registry, tmp
 
 
 # The describe preset for TF OD API SavedModels, pointed at the tiny model below.
-_PRESET = (Path(__file__).resolve().parent.parent / "exporters" / "describe_examples" / "tf_od_api_saved_model.toml")
+_PRESET = (Path(__file__).resolve().parent.parent / "exporters" / "foreign" / "describe_examples" / "tf_od_api_saved_model.toml")
 DESCRIPTION = (_PRESET.read_text().replace('name = "ssd-mobilenet-v2-320-od-api"', 'name = "tiny-od-api"')
                .replace("score_threshold = 0.0", "score_threshold = 0.7"))
 assert "tiny-od-api" in DESCRIPTION and "score_threshold = 0.7" in DESCRIPTION
@@ -348,8 +348,8 @@ def saved_model(tf, tmp_path_factory):
 def test_saved_model_export_matches_the_saved_model(saved_model, tmp_path, tf):
     import onnxruntime as ort
 
-    from exporters.tf_convert import validation_images
-    from exporters.tf_saved_model import export_saved_model
+    from exporters.validation import validation_images
+    from exporters.tensorflow.saved_model import export_saved_model
     from core.contract import read_contract
     from core.images import load_rgb, prepare
 
@@ -384,7 +384,7 @@ def test_saved_model_export_matches_the_saved_model(saved_model, tmp_path, tf):
 
 
 def test_saved_model_description_errors_name_the_key(saved_model, tmp_path, tf):
-    from exporters.tf_saved_model import export_saved_model
+    from exporters.tensorflow.saved_model import export_saved_model
     from core.errors import ConfigError
 
     folder, _ = saved_model
@@ -421,7 +421,7 @@ def test_cli_export_saved_model(saved_model, tmp_path):
 def test_tensorflow_and_torchvision_load_in_one_process_and_pip_check_is_clean():
     # torchvision loads Triton's native library, which crashes when TensorFlow was loaded first;
     # import_tensorflow() loads Triton first. Run in a child so a crash cannot take pytest down.
-    code = ("from exporters.tf_convert import import_tensorflow; tf = import_tensorflow(); import torchvision, torch; "
+    code = ("from exporters.tensorflow.convert import import_tensorflow; tf = import_tensorflow(); import torchvision, torch; "
             "import google.protobuf as pb; print(tf.__version__, torch.__version__, pb.__version__)")
     root = Path(__file__).resolve().parent.parent
     child = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)

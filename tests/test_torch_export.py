@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from exporters.registry import load_registry
-from exporters.torch_builders import build_model, count_parameters, load_weights
-from exporters import torch_detectors as td
+from exporters.pytorch.builders import build_model, count_parameters, load_weights
+from exporters.pytorch import export as td
 from core.contract import DEFAULT_OPSET, RANDOM_INIT, read_contract, sha256_file
 from core.errors import WeightsError
 from core.images import load_rgb, prepare, prepare_for

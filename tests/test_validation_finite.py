@@ -48,8 +48,8 @@ def test_huge_darknet_weights_fail_validation_and_leave_the_good_file(registry, 
     from exporters import export_model
     from dataclasses import replace
 
-    from exporters.darknet_cfg import parse_cfg, plan_network
-    from exporters.darknet_weights import random_weights, write_weights
+    from exporters.darknet.cfg import parse_cfg, plan_network
+    from exporters.darknet.weights import random_weights, write_weights
 
     # Well-formed in every other respect (positive variances, finite values), so only the
     # overflow can fail it.

@@ -15,8 +15,8 @@ def open_native(path: Path, contract, *, threads: int | None = None, weights: Pa
     import torch
 
     from exporters.registry import load_registry
-    from exporters.torch_builders import build_model, load_weights
-    from exporters.torch_detectors import ContractWrapper
+    from exporters.pytorch.builders import build_model, load_weights
+    from exporters.pytorch.export import ContractWrapper
 
     spec = load_registry().get(contract.name)
     if threads is not None:

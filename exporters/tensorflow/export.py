@@ -27,10 +27,10 @@ import numpy as np
 
 from exporters import ExportResult
 from exporters.registry import ModelSpec
-from exporters.ssd_keras import SSDConfig, build_ssd, calibrate_random_heads, decoded_priors, detect
-from exporters.tf_convert import (compare_runs, convert_function, cpu_session, import_tensorflow, keep_outputs,
-                                  run_onnx, run_tf, validation_images, versions)
-from exporters.validation import Comparison
+from exporters.tensorflow.ssd_keras import SSDConfig, build_ssd, calibrate_random_heads, decoded_priors, detect
+from exporters.tensorflow.convert import (compare_runs, convert_function, import_tensorflow, keep_outputs, run_onnx, run_tf,
+                                          versions)
+from exporters.validation import Comparison, cpu_session, validation_images
 from core.contract import DEFAULT_OPSET, OUTPUT_NAMES, ModelContract, save_model, weights_tag
 from core.errors import ConfigError, RegistryError, WeightsError
 from core.images import load_rgb, prepare

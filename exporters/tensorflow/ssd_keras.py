@@ -15,7 +15,7 @@ load by name; the paper calls the extra layers conv8_2 .. conv12_2):
 
 :func:`build_ssd` returns the raw network: ``mbox_loc`` ``[1, P, 4]`` (offsets
 ``dx, dy, dw, dh``) and ``mbox_conf`` ``[1, P, C]`` (logits, class 0 = background), prior
-order as in :mod:`exporters.ssd_priors`. :func:`detect` adds the in-graph post-processing.
+order as in :mod:`exporters.tensorflow.ssd_priors`. :func:`detect` adds the in-graph post-processing.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from exporters.ssd_priors import PriorSpec, default_boxes
+from exporters.tensorflow.ssd_priors import PriorSpec, default_boxes
 from core.errors import ConfigError
 
 # (mid channels, out channels, kernel, stride, padding) of each extra block, per variant.
@@ -43,7 +43,7 @@ DWH_CLAMP = math.log(1000.0 / 16)
 
 @dataclass(frozen=True)
 class SSDConfig:
-    """One SSD as built and post-processed here (see ``exporters.tf_ssd.config_from_spec``)."""
+    """One SSD as built and post-processed here (see ``exporters.tensorflow.export.config_from_spec``)."""
 
     variant: str  # key of EXTRAS
     input_size: tuple[int, int]  # (H, W)
@@ -73,7 +73,7 @@ class SSDConfig:
 
 
 def _keras():
-    from exporters.tf_convert import import_tensorflow
+    from exporters.tensorflow.convert import import_tensorflow
 
     import_tensorflow()
     import keras

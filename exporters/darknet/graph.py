@@ -27,27 +27,20 @@ then the ``max_detections`` best by score. Outputs ``boxes`` [K, 4] (x1, y1, x2,
 input-tensor pixels), ``scores`` [K], ``labels`` int64 [K] (the Darknet class index).
 
 Batch (``build_model(..., batch=True)``, ``export NAME --batch``): the input's first dimension
-is the symbolic ``N``; every reshape copies it (0) instead of fixing 1. ONNX's
-NonMaxSuppression already works per batch entry (boxes of image i never suppress those of
-image j, and ``max_output_boxes_per_class`` counts per image); the cap to ``max_detections`` is
-made per image too: the kept candidates are ranked by score over the whole batch (TopK:
-descending, ties to the lower index, as the batch-1 graph ranks them), then stably grouped by
-image (a second TopK on ``image * S + rank``, integers, so nothing rounds), and within each
-image the first ``max_detections`` are kept (rank in the image = position - the image's first
-position). An extra output ``batch_index`` int64 [K] names each detection's image. Image i's
-detections come out in the order the batch-1 graph gives them for that image alone.
+is the symbolic ``N``; every reshape copies it (0) instead of fixing 1; NMS and the
+``max_detections`` cap are per image, with an extra output ``batch_index``
+(:mod:`exporters.nms_graph`, which builds the post-processing of both graphs).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from exporters.darknet_cfg import Conv, Detection, MaxPool, Plan, Reorg, Route, Shortcut, Upsample
-from exporters.darknet_weights import DarknetWeights
+from exporters.darknet.cfg import Conv, Detection, MaxPool, Plan, Reorg, Route, Shortcut, Upsample
+from exporters.darknet.weights import DarknetWeights
+from exporters.nms_graph import GraphBuilder, PostProcess, postprocess, postprocess_batch
 from core.contract import BATCH_INDEX_OUTPUT, DEFAULT_OPSET, INPUT_NAME, IR_VERSION
 
 # Darknet's normalize_cpu adds this to sqrt(variance).
@@ -56,36 +49,9 @@ LEAKY_SLOPE = 0.1
 BATCH_DIM = "N"  # the symbolic batch dimension of a batch export's input
 
 
-@dataclass(frozen=True)
-class PostProcess:
-    score_threshold: float
-    iou_threshold: float
-    max_detections: int
-
-
 def head_output_name(layer: Detection) -> str:
     """Name of the raw head tensor (the conv output feeding a region/yolo layer)."""
     return f"head_{layer.inputs[0]}"
-
-
-class _Graph:
-    def __init__(self):
-        self.nodes: list = []
-        self.inits: list = []
-        self._names: set[str] = set()
-
-    def const(self, name: str, array) -> str:
-        name = "const." + name  # initializers never collide with node outputs
-        assert name not in self._names, name
-        self._names.add(name)
-        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
-
-    def node(self, op: str, inputs: list[str], outputs: list[str] | str, name: str, **attrs) -> list[str] | str:
-        single = isinstance(outputs, str)
-        outs = [outputs] if single else outputs
-        self.nodes.append(helper.make_node(op, inputs, outs, name=name, **attrs))
-        return outs[0] if single else outs
 
 
 def build_model(plan: Plan, weights: DarknetWeights, post: PostProcess, *, expose_heads: bool = False,
@@ -93,7 +59,7 @@ def build_model(plan: Plan, weights: DarknetWeights, post: PostProcess, *, expos
     """The ONNX model for ``plan`` with ``weights``; ``expose_heads`` adds the raw head
     tensors (``head_<layer>``, [N, C, gh, gw]) as extra outputs, for validation; ``batch`` makes
     N symbolic, with per-image NMS and the ``batch_index`` output (module docstring)."""
-    g = _Graph()
+    g = GraphBuilder()
     n = 0 if batch else 1  # Reshape's 0 copies the input's dimension: the batch, whatever it is
     h, w = plan.height, plan.width
     x = g.node("Div", [INPUT_NAME, g.const("pixel_scale", np.array(255.0, np.float32))], "input_01", "normalise")
@@ -162,9 +128,9 @@ def build_model(plan: Plan, weights: DarknetWeights, post: PostProcess, *, expos
     all_boxes = g.node("Concat", boxes, "candidates.boxes", "candidates.boxes", axis=1) if len(boxes) > 1 else boxes[0]
     all_scores = g.node("Concat", scores, "candidates.scores", "candidates.scores", axis=1) if len(scores) > 1 else scores[0]
     if batch:
-        _postprocess_batch(g, all_boxes, all_scores, post)
+        postprocess_batch(g, all_boxes, all_scores, post)
     else:
-        _postprocess(g, all_boxes, all_scores, post)
+        postprocess(g, all_boxes, all_scores, post)
     batch_dim = BATCH_DIM if batch else 1
 
     graph_outputs = [
@@ -184,7 +150,7 @@ def build_model(plan: Plan, weights: DarknetWeights, post: PostProcess, *, expos
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [batch_dim, 3, h, w])],
         graph_outputs, initializer=g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET)],
-                              producer_name="detbench.exporters.darknet")
+                              producer_name="detbench.exporters.darknet.export")
     model.ir_version = IR_VERSION  # what save_model writes; the session used for validation needs it too
     return model
 
@@ -200,7 +166,7 @@ def drop_head_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _activation(g: _Graph, x: str, activation: str, name: str) -> str:
+def _activation(g: GraphBuilder, x: str, activation: str, name: str) -> str:
     if activation == "leaky":
         return g.node("LeakyRelu", [x], name, f"{name}.leaky", alpha=LEAKY_SLOPE)
     if activation == "linear":
@@ -208,7 +174,7 @@ def _activation(g: _Graph, x: str, activation: str, name: str) -> str:
     raise ValueError(activation)  # plan_network only admits the two above
 
 
-def _decode(g: _Graph, head: Detection, raw: str, plan: Plan, n: int = 1) -> tuple[str, str]:
+def _decode(g: GraphBuilder, head: Detection, raw: str, plan: Plan, n: int = 1) -> tuple[str, str]:
     """Candidate boxes [N, A·gh·gw, 4] (x1, y1, x2, y2, input pixels) and scores [N, A·gh·gw, classes];
     ``n`` is the batch in reshapes (0: copied from the input)."""
     name = f"decode_{head.index}"
@@ -247,73 +213,3 @@ def _decode(g: _Graph, head: Detection, raw: str, plan: Plan, n: int = 1) -> tup
     score = g.node("Reshape", [score, g.const(f"{name}.score_shape", np.array([n, a * cells, c], np.int64))],
                    f"{name}.scores", f"{name}.scores")
     return box, score
-
-
-def _postprocess(g: _Graph, boxes: str, scores: str, post: PostProcess) -> None:
-    per_class = g.node("Transpose", [scores], "nms.scores", "nms.scores", perm=[0, 2, 1])  # [1, C, M]
-    selected = g.node("NonMaxSuppression", [
-        boxes, per_class,
-        g.const("nms.max_per_class", np.array([post.max_detections], np.int64)),
-        g.const("nms.iou_threshold", np.array([post.iou_threshold], np.float32)),
-        g.const("nms.score_threshold", np.array([post.score_threshold], np.float32)),
-    ], "nms.selected", "nms", center_point_box=0)  # [S, 3]: (batch, class, box)
-    box_index = g.node("Gather", [selected, g.const("nms.batch_box", np.array([0, 2], np.int64))], "nms.batch_box", "nms.batch_box", axis=1)
-    sel_boxes = g.node("GatherND", [boxes, box_index], "nms.boxes", "nms.boxes")
-    sel_scores = g.node("GatherND", [per_class, selected], "nms.scores_selected", "nms.scores_selected")
-    sel_labels = g.node("Gather", [selected, g.const("nms.class_column", np.array(1, np.int64))], "nms.labels", "nms.labels", axis=1)
-    count = g.node("Shape", [sel_scores], "nms.count", "nms.count")
-    k = g.node("Min", [count, g.const("max_detections", np.array([post.max_detections], np.int64))], "topk.k", "topk.k")
-    values, order = g.node("TopK", [sel_scores, k], ["scores", "topk.order"], "topk", axis=0, largest=1, sorted=1)
-    g.node("Gather", [sel_boxes, order], "boxes", "boxes", axis=0)
-    g.node("Gather", [sel_labels, order], "labels", "labels", axis=0)
-
-
-def _postprocess_batch(g: _Graph, boxes: str, scores: str, post: PostProcess) -> None:
-    """Per-image NMS and per-image ``max_detections`` over a batch (module docstring)."""
-    per_class = g.node("Transpose", [scores], "nms.scores", "nms.scores", perm=[0, 2, 1])  # [N, C, M]
-    selected = g.node("NonMaxSuppression", [
-        boxes, per_class,
-        g.const("nms.max_per_class", np.array([post.max_detections], np.int64)),
-        g.const("nms.iou_threshold", np.array([post.iou_threshold], np.float32)),
-        g.const("nms.score_threshold", np.array([post.score_threshold], np.float32)),
-    ], "nms.selected", "nms", center_point_box=0)  # [S, 3]: (image, class, box), image-major
-    box_index = g.node("Gather", [selected, g.const("nms.batch_box", np.array([0, 2], np.int64))], "nms.batch_box", "nms.batch_box", axis=1)
-    sel_boxes = g.node("GatherND", [boxes, box_index], "nms.boxes", "nms.boxes")
-    sel_scores = g.node("GatherND", [per_class, selected], "nms.scores_selected", "nms.scores_selected")
-    sel_labels = g.node("Gather", [selected, g.const("nms.class_column", np.array(1, np.int64))], "nms.labels", "nms.labels", axis=1)
-    sel_images = g.node("Gather", [selected, g.const("nms.image_column", np.array(0, np.int64))], "nms.images", "nms.images", axis=1)
-    count = g.node("Shape", [sel_scores], "nms.count", "nms.count")  # [S]
-    # 1. every kept candidate of the batch by descending score (ties: lower index first, as batch 1)
-    _, by_score = g.node("TopK", [sel_scores, count], ["rank.scores", "rank.order"], "rank", axis=0, largest=1, sorted=1)
-    positions = g.node("Range", [g.const("rank.zero", np.array(0, np.int64)),
-                                 g.node("Squeeze", [count, g.const("rank.squeeze_axis", np.array([0], np.int64))],
-                                        "rank.count", "rank.count"),
-                                 g.const("rank.one", np.array(1, np.int64))], "rank.positions", "rank.positions")
-    # 2. grouped by image, keeping that order: key = image * S + global rank, an exact integer
-    images_by_score = g.node("Gather", [sel_images, by_score], "group.images_by_score", "group.images_by_score", axis=0)
-    key = g.node("Add", [g.node("Mul", [images_by_score, count], "group.image_offset", "group.image_offset"), positions],
-                 "group.key", "group.key")
-    _, grouped = g.node("TopK", [key, count], ["group.keys", "group.order"], "group", axis=0, largest=0, sorted=1)
-    order = g.node("Gather", [by_score, grouped], "group.candidates", "group.candidates", axis=0)
-    image_of = g.node("Gather", [sel_images, order], "group.image", "group.image", axis=0)
-    # 3. rank within its image = position - number of candidates of earlier images; keep the first max_detections
-    images = g.node("Range", [g.const("cap.zero", np.array(0, np.int64)),
-                              g.node("Gather", [g.node("Shape", [boxes], "cap.boxes_shape", "cap.boxes_shape"),
-                                                g.const("cap.batch_axis", np.array(0, np.int64))], "cap.batch", "cap.batch", axis=0),
-                              g.const("cap.one", np.array(1, np.int64))], "cap.images", "cap.images")  # [N]
-    of_image = g.node("Equal", [g.node("Unsqueeze", [image_of, g.const("cap.col", np.array([1], np.int64))], "cap.image_col", "cap.image_col"),
-                                g.node("Unsqueeze", [images, g.const("cap.row", np.array([0], np.int64))], "cap.images_row", "cap.images_row")],
-                       "cap.of_image", "cap.of_image")  # [S, N]: S x N, not S x S (S reaches thousands)
-    per_image = g.node("ReduceSum", [g.node("Cast", [of_image], "cap.of_image_count", "cap.of_image_count", to=TensorProto.INT64),
-                                     g.const("cap.sum_axis", np.array([0], np.int64))], "cap.per_image", "cap.per_image", keepdims=0)
-    starts = g.node("CumSum", [per_image, g.const("cap.cum_axis", np.array(0, np.int64))], "cap.starts", "cap.starts", exclusive=1)
-    first = g.node("Gather", [starts, image_of], "cap.first", "cap.first", axis=0)
-    in_image = g.node("Sub", [positions, first], "cap.rank", "cap.rank")
-    keep = g.node("Less", [in_image, g.const("max_detections", np.array(post.max_detections, np.int64))], "cap.keep", "cap.keep")
-    kept = g.node("Squeeze", [g.node("NonZero", [keep], "cap.kept_index", "cap.kept_index"),
-                              g.const("cap.squeeze_axis", np.array([0], np.int64))], "cap.kept", "cap.kept")
-    final = g.node("Gather", [order, kept], "final.order", "final.order", axis=0)
-    g.node("Gather", [sel_scores, final], "scores", "scores", axis=0)
-    g.node("Gather", [sel_boxes, final], "boxes", "boxes", axis=0)
-    g.node("Gather", [sel_labels, final], "labels", "labels", axis=0)
-    g.node("Gather", [sel_images, final], BATCH_INDEX_OUTPUT, BATCH_INDEX_OUTPUT, axis=0)

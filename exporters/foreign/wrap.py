@@ -1,7 +1,7 @@
 """A foreign ONNX detector -> a contract ONNX file, by composing graphs around it.
 
 ``export --onnx FILE --describe FILE.toml``: the describe file (format in
-:mod:`exporters.onnx_describe`, examples in ``exporters/describe_examples/``) says how the
+:mod:`exporters.foreign.describe`, examples in ``exporters/foreign/describe_examples/``) says how the
 file's inputs and outputs map onto the contract. The result is three graphs joined with
 ``onnx.compose.merge_models``:
 
@@ -14,13 +14,13 @@ file's inputs and outputs map onto the contract. The result is three graphs join
   ``scores``, ``labels`` (int64, mapped to the label space) and ``masks``: box format and
   space, activations, objectness, YOLO head decoding, and, for candidates, class-aware
   ``NonMaxSuppression`` with the described thresholds, built by the same code as the
-  Darknet exporter's (:func:`exporters.darknet_graph._postprocess`).
+  Darknet exporter's (:func:`exporters.nms_graph.postprocess`).
 
 The operator set is the file's own (converted to 11 when older: NonMaxSuppression and
 Compress need it); the prologue and epilogue only use operators whose signature did not
 change since opset 11. Every check of the describe file against the graph runs before
 anything is built; validation (the wrapped file against the original file's outputs
-decoded by :mod:`exporters.onnx_decode` on real COCO images) runs before anything is written.
+decoded by :mod:`exporters.foreign.decode` on real COCO images) runs before anything is written.
 """
 
 from __future__ import annotations
@@ -36,16 +36,16 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from exporters import ExportResult
-from exporters.darknet_graph import PostProcess, _Graph, _postprocess
-from exporters.detection_ties import match_detections
-from exporters.onnx_decode import cap, decode, extra_value, model_inputs, query_width
-from exporters.onnx_describe import Description, describe_error, read_description
-from exporters.tf_convert import cpu_session, validation_images
-from exporters.validation import Comparison
+from exporters.matching import MatchRules, match_detections
+from exporters.nms_graph import GraphBuilder, PostProcess, postprocess
+from exporters.foreign.decode import cap, decode, extra_value, model_inputs, query_width
+from exporters.foreign.describe import Description, describe_error, read_description
+from exporters.validation import Comparison, cpu_session, validation_images
 from core.contract import INPUT_NAME, LABELS_KEY, ModelContract, save_model, sha256_file
 from core.errors import ConfigError, ExportError
 from core.names import file_in
 from core.images import load_rgb, prepare
+from core.ort_session import cpu_session as ort_cpu_session
 
 WRAPPER_VERSION = "1"
 VALIDATION_IMAGES = 3
@@ -97,7 +97,7 @@ def wrap_onnx(onnx_file: Path, describe_file: Path, out: Path, *,
         input_width=desc.input_size[1], resize=desc.resize, label_space=desc.label_space,
         score_threshold=desc.score_threshold, iou_threshold=desc.iou_threshold, max_detections=desc.max_detections,
         weights="sha256:" + sha256_file(onnx_file), source_params=count_params(source), pad_value=desc.pad_value,
-        extra={"exporter": f"exporters.onnx_wrap {WRAPPER_VERSION}", "source": "foreign ONNX file",
+        extra={"exporter": f"exporters.foreign.wrap {WRAPPER_VERSION}", "source": "foreign ONNX file",
                "source_file": onnx_file.name, "source_producer": f"{source.producer_name} {source.producer_version}".strip(),
                "source_opset": str(bound.source_opset), "opset": str(bound.opset),
                "describe_file": Path(describe_file).name, "describe": desc.text,
@@ -106,7 +106,7 @@ def wrap_onnx(onnx_file: Path, describe_file: Path, out: Path, *,
                "nms": ("wrapper (ONNX NonMaxSuppression, class-aware)" if desc.outputs["nms"]
                        else "none (queries kept by top-k)" if desc.outputs["layout"] == "queries"
                        else "the original file's own"),
-               "validated_against": "the original file in onnxruntime, outputs decoded by exporters.onnx_decode (numpy)"})
+               "validated_against": "the original file in onnxruntime, outputs decoded by exporters.foreign.decode (numpy)"})
     progress(f"writing {target}")
     path = save_model(wrapped, target, contract)
     figures["file_bytes"] = path.stat().st_size
@@ -336,9 +336,9 @@ def compose(desc: Description, model: onnx.ModelProto, bound: Bound) -> onnx.Mod
         part.opset_import.extend(opsets)
     try:
         joined = onnx_compose.merge_models(pre, source, io_map=[(a, SOURCE_PREFIX + b) for a, b in pre_map],
-                                           producer_name="detbench.exporters.onnx_wrap")
+                                           producer_name="detbench.exporters.foreign.wrap")
         joined = onnx_compose.merge_models(joined, post, io_map=[(SOURCE_PREFIX + a, b) for a, b in post_map],
-                                           outputs=names, producer_name="detbench.exporters.onnx_wrap",
+                                           outputs=names, producer_name="detbench.exporters.foreign.wrap",
                                            name=desc.name)
     except (ValueError, onnx.checker.ValidationError) as exc:
         raise ExportError(f"composing {desc.name!r} with onnx.compose failed: {exc}") from exc
@@ -355,7 +355,7 @@ def compose(desc: Description, model: onnx.ModelProto, bound: Bound) -> onnx.Mod
 
 def _prologue(desc: Description, bound: Bound) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
     """``images`` -> the file's image input (and constants for its other inputs)."""
-    g = _Graph()
+    g = GraphBuilder()
     inp = desc.input
     height, width = desc.input_size
     x = INPUT_NAME
@@ -394,7 +394,7 @@ def _prologue(desc: Description, bound: Bound) -> tuple[onnx.ModelProto, list[tu
 
 def _epilogue(desc: Description, bound: Bound) -> tuple[onnx.ModelProto, list[tuple[str, str]], list[str]]:
     """The file's outputs -> ``boxes``, ``scores``, ``labels`` (+ ``masks``)."""
-    g = _Graph()
+    g = GraphBuilder()
     out, layout = desc.outputs, desc.outputs["layout"]
     inputs, mapping = [], []
 
@@ -464,8 +464,8 @@ def _epilogue(desc: Description, bound: Bound) -> tuple[onnx.ModelProto, list[tu
                         "post.score.matrix")
         scores = reshape(scores, [1, -1, classes], "post.scores")
         boxes = reshape(boxes, [1, -1, 4], "post.boxes")
-    _postprocess(g, boxes, scores, PostProcess(desc.score_threshold, desc.iou_threshold, desc.max_detections))
-    # _postprocess names its class indices "labels"; the label mapping below produces the output.
+    postprocess(g, boxes, scores, PostProcess(desc.score_threshold, desc.iou_threshold, desc.max_detections))
+    # postprocess names its class indices "labels"; the label mapping below produces the output.
     for node in g.nodes:
         for k, name in enumerate(node.output):
             if name == "labels":
@@ -475,7 +475,7 @@ def _epilogue(desc: Description, bound: Bound) -> tuple[onnx.ModelProto, list[tu
     return _epilogue_model(g, desc, inputs, names, bound), mapping, names
 
 
-def _epilogue_model(g: _Graph, desc: Description, inputs: list, names: list[str], bound: Bound) -> onnx.ModelProto:
+def _epilogue_model(g: GraphBuilder, desc: Description, inputs: list, names: list[str], bound: Bound) -> onnx.ModelProto:
     outputs = [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["K", 4]),
                helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["K"]),
                helper.make_tensor_value_info("labels", TensorProto.INT64, ["K"])]
@@ -484,13 +484,13 @@ def _epilogue_model(g: _Graph, desc: Description, inputs: list, names: list[str]
     return helper.make_model(helper.make_graph(g.nodes, "epilogue", inputs, outputs, initializer=g.inits))
 
 
-def _columns(g: _Graph, rows: str, start: int, end: int, name: str) -> str:
+def _columns(g: GraphBuilder, rows: str, start: int, end: int, name: str) -> str:
     return g.node("Slice", [rows, g.const(f"{name}.start", np.array([start], np.int64)),
                             g.const(f"{name}.end", np.array([end], np.int64)),
                             g.const(f"{name}.axis", np.array([-1], np.int64))], name, name)
 
 
-def _activate(g: _Graph, x: str, activation: str, name: str) -> str:
+def _activate(g: GraphBuilder, x: str, activation: str, name: str) -> str:
     if activation == "sigmoid":
         return g.node("Sigmoid", [x], f"{name}.sigmoid", f"{name}.sigmoid")
     if activation == "softmax":
@@ -499,7 +499,7 @@ def _activate(g: _Graph, x: str, activation: str, name: str) -> str:
     return x
 
 
-def _to_xyxy(g: _Graph, desc: Description, boxes: str) -> str:
+def _to_xyxy(g: GraphBuilder, desc: Description, boxes: str) -> str:
     """[M, 4] in the described format and space -> [M, 4] (x1, y1, x2, y2) input pixels."""
     fmt = desc.outputs["box_format"]
     if fmt == "yxyx":
@@ -523,7 +523,7 @@ def _to_xyxy(g: _Graph, desc: Description, boxes: str) -> str:
     return boxes
 
 
-def _yolo_head(g: _Graph, desc: Description, i: int, raw: str, shape: list[int], anchors: list) -> tuple[str, str]:
+def _yolo_head(g: GraphBuilder, desc: Description, i: int, raw: str, shape: list[int], anchors: list) -> tuple[str, str]:
     """Candidates of one raw YOLO head: boxes [1, A·cells, 4] (xyxy input pixels), scores [1, A·cells, C]."""
     name = f"post.head{i}"
     a, c = len(anchors), desc.outputs["num_classes"]
@@ -555,7 +555,7 @@ def _yolo_head(g: _Graph, desc: Description, i: int, raw: str, shape: list[int],
     return box, score
 
 
-def _queries(g: _Graph, desc: Description, take, reshape) -> list[str]:
+def _queries(g: GraphBuilder, desc: Description, take, reshape) -> list[str]:
     """DETR-style queries -> the best ``top_k`` (query, class) detections, no NMS."""
     out = desc.outputs
     classes, width = out["num_classes"], query_width(desc)
@@ -589,7 +589,7 @@ def _queries(g: _Graph, desc: Description, take, reshape) -> list[str]:
     return _select(g, desc, boxes, scores, ids, None, None)
 
 
-def _select(g: _Graph, desc: Description, boxes: str, scores: str, ids: str, masks: str | None,
+def _select(g: GraphBuilder, desc: Description, boxes: str, scores: str, ids: str, masks: str | None,
             count: str | None) -> list[str]:
     """Detections the file already selected: drop those below the score threshold (and past
     ``num_detections``), then the ``max_detections`` best, best first."""
@@ -621,7 +621,7 @@ def _select(g: _Graph, desc: Description, boxes: str, scores: str, ids: str, mas
     return names
 
 
-def _map_labels(g: _Graph, desc: Description, classes: str) -> None:
+def _map_labels(g: GraphBuilder, desc: Description, classes: str) -> None:
     out = desc.outputs
     if out["label_map"] is not None:
         g.node("Gather", [g.const("post.label_map", np.asarray(out["label_map"], np.int64)), classes], "labels",
@@ -637,12 +637,8 @@ def _map_labels(g: _Graph, desc: Description, classes: str) -> None:
 
 
 def _session_from_file(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort_cpu_session(path)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ExportError(f"onnxruntime cannot run the original file {path}: {exc}") from exc
 
@@ -674,13 +670,13 @@ def validate(desc: Description, onnx_file: Path, wrapped: onnx.ModelProto, bound
                             "describe file (box format and space, activations, label mapping, thresholds).")
     figures: dict[str, Any] = dict(comparison.figures)
     figures["detections_per_image"] = counts
-    figures["reference"] = "original file in onnxruntime + exporters.onnx_decode (numpy decode and NMS)"
+    figures["reference"] = "original file in onnxruntime + exporters.foreign.decode (numpy decode and NMS)"
     return figures
 
 
 def compare(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
             desc: Description) -> None:
-    """Detections compared as sets (:func:`exporters.detection_ties.match_detections`): each
+    """Detections compared as sets (:func:`exporters.matching.match_detections`): each
     paired within tolerance or explained by a boundary the outputs show (the cap, the score
     threshold and, when the wrapper runs NMS, its IoU boundary); labels int64 within the
     label space; masks of paired detections within tolerance."""
@@ -700,8 +696,9 @@ def compare(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got:
     # Without NMS in the wrapper no IoU decision can differ: a threshold no IoU reaches
     # leaves the NMS rules nothing to explain.
     iou_threshold = desc.iou_threshold if desc.outputs["nms"] else 2.0
-    matching = match_detections(ref, got, iou_threshold=iou_threshold, score_threshold=desc.score_threshold,
-                                max_detections=cap(desc), atol=comparison.atol, rtol=comparison.rtol)
+    matching = match_detections(ref, got, MatchRules(iou_threshold=iou_threshold, score_threshold=desc.score_threshold,
+                                                     max_detections=cap(desc), atol=comparison.atol,
+                                                     rtol=comparison.rtol))
     for key, value in matching.figures().items():
         comparison.figures[f"{where}:{key}"] = value
     comparison.mismatches.extend(matching.mismatches(where))

@@ -69,7 +69,7 @@ def open_native(path: Path, contract, *, threads: int | None = None, weights: Pa
 
 def _yolo_thresh(cfg: Path) -> float:
     """OpenCV's class-score cut of the cfg's yolo/region layers: their ``thresh``, 0.2 by default."""
-    from exporters.darknet_cfg import parse_cfg
+    from exporters.darknet.cfg import parse_cfg
 
     values = [float(section.options.get("thresh", 0.2)) for section in parse_cfg(cfg).layers
               if section.kind in ("yolo", "region")]
@@ -84,7 +84,7 @@ def darknet_files(path: Path, contract, tmp: Path, weights: Path | None = None) 
     located official file); random-init exports get the exporter's deterministic random
     weights written to ``tmp`` as a Darknet .weights file.
     """
-    from exporters.darknet import find_cfg
+    from exporters.darknet.export import find_cfg
     from exporters.registry import load_registry
 
     spec = load_registry().get(contract.name)
@@ -94,8 +94,8 @@ def darknet_files(path: Path, contract, tmp: Path, weights: Path | None = None) 
         raise ModelDefinitionError(f"{path} was exported from a cfg with sha256 {recorded}, but {cfg} has another; "
                                    "re-export the model or restore its cfg")
     if contract.random_init:
-        from exporters.darknet_cfg import parse_cfg, plan_network
-        from exporters.darknet_weights import random_weights, write_weights
+        from exporters.darknet.cfg import parse_cfg, plan_network
+        from exporters.darknet.weights import random_weights, write_weights
 
         plan = plan_network(parse_cfg(cfg), contract.input_size)
         return cfg, write_weights(tmp / f"{contract.name}-random.weights", random_weights(plan, contract.name))

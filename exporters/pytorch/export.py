@@ -1,6 +1,6 @@
 """PyTorch (torchvision) detectors to validated, self-describing ONNX files.
 
-``export(spec, out, ...)`` builds the model (``exporters.torch_builders``), wraps it so the
+``export(spec, out, ...)`` builds the model (``exporters.pytorch.builders``), wraps it so the
 graph follows the exported-model contract, exports it with the TorchScript-based
 ``torch.onnx.export(..., dynamo=False)`` at a fixed input size, checks it (full onnx checker
 via ``core.contract.save_model``) and compares onnxruntime with PyTorch on real COCO
@@ -40,13 +40,14 @@ from torch import nn
 
 from exporters import ExportResult
 from exporters.registry import ModelSpec
-from exporters.torch_builders import (DEFAULT_SEED, LOGIT_MAX, RESIDUAL_BRANCH_GAIN, build_model, calibration_photo,
+from exporters.pytorch.builders import (DEFAULT_SEED, LOGIT_MAX, RESIDUAL_BRANCH_GAIN, build_model, calibration_photo,
                                       coco_images_dir, count_parameters, load_weights)
-from exporters.detection_ties import Matching, match_above_first_tie, match_detections
+from exporters.matching import Matching, MatchRules, match_above_first_tie, match_detections
 from exporters.validation import Comparison
 from core.contract import DEFAULT_OPSET, ModelContract, save_model, weights_tag
 from core.errors import DatasetError, ExportError
 from core.images import load_rgb, prepare_for
+from core.ort_session import cpu_session as ort_cpu_session
 
 # Bumped whenever the exported graph or the random init changes, so `run` re-exports instead of
 # reusing: 2 = no in-graph resize, random init calibrated on a COCO photo; 3 = validation as
@@ -219,7 +220,7 @@ def _contract(spec: ModelSpec, size: tuple[int, int], weights: Path | None, mode
     frozen = sum(b.numel() for m in model.modules() if isinstance(m, FrozenBatchNorm2d) for b in m.buffers())
     extra: dict[str, Any] = {
         "opset": str(OPSET),
-        "exporter": f"detbench.exporters.torch_detectors {EXPORTER_VERSION} (torch.onnx.export, dynamo=False)",
+        "exporter": f"detbench.exporters.pytorch.export {EXPORTER_VERSION} (torch.onnx.export, dynamo=False)",
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
         "onnx_version": onnx.__version__,
@@ -235,7 +236,7 @@ def _contract(spec: ModelSpec, size: tuple[int, int], weights: Path | None, mode
         extra["init"] = (f"random-init: torchvision's initialisation under torch.manual_seed({DEFAULT_SEED}), then "
                          f"FrozenBatchNorm2d statistics from one pass over the COCO photo {calibration_photo().name}, ResNet "
                          f"bottleneck branches damped (last BatchNorm gain {RESIDUAL_BRANCH_GAIN}) and "
-                         f"classification logits rescaled to |logit - bias| <= {LOGIT_MAX} on it (exporters/torch_builders.py)")
+                         f"classification logits rescaled to |logit - bias| <= {LOGIT_MAX} on it (exporters/pytorch/builders.py)")
     else:
         extra["init"] = f"state_dict {Path(weights).name}"
     if wrapper.with_masks:
@@ -344,11 +345,7 @@ def run_onnx(session, tensor: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def cpu_session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort_cpu_session(path)
     if session.get_providers()[0] != "CPUExecutionProvider":
         raise ExportError(f"onnxruntime did not run {path} on the CPU provider: {session.get_providers()}")
     return session
@@ -357,7 +354,7 @@ def cpu_session(path: Path):
 def compare(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
             contract: ModelContract, second_stage: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
             rpn: dict[str, float] | None = None) -> Matching | None:
-    """Detections compared as sets (:func:`exporters.detection_ties.match_detections`): every
+    """Detections compared as sets (:func:`exporters.matching.match_detections`): every
     detection paired with one of the other runtime (same label, score and box within
     tolerance) or explained by a boundary visible in the outputs; masks of paired detections
     compared as COCO uses them. NaN/Inf anywhere is a mismatch. Returns the matching (None
@@ -378,12 +375,9 @@ def compare(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got:
                  + [comparison.finite(where, name, array, "ONNX") for name, array in got.items()])
     if not finite:
         return None
-    matching = match_detections(ref, got, iou_threshold=contract.iou_threshold,
-                                score_threshold=contract.score_threshold, max_detections=contract.max_detections,
-                                atol=comparison.atol, rtol=comparison.rtol, image_size=_image_size(contract),
-                                min_size=_detection_min_size(contract))
+    matching = match_detections(ref, got, _detection_rules(comparison, contract))
     if rpn is not None and all(k in ref and k in got for k in PROPOSAL_OUTPUTS):
-        _explain_by_proposals(comparison, where, ref, got, contract, matching, second_stage, rpn)
+        _explain_by_proposals(comparison, where, ref, got, contract, matching, TwoStage(rpn, second_stage))
     _record(comparison, where, ref, got, matching)
     return matching
 
@@ -399,6 +393,13 @@ def _record(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got:
         compare_masks(comparison, where, ref["masks"][rows], got["masks"][cols])
 
 
+def _detection_rules(comparison: Comparison, contract: ModelContract, *, ties: bool = False) -> MatchRules:
+    """The final detections' rules: the contract's cuts, the comparison's tolerances."""
+    return MatchRules(iou_threshold=contract.iou_threshold, score_threshold=contract.score_threshold,
+                      max_detections=contract.max_detections, atol=comparison.atol, rtol=comparison.rtol, ties=ties,
+                      image_size=_image_size(contract), min_size=_detection_min_size(contract))
+
+
 def _detection_min_size(contract: ModelContract) -> float | None:
     """ROI_MIN_SIZE for a two-stage model (its metadata describes its RPN), else None: RetinaNet
     and SSD remove no small box."""
@@ -407,7 +408,7 @@ def _detection_min_size(contract: ModelContract) -> float | None:
 
 def _image_size(contract: ModelContract) -> tuple[int, int] | None:
     """The input tensor's (height, width): coordinates are compared at its scale
-    (exporters/detection_ties.py); None for a contract-like object without a size."""
+    (exporters/matching.py); None for a contract-like object without a size."""
     height, width = getattr(contract, "input_height", None), getattr(contract, "input_width", None)
     return (int(height), int(width)) if height and width else None
 
@@ -418,22 +419,32 @@ def _as_proposals(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"boxes": out["rpn_boxes"], "scores": out["rpn_scores"], "labels": np.zeros(len(out["rpn_scores"]), np.int64)}
 
 
+@dataclasses.dataclass(frozen=True)
+class TwoStage:
+    """A two-stage model's halves as validation sees them: ``rpn``, its RPN's NMS threshold,
+    score threshold, cap and (optional) minimum size; ``second_stage``, PyTorch's RoI heads on
+    given proposals (None: not available, nothing is explained by proposals)."""
+
+    rpn: dict[str, float]
+    second_stage: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None
+
+
 def _explain_by_proposals(comparison: Comparison, where: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
-                          contract: ModelContract, matching: Matching,
-                          second_stage: Callable[[np.ndarray], dict[str, np.ndarray]] | None,
-                          rpn: dict[str, float], *, matcher: Callable[..., Matching] = match_detections,
-                          check_heads: bool = False) -> None:
+                          contract: ModelContract, matching: Matching, model: TwoStage, *,
+                          uniform: bool = False) -> None:
     """Proposals matched (figures ``proposals:*``); detections left unexplained in ``matching``
     explained as ``proposal set`` when no proposal is unexplained and PyTorch's second stage on
-    ONNX's proposals matches ONNX's detections (figures ``on_onnx_proposals:*``). ``matcher``:
-    :func:`match_above_first_tie` on a uniform image. ``check_heads``: run the second stage on
-    ONNX's proposals even when nothing needs explaining (a uniform image, where the detections
-    compared above the first tie may be few), its unexplained detections being mismatches.
-    ``rpn``: NMS threshold, score threshold, cap and (optional) minimum size of the RPN."""
-    proposals = matcher(_as_proposals(ref), _as_proposals(got), iou_threshold=rpn["nms_thresh"],
-                        score_threshold=rpn["score_thresh"], max_detections=int(rpn["post_nms_top_n"]),
-                        atol=comparison.atol, rtol=comparison.rtol, ties=True, image_size=_image_size(contract),
-                        min_size=rpn.get("min_size"))
+    ONNX's proposals matches ONNX's detections (figures ``on_onnx_proposals:*``). ``uniform``
+    (a uniform image): proposals and detections are compared above their first tie
+    (:func:`match_above_first_tie`), and the second stage runs on ONNX's proposals even when
+    nothing needs explaining (the detections compared above the first tie may be few), its
+    unexplained detections being mismatches."""
+    matcher = match_above_first_tie if uniform else match_detections
+    check_heads, second_stage, rpn = uniform, model.second_stage, model.rpn
+    proposals = matcher(_as_proposals(ref), _as_proposals(got), MatchRules(
+        iou_threshold=rpn["nms_thresh"], score_threshold=rpn["score_thresh"], max_detections=int(rpn["post_nms_top_n"]),
+        atol=comparison.atol, rtol=comparison.rtol, ties=True, image_size=_image_size(contract),
+        min_size=rpn.get("min_size")))
     for key, value in proposals.figures().items():
         comparison.figures[f"{where}:proposals:{key}"] = value
     if second_stage is None or not (matching.unexplained or check_heads):
@@ -442,10 +453,7 @@ def _explain_by_proposals(comparison: Comparison, where: str, ref: dict[str, np.
         comparison.mismatches.extend(m.replace(f"{where}:", f"{where}:proposals:", 1)
                                      for m in proposals.mismatches(where))
         return
-    on_onnx = matcher(second_stage(got["rpn_boxes"]), got, iou_threshold=contract.iou_threshold,
-                      score_threshold=contract.score_threshold, max_detections=contract.max_detections,
-                      atol=comparison.atol, rtol=comparison.rtol, image_size=_image_size(contract),
-                      min_size=_detection_min_size(contract))
+    on_onnx = matcher(second_stage(got["rpn_boxes"]), got, _detection_rules(comparison, contract))
     for key, value in on_onnx.figures().items():
         comparison.figures[f"{where}:on_onnx_proposals:{key}"] = value
     if on_onnx.unexplained:
@@ -507,14 +515,10 @@ def check_degenerate(comparison: Comparison, where: str, ref: dict[str, np.ndarr
                  + [comparison.finite(where, name, array, "ONNX") for name, array in got.items()])
     if not finite:
         return None
-    matching = match_above_first_tie(ref, got, iou_threshold=contract.iou_threshold,
-                                     score_threshold=contract.score_threshold,
-                                     max_detections=contract.max_detections, atol=comparison.atol,
-                                     rtol=comparison.rtol, ties=True, image_size=_image_size(contract),
-                                     min_size=_detection_min_size(contract))
+    matching = match_above_first_tie(ref, got, _detection_rules(comparison, contract, ties=True))
     if rpn is not None and all(key in ref and key in got for key in PROPOSAL_OUTPUTS):
-        _explain_by_proposals(comparison, where, ref, got, contract, matching, second_stage, rpn,
-                              matcher=match_above_first_tie, check_heads=True)
+        _explain_by_proposals(comparison, where, ref, got, contract, matching, TwoStage(rpn, second_stage),
+                              uniform=True)
     _record(comparison, where, ref, got, matching)
     return matching
 
@@ -656,7 +660,7 @@ def export(spec: ModelSpec, out: Path, *, weights: Path | None, input_size: tupl
     progress(f"exporting to ONNX (opset {OPSET}, traced on {trace_image.name})")
     wrapper.expose_proposals = wrapper.two_stage
     proto = _to_onnx(wrapper, torch.from_numpy(trace_tensor), spec.name)
-    proto.doc_string = f"detbench {spec.name}: torchvision {type(model).__name__} exported by exporters/torch_detectors.py"
+    proto.doc_string = f"detbench {spec.name}: torchvision {type(model).__name__} exported by exporters/pytorch/export.py"
 
     out = Path(out)
     # Validated from a file beside the target; the target itself is only ever replaced by the

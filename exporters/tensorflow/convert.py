@@ -1,5 +1,7 @@
 """What the TensorFlow exporters share: importing TF safely, tf2onnx conversion, running
-the result in onnxruntime, and comparing detections between TF and ONNX.
+the result in onnxruntime, and comparing detections between TF and ONNX (paired by
+``exporters.matching.closest_counterparts``; the onnxruntime session and the validation images
+are ``exporters.validation``'s, which the foreign-ONNX wrapper uses too).
 """
 
 from __future__ import annotations
@@ -8,15 +10,13 @@ import contextlib
 import gc
 import os
 import threading
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from exporters.matching import closest_counterparts
 from exporters.validation import Comparison
-from core.contract import IR_VERSION
-from core.errors import DatasetError, ExportError, ProviderUnavailableError
-from core.paths import data_dir
+from core.errors import ExportError
 
 
 def import_tensorflow():
@@ -126,65 +126,12 @@ def keep_outputs(proto, names: Sequence[str]):
     return model
 
 
-def cpu_session(proto):
-    """An onnxruntime CPU session on ``proto`` as it will be saved (IR version pinned)."""
-    import onnxruntime as ort
-
-    saved_ir, proto.ir_version = proto.ir_version, IR_VERSION
-    try:
-        data = proto.SerializeToString()
-    finally:
-        proto.ir_version = saved_ir
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    del data
-    if session.get_providers()[:1] != ["CPUExecutionProvider"]:
-        raise ProviderUnavailableError(f"onnxruntime did not create a CPU session (got {session.get_providers()})")
-    return session
-
-
-def validation_images(count: int, folder: Path | None = None) -> list[Path]:
-    """``count`` real COCO val2017 images (the lowest file names, so every run uses the same ones)."""
-    folder = Path(folder) if folder else data_dir() / "coco-val2017-subset" / "val2017"
-    images = sorted(folder.glob("*.jpg")) if folder.is_dir() else []
-    if len(images) < count:
-        raise DatasetError(f"export validation needs {count} COCO images in {folder}, found {len(images)}; "
-                           "set DETBENCH_DATA to the folder holding coco-val2017-subset/")
-    return images[:count]
-
-
-def match_detections(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> np.ndarray:
-    """Index into ``candidate`` pairing each reference detection with its closest counterpart.
-
-    NMS outputs are sets: two runtimes may list equal-score detections in different orders.
-    Pairs are formed greedily by ascending cost (label disagreement first, then the largest
-    box-coordinate difference, then the score difference), so the order no longer matters
-    while any real difference still shows in the paired values.
-    """
-    n = len(reference["scores"])
-    if n == 0 or len(candidate["scores"]) != n:
-        return np.arange(len(candidate["scores"]))
-    box = np.abs(reference["boxes"][:, None, :].astype(np.float64) - candidate["boxes"][None, :, :]).max(axis=2)
-    score = np.abs(reference["scores"][:, None].astype(np.float64) - candidate["scores"][None, :])
-    label = (reference["labels"][:, None] != candidate["labels"][None, :]).astype(np.float64)
-    cost = label * 1e9 + box + score
-    order = np.argsort(cost, axis=None, kind="stable")
-    pick = np.full(n, -1)
-    used = np.zeros(n, dtype=bool)
-    for flat in order:
-        r, c = divmod(int(flat), n)
-        if pick[r] < 0 and not used[c]:
-            pick[r], used[c] = c, True
-    return pick
-
-
 def compare_runs(comparison: Comparison, where: str, reference: dict[str, Any], onnx_out: dict[str, Any],
                  detection_keys: Sequence[str] = ("boxes", "scores", "labels")) -> None:
     """Record ``reference`` (TF) against ``onnx_out``: detections as matched sets, other arrays as they are."""
     ref = {k: np.asarray(reference[k]) for k in detection_keys}
     got = {k: np.asarray(onnx_out[k]) for k in detection_keys}
-    pick = match_detections(ref, got)
+    pick = closest_counterparts(ref, got)
     comparison.detections(where, ref, {k: v[pick] if len(v) == len(pick) else v for k, v in got.items()})
     for key in reference:
         if key not in detection_keys:

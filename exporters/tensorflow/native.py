@@ -13,10 +13,10 @@ from exporters.native_model import NativeModel, matching_weights
 
 
 def open_native(path: Path, contract, *, threads: int | None = None, weights: Path | None = None) -> NativeModel:
-    from exporters import tf_ssd
+    from exporters.tensorflow import export as tf_ssd
     from exporters.registry import load_registry
-    from exporters.ssd_keras import build_ssd, calibrate_random_heads, decoded_priors, detect
-    from exporters.tf_convert import import_tensorflow
+    from exporters.tensorflow.ssd_keras import build_ssd, calibrate_random_heads, decoded_priors, detect
+    from exporters.tensorflow.convert import import_tensorflow
 
     tf = import_tensorflow()
     threads_note = ""

@@ -3,9 +3,9 @@
 ``export`` is dispatched by :func:`exporters.export_model` for every models.toml entry
 with ``framework = "darknet"``. The pieces:
 
-- :mod:`exporters.darknet_cfg` parses the cfg and resolves the layers at the input size,
-- :mod:`exporters.darknet_weights` reads (or randomly initialises, deterministically) the weights,
-- :mod:`exporters.darknet_graph` builds the ONNX graph with decoding and NMS.
+- :mod:`exporters.darknet.cfg` parses the cfg and resolves the layers at the input size,
+- :mod:`exporters.darknet.weights` reads (or randomly initialises, deterministically) the weights,
+- :mod:`exporters.darknet.graph` builds the ONNX graph with decoding and NMS.
 
 Validation (an export is not done until it passed): the full onnx checker, and the raw
 head tensors (the convolution outputs feeding each region/yolo layer) from onnxruntime
@@ -14,7 +14,7 @@ image, both fed the identical prepared tensor. Random-init exports hand OpenCV t
 random weights through a temporary .weights file.
 
 Batch export (``batch=True``, ``python cli.py export NAME --batch``): the same network with a
-symbolic batch axis, per-image NMS and a ``batch_index`` output (:mod:`exporters.darknet_graph`).
+symbolic batch axis, per-image NMS and a ``batch_index`` output (:mod:`exporters.darknet.graph`).
 Before it is written, the batch-1 graph is validated as above, then the batch graph runs
 ``BATCH_VALIDATION_IMAGES`` different real images in one call and, image by image, its raw heads
 are compared with OpenCV's on that image and its detections (those whose ``batch_index`` is the
@@ -33,9 +33,10 @@ from typing import Any, Callable
 import numpy as np
 
 from exporters import BATCH_SUFFIX, ExportResult
-from exporters.darknet_cfg import Plan, parse_cfg, plan_network, structure_warnings
-from exporters.darknet_graph import PostProcess, build_model, drop_head_outputs, head_output_name
-from exporters.darknet_weights import DarknetWeights, random_weights, read_weights, write_weights
+from exporters.darknet.cfg import Plan, parse_cfg, plan_network, structure_warnings
+from exporters.darknet.graph import build_model, drop_head_outputs, head_output_name
+from exporters.nms_graph import PostProcess
+from exporters.darknet.weights import DarknetWeights, random_weights, read_weights, write_weights
 from exporters.registry import ModelSpec
 from exporters.validation import Comparison
 from exporters.weights import RemoteFile, resolve_file, search_dirs
@@ -43,6 +44,7 @@ from core.contract import (BATCH_INDEX_OUTPUT, BATCH_KEY, BATCH_SYMBOLIC, DEFAUL
                            sha256_file, weights_tag)
 from core.errors import ExportError, ModelDefinitionError
 from core.paths import data_dir
+from core.ort_session import cpu_session
 
 EXPORTER_VERSION = "1"
 VALIDATION_IMAGE = "dog.jpg"  # in $DETBENCH_DATA/darknet: Darknet's own sample image
@@ -89,7 +91,7 @@ def export(spec: ModelSpec, out: Path, *, weights: Path | None, input_size: tupl
         max_detections=spec.max_detections, weights=weights_tag(Path(weights) if weights is not None else None),
         source_params=plan.param_count,
         extra={
-            "exporter": f"exporters.darknet {EXPORTER_VERSION}",
+            "exporter": f"exporters.darknet.export {EXPORTER_VERSION}",
             "opset": str(DEFAULT_OPSET),
             "cfg_file": cfg_path.name,
             "cfg_sha256": sha256_file(cfg_path),
@@ -190,11 +192,7 @@ def _opencv():
 
 
 def onnx_session(model_bytes: bytes):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    return cpu_session(model_bytes)
 
 
 def validate(spec: ModelSpec, plan: Plan, dw: DarknetWeights, model, cfg_path: Path,

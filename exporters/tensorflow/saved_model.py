@@ -43,9 +43,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from exporters import ExportResult
-from exporters.tf_convert import (compare_runs, convert_function, cpu_session, import_tensorflow, run_onnx, run_tf,
-                                  validation_images, versions)
-from exporters.validation import Comparison
+from exporters.tensorflow.convert import compare_runs, convert_function, import_tensorflow, run_onnx, run_tf, versions
+from exporters.validation import Comparison, cpu_session, validation_images
 from core.contract import COCO_LABEL_SPACES, DEFAULT_OPSET, OUTPUT_NAMES, RESIZE_MODES, ModelContract, save_model
 from core.errors import ConfigError, ExportError
 from core.names import NAME_RULE, file_in, name_problem
@@ -70,7 +69,7 @@ def read_description(path: Path) -> dict[str, Any]:
         raise ConfigError(f"--describe {path}: not valid TOML ({exc})") from exc
 
     def bad(msg: str) -> ConfigError:
-        return ConfigError(f"--describe {path}: {msg} (see exporters/tf_saved_model.py for the format)")
+        return ConfigError(f"--describe {path}: {msg} (see exporters/tensorflow/saved_model.py for the format)")
 
     for table, keys, where in ((doc, _TOP_KEYS, "top level"), (doc.get("input", {}), _INPUT_KEYS, "[input]"),
                                (doc.get("outputs", {}), _OUTPUT_KEYS, "[outputs]")):

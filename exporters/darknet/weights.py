@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.darknet_cfg import Plan, Shortcut
+from exporters.darknet.cfg import Plan, Shortcut
 from core.errors import WeightsError
 
 HEADER_DTYPE = np.dtype("<i4")

@@ -1,10 +1,10 @@
 """An independent numpy reading of a described foreign detector's outputs.
 
-The wrapper (:mod:`exporters.onnx_wrap`) builds its prologue and epilogue as ONNX nodes;
+The wrapper (:mod:`exporters.foreign.wrap`) builds its prologue and epilogue as ONNX nodes;
 validation runs the *original* file in onnxruntime on inputs prepared here, decodes its
 outputs here and compares with the wrapped file. Nothing here is shared with the graph
-builder: the decode follows the describe format's definition (:mod:`exporters.onnx_describe`)
-in float64, and the NMS is a plain greedy loop with onnxruntime's NonMaxSuppression
+builder: the decode follows the describe format's definition (:mod:`exporters.foreign.describe`)
+in float64, and the NMS (:func:`exporters.matching.nms`) is a plain greedy loop with onnxruntime's NonMaxSuppression
 semantics (candidates must score above the threshold; a box is suppressed by a kept box of
 its class when their IoU exceeds the threshold; ties in score keep the lower index first).
 """
@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from exporters.onnx_describe import Description, describe_error
+from exporters.foreign.describe import Description, describe_error
+from exporters.matching import nms
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
@@ -137,44 +138,6 @@ def map_labels(desc: Description, classes: np.ndarray) -> np.ndarray:
                                  "give one label per class the file can output")
         return np.asarray(table, np.int64)[classes]
     return classes.astype(np.int64) + desc.outputs["label_offset"]
-
-
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, score_threshold: float,
-        max_detections: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Greedy per-class NMS of ``boxes`` [M, 4] (xyxy) with ``scores`` [M, C]; at most
-    ``max_detections`` per class, then the ``max_detections`` best over all classes."""
-    kept = []
-    for c in range(scores.shape[1]):
-        s = scores[:, c]
-        candidates = np.nonzero(s > score_threshold)[0]
-        candidates = candidates[np.argsort(-s[candidates], kind="stable")]
-        chosen: list[int] = []
-        for i in candidates:
-            if len(chosen) == max_detections:
-                break
-            if not chosen or not np.any(_iou(boxes[i], boxes[chosen]) > iou_threshold):
-                chosen.append(int(i))
-        kept += [(float(s[i]), c, i) for i in chosen]
-    kept.sort(key=lambda k: -k[0])  # stable: within a score, class then box order
-    kept = kept[:max_detections]
-    index = np.array([k[2] for k in kept], np.int64)
-    return (boxes[index].reshape(-1, 4), np.array([k[0] for k in kept]),
-            np.array([k[1] for k in kept], np.int64))
-
-
-def _iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
-    # onnxruntime orders each box's corners itself (center_point_box = 0), and so do we.
-    def corners(b):
-        b = np.asarray(b, np.float64).reshape(-1, 4)
-        return (np.minimum(b[:, 0], b[:, 2]), np.minimum(b[:, 1], b[:, 3]),
-                np.maximum(b[:, 0], b[:, 2]), np.maximum(b[:, 1], b[:, 3]))
-
-    ax1, ay1, ax2, ay2 = corners(box)
-    bx1, by1, bx2, by2 = corners(others)
-    inter = (np.clip(np.minimum(ax2, bx2) - np.maximum(ax1, bx1), 0, None)
-             * np.clip(np.minimum(ay2, by2) - np.maximum(ay1, by1), 0, None))
-    union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ sets (their order among near-tied scores is rounding too), so they are compared 
      runtimes kept lies within the boundary tolerance of the NMS threshold;
    - ``nms cascade``: a higher-scored detection of its label that only the *other* runtime
      kept (itself explained) overlaps it beyond the NMS threshold: there it was suppressed;
-   - ``nms tie`` (only with ``ties=True``): it and a detection of its label that only the
+   - ``nms tie`` (only with ``MatchRules.ties``): it and a detection of its label that only the
      other runtime kept overlap beyond the NMS threshold with scores equal to within the
      runtimes' own score rounding (twice the largest score difference of the pairs, at least
      4 float32 steps): each runtime's NMS kept the one its rounding ranked first. Scores that
@@ -41,7 +41,7 @@ width while its coordinates agree within tolerance on that axis.
 :func:`match_above_first_tie` is for uniform images, where positions score exactly alike: only
 the detections scoring above the first tie of either list are compared (``tie cut``).
 
-The caller may add ``proposal set`` (two-stage detectors, exporters/torch_detectors.py): the
+The caller may add ``proposal set`` (two-stage detectors, exporters/pytorch/export.py): the
 runtimes' RPN proposals differ only at the RPN's own cuts, and PyTorch's second stage on the
 export's proposals gives the export's detections.
 
@@ -66,11 +66,16 @@ A systematic difference (a graph that resamples its input, a wrong layer, every 
 by more than the budget) moves every box and leaves most detections unpaired at scores
 nowhere near a boundary: it still fails (a shift or rescale of 1/850 or more costs every 1-D
 interval at least 1e-3 of IoU, and its coordinates more than their budget).
+
+The box geometry every detection comparison shares lives here too, written once: :func:`iou`
+(also ``runtime.parity`` and ``quantization.budget``) and :func:`nms`, the numpy greedy NMS
+with onnxruntime's semantics that foreign-ONNX validation decodes with
+(``exporters.foreign.decode``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -142,16 +147,64 @@ def _axes_agree(box: np.ndarray, boxes: np.ndarray, close: np.ndarray) -> np.nda
     return agree
 
 
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one (x1, y1, x2, y2) box with each of ``boxes``, in float64."""
-    box, boxes = box.astype(np.float64), boxes.astype(np.float64).reshape(-1, 4)
-    w = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
-    h = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
+def iou(a: np.ndarray, b: np.ndarray, *, order_corners: bool = False) -> np.ndarray:
+    """IoU matrix ``[len(a), len(b)]`` of (x1, y1, x2, y2) boxes, computed in the boxes' own float
+    dtype (integers in float64); 0 where the union is not positive.
+
+    ``order_corners``: each box's corners are ordered first, as onnxruntime's NonMaxSuppression
+    does with ``center_point_box = 0``; otherwise a box with x2 < x1 (or y2 < y1) overlaps nothing.
+    """
+    a, b = np.asarray(a).reshape(-1, 4), np.asarray(b).reshape(-1, 4)
+    dtype = np.result_type(a, b)
+    if not np.issubdtype(dtype, np.floating):
+        dtype = np.float64
+    a, b = a.astype(dtype, copy=False), b.astype(dtype, copy=False)
+    if order_corners:
+        a = np.concatenate([np.minimum(a[:, :2], a[:, 2:]), np.maximum(a[:, :2], a[:, 2:])], axis=1)
+        b = np.concatenate([np.minimum(b[:, :2], b[:, 2:]), np.maximum(b[:, :2], b[:, 2:])], axis=1)
+    w = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    h = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
     inter = w * h
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    union = area + areas - inter
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one box with each of ``boxes``, in float64 (the matching rules' tolerances are float64)."""
+    return iou(np.asarray(box, np.float64), np.asarray(boxes, np.float64))[0]
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, score_threshold: float,
+        max_detections: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Greedy per-class NMS of ``boxes`` [M, 4] (xyxy) with ``scores`` [M, C]; at most
+    ``max_detections`` per class, then the ``max_detections`` best over all classes.
+
+    onnxruntime's NonMaxSuppression semantics: candidates score above ``score_threshold``; a
+    box is suppressed by a kept box of its class whose IoU (corners ordered) exceeds
+    ``iou_threshold``; equal scores keep the lower index first."""
+    kept = []
+    for c in range(scores.shape[1]):
+        s = scores[:, c]
+        candidates = np.nonzero(s > score_threshold)[0]
+        candidates = candidates[np.argsort(-s[candidates], kind="stable")]
+        chosen: list[int] = []
+        for i in candidates:
+            if len(chosen) == max_detections:
+                break
+            if not chosen or not np.any(_ordered_iou(boxes[i], boxes[chosen]) > iou_threshold):
+                chosen.append(int(i))
+        kept += [(float(s[i]), c, i) for i in chosen]
+    kept.sort(key=lambda k: -k[0])  # stable: within a score, class then box order
+    kept = kept[:max_detections]
+    index = np.array([k[2] for k in kept], np.int64)
+    return (boxes[index].reshape(-1, 4), np.array([k[0] for k in kept]),
+            np.array([k[1] for k in kept], np.int64))
+
+
+def _ordered_iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
+    return iou(np.asarray(box, np.float64), np.asarray(others, np.float64), order_corners=True)[0]
 
 
 @dataclass
@@ -237,15 +290,28 @@ def _pair(ref: dict, got: dict, atol: float, rtol: float,
     return sorted(pairs)
 
 
-def match_detections(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], *, iou_threshold: float,
-                     score_threshold: float, max_detections: int, atol: float, rtol: float,
-                     ties: bool = False, image_size: tuple[int, int] | None = None,
-                     min_size: float | None = None) -> Matching:
-    """Pair ``ref`` (source model) with ``got`` (ONNX) and explain what stays unpaired (module docstring).
+@dataclass(frozen=True)
+class MatchRules:
+    """What two detection lists are compared under: where the model's post-processing cuts
+    (``iou_threshold``, ``score_threshold``, ``max_detections``; ``min_size``: it removes boxes
+    narrower or lower than this many pixels before its NMS, rule ``min size``) and how close the
+    runtimes' values must be (``atol + rtol * |x|``; ``image_size``, the input tensor's (height,
+    width), adds the coordinate budget at the image's scale). ``ties``: the ``nms tie`` rule."""
 
-    ``image_size`` (height, width of the input tensor) adds the coordinate budget at the image's
-    scale; None compares coordinates with ``atol + rtol * |x|`` only. ``min_size``: the model
-    removes boxes narrower or lower than this (pixels) before its NMS (rule ``min size``)."""
+    iou_threshold: float
+    score_threshold: float
+    max_detections: int
+    atol: float
+    rtol: float
+    ties: bool = False
+    image_size: tuple[int, int] | None = None
+    min_size: float | None = None
+
+
+def match_detections(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], rules: MatchRules) -> Matching:
+    """Pair ``ref`` (source model) with ``got`` (ONNX) and explain what stays unpaired (module docstring)."""
+    iou_threshold, score_threshold, max_detections = rules.iou_threshold, rules.score_threshold, rules.max_detections
+    atol, rtol, image_size, min_size = rules.atol, rules.rtol, rules.image_size, rules.min_size
     result = Matching(ref_count=len(ref["scores"]), got_count=len(got["scores"]))
     result.pairs = _pair(ref, got, atol, rtol, image_size)
     for i, j in result.pairs:
@@ -272,7 +338,7 @@ def match_detections(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], *, 
         if u.rule is None:
             _explain_at_nms(u, lists[u.side], kept[u.side], iou_threshold, result.boundary_tol, atol, rtol)
     _cascade(result, lists, iou_threshold, atol, rtol)
-    if ties:
+    if rules.ties:
         result.tie_tol = _explain_ties(result, lists, iou_threshold)
         _cascade(result, lists, iou_threshold, atol, rtol)
     for u in result.unexplained:
@@ -390,6 +456,32 @@ def _explain_cascade(u: Unpaired, dets: dict, other: dict, explained: list[int],
     return True
 
 
+def closest_counterparts(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> np.ndarray:
+    """Index into ``candidate`` pairing each reference detection with its closest counterpart
+    (lists of equal length; the TensorFlow validation compares the paired values afterwards).
+
+    NMS outputs are sets: two runtimes may list equal-score detections in different orders.
+    Pairs are formed greedily by ascending cost (label disagreement first, then the largest
+    box-coordinate difference, then the score difference), so the order no longer matters
+    while any real difference still shows in the paired values.
+    """
+    n = len(reference["scores"])
+    if n == 0 or len(candidate["scores"]) != n:
+        return np.arange(len(candidate["scores"]))
+    box = np.abs(reference["boxes"][:, None, :].astype(np.float64) - candidate["boxes"][None, :, :]).max(axis=2)
+    score = np.abs(reference["scores"][:, None].astype(np.float64) - candidate["scores"][None, :])
+    label = (reference["labels"][:, None] != candidate["labels"][None, :]).astype(np.float64)
+    cost = label * 1e9 + box + score
+    order = np.argsort(cost, axis=None, kind="stable")
+    pick = np.full(n, -1)
+    used = np.zeros(n, dtype=bool)
+    for flat in order:
+        r, c = divmod(int(flat), n)
+        if pick[r] < 0 and not used[c]:
+            pick[r], used[c] = c, True
+    return pick
+
+
 def first_tie(scores: np.ndarray, atol: float, rtol: float) -> float | None:
     """The highest score of ``scores`` that another one equals within the score tolerance
     (``atol + rtol * score``: scores the comparison cannot tell apart, which the two runtimes may
@@ -401,8 +493,7 @@ def first_tie(scores: np.ndarray, atol: float, rtol: float) -> float | None:
     return float(s[int(np.argmax(tied))]) if tied.any() else None
 
 
-def match_above_first_tie(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], *, atol: float, rtol: float,
-                          **kwargs) -> Matching:
+def match_above_first_tie(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], rules: MatchRules) -> Matching:
     """:func:`match_detections` on the detections scoring above the first tie, for a uniform image.
 
     On a translation-invariant input, anchors at different positions score exactly alike; which
@@ -414,16 +505,16 @@ def match_above_first_tie(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]
     without any score there did not meet that group: the tie cannot excuse what it lacks); an
     unpaired detection within the score tolerance of the cut is explained as ``tie cut``.
     Indices in the result are those of the full lists."""
+    atol, rtol = rules.atol, rules.rtol
     cuts = [c for c in (first_tie(d["scores"], atol, rtol) for d in (ref, got)) if c is not None]
     cut = max(cuts, default=None)
     if cut is None or not all(np.any(np.abs(np.asarray(d["scores"], np.float64) - cut) <= atol + rtol * abs(cut))
                               for d in (ref, got)):
-        return match_detections(ref, got, atol=atol, rtol=rtol, **kwargs)
+        return match_detections(ref, got, rules)
     keep = [np.nonzero(np.asarray(d["scores"], np.float64) > cut)[0] for d in (ref, got)]
     ref_above, got_above = ({k: v[idx] for k, v in d.items() if k in ("boxes", "scores", "labels")}
                             for d, idx in zip((ref, got), keep))
-    kwargs["score_threshold"] = cut
-    result = match_detections(ref_above, got_above, atol=atol, rtol=rtol, **kwargs)
+    result = match_detections(ref_above, got_above, replace(rules, score_threshold=cut))
     result.pairs = [(int(keep[0][i]), int(keep[1][j])) for i, j in result.pairs]
     for u in result.unpaired:
         u.index = int(keep[0 if u.side == "ref" else 1][u.index])

@@ -20,7 +20,7 @@ shifted boxes; and all of post-processing.
 Calibration tensors are made exactly as evaluation makes its inputs
 (``core.images.prepare_for`` on ``load_rgb``), from the first N images of a COCO folder by
 image id (or the ids given). The ids are recorded in the file so that evaluation can refuse
-to score a model on its own calibration images (:func:`calibration_overlap`).
+to score a model on its own calibration images (:func:`core.calibration.calibration_overlap`).
 """
 
 from __future__ import annotations
@@ -41,14 +41,14 @@ import numpy as np
 from core.contract import (INPUT_NAME, OUTPUT_NAMES, PREFIX, ModelContract, load_checked, read_contract, save_model,
                            sha256_file)
 from core.errors import ConfigError, DatasetError, ExportError
+from core.calibration import CALIBRATION_IDS_KEY, SELECTION_IDS_KEY
 from core.images import load_rgb, prepare_for
+from core.ort_session import cpu_session
 from counting.analyzer import NETWORK, graph_parts
 
 METHODS = ("minmax", "entropy", "percentile")
 FORMATS = ("qdq", "qoperator")
 PRECISION_KEY = "precision"
-CALIBRATION_IDS_KEY = "calibration_image_ids"
-SELECTION_IDS_KEY = "selection_image_ids"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 
 # Learned ops quantized by default (their weights become int8).
@@ -187,59 +187,6 @@ def _coco_entries(folder: Path) -> dict[int, Path] | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DatasetError(f"{ann} is not a COCO instances file ({exc}); point --calibration at a COCO folder "
                            "or a folder of images") from exc
-
-
-def calibration_ids(contract: ModelContract) -> list[int]:
-    """The COCO image ids a quantized model was calibrated on (empty for a float model)."""
-    raw = contract.extra.get(CALIBRATION_IDS_KEY)
-    if not raw:
-        return []
-    try:
-        return [int(i) for i in json.loads(raw)]
-    except (ValueError, TypeError) as exc:
-        raise ExportError(f"model {contract.name!r}: malformed {PREFIX}{CALIBRATION_IDS_KEY} ({exc})") from exc
-
-
-def selection_ids(contract: ModelContract) -> list[int]:
-    """The COCO image ids accuracy-driven choices (layers kept float) were made on (empty if none)."""
-    raw = contract.extra.get(SELECTION_IDS_KEY)
-    if not raw:
-        return []
-    try:
-        return [int(i) for i in json.loads(raw)]
-    except (ValueError, TypeError) as exc:
-        raise ExportError(f"model {contract.name!r}: malformed {PREFIX}{SELECTION_IDS_KEY} ({exc})") from exc
-
-
-def calibration_overlap(contract: ModelContract, image_ids: Iterable[int]) -> list[int]:
-    """The ids among ``image_ids`` the model was calibrated or tuned on (sorted; empty = disjoint)."""
-    own = set(calibration_ids(contract)) | set(selection_ids(contract))
-    return sorted(own & {int(i) for i in image_ids})
-
-
-def check_calibration_overlap(contract: ModelContract, image_ids: Iterable[int], allow: bool = False) -> list[int]:
-    """Raise :class:`ConfigError` when a model would be scored on the images it was calibrated on or
-    whose accuracy chose its recipe (unless ``allow``); returns the overlap."""
-    overlap = calibration_overlap(contract, image_ids)
-    if overlap and not allow:
-        wanted = {int(i) for i in image_ids}
-        calibrated = sorted(set(calibration_ids(contract)) & wanted)
-        selected = sorted(set(selection_ids(contract)) & wanted)
-        parts = []
-        if calibrated:
-            parts.append(f"calibrated on {len(calibrated)} of the {len(wanted)} images selected for evaluation "
-                         f"(ids {_shown(calibrated)})")
-        if selected:
-            parts.append(f"had its float layers chosen on {len(selected)} of the {len(wanted)} images selected for "
-                         f"evaluation (selection ids {_shown(selected)})")
-        raise ConfigError(
-            f"model {contract.name!r} was {' and '.join(parts)}; its accuracy on them is biased. Select other "
-            "images (--image-ids) or pass --allow-calibration-overlap to score it anyway.")
-    return overlap
-
-
-def _shown(ids: list[int]) -> str:
-    return ", ".join(map(str, ids[:8])) + (" ..." if len(ids) > 8 else "")
 
 
 @dataclass(frozen=True)
@@ -502,14 +449,8 @@ def _optimize(model, target: Path):
     symbolic shape inference fails on NonMaxSuppression's data-dependent shapes.
     """
     import onnx
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.optimized_model_filepath = str(target)
-    options.log_severity_level = 3
     try:
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        cpu_session(model, basic_optimization_into=target)
     except Exception as exc:  # onnxruntime raises its own exception classes
         raise ExportError(f"onnxruntime cannot load the float model to optimize it before quantization: {exc}") from exc
     optimized = onnx.load(str(target))
@@ -575,7 +516,7 @@ def _quantize_static(model, target: Path, tensors, chosen: Plan, settings: Quant
     ranges reach ``quantize_static`` through its calibration cache file.
     """
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantType
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization.calibrate import TensorsData, create_calibrator, save_tensors_data
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -587,10 +528,14 @@ def _quantize_static(model, target: Path, tensors, chosen: Plan, settings: Quant
         "percentile": {"num_bins": 2048, "percentile": settings.percentile, "symmetric": False},
     }[settings.method]
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-    qtypes = (types[int8_types.activation], types[int8_types.weight], int8_types.reduce_range)
     by_name = {n.name: n for n in model.graph.node}
     op_types = sorted({by_name[n].op_type for n in chosen.quantize})
-    extra = {"ActivationSymmetric": settings.symmetric_activations, "WeightSymmetric": settings.symmetric_weights}
+    recipe = _StaticRecipe(
+        quant_format=QuantFormat.QDQ if settings.format == "qdq" else QuantFormat.QOperator, op_types=op_types,
+        nodes=tuple(chosen.quantize), per_channel=settings.per_channel, reduce_range=int8_types.reduce_range,
+        activation_type=types[int8_types.activation], weight_type=types[int8_types.weight],
+        method=methods[settings.method],
+        extra={"ActivationSymmetric": settings.symmetric_activations, "WeightSymmetric": settings.symmetric_weights})
     logger = logging.getLogger()
     level = logger.level
     logger.setLevel(logging.ERROR)  # the quantizer logs advice through the root logger
@@ -601,8 +546,7 @@ def _quantize_static(model, target: Path, tensors, chosen: Plan, settings: Quant
         cache = Path(settings.ranges_cache) if settings.ranges_cache is not None else target.with_name("ranges.json")
         if settings.ranges_cache is not None and cache.is_file():
             step = "quantization"
-            _quantize_with_ranges(model_path, target, cache, chosen, settings, op_types, qtypes,
-                                  methods[settings.method], extra)
+            _quantize_with_ranges(model_path, target, cache, recipe)
             return
         with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress
             calibrator = create_calibrator(model_path, op_types, augmented_model_path=str(target.with_name("aug.onnx")),
@@ -620,8 +564,7 @@ def _quantize_static(model, target: Path, tensors, chosen: Plan, settings: Quant
         del calibrator
         save_tensors_data(ranges, cache)
         step = "quantization"
-        _quantize_with_ranges(model_path, target, cache, chosen, settings, op_types, qtypes,
-                              methods[settings.method], extra)
+        _quantize_with_ranges(model_path, target, cache, recipe)
     except ExportError:
         raise
     except Exception as exc:  # the quantizer raises ValueError, RuntimeError, KeyError, onnx errors...
@@ -631,19 +574,32 @@ def _quantize_static(model, target: Path, tensors, chosen: Plan, settings: Quant
         logger.setLevel(level)
 
 
-def _quantize_with_ranges(model_path: Path, target: Path, cache: Path, chosen: Plan, settings: QuantizeSettings,
-                          op_types: list[str], qtypes: tuple, method, extra: dict) -> None:
-    from onnxruntime.quantization import QuantFormat, quantize_static
+@dataclass(frozen=True)
+class _StaticRecipe:
+    """What ``quantize_static`` is told besides the files: the same whether the ranges were just
+    calibrated or read from a ranges cache."""
 
-    act_type, weight_type, reduce_range = qtypes
+    quant_format: object  # onnxruntime.quantization.QuantFormat
+    op_types: list[str]
+    nodes: tuple[str, ...]
+    per_channel: bool
+    reduce_range: bool
+    activation_type: object  # onnxruntime.quantization.QuantType
+    weight_type: object
+    method: object  # onnxruntime.quantization.CalibrationMethod
+    extra: dict
+
+
+def _quantize_with_ranges(model_path: Path, target: Path, cache: Path, recipe: _StaticRecipe) -> None:
+    from onnxruntime.quantization import quantize_static
 
     quantize_static(
         str(model_path), str(target), None,
-        quant_format=QuantFormat.QDQ if settings.format == "qdq" else QuantFormat.QOperator,
-        op_types_to_quantize=op_types, nodes_to_quantize=list(chosen.quantize),
-        per_channel=settings.per_channel, reduce_range=reduce_range,
-        activation_type=act_type, weight_type=weight_type,
-        calibrate_method=method, extra_options=extra, calibration_cache_path=str(cache),
+        quant_format=recipe.quant_format,
+        op_types_to_quantize=recipe.op_types, nodes_to_quantize=list(recipe.nodes),
+        per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
+        activation_type=recipe.activation_type, weight_type=recipe.weight_type,
+        calibrate_method=recipe.method, extra_options=recipe.extra, calibration_cache_path=str(cache),
     )
 
 
@@ -684,16 +640,12 @@ def _restore_float_inputs(model, postprocess: set[str]) -> int:
 
 
 def _smoke_test(path: Path, tensor: np.ndarray, source: Path, opset: int) -> None:
-    import onnxruntime as ort
-
     hint = "" if opset >= 13 else (
         f" (the float model uses opset {opset}: per-channel Quantize/DequantizeLinear need opset 13, and operators "
         "deprecated since, such as Upsample, cannot be quantized; re-export it at opset 13 or later)")
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = cpu_session(path)
         outputs = session.run(list(OUTPUT_NAMES), {INPUT_NAME: tensor})
     except Exception as exc:
         raise ExportError(f"the INT8 model quantized from {source} does not run on onnxruntime CPU, so it was not "

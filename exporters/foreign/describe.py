@@ -1,10 +1,10 @@
 """The describe file of a foreign ONNX detector (``export --onnx FILE --describe FILE.toml``).
 
 It says how the file's inputs and outputs map onto the exported-model contract; the
-wrapper (:mod:`exporters.onnx_wrap`) adds a prologue and an epilogue around the untouched
-graph accordingly. The TensorFlow SavedModel format (:mod:`exporters.tf_saved_model`) is
+wrapper (:mod:`exporters.foreign.wrap`) adds a prologue and an epilogue around the untouched
+graph accordingly. The TensorFlow SavedModel format (:mod:`exporters.tensorflow.saved_model`) is
 its sibling; the keys shared by both mean the same. Examples for common layouts are in
-``exporters/describe_examples/``.
+``exporters/foreign/describe_examples/``.
 
     name = "my-detector"            # detbench.name and the file name: [A-Za-z0-9][A-Za-z0-9._@+-]* (core/names.py)
     family = "yolo"                 # optional, default "onnx"
@@ -140,7 +140,7 @@ class Description:
 
 
 def describe_error(path: Path, key: str, msg: str) -> ConfigError:
-    return ConfigError(f"--describe {path}: {key}: {msg} (format: exporters/onnx_describe.py)")
+    return ConfigError(f"--describe {path}: {key}: {msg} (format: exporters/foreign/describe.py)")
 
 
 def read_description(path: Path) -> Description:
