@@ -42,7 +42,7 @@ def load() -> float:
 def inference_times(models: list[str], onnx_dir: Path, coco: Path, count: int) -> dict:
     from eval.coco import model_contract
     from eval.dataset import load_coco
-    from eval.pipeline import prepare_image
+    from eval.image_feed import prepare_image
     from runtime.backends import BackendSettings, get_backend
 
     dataset = load_coco(coco)

@@ -2,7 +2,7 @@
 
 - ``eval.dataset``: loading and checking a COCO annotation file and its images folder,
   and the map from a model's label space to COCO category ids;
-- ``eval.pipeline``: background decoding/resizing with bounded prefetch, and the
+- ``eval.image_feed``: background decoding/resizing with bounded prefetch, and the
   resumable per-image detection cache;
 - ``eval.coco``: ``evaluate_model`` (model + dataset -> detections -> COCOeval) and
   ``score_results`` (a COCO results file -> the 12 COCOeval statistics);

@@ -25,7 +25,7 @@ import numpy as np
 
 from eval.dataset import CocoDataset, load_coco, read_annotations
 from eval.labels import INVALID, UNMATCHED, label_mapping
-from eval.pipeline import DetectionCache, Prepared, prefetched, prepare_image
+from eval.image_feed import DetectionCache, Prepared, prefetched, prepare_image
 from core.contract import (LABEL_SPACES, LABELS_KEY, OUTPUT_NAMES, labels_problem, PREFIX, RESIZE_MODES, ModelContract, load_checked,
                               sha256_file)
 from core.files import write_text_atomic

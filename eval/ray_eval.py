@@ -4,7 +4,7 @@ The pipeline is Ray Data, streamed::
 
     driver: contract, dataset, selection, detection cache      (as eval.coco.evaluate_model)
       -> ray.data.from_items(image records, one block per batch)
-      -> map_batches(_prepare_batch)      tasks: decode + resize (eval.pipeline.prepare_image)
+      -> map_batches(_prepare_batch)      tasks: decode + resize (eval.image_feed.prepare_image)
       -> map_batches(_Detector)           actor pool: one session per actor, created once;
                                           outputs -> COCO entries (eval.coco.to_coco_detections)
       -> driver iterates the output batches, adding each image to the DetectionCache as it arrives
@@ -60,7 +60,7 @@ from eval.coco import (EvalProgress, EvalResult, EvalSettings, FinishedLoop, Pro
                        finish_evaluation, model_contract, to_coco_detections)
 from eval.dataset import CocoImage, load_coco
 from eval.labels import label_mapping
-from eval.pipeline import DetectionCache, Prepared, prepare_image
+from eval.image_feed import DetectionCache, Prepared, prepare_image
 
 # Bounded, not Ray Data's default of unbounded: a model that kills its process on every
 # image would otherwise restart forever instead of failing the run.

@@ -974,7 +974,7 @@ def _memory_allowance_mb() -> float | None:
 def _images_file(path: Path, images: list[Path], seconds: float, name: str, onnx_sha: str, settings: dict,
                  threads: int | None = None, progress=None):
     """Returns the number of images measured."""
-    _importable("counting.per_image", "ImageCounter")  # the operation counts need the analyzer
+    _importable("counting.image_counts", "ImageCounter")  # the operation counts need the analyzer
     measure_images = _importable("runtime.per_image", "measure_images")
     result = measure_images(path, images, budget_seconds=seconds, progress=progress, threads=threads)
     return len(result.images), [dict(kind="images", data=result.to_record(), model=name, model_sha256=onnx_sha,

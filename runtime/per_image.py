@@ -3,7 +3,7 @@
 The seed's second claim ("two-stage detectors spend compute per proposal; one-stage
 compute is constant whatever the image") is a statement about the distribution of cost
 over images. :func:`measure_images` gives that distribution: for each image the MACs the
-graph executed on it (:class:`counting.per_image.ImageCounter`, measured shapes) and the
+graph executed on it (:class:`counting.image_counts.ImageCounter`, measured shapes) and the
 latency of a plain session of ``backend`` on the same tensor (the counting session exposes
 intermediates, so it is never the one timed). Latency per image is the median of
 ``repeats`` timed runs after one untimed run of that image.
@@ -47,7 +47,7 @@ def measure_images(path, images: list[Path], *, backend: str = "cpu", repeats: i
     ``budget_seconds`` stops after the image that crosses it, once ``min_images`` are done
     (the record says so); ``progress(done, total, image name)`` is called after each image.
     """
-    from counting.per_image import ImageCounter
+    from counting.image_counts import ImageCounter
     from runtime.backends import BackendSettings, get_backend
 
     if not images:

@@ -215,7 +215,7 @@ def test_ctrl_c_during_eval_says_how_to_resume(tmp_path, monkeypatch):
 
 
 def test_a_detection_cache_in_use_is_refused_not_interleaved(tmp_path):
-    from eval.pipeline import DetectionCache
+    from eval.image_feed import DetectionCache
 
     path = tmp_path / "shared.cache.jsonl"
     first = DetectionCache(path, {"model": "a"}).open(resume=False)
@@ -241,12 +241,12 @@ def test_the_cache_lock_holds_across_processes(tmp_path):
     import subprocess
     import sys
 
-    from eval.pipeline import DetectionCache
+    from eval.image_feed import DetectionCache
 
     path = tmp_path / "c.jsonl"
     holder = DetectionCache(path, {"model": "a"}).open(resume=False)
     try:
-        code = ("import sys; from pathlib import Path; from eval.pipeline import DetectionCache\n"
+        code = ("import sys; from pathlib import Path; from eval.image_feed import DetectionCache\n"
                 "from core.errors import ConfigError\n"
                 "try:\n    DetectionCache(Path(sys.argv[1]), {'model': 'a'}).open(resume=True)\n"
                 "except ConfigError as exc:\n    print(exc); sys.exit(3)\n")

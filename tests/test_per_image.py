@@ -22,7 +22,7 @@ def test_counts_equal_a_measured_profile_of_each_image(tiny, coco_dir):
     """profile_model(shapes="measured") builds its own session and shape table per image: an
     independent path to the same analyzer's totals."""
     from counting import profile_model
-    from counting.per_image import ImageCounter
+    from counting.image_counts import ImageCounter
 
     counter = ImageCounter(tiny)
     images = sorted((coco_dir / "val2017").glob("*.jpg"))[:3]
@@ -42,7 +42,7 @@ def test_counts_equal_a_measured_profile_of_each_image(tiny, coco_dir):
 def test_memory_does_not_grow_with_the_number_of_images(tiny, coco_dir):
     """Each image once re-allocated the model's weights in the protobuf arena (35 MB per image for
     yolov3-tiny, 24 GB after 89 images of yolov3-416); ten more images must stay well below one copy."""
-    from counting.per_image import ImageCounter
+    from counting.image_counts import ImageCounter
 
     counter = ImageCounter(tiny)
     images = sorted((coco_dir / "val2017").glob("*.jpg"))[:12]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from eval.coco import STAT_NAMES, evaluate_model
-from eval.pipeline import prefetched
+from eval.image_feed import prefetched
 from eval_fixtures import CHANNEL_TO_COCO91, SYNTHETIC_IMAGES, bright_box_detector, synthetic_coco
 from core.errors import ConfigError, ContractError, DatasetError
 
