@@ -180,6 +180,10 @@ def unconverted_layers(reason: str) -> str:
 
 # --------------------------------------------------------------------------- rendering
 
+LEGEND = ("Parity on real COCO images against onnxruntime CPU: net = largest difference of the network part's "
+          "outputs relative to each output's largest magnitude, box = worst matched box difference (px); "
+          "conv = conversion seconds (network part); a DISAGREES ratio is struck through: not a latency.")
+
 def fmt_cell(b: dict) -> str:
     conv = b.get("conversion") or {}
     if not conv.get("ok"):
@@ -188,7 +192,7 @@ def fmt_cell(b: dict) -> str:
     verdict = {"agree": "agree", "disagree": "DISAGREES"}.get(p["verdict"], p["verdict"])
     fig = []
     if p.get("network_max_rel") is not None:
-        fig.append(f"net {p['network_max_rel']:.1g}")
+        fig.append(f"net {p['network_max_rel']:.2g}")
     if p.get("max_box_px") is not None:
         fig.append(f"box {p['max_box_px']:.2g} px")
     parity = verdict + (f" ({', '.join(fig)})" if fig else "")
@@ -249,7 +253,7 @@ def rerender(path: Path) -> int:
         notes = [f"Load average (1 min) {before:.2f} before / {after:.2f} after; "
                  f"{data['settings']['threads']} threads per runtime; ratio = backend p50 / onnxruntime CPU p50 "
                  "timed alternating in one process (passive waiting); n = timed runs; INVALID = the p50 did not "
-                 "meet the validity rules (runtime.stats) in the time given."]
+                 "meet the validity rules (runtime.stats) in the time given. " + LEGEND]
         if data.get("not_run"):
             notes.append(f"Not run (budget spent): {', '.join(data['not_run'])}")
     print(render(data["rows"], data["backends"], data["unusable"], notes))
@@ -267,6 +271,9 @@ def main() -> int:
     parser.add_argument("--big-seconds", type=float, default=10.0, help="the same for " + ", ".join(BIG))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget-minutes", type=float, default=45.0, help="no model starts after this")
+    parser.add_argument("--omp-passive", action="store_true",
+                        help="OMP_WAIT_POLICY=PASSIVE in the measuring processes (PyTorch's OpenMP threads sleep "
+                             "between runs; no detbench setting does this; see fair_alternation.py)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--render", type=Path, default=None, help="print the table of an earlier --json file")
     # child mode (one model in its own process)
@@ -295,6 +302,8 @@ def main() -> int:
     backends, unusable = usable_converting()
     say(f"models: {', '.join(models)}; backends: {', '.join(backends)}; not usable: {unusable}")
     env = dict(os.environ)
+    if args.omp_passive:  # read by the OpenMP runtime when it starts: it must be in the child's environment
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     rows, not_run = [], []
     for model in models:
         elapsed = (time.monotonic() - started) / 60
@@ -339,7 +348,8 @@ def main() -> int:
              f"{args.threads} threads per runtime, load average {load_before[0]:.2f} before / {load_after[0]:.2f} "
              f"after (1 min); whole table {(time.monotonic() - started) / 60:.1f} min. Ratio = backend p50 / "
              "onnxruntime CPU p50 timed alternating in one process (passive waiting); n = timed runs; INVALID = "
-             "the p50 did not meet the validity rules (runtime.stats) in the time given (too few runs or unstable)."]
+             "the p50 did not meet the validity rules (runtime.stats) in the time given (too few runs or unstable). " + LEGEND
+             + (" OMP_WAIT_POLICY=PASSIVE in the measuring processes." if args.omp_passive else "")]
     if not_run:
         notes.append(f"Not run (budget of {args.budget_minutes:g} min spent): {', '.join(not_run)}")
     print(render(rows, backends, unusable, notes))
