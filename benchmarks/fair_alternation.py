@@ -20,6 +20,20 @@ onnxruntime CPU: same process for the alternating ways; the ``alone`` ratio divi
 processes' p50s of the same round). The 1-minute load average before and after is printed.
 
     python benchmarks/fair_alternation.py --model ../cc20b/results/onnx/yolov3-416.onnx [--rounds 3] [--seconds 4]
+
+Measured 2026-12-07 23:57-00:13 UTC, 2 threads, 3 rounds, 4 s per backend (n = 4-8 runs: every p50
+INVALID), load average 5-8 on the 2 cores (other jobs): median p50 ms (median ratio to onnxruntime CPU)
+
+    way          cpu    openvino      onnx2torch    native (OpenCV)
+    passive      862    893 (1.03x)   3525 (4.09x)  2201 (2.66x)
+    passive+omp  824    989 (1.20x)   1196 (1.57x)  2013 (2.71x)
+    spinning     1058   1024 (0.92x)  5582 (5.28x)  2293 (2.07x)
+    alone        1165   982 (0.89x)   3939 (3.24x)  1886 (1.55x)
+
+On a loaded host the largest effect is OpenMP's spin-waiting, not alternation: PyTorch is 3-5x
+slower than with OMP_WAIT_POLICY=PASSIVE whether it alternates or runs alone. The same variable
+took ncnn from 6.6x to 0.91x (yolov3-tiny) in runtime_table.py --omp-passive: ncnn's
+openmp_blocktime=0 did not stop it.
 """
 
 from __future__ import annotations
