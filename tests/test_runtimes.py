@@ -302,3 +302,19 @@ def test_litert_conversion_failure_is_a_per_model_result(tiny, tmp_path):
     assert [r.provider for r in results] == ["cpu"]
     reason = results[0].conversion_failures["litert"]
     assert "CastLike" in reason and "whole graph" in reason, reason
+
+
+def test_backends_setup_creates_litert_venv_once_and_refuses_others():
+    from typer.testing import CliRunner
+
+    import cli
+    from runtime.backends.litert import READY, converter_python
+
+    out = CliRunner().invoke(cli.app, ["backends", "--setup", "cpu"], env={"COLUMNS": "200"})
+    assert out.exit_code != 0 and "nothing to set up" in out.output
+    if converter_python() is None:
+        pytest.skip("litert's converter venv is absent here (creating it takes minutes and 2.6 GB)")
+    record = (converter_python().parent.parent / READY).read_text()
+    out = CliRunner().invoke(cli.app, ["backends", "--setup", "litert"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    assert "onnx2tf 1.29.24" in out.output and (converter_python().parent.parent / READY).read_text() == record

@@ -130,12 +130,27 @@ def convert_onnx(onnx_file: Path, out: Path) -> dict:
     produced = work / f"{onnx_file.stem}_float32.tflite"
     if proc.returncode != 0 or not produced.is_file():
         raise ConversionFailed(f"onnx2tf {ONNX2TF_VERSION} failed on {onnx_file.name} (exit {proc.returncode}): "
-                               f"{first_reason(log, ('Error', 'error', 'not support', 'Unsupported'))}")
+                               f"{_failure(log)}")
     produced.rename(out / "model.tflite")
     # the SavedModel and the float16 model onnx2tf also writes are not what this backend runs
     shutil.rmtree(work)
     return {"command": " ".join(["onnx2tf", *command[3:]]).replace(str(onnx_file), onnx_file.name)
             .replace(str(work), "OUT")}
+
+
+def _failure(log: str) -> str:
+    """What onnx2tf's log says failed: the exception, the line of it that names the shapes or the
+    operator (Keras puts it below a generic first line), and the ONNX node it was converting."""
+    import re
+
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", log).splitlines() if ln.strip()]
+    first = first_reason("\n".join(lines), ("Error:", "error:", "not support", "Unsupported"))
+    detail = ""
+    if first in lines:
+        after = lines[lines.index(first) + 1:lines.index(first) + 4]
+        detail = next((ln for ln in after if not ln.startswith(("Call arguments", "•", "ERROR", "File "))), "")
+    nodes = [ln.split("onnx_op_name:", 1)[1].strip() for ln in lines if "onnx_op_name:" in ln]
+    return (first + (f" {detail[:200]}" if detail else "") + (f" (ONNX node {nodes[-1]})" if nodes else ""))[:500]
 
 
 @dataclass(frozen=True)
@@ -342,15 +357,16 @@ class LiteRtBackend(Backend):
                 return LiteRtRunner(path, model, info)
             except ConversionFailed as exc:
                 whole_failure = str(exc)
-        split = split_model(Path(path))
         try:
+            split = split_model(Path(path))
             conv = converted(self.name, _renamed_network(split.network, split.cut), "onnx2tf", _versions(),
                              {"part": "network"}, convert_onnx)
             start = time.perf_counter()
             network = LiteRtNetwork(LiteRtModel(Path(conv.artifact) / "model.tflite", own.threads), split.cut,
                                     split.network, split.input_shape)
         except ConversionFailed as exc:
-            raise ConversionFailed(f"{exc}" + (f" (the whole graph: {whole_failure})" if whole_failure else "")) from exc
+            raise ConversionFailed(f"whole graph: {whole_failure}; network part: {exc}" if whole_failure
+                                   else str(exc)) from exc
         info = self._info(time.perf_counter() - start, own, conv.to_dict(),
                           "network part on LiteRT, post-processing on onnxruntime CPU")
         info.detail["layouts"] = network.layouts
