@@ -129,6 +129,10 @@ def convert_onnx(onnx_file: Path, out: Path) -> dict:
     log = proc.stdout + proc.stderr
     produced = work / f"{onnx_file.stem}_float32.tflite"
     if proc.returncode != 0 or not produced.is_file():
+        if proc.returncode < 0:  # onnx2tf holds several copies of the weights: 7 GB on yolov3-416 (248 MB)
+            raise ConversionFailed(f"onnx2tf {ONNX2TF_VERSION} was killed by signal {-proc.returncode} while "
+                                   f"converting {onnx_file.name} ({onnx_file.stat().st_size / 1e6:.0f} MB of ONNX)"
+                                   + (": out of memory?" if proc.returncode == -9 else ""))
         raise ConversionFailed(f"onnx2tf {ONNX2TF_VERSION} failed on {onnx_file.name} (exit {proc.returncode}): "
                                f"{_failure(log)}")
     produced.rename(out / "model.tflite")
