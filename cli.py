@@ -422,11 +422,20 @@ def fetch(
 
 @app.command("backends")
 @reports_errors
-def backends_command() -> None:
+def backends_command(
+    setup: Optional[str] = typer.Option(None, "--setup", help="Prepare what this backend needs beyond the installed "
+                                         "packages, then list the backends: litert's converter venv (onnx2tf and its "
+                                         "pins, from the package registry: about 2.6 GB, minutes)."),
+) -> None:
     """Every backend name --provider accepts, whether it runs here, and why not."""
     from report.console import render_backends
-    from runtime.backends import list_backends
+    from runtime.backends import get_backend, list_backends
 
+    if setup is not None:
+        with console.status(t(f"{setup}: setting up")) as status:
+            made = get_backend(setup).setup(progress=lambda msg: status.update(t(msg)))
+        console.print(f"[green]✓[/] {t(setup)}: " + ", ".join(f"{k} {t(v)}" for k, v in made.items()),
+                      highlight=False, soft_wrap=True)
     render_backends(console, [(b.name, b.description, *b.probe()) for b in list_backends()])
 
 

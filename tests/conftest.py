@@ -47,7 +47,11 @@ def pytest_collection_modifyitems(session, config, items):
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_outputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("detbench-home")
-    saved = {k: os.environ.get(k) for k in ("DETBENCH_RESULTS", "DETBENCH_CACHE")}
+    from runtime.backends.litert import converter_env
+
+    saved = {k: os.environ.get(k) for k in ("DETBENCH_RESULTS", "DETBENCH_CACHE", "DETBENCH_LITERT_VENV")}
+    # litert's converter venv is a tool made once per machine (gigabytes), not an output to isolate
+    os.environ["DETBENCH_LITERT_VENV"] = str(converter_env())
     os.environ["DETBENCH_RESULTS"] = str(root / "results")
     os.environ["DETBENCH_CACHE"] = str(root / "cache")
     yield

@@ -27,6 +27,25 @@ def tiny(tmp_path_factory) -> Path:
     return tiny_detector(tmp_path_factory.mktemp("tiny-rt") / "tiny.onnx")
 
 
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory, tiny) -> Path:
+    """The tiny detector with its boxes and scores both read from one [1, 1024, 4] tensor of candidate
+    rows (Reshape to [1, 4, 1024], Transpose), as a YOLO head arranges them: onnx2tf converts this
+    whole graph faithfully, whereas the tiny detector's own layout (a Transpose to NHWC before the
+    boxes' Reshape, a channel max for the scores) comes out of onnx2tf pairing scores with other
+    candidates' boxes."""
+    model = onnx.load(str(tiny))
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([1, 4, -1], np.int64), "shape_c"))
+    swap = {"to_nhwc": helper.make_node("Reshape", ["feat", "shape_c"], ["feat_c"], name="boxes.channels"),
+            "boxes.reshape": helper.make_node("Transpose", ["feat_c"], ["b01"], name="boxes.rows", perm=[0, 2, 1]),
+            "scores.max": helper.make_node("ReduceMax", ["b01"], ["smax"], name="scores.max", axes=[2], keepdims=0)}
+    nodes = [swap.get(n.name, n) for n in model.graph.node]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "shape_b"))
+    return save_model(model, tmp_path_factory.mktemp("rows") / "tiny-rows.onnx", read_contract(tiny))
+
+
 def _images(n: int = 3) -> list[np.ndarray]:
     # bright, structured inputs: the tiny head's sigmoid scores pass its 0.55 threshold on some cells
     rng = np.random.default_rng(3)
@@ -113,9 +132,12 @@ def test_converting_backend_matches_onnxruntime_and_caches(name, tiny):
             np.testing.assert_allclose(got["scores"], want["scores"], atol=1e-4)
             np.testing.assert_array_equal(got["labels"], want["labels"])
         parts = runner.part_samples()
-        assert len(parts["network"]) == len(parts["postprocess"]) == 3
-        network = runner.network_parity(_images(1))
-        assert network["outputs"] == ["feat_raw"] and network["max_rel"] < 1e-4
+        if parts is None:  # the whole graph ran on the runtime (litert where it converts)
+            assert runner.info.detail["part"].startswith("whole graph")
+        else:
+            assert len(parts["network"]) == len(parts["postprocess"]) == 3
+            network = runner.network_parity(_images(1))
+            assert network["outputs"] == ["feat_raw"] and network["max_rel"] < 1e-4
     with backend.open(tiny, BackendSettings(threads=1)) as again:  # the second open reuses the artifact
         assert again.info.detail["conversion"]["cached"]
         assert again.info.detail["conversion"]["artifact"] == conversion["artifact"]
@@ -207,3 +229,92 @@ def test_ncnn_conversion_keeps_float32_weights(tiny, tmp_path):
     weights = sum(int(np.prod(t.dims)) for t in _onnx.load(str(src)).graph.initializer if len(t.dims) == 4)
     assert weights > 0 and (out / "model.ncnn.bin").stat().st_size >= 4 * weights
     assert sorted(p.name for p in out.iterdir()) == ["model.ncnn.bin", "model.ncnn.param"]
+
+
+# --------------------------------------------------------------------------- litert
+
+def test_litert_without_its_venv_says_how_to_create_it(tmp_path, monkeypatch):
+    from runtime.backends.litert import LiteRtBackend
+
+    pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is not installed")
+    monkeypatch.setenv("DETBENCH_LITERT_VENV", str(tmp_path / "absent"))
+    ok, why = LiteRtBackend("litert", "test").probe()
+    assert not ok and "--setup litert" in why and str(tmp_path / "absent") in why
+    (tmp_path / "absent" / "bin").mkdir(parents=True)  # an interrupted creation (no ready marker) is absent too
+    (tmp_path / "absent" / "bin" / "python").write_text("")
+    assert not LiteRtBackend("litert", "test").probe()[0]
+
+
+def test_litert_whole_graph_keeps_only_real_detections(rows):
+    tiny = rows
+    # TFLite's NonMaxSuppression pads to max_output_boxes (100 here); the padding must not reach parity or mAP
+    _usable("litert")
+    counts = []
+    with get_backend("litert").open(tiny, BackendSettings(threads=1)) as runner:
+        assert runner.part_samples() is None and runner.info.detail["part"].startswith("whole graph")
+        for x in _images():
+            got, want = runner.run(x), _whole(tiny, x)
+            assert got["scores"].shape == want["scores"].shape and got["boxes"].shape == want["boxes"].shape
+            np.testing.assert_allclose(got["scores"], want["scores"], atol=1e-4)
+            counts.append(len(want["scores"]))
+        # no detection at all (sigmoid(0) = 0.5 is under the 0.55 threshold): empty outputs, not an error
+        empty = runner.run(np.zeros((1, 3, 32, 32), np.float32))
+        assert empty["boxes"].shape == (0, 4) and empty["scores"].shape == empty["labels"].shape == (0,)
+        assert len(_whole(tiny, np.zeros((1, 3, 32, 32), np.float32))["scores"]) == 0
+    assert 0 < min(counts) and max(counts) < 100
+
+
+def test_litert_whole_graph_that_computes_other_boxes_gives_way_to_the_network_part(tiny):
+    # onnx2tf converts the tiny detector's whole graph into one that runs and pairs scores with other
+    # boxes: the check at open (busiest COCO image against onnxruntime CPU) must catch it
+    _usable("litert")
+    with get_backend("litert").open(tiny, BackendSettings(threads=1)) as runner:
+        assert runner.part_samples() is not None
+        assert "disagrees with onnxruntime CPU" in runner.info.detail["whole_graph_failure"]
+
+
+def test_litert_network_part_is_put_back_in_onnx_layout(tiny):
+    _usable("litert")
+    with get_backend("litert").open(tiny, BackendSettings(threads=1, provider_options={"part": "network"})) as runner:
+        assert runner.info.detail["layouts"] == {"feat_raw": "channel-last"}  # onnx2tf's NHWC, transposed back
+        for x in _images():
+            got, want = runner.run(x), _whole(tiny, x)
+            np.testing.assert_allclose(got["boxes"], want["boxes"], atol=1e-3)
+            np.testing.assert_array_equal(got["labels"], want["labels"])
+        network = runner.network_parity(_images(1))
+        assert network["outputs"] == ["feat_raw"] and network["max_rel"] < 1e-4
+
+
+def test_litert_conversion_failure_is_a_per_model_result(tiny, tmp_path):
+    from runtime.bench import BenchSettings, bench_side_by_side
+
+    _usable("litert")
+    model = onnx.load(str(tiny))  # a CastLike in the network part: onnx2tf has no converter for it
+    nodes = list(model.graph.node)
+    conv = next(i for i, n in enumerate(nodes) if n.op_type == "Conv")
+    nodes[conv].input[0] = "x_like"
+    nodes.insert(conv, helper.make_node("CastLike", ["x01", "x01"], ["x_like"], name="castlike"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    bad = save_model(model, tmp_path / "tiny-castlike.onnx", read_contract(tiny))
+    results = bench_side_by_side(bad, ["cpu", "litert"], BenchSettings(runs=3, rounds=1, warmup=1, peak=False,
+                                                                       parity=False), BackendSettings(threads=1))
+    assert [r.provider for r in results] == ["cpu"]
+    reason = results[0].conversion_failures["litert"]
+    assert "CastLike" in reason and "whole graph" in reason, reason
+
+
+def test_backends_setup_creates_litert_venv_once_and_refuses_others():
+    from typer.testing import CliRunner
+
+    import cli
+    from runtime.backends.litert import READY, converter_python
+
+    out = CliRunner().invoke(cli.app, ["backends", "--setup", "cpu"], env={"COLUMNS": "200"})
+    assert out.exit_code != 0 and "nothing to set up" in out.output
+    if converter_python() is None:
+        pytest.skip("litert's converter venv is absent here (creating it takes minutes and 2.6 GB)")
+    record = (converter_python().parent.parent / READY).read_text()
+    out = CliRunner().invoke(cli.app, ["backends", "--setup", "litert"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    assert "onnx2tf 1.29.24" in out.output and (converter_python().parent.parent / READY).read_text() == record

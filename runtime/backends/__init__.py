@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from core.errors import ConfigError
 from runtime.backends.base import Backend, BackendSettings, Capabilities, Runner, RunnerInfo
+from runtime.backends.litert import LiteRtBackend
 from runtime.backends.mnn import MnnBackend
 from runtime.backends.native import NativeBackend
 from runtime.backends.ncnn import NcnnBackend
@@ -53,6 +54,8 @@ register(NcnnBackend("ncnn", "ncnn runtime (CPU, float32) on the network part co
                       "post-processing on onnxruntime CPU"))
 register(TorchOnnxBackend("onnx2torch", "PyTorch (CPU, float32) on the network part converted by onnx2torch, eager, "
                           "or torch.compile with --provider-option compile=1; post-processing on onnxruntime CPU"))
+register(LiteRtBackend("litert", "LiteRT interpreter (CPU, XNNPACK, float32) on a .tflite converted by onnx2tf: the "
+                        "whole graph where it converts, else the network part with post-processing on onnxruntime CPU"))
 register(NativeBackend("native", "the model's source framework: OpenCV DNN (Darknet), PyTorch eager, TensorFlow"))
 
 # other spellings accepted for a registered name

@@ -236,6 +236,11 @@ class Backend(abc.ABC):
             self._probed = self._probe()
         return self._probed
 
+    def setup(self, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Prepare what this backend needs beyond the installed packages (a converter's environment of
+        its own), reporting steps through ``progress``; what was made. Most backends need nothing."""
+        raise ConfigError(f"backend {self.name!r} has nothing to set up: `pip install -e .` installs what it needs")
+
     def require(self, settings: BackendSettings | None = None) -> None:
         """Raise :class:`ProviderUnavailableError` with the reason when this backend cannot run here."""
         ok, reason = self.probe()

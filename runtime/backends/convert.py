@@ -111,10 +111,12 @@ def first_reason(log: str, needles: tuple[str, ...] = ("not support", "Unsupport
 
 
 def probe_conversion(backend: str, converter: str, version: str, build: Callable[[Path, Path], dict[str, Any] | None],
-                     run: Callable[[Path, Any], Any], label: str) -> tuple[bool, str]:
+                     run: Callable[[Path, Any], Any], label: str, root: Path | None = None) -> tuple[bool, str]:
     """A converting backend's probe: convert the one-node Relu model (``base.tiny_model_bytes``) with
     ``build`` in a throw-away folder, run it with ``run(artifact_folder, x)`` (returns ``y``) and
-    check Relu's values. ``(usable, reason)``; ``label`` names the runtime in the reason."""
+    check Relu's values. ``(usable, reason)``; ``label`` names the runtime in the reason. The probe's
+    artifact is thrown away unless ``root`` names a cache to keep it in (a converter that takes
+    seconds to start)."""
     import tempfile
 
     import numpy as np
@@ -123,7 +125,7 @@ def probe_conversion(backend: str, converter: str, version: str, build: Callable
 
     with tempfile.TemporaryDirectory(prefix="detbench-probe-") as tmp:
         try:
-            conv = converted(backend, tiny_model_bytes(), converter, version, {}, build, Path(tmp))
+            conv = converted(backend, tiny_model_bytes(), converter, version, {}, build, root or Path(tmp))
             out = np.asarray(run(Path(conv.artifact), np.array([[-1.0, 2.0, -3.0, 4.0]], np.float32)))
         except Exception as exc:  # noqa: BLE001 - the probe reports whatever stops the runtime, as its reason
             return False, f"{label} cannot convert and run a one-node model: {exc}"
