@@ -1070,7 +1070,11 @@ def run_pipeline(request: RunRequest | None = None, settings: RunSettings | None
     report, strict, foreign = request.report, request.strict, request.foreign
     from exporters.registry import load_registry
 
+    from runtime.backends.waiting import passive_openmp
+
     started = time.perf_counter()
+    # before the backends are probed (PyTorch, ncnn and OpenCV load OpenMP): every pair alternates
+    passive_openmp()
     registry = registry if registry is not None else load_registry()
     if models == ["all"]:
         specs = registry.select(None)

@@ -59,6 +59,7 @@ from core.contract import read_contract, sha256_file
 from core.errors import ConfigError
 from runtime.backends.convert import ConversionFailed
 from runtime.backends import REFERENCE, BackendSettings, get_backend
+from runtime.backends.waiting import passive_openmp
 from runtime.inputs import busiest_images, default_image, input_tensor, model_input_shape
 
 DEFAULT_WARMUP = 3
@@ -430,6 +431,7 @@ def bench_side_by_side(path, backends: list[str], settings: BenchSettings | None
         raise ConfigError(f"--native compares single images: use --batch 1 with --native (got --batch {settings.batch})")
     if backend_settings.passive_wait is None:  # alternating backends: an idle one must not spin on the cores
         backend_settings = replace(backend_settings, passive_wait=len(names) > 1)
+    waiting = passive_openmp() if backend_settings.passive_wait else None
     model = OpenModel(path, names, settings, backend_settings, macs=macs)
     try:
         samples = _alternate(model.calls, settings)
@@ -437,6 +439,8 @@ def bench_side_by_side(path, backends: list[str], settings: BenchSettings | None
     finally:
         model.close()
     _relate(results)
+    for r in results:
+        r.settings["openmp_waiting"] = waiting
     return results
 
 
@@ -630,6 +634,7 @@ def bench_scheduled(models: list[ScheduledModel], settings: BenchSettings, backe
     say = progress or (lambda _m: None)
     if backend_settings.passive_wait is None:  # pairs alternate: an idle backend must not spin on the cores
         backend_settings = replace(backend_settings, passive_wait=True)
+    waiting = passive_openmp() if backend_settings.passive_wait else None
     by_key = {m.key: m for m in models}
     with_macs = all(m.macs for m in models)
 
@@ -654,6 +659,8 @@ def bench_scheduled(models: list[ScheduledModel], settings: BenchSettings, backe
             samples = {b: outcomes[(key, b)].samples for b in timed}
             info = {b: {**outcomes[(key, b)].to_dict(), "settings": schedule_settings.to_dict()} for b in timed}
             results[key] = model.results(samples, rounds=max(outcomes[(key, b)].rounds for b in timed), schedule=info)
+            for r in results[key]:
+                r.settings["openmp_waiting"] = waiting
             _relate(results[key])
     finally:
         for model in timer.open_models.values():

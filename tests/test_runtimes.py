@@ -4,6 +4,7 @@ split, each converting backend against onnxruntime CPU, and a conversion failure
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +211,9 @@ def test_ncnn_wrong_on_ssd300_is_reported_disagrees(exported):
         return
     assert by["ncnn"].parity_verdict == "disagree", by["ncnn"].to_record()["parity"]
     assert by["cpu"].parity_verdict == "reference"
+    # alternating backends: OpenMP's idle threads asked to sleep, and the record says whether it took
+    waiting = by["ncnn"].settings["openmp_waiting"]
+    assert waiting["omp_wait_policy"] == os.environ["OMP_WAIT_POLICY"] and isinstance(waiting["applies"], bool)
 
 
 def test_ncnn_conversion_keeps_float32_weights(tiny, tmp_path):
