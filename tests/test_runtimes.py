@@ -110,6 +110,34 @@ def test_split_parts_on_onnxruntime_equal_the_whole_graph(tiny):
     assert found > 0  # the comparison covered real detections
 
 
+def test_a_cut_shape_inference_cannot_give_is_measured(tiny, monkeypatch):
+    """torchvision graphs (retinanet-800) compute sizes at run time that ONNX shape inference cannot
+    fold, so their cut tensors come out untyped: the split measures them with one onnxruntime run
+    instead of giving up (the old code raised NoSplit), and the parts still equal the whole graph."""
+    from onnx import shape_inference
+
+    typed = split_model(tiny)
+    real = shape_inference.infer_shapes
+
+    def forgetful(model, *args, **kwargs):  # inference that types no intermediate tensor at all
+        out = real(model, *args, **kwargs)
+        del out.graph.value_info[:]
+        return out
+
+    monkeypatch.setattr(shape_inference, "infer_shapes", forgetful)
+    measured = split_model(tiny)
+    assert measured.cut == typed.cut and measured.cut_shapes == typed.cut_shapes == {"feat_raw": [1, 4, 32, 32]}
+    net = ort.InferenceSession(measured.network, providers=["CPUExecutionProvider"])
+    post = ort.InferenceSession(measured.post, providers=["CPUExecutionProvider"])
+    assert net.get_outputs()[0].shape == [1, 4, 32, 32] and net.get_outputs()[0].type == "tensor(float)"
+    x = _images()[0]
+    cut = dict(zip(measured.cut, net.run(measured.cut, {"images": x})))
+    parts = dict(zip([o.name for o in post.get_outputs()], post.run(None, cut)))
+    whole = _whole(tiny, x)
+    for name in ("boxes", "scores", "labels"):
+        np.testing.assert_array_equal(parts[name], whole[name])
+
+
 # --------------------------------------------------------------------------- each converting backend
 
 def _usable(name: str):

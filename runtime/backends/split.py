@@ -6,7 +6,9 @@ process. The cut follows the analyzer's network/post-processing split
 (:func:`counting.analyzer.graph_parts`): the network part is every network node plus every node
 those need (shape arithmetic is duplicated rather than cut), the post-processing part is every
 other node; the tensors crossing the cut are the network part's outputs and the post part's
-inputs (with ``images`` when post-processing reads it). A graph whose network part would need a
+inputs (with ``images`` when post-processing reads it); a cut tensor whose shape static
+inference cannot give (torchvision's transform computes sizes at run time) is measured by one
+onnxruntime CPU run on a zero image of the contract's size. A graph whose network part would need a
 post-processing op (a two-stage detector's RoI head after its RPN's NMS) has no such cut:
 :class:`NoSplit` says so.
 
@@ -93,9 +95,13 @@ def split_model(path: Path) -> Split:
     for name in cut:
         vi = types.get(name)
         dims = [d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim] if vi else None
-        if vi is None or not dims or min(dims) < 0:
-            raise NoSplit(f"{path}: the cut tensor {name!r} has no static shape after shape inference")
-        shapes[name] = dims
+        if vi is not None and dims and min(dims) >= 0:
+            shapes[name] = dims
+    unknown = [n for n in cut if n not in shapes]
+    if unknown:  # e.g. torchvision's transform: sizes computed at run time that inference cannot fold
+        for name, (dims, elem) in _measured_shapes(model, path, unknown).items():
+            types[name] = helper.make_tensor_value_info(name, elem, dims)
+            shapes[name] = dims
     init = {t.name: t for t in graph.initializer}
 
     def part(indices, inputs, outs, suffix):
@@ -122,6 +128,36 @@ def split_model(path: Path) -> Split:
     return Split(input_shape=dims, network=part(network, image_input, net_outputs, "network"),
                  post=part(post, post_inputs, post_outputs, "post"), cut=cut, cut_shapes=shapes,
                  post_ops=sorted({n.op_type for n in post_nodes}), network_nodes=len(network), post_nodes=len(post))
+
+
+def _measured_shapes(model, path: Path, names: list[str]) -> dict[str, tuple[list[int], int]]:
+    """Shapes and element types of ``names`` from one onnxruntime CPU run on a zero image of the
+    contract's size. The network part holds no data-dependent op (no post-processing, no control
+    flow: checked before), so its tensors' shapes follow from the input size alone."""
+    import onnx
+    from onnx import helper
+
+    from core.contract import read_contract
+    from core.errors import ContractError
+    from core.ort_session import cpu_session
+
+    try:
+        contract = read_contract(model)
+    except ContractError as exc:
+        raise NoSplit(f"{path}: the cut tensor(s) {', '.join(names)} have no static shape after shape inference, "
+                      f"and the file gives no input size to measure them with ({exc})") from exc
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    try:
+        session = cpu_session(probe)
+        outs = session.run(names, {INPUT_NAME: np.zeros((1, 3, contract.input_height, contract.input_width),
+                                                        np.float32)})
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise NoSplit(f"{path}: the cut tensor(s) {', '.join(names)} have no static shape after shape inference, "
+                      f"and one onnxruntime run to measure them failed: {exc}") from exc
+    return {n: (list(o.shape), helper.np_dtype_to_tensor_dtype(o.dtype)) for n, o in zip(names, outs)}
 
 
 class SplitRunner(Runner):
