@@ -110,6 +110,34 @@ def test_split_parts_on_onnxruntime_equal_the_whole_graph(tiny):
     assert found > 0  # the comparison covered real detections
 
 
+def test_the_post_part_gets_the_dtypes_its_graph_declares():
+    """A runtime hands back its own dtypes (MNN and onnx2torch return a scalar int64 constant that
+    crosses retinanet-800's cut as float): the post part must get int64 where it declares int64
+    (the old runner cast everything but int64 to float32 and onnxruntime refused the run)."""
+    from runtime.backends.base import RunnerInfo
+    from runtime.backends.split import Split, SplitRunner
+
+    post = helper.make_model(helper.make_graph(
+        [helper.make_node("Cast", ["k"], ["kf"], to=onnx.TensorProto.FLOAT),
+         helper.make_node("Mul", ["x", "kf"], ["y"])], "post",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2]),
+         helper.make_tensor_value_info("k", onnx.TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    post.ir_version = 8
+    split = Split(network=b"", post=post.SerializeToString(), cut=["x", "k"], cut_shapes={"x": [2], "k": []},
+                  post_ops=["Mul"], network_nodes=0, post_nodes=2, input_shape=[1, 3, 2, 2])
+    info = RunnerInfo(backend="fake", library="fake", version="0", device="cpu", precision="f32", threads=1,
+                      load_seconds=0.0)
+
+    def network(images):
+        return {"x": np.array([1.5, 2.0], np.float64), "k": np.array(3.0, np.float32)}
+
+    runner = SplitRunner(Path("fake.onnx"), split, network, info, BackendSettings(threads=1))
+    out = runner.run(np.zeros((1, 3, 2, 2), np.float32))
+    np.testing.assert_array_equal(out["y"], np.array([4.5, 6.0], np.float32))
+
+
 def test_a_cut_shape_inference_cannot_give_is_measured(tiny, monkeypatch):
     """torchvision graphs (retinanet-800) compute sizes at run time that ONNX shape inference cannot
     fold, so their cut tensors come out untyped: the split measures them with one onnxruntime run

@@ -160,6 +160,10 @@ def _measured_shapes(model, path: Path, names: list[str]) -> dict[str, tuple[lis
     return {n: (list(o.shape), helper.np_dtype_to_tensor_dtype(o.dtype)) for n, o in zip(names, outs)}
 
 
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+               "tensor(double)": np.float64, "tensor(bool)": np.bool_, "tensor(float16)": np.float16}
+
+
 class SplitRunner(Runner):
     """A network-part runner (``network``: images -> cut tensors by name) followed by the
     post-processing part on onnxruntime CPU; ``info`` is the network runtime's, with the split
@@ -174,6 +178,9 @@ class SplitRunner(Runner):
         threads = settings.threads
         self.post, _ = create_session(split.post, "cpu", OrtSettings(threads=threads, passive=bool(settings.passive_wait)))
         self.post_inputs = [i.name for i in self.post.get_inputs()]
+        # runtimes hand back their own dtypes (float for a scalar int64 constant, int32 for int64):
+        # the post part gets what its graph declares
+        self.post_dtypes = {i.name: _ORT_DTYPES.get(i.type, np.float32) for i in self.post.get_inputs()}
         self.post_outputs = [o.name for o in self.post.get_outputs()]
         self.parts: dict[str, list[float]] = {"network": [], "postprocess": []}
         self.info.detail["split"] = split.describe()
@@ -188,8 +195,8 @@ class SplitRunner(Runner):
         if missing:  # a converter that accepted the graph but lost tensors (e.g. MNN on a QDQ INT8 file)
             raise ConversionFailed(f"{self.path}: the converted network ({self.info.backend}, {self.info.library}) does not produce "
                                    f"{', '.join(missing)}, which the post-processing needs")
-        feeds = {n: (images if n == INPUT_NAME else np.ascontiguousarray(cut[n], dtype=np.float32)
-                     if cut[n].dtype != np.int64 else cut[n]) for n in self.post_inputs}
+        feeds = {n: (images if n == INPUT_NAME else np.ascontiguousarray(cut[n], dtype=self.post_dtypes[n]))
+                 for n in self.post_inputs}
         values = self.post.run(self.post_outputs, feeds)
         end = clock()
         self.parts["network"].append((middle - start) * 1e3)
