@@ -111,9 +111,9 @@ def test_split_parts_on_onnxruntime_equal_the_whole_graph(tiny):
 
 
 def test_the_post_part_gets_the_dtypes_its_graph_declares():
-    """A runtime hands back its own dtypes (MNN and onnx2torch return a scalar int64 constant that
-    crosses retinanet-800's cut as float): the post part must get int64 where it declares int64
-    (the old runner cast everything but int64 to float32 and onnxruntime refused the run)."""
+    """A runtime hands back its own dtypes and ranks (MNN returns retinanet-800's scalar int64 constant
+    as a float of shape [1]): the post part must get what its graph declares (the old runner cast
+    everything but int64 to float32, kept the rank, and onnxruntime refused the run)."""
     from runtime.backends.base import RunnerInfo
     from runtime.backends.split import Split, SplitRunner
 
@@ -130,12 +130,18 @@ def test_the_post_part_gets_the_dtypes_its_graph_declares():
     info = RunnerInfo(backend="fake", library="fake", version="0", device="cpu", precision="f32", threads=1,
                       load_seconds=0.0)
 
-    def network(images):
-        return {"x": np.array([1.5, 2.0], np.float64), "k": np.array(3.0, np.float32)}
+    def network(images):  # the scalar comes back as float, and with a unit axis (MNN on retinanet-800)
+        return {"x": np.array([[1.5, 2.0]], np.float64), "k": np.array([3.0], np.float32)}
 
     runner = SplitRunner(Path("fake.onnx"), split, network, info, BackendSettings(threads=1))
     out = runner.run(np.zeros((1, 3, 2, 2), np.float32))
     np.testing.assert_array_equal(out["y"], np.array([4.5, 6.0], np.float32))
+
+    def wrong(images):  # not the declared size: a per-model conversion failure naming what came back
+        return {"x": np.zeros(3, np.float32), "k": np.array(3, np.int64)}
+
+    with pytest.raises(ConversionFailed, match=r"x \[3\] float32"):
+        SplitRunner(Path("fake.onnx"), split, wrong, info, BackendSettings(threads=1)).run(np.zeros((1, 3, 2, 2)))
 
 
 def test_a_cut_shape_inference_cannot_give_is_measured(tiny, monkeypatch):

@@ -195,13 +195,26 @@ class SplitRunner(Runner):
         if missing:  # a converter that accepted the graph but lost tensors (e.g. MNN on a QDQ INT8 file)
             raise ConversionFailed(f"{self.path}: the converted network ({self.info.backend}, {self.info.library}) does not produce "
                                    f"{', '.join(missing)}, which the post-processing needs")
-        feeds = {n: (images if n == INPUT_NAME else np.ascontiguousarray(cut[n], dtype=self.post_dtypes[n]))
-                 for n in self.post_inputs}
-        values = self.post.run(self.post_outputs, feeds)
+        feeds = {n: images if n == INPUT_NAME else self._as_declared(n, cut[n]) for n in self.post_inputs}
+        try:
+            values = self.post.run(self.post_outputs, feeds)
+        except Exception as exc:  # onnxruntime's own types: what the converted network gave does not fit
+            got = ", ".join(f"{n} {list(np.shape(cut[n]))} {np.asarray(cut[n]).dtype}" for n in self.split.cut if n in cut)
+            raise ConversionFailed(f"{self.path}: the post-processing part (onnxruntime CPU) cannot take what the "
+                                   f"converted network ({self.info.backend}) produced ({got}): {exc}") from exc
         end = clock()
         self.parts["network"].append((middle - start) * 1e3)
         self.parts["postprocess"].append((end - middle) * 1e3)
         return {n: np.asarray(v) for n, v in zip(self.post_outputs, values)}
+
+    def _as_declared(self, name: str, value) -> np.ndarray:
+        """``value`` in the dtype and, when only the rank differs (a scalar handed back as [1], a
+        kept unit axis), the shape the post part's graph declares for ``name``."""
+        arr = np.ascontiguousarray(value, dtype=self.post_dtypes[name])
+        shape = self.split.cut_shapes.get(name)
+        if shape is not None and list(arr.shape) != shape and arr.size == int(np.prod(shape, dtype=np.int64)):
+            arr = arr.reshape(shape)
+        return arr
 
     def part_samples(self) -> dict[str, list[float]] | None:
         return self.parts
