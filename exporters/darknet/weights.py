@@ -13,8 +13,6 @@ Darknet itself would load it silently shifted.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import numpy as np
 
 from exporters.darknet.cfg import Plan, Shortcut
 from core.errors import WeightsError
+from core.files import atomic_file
 
 HEADER_DTYPE = np.dtype("<i4")
 FLOAT = np.dtype("<f4")
@@ -191,21 +190,14 @@ def write_weights(path: Path, weights: DarknetWeights) -> Path:
     """Write ``weights`` as a Darknet .weights file (atomically), readable by Darknet and OpenCV."""
     path = Path(path)
     hdr = header_bytes(weights.major, weights.minor)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(np.array([weights.major, weights.minor, weights.revision], HEADER_DTYPE).tobytes())
-            fh.write(np.array([weights.seen], "<i8" if hdr == 20 else "<i4").tobytes())
-            for conv in weights.convs:
-                arrays = [conv.biases]
-                if conv.scales is not None:
-                    arrays += [conv.scales, conv.rolling_mean, conv.rolling_variance]
-                arrays.append(conv.weights)
-                for array in arrays:
-                    fh.write(np.ascontiguousarray(array, FLOAT).tobytes())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path, "wb") as fh:
+        fh.write(np.array([weights.major, weights.minor, weights.revision], HEADER_DTYPE).tobytes())
+        fh.write(np.array([weights.seen], "<i8" if hdr == 20 else "<i4").tobytes())
+        for conv in weights.convs:
+            arrays = [conv.biases]
+            if conv.scales is not None:
+                arrays += [conv.scales, conv.rolling_mean, conv.rolling_variance]
+            arrays.append(conv.weights)
+            for array in arrays:
+                fh.write(np.ascontiguousarray(array, FLOAT).tobytes())
     return path
