@@ -87,6 +87,12 @@ def test_conversion_cache_hit_miss_and_failure(tmp_path):
     for _ in range(2):  # nothing is cached for a failure: the converter is asked again
         with pytest.raises(ConversionFailed, match="Foo"):
             converted("fake", source + b"", "fakeconv", "2.0", {}, failing, tmp_path)
+
+    def buggy(onnx_file: Path, out: Path):  # onnx2torch on retinanet-800: a KeyError from inside the converter
+        raise KeyError("model.backbone.fpn.inner_blocks.2.0.bias")
+
+    with pytest.raises(ConversionFailed, match=r"fakeconv 3\.0 failed on this graph: KeyError: .*inner_blocks"):
+        converted("fake", source, "fakeconv", "3.0", {}, buggy, tmp_path)
     assert not list((tmp_path / "fake").glob("*.partial"))
 
 

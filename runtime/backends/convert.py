@@ -86,9 +86,13 @@ def converted(backend: str, source: bytes, converter: str, version: str, options
     start = time.perf_counter()
     try:
         detail = build(onnx_file, work) or {}
-    except BaseException:
+    except (ConversionFailed, KeyboardInterrupt, SystemExit, MemoryError):
         shutil.rmtree(work, ignore_errors=True)
         raise
+    except Exception as exc:  # a converter's own bug (onnx2torch: KeyError on a graph it misreads) is still
+        shutil.rmtree(work, ignore_errors=True)  # a per-model outcome, never a crash of bench or run
+        raise ConversionFailed(f"{converter} {version} failed on this graph: {type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from exc
     seconds = time.perf_counter() - start
     onnx_file.unlink()
     conversion = Conversion(artifact="", converter=converter, converter_version=version, options=dict(options),
