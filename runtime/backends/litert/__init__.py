@@ -233,14 +233,14 @@ class LiteRtNetwork:
     onnxruntime CPU on a deterministic input."""
 
     def __init__(self, model: LiteRtModel, cut: list[str], reference: bytes, input_shape: list[int]):
-        from runtime.backends.onnxruntime import create_session
+        from runtime.backends.onnxruntime import OrtSettings, create_session
 
         self.model, self.cut = model, cut
         missing = [f"cut{i}" for i in range(len(cut)) if f"cut{i}" not in model.outputs]
         if missing:
             raise ConversionFailed(f"the converted network part lacks outputs {', '.join(missing)}")
         x = (np.random.default_rng(0).random(input_shape) * 255).astype(np.float32)
-        session, _ = create_session(reference, "cpu", threads=1)
+        session, _ = create_session(reference, "cpu", OrtSettings(threads=1))
         want = dict(zip(cut, session.run(cut, {INPUT_NAME: x})))
         got = self.model(**{INPUT_NAME: x})
         self.layouts: dict[str, str] = {}
@@ -269,7 +269,7 @@ def _whole_graph_check(path: Path, model: LiteRtModel) -> dict[str, Any]:
     checked tensor by tensor, the whole graph only through its detections."""
     from core.contract import read_contract
     from core.errors import DetbenchError
-    from runtime.backends.onnxruntime import create_session
+    from runtime.backends.onnxruntime import OrtSettings, create_session
     from runtime.inputs import default_image, input_tensor, model_input_shape
     from runtime.parity import CONVERTED, compare
 
@@ -280,7 +280,7 @@ def _whole_graph_check(path: Path, model: LiteRtModel) -> dict[str, Any]:
     except DetbenchError:
         shape = [d if isinstance(d, int) else 1 for d in model_input_shape(path)]
         x, source = (np.random.default_rng(0).random(shape) * 255).astype(np.float32), "random values"
-    session, _ = create_session(path, "cpu", threads=1)
+    session, _ = create_session(path, "cpu", OrtSettings(threads=1))
     want = dict(zip([o.name for o in session.get_outputs()], session.run(None, {INPUT_NAME: x})))
     got = model(**{INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})
     missing = sorted(set(want) - set(got))
