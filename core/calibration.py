@@ -21,24 +21,22 @@ SELECTION_IDS_KEY = "selection_image_ids"
 
 def calibration_ids(contract: ModelContract) -> list[int]:
     """The COCO image ids a quantized model was calibrated on (empty for a float model)."""
-    raw = contract.extra.get(CALIBRATION_IDS_KEY)
-    if not raw:
-        return []
-    try:
-        return [int(i) for i in json.loads(raw)]
-    except (ValueError, TypeError) as exc:
-        raise ExportError(f"model {contract.name!r}: malformed {PREFIX}{CALIBRATION_IDS_KEY} ({exc})") from exc
+    return _recorded_ids(contract, CALIBRATION_IDS_KEY)
 
 
 def selection_ids(contract: ModelContract) -> list[int]:
     """The COCO image ids accuracy-driven choices (layers kept float) were made on (empty if none)."""
-    raw = contract.extra.get(SELECTION_IDS_KEY)
+    return _recorded_ids(contract, SELECTION_IDS_KEY)
+
+
+def _recorded_ids(contract: ModelContract, key: str) -> list[int]:
+    raw = contract.extra.get(key)
     if not raw:
         return []
     try:
         return [int(i) for i in json.loads(raw)]
     except (ValueError, TypeError) as exc:
-        raise ExportError(f"model {contract.name!r}: malformed {PREFIX}{SELECTION_IDS_KEY} ({exc})") from exc
+        raise ExportError(f"model {contract.name!r}: malformed {PREFIX}{key} ({exc})") from exc
 
 
 def calibration_overlap(contract: ModelContract, image_ids: Iterable[int]) -> list[int]:
